@@ -1,0 +1,1 @@
+"""llm-stream-proxy: a WSGI reverse proxy for LLM APIs."""
