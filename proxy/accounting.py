@@ -1,0 +1,153 @@
+"""Per-request accounting: builds the usage record and finalizes it exactly once.
+
+The relay hands every forwarded event (or a copy of a JSON body) to the request's
+`Accounting`; whatever way the request ends, `finish()` is called and only its first call
+counts.  The record goes to the tracker's queue (never to the database from a request
+thread) and one log line says how the request ended, without any credential.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+
+from .usage import Usage, UsageRecord, parse_body, stream_parser
+
+log = logging.getLogger("proxy.requests")
+
+BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but not parsed
+
+
+class Accounting:
+    def __init__(self, tracker, prices, *, request_id: str, endpoint: str, usage_format: str | None,
+                 model: str | None, deployment: str | None, stream: bool, client_key_id: str | None,
+                 bytes_in: int, content_encoding_of=None) -> None:
+        self._tracker = tracker
+        self._prices = prices
+        self._usage_format = usage_format
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._finished = False
+        self._parser = stream_parser(usage_format) if usage_format and stream else None
+        self._body = bytearray()
+        self._body_encoding: str | None = None
+        self.body_bytes = 0
+        self.record = UsageRecord(
+            request_id=request_id, started_at=time.time(), endpoint=endpoint,
+            model_requested=model, deployment=deployment, stream=stream,
+            client_key_id=client_key_id, bytes_in=bytes_in)
+
+    # -- observations ------------------------------------------------------------------
+    def start_stream_parser(self) -> None:
+        """The request turned out to be a stream: usage will come from its events."""
+        if self._usage_format and self._parser is None:
+            self._parser = stream_parser(self._usage_format)
+
+    def first_byte(self) -> None:
+        if self.record.ttfb_ms is None:
+            self.record.ttfb_ms = self._elapsed_ms()
+
+    def first_token(self) -> None:
+        if self.record.ttft_ms is None:
+            self.record.ttft_ms = self._elapsed_ms()
+
+    def observe_event(self, name: str | None, data: str) -> None:
+        if self._parser is not None:
+            self._parser.feed(name, data)
+
+    def set_body_encoding(self, encoding: str | None) -> None:
+        self._body_encoding = (encoding or "").strip().lower() or None
+
+    def add_body_copy(self, chunk: bytes) -> None:
+        self.body_bytes += len(chunk)
+        if len(self._body) < BODY_COPY_LIMIT:
+            self._body += chunk
+
+    def body_error_message(self, fmt) -> str | None:
+        body = self._decoded_body_json()
+        return fmt.upstream_error_message(body) if body is not None else None
+
+    # -- the end ---------------------------------------------------------------------
+    def finish(self, status: int, end_reason: str, *, error: str | None = None,
+               bytes_out: int = 0) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        rec = self.record
+        rec.ended_at = time.time()
+        rec.status = status
+        rec.end_reason = end_reason
+        rec.error = error
+        rec.bytes_out = bytes_out
+        self._apply_usage(self._usage(status))
+        self._tracker.record(rec)
+        self._log(rec)
+
+    def _usage(self, status: int) -> Usage | None:
+        if self._parser is not None:
+            return self._parser.result()
+        if self._usage_format and 200 <= status < 300 and self._body:
+            body = self._decoded_body_json()
+            if isinstance(body, dict):
+                return parse_body(self._usage_format, body)
+        return None
+
+    def _apply_usage(self, usage: Usage | None) -> None:
+        rec = self.record
+        if usage is None:
+            return
+        rec.input_tokens = usage.input_tokens
+        rec.output_tokens = usage.output_tokens
+        rec.cache_read_tokens = usage.cache_read_tokens
+        rec.cache_write_tokens = usage.cache_write_tokens
+        rec.reasoning_tokens = usage.reasoning_tokens
+        rec.stop_reason = usage.stop_reason
+        rec.upstream_model = usage.model
+        rec.usage_complete = usage.complete
+        if _has_tokens(usage):
+            priced_model = usage.model or rec.model_requested
+            rec.cost_usd = self._prices.cost(usage, priced_model)
+            rec.priced = rec.cost_usd is not None
+
+    def _decoded_body_json(self):
+        raw = bytes(self._body)
+        try:
+            if self._body_encoding in ("gzip", "x-gzip"):
+                raw = zlib.decompress(raw, 47)
+            elif self._body_encoding == "deflate":
+                raw = _inflate(raw)
+            return json.loads(raw)
+        except (ValueError, zlib.error):
+            return None
+
+    def _elapsed_ms(self) -> float:
+        return round((time.monotonic() - self._t0) * 1000.0, 3)
+
+    def _log(self, rec: UsageRecord) -> None:
+        duration = (rec.ended_at - rec.started_at) * 1000.0
+        cost = f"${rec.cost_usd:.6f}" if rec.cost_usd is not None else "unpriced"
+        line = (f"request {rec.request_id} {rec.endpoint} status={rec.status} end={rec.end_reason} "
+                f"model={rec.model_requested} deployment={rec.deployment} "
+                f"upstream_model={rec.upstream_model} in={rec.input_tokens} out={rec.output_tokens} "
+                f"cache_read={rec.cache_read_tokens} cache_write={rec.cache_write_tokens} "
+                f"cost={cost} duration_ms={duration:.1f}")
+        if rec.end_reason == "complete":
+            log.info(line)
+        else:
+            log.warning("%s cause=%s", line, rec.error)
+
+
+def _has_tokens(usage: Usage) -> bool:
+    return any(v for v in (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                           usage.cache_write_tokens))
+
+
+def _inflate(raw: bytes) -> bytes:
+    try:
+        return zlib.decompress(raw)
+    except zlib.error:
+        return zlib.decompress(raw, -15)

@@ -1,0 +1,294 @@
+"""Configuration: every setting declared once, loaded as defaults < file < environment < CLI.
+
+The proxy must run with no file at all (pass-through to Anthropic and OpenAI, usage in a
+local SQLite file), so every setting has a working default.  A bad file stops start-up
+with a message that names the key and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .errors import ProxyError
+
+ANTHROPIC_FORMAT = "anthropic"
+OPENAI_FORMAT = "openai"
+PROVIDER_FORMATS = (ANTHROPIC_FORMAT, OPENAI_FORMAT)
+
+
+class ConfigError(ProxyError):
+    """A setting is missing, of the wrong type or out of range."""
+
+
+def default_db_path() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "llm-proxy", "usage.db")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One scalar setting: where it lives in the file, its env name, type, default, help."""
+
+    key: str  # "section.name" in the TOML file
+    kind: type
+    default: Any
+    env: str | None
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None
+
+    @property
+    def attr(self) -> str:
+        return self.key.split(".")[-1]
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("stream.heartbeat_interval", float, 15.0, "LLM_PROXY_HEARTBEAT_INTERVAL",
+            "Seconds without a write before a `: keepalive` comment is sent on an event stream.",
+            _positive),
+    Setting("stream.idle_timeout", float, 120.0, "LLM_PROXY_IDLE_TIMEOUT",
+            "Seconds the upstream may stay silent on one read (headers included); no total cap.",
+            _positive),
+    Setting("stream.connect_timeout", float, 10.0, "LLM_PROXY_CONNECT_TIMEOUT",
+            "Seconds to open a TCP/TLS connection to the upstream.", _positive),
+    Setting("stream.commit_after", float, 0.0, "LLM_PROXY_COMMIT_AFTER",
+            "Seconds to wait for upstream headers before a stream commits to 200 so keepalives "
+            "can flow; 0 means one heartbeat interval.", _non_negative),
+    Setting("stream.client_probe_interval", float, 0.05, "LLM_PROXY_CLIENT_PROBE_INTERVAL",
+            "How often the heartbeat thread checks whether silent clients have hung up.",
+            _positive),
+    Setting("stream.shutdown_grace", float, 20.0, "LLM_PROXY_SHUTDOWN_GRACE",
+            "On SIGTERM, live streams may run this long before they end with a terminal error; "
+            "keep it below gunicorn's graceful_timeout.", _non_negative),
+    Setting("stream.keepalive", bool, True, "LLM_PROXY_KEEPALIVE",
+            "Send keepalive comments on event streams (per provider too).", lambda v: None),
+    Setting("server.max_body_bytes", int, 32 * 1024 * 1024, "LLM_PROXY_MAX_BODY_BYTES",
+            "Largest request body accepted; larger ones get 413.", _positive),
+    Setting("tracker.enabled", bool, True, "LLM_PROXY_TRACKER",
+            "Record one usage row per request.", lambda v: None),
+    Setting("tracker.db", str, "", "LLM_PROXY_DB",
+            "SQLite file for usage rows (default: ~/.local/share/llm-proxy/usage.db).",
+            lambda v: None),
+    Setting("tracker.batch_size", int, 200, None, "Rows per write transaction.", _positive),
+    Setting("tracker.flush_interval", float, 0.05, None,
+            "Longest wait (s) before a partial batch is written.", _positive),
+    Setting("tracker.queue_max", int, 10000, None,
+            "Rows held in memory before they spill to a file beside the database.", _positive),
+    Setting("log.level", str, "INFO", "LLM_PROXY_LOG_LEVEL", "Python logging level.",
+            lambda v: None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else
+            "must be DEBUG, INFO, WARNING or ERROR"),
+)
+
+SECTIONS = {"stream", "server", "tracker", "log", "providers", "prices"}
+
+
+@dataclass
+class Provider:
+    """An upstream API: where it is, which wire format it speaks, whose key it uses."""
+
+    name: str
+    base_url: str
+    format: str
+    api_key_env: str | None = None
+    keepalive: bool = True
+
+    @property
+    def api_key(self) -> str | None:
+        """The proxy's own key for this provider, if one is configured (never logged)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def default_providers() -> dict[str, Provider]:
+    return {
+        "anthropic": Provider("anthropic", "https://api.anthropic.com", ANTHROPIC_FORMAT),
+        "openai": Provider("openai", "https://api.openai.com", OPENAI_FORMAT),
+    }
+
+
+@dataclass
+class Config:
+    heartbeat_interval: float = 15.0
+    idle_timeout: float = 120.0
+    connect_timeout: float = 10.0
+    commit_after: float = 0.0
+    client_probe_interval: float = 0.05
+    shutdown_grace: float = 20.0
+    keepalive: bool = True
+    max_body_bytes: int = 32 * 1024 * 1024
+    enabled: bool = True
+    db: str = ""
+    batch_size: int = 200
+    flush_interval: float = 0.05
+    queue_max: int = 10000
+    level: str = "INFO"
+    providers: dict[str, Provider] = field(default_factory=default_providers)
+    prices: dict[str, dict] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def commit_delay(self) -> float:
+        return self.commit_after or self.heartbeat_interval
+
+    @property
+    def db_path(self) -> str:
+        return self.db or default_db_path()
+
+    def provider_for(self, fmt: str) -> Provider:
+        """The provider serving an API format: the one named after it, else the first."""
+        named = self.providers.get(fmt)
+        if named is not None and named.format == fmt:
+            return named
+        for provider in self.providers.values():
+            if provider.format == fmt:
+                return provider
+        raise ConfigError(f"no provider with format {fmt!r} is configured")
+
+
+def load_config(path: str | None = None, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Build the Config: defaults < TOML file < LLM_PROXY_* environment < overrides (CLI)."""
+    env = os.environ if env is None else env
+    path = path or env.get("LLM_PROXY_CONFIG") or None
+    data = _read_file(path) if path else {}
+    _reject_unknown_sections(data)
+    config = Config(source=path)
+    for setting in SETTINGS:
+        value = _lookup(data, setting.key)
+        if value is not None:
+            _assign(config, setting, value, f"{setting.key} in {path}")
+        if setting.env and env.get(setting.env, "") != "":
+            _assign(config, setting, _from_text(setting, env[setting.env]), setting.env)
+    for key, value in (overrides or {}).items():
+        _assign(config, _setting(key), value, f"--{key.split('.')[-1].replace('_', '-')}")
+    config.providers = _load_providers(data.get("providers", {}), env)
+    config.prices = _load_prices(data.get("prices", {}))
+    return config
+
+
+def _read_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _reject_unknown_sections(data: dict) -> None:
+    for key, value in data.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown section or key {key!r} (known: {', '.join(sorted(SECTIONS))})")
+        if key in ("stream", "server", "tracker", "log"):
+            known = {s.attr for s in SETTINGS if s.key.startswith(key + ".")}
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            for name in value:
+                if name not in known:
+                    raise ConfigError(f"unknown key {key}.{name} (known: {', '.join(sorted(known))})")
+
+
+def _lookup(data: dict, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return data.get(section, {}).get(name)
+
+
+def _setting(key: str) -> Setting:
+    for setting in SETTINGS:
+        if setting.key == key or setting.attr == key:
+            return setting
+    raise ConfigError(f"unknown setting {key!r}")
+
+
+def _from_text(setting: Setting, text: str) -> Any:
+    if setting.kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{setting.env}={text!r}: expected true or false")
+    try:
+        return setting.kind(text)
+    except ValueError:
+        raise ConfigError(f"{setting.env}={text!r}: expected {setting.kind.__name__}") from None
+
+
+def _assign(config: Config, setting: Setting, value: Any, where: str) -> None:
+    if setting.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, setting.kind) or (setting.kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {setting.kind.__name__}, got {value!r}")
+    problem = setting.check(value)
+    if problem:
+        raise ConfigError(f"{where}: {problem} (got {value!r})")
+    setattr(config, setting.attr, value)
+
+
+def _load_providers(section: Any, env: dict[str, str]) -> dict[str, Provider]:
+    if not isinstance(section, dict):
+        raise ConfigError("[providers] must be a table of provider tables")
+    providers = default_providers()
+    for name, table in section.items():
+        providers[name] = _provider_from_table(name, table, providers.get(name))
+    for name, var in (("anthropic", "LLM_PROXY_ANTHROPIC_BASE_URL"), ("openai", "LLM_PROXY_OPENAI_BASE_URL")):
+        if env.get(var):
+            providers[name].base_url = _check_url(env[var], var)
+    return providers
+
+
+def _provider_from_table(name: str, table: Any, base: Provider | None) -> Provider:
+    where = f"providers.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    unknown = set(table) - {"base_url", "format", "api_key_env", "keepalive"}
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]} "
+                          "(known: api_key_env, base_url, format, keepalive)")
+    fmt = table.get("format", base.format if base else None)
+    if fmt not in PROVIDER_FORMATS:
+        raise ConfigError(f"{where}.format must be one of {', '.join(PROVIDER_FORMATS)} (got {fmt!r})")
+    url = table.get("base_url", base.base_url if base else None)
+    if url is None:
+        raise ConfigError(f"{where}.base_url is required")
+    keepalive = table.get("keepalive", True)
+    if not isinstance(keepalive, bool):
+        raise ConfigError(f"{where}.keepalive must be true or false")
+    key_env = table.get("api_key_env")
+    if key_env is not None and not isinstance(key_env, str):
+        raise ConfigError(f"{where}.api_key_env must be the name of an environment variable")
+    return Provider(name, _check_url(url, f"{where}.base_url"), fmt, key_env, keepalive)
+
+
+def _check_url(url: Any, where: str) -> str:
+    if not isinstance(url, str):
+        raise ConfigError(f"{where} must be a URL string")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{where} must be an http(s) URL (got {url!r})")
+    return url.rstrip("/")
+
+
+def _load_prices(section: Any) -> dict[str, dict]:
+    if not isinstance(section, dict):
+        raise ConfigError("[prices] must be a table of model tables")
+    for model, table in section.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[prices.{model!r}] must be a table")
+        for key, value in table.items():
+            if key not in ("input", "output", "cache_read", "cache_write"):
+                raise ConfigError(f"unknown key prices.{model}.{key}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"prices.{model}.{key} must be a number >= 0 (got {value!r})")
+    return section

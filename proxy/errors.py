@@ -1,0 +1,121 @@
+"""One exception root for everything the proxy reports to a client.
+
+Each class carries its HTTP status, the error type each protocol uses for it, and the
+`end_reason` recorded in the usage row, so no status table lives anywhere else.  How an
+error is rendered (JSON body before the commit, one terminal event after it) is the
+business of the endpoint's format module.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Root of every error the proxy turns into a client-visible response."""
+
+    status = 500
+    anthropic_type = "api_error"
+    openai_type = "server_error"
+    openai_code: str | None = None
+    end_reason = "upstream_error"
+
+    def __init__(self, message: str, *, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status = 400
+    anthropic_type = openai_type = "invalid_request_error"
+    end_reason = "rejected"
+
+
+class NotFound(ProxyError):
+    status = 404
+    anthropic_type = "not_found_error"
+    openai_type = "invalid_request_error"
+    openai_code = "not_found"
+    end_reason = "rejected"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    anthropic_type = openai_type = "invalid_request_error"
+    end_reason = "rejected"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    anthropic_type = "request_too_large"
+    openai_type = "invalid_request_error"
+    openai_code = "request_too_large"
+    end_reason = "rejected"
+
+
+class UpstreamUnreachable(ProxyError):
+    """Connect failure, reset, or a broken response before anything reached the client."""
+
+    status = 502
+    anthropic_type = "api_error"
+    openai_type = "server_error"
+    openai_code = "upstream_unreachable"
+    end_reason = "connect_error"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream said nothing for `idle_timeout` seconds."""
+
+    status = 504
+    anthropic_type = "timeout_error"
+    openai_type = "server_error"
+    openai_code = "upstream_timeout"
+    end_reason = "idle_timeout"
+
+
+class UpstreamBroken(ProxyError):
+    """The upstream cut the stream, sent a malformed event or ended it unfinished."""
+
+    status = 502
+    anthropic_type = "api_error"
+    openai_type = "server_error"
+    openai_code = "upstream_stream_broken"
+    end_reason = "upstream_error"
+
+
+class ShuttingDown(ProxyError):
+    """The proxy is stopping; the client should retry elsewhere."""
+
+    status = 503
+    anthropic_type = "overloaded_error"
+    openai_type = "server_error"
+    openai_code = "proxy_shutting_down"
+    end_reason = "shutdown"
+
+
+class ClientGone(ProxyError):
+    """The client hung up; nothing is rendered, only recorded."""
+
+    status = 499
+    end_reason = "client_gone"
+
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 409: "conflict_error",
+    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+class UpstreamHTTPError(ProxyError):
+    """An upstream error status that arrived after the stream had committed to 200."""
+
+    end_reason = "upstream_error"
+
+    def __init__(self, status: int, message: str, upstream_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.anthropic_type = upstream_type or _ANTHROPIC_TYPE_BY_STATUS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error")
+        self.openai_type = upstream_type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.openai_code = f"upstream_status_{status}"

@@ -1,0 +1,54 @@
+"""OpenAI Chat Completions: data-only chunks, `data: [DONE]` at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ProxyError
+from .base import EventKind, Format, StreamView, compact_json
+from .openai_common import openai_error_object
+
+DONE_MARKER = "[DONE]"
+
+
+def is_role_only_chunk(obj: dict) -> bool:
+    """The opening chunk that only announces the assistant role (no content yet)."""
+    choices = obj.get("choices")
+    if not choices or obj.get("usage"):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if choice.get("finish_reason") or delta.get("tool_calls") or delta.get("function_call"):
+            return False
+        if delta.get("content") or delta.get("refusal"):
+            return False
+    return True
+
+
+def is_usage_only_chunk(obj: dict) -> bool:
+    return not obj.get("choices") and obj.get("usage") is not None
+
+
+class ChatFormat(Format):
+    name = "openai-chat"
+    provider_format = "openai"
+    data_only = True
+
+    def classify(self, name: str | None, obj: Any, view: StreamView) -> EventKind:
+        if obj == DONE_MARKER:
+            return EventKind.DONE
+        if not isinstance(obj, dict):
+            return EventKind.CONTENT
+        if obj.get("error"):
+            return EventKind.UPSTREAM_ERROR
+        if view.strip_usage_chunk and is_usage_only_chunk(obj):
+            return EventKind.SKIP
+        if is_role_only_chunk(obj):
+            return EventKind.PREAMBLE
+        return EventKind.CONTENT
+
+    def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
+        return {"error": openai_error_object(err)}
+
+    def terminal_error(self, err: ProxyError, view: StreamView) -> bytes:
+        return b"data: " + compact_json({"error": openai_error_object(err)}) + b"\n\n"

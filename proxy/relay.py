@@ -1,0 +1,198 @@
+"""The streaming relay: locked writer, stream thread and the shared heartbeat thread.
+
+Bytes reach the client only through a `LockedWriter`.  The stream thread puts whole SSE
+events into it, the heartbeat thread puts `: keepalive` comments into it, and both do so
+under one lock, so a comment can never land inside an event.  The server thread (the WSGI
+generator) takes frames out and yields each as one write.
+
+One heartbeat thread per process visits every live exchange: it sends keepalives after
+`heartbeat_interval` without a write, probes the client socket so a hang-up during a
+silent phase shuts the upstream down at once, and on shutdown ends streams that outlive
+the grace period with a terminal error.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+
+from .errors import ClientGone, ProxyError
+from .upstream import AbortHandle
+
+log = logging.getLogger("proxy.relay")
+
+KEEPALIVE = b": keepalive\n\n"
+# After an upstream `id:` field, the blank line of a comment would dispatch an empty event
+# that the OpenAI SDK cannot parse (protocols.md section 0), so the comment stands alone.
+KEEPALIVE_AFTER_ID = b": keepalive\n"
+_END = object()  # sentinel: no more frames
+
+
+class LockedWriter:
+    """The only path to the client for one response: whole frames, in order, under a lock."""
+
+    def __init__(self, keepalive: bool = True) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._frames: collections.deque = collections.deque()
+        self._closed = False
+        self.keepalive = keepalive
+        self.saw_id = False
+        self.last_write = time.monotonic()
+        self.bytes_out = 0
+        self.keepalives_sent = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write_event(self, frame: bytes, has_id: bool = False) -> bool:
+        """Queue one complete event; False once the writer has been closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self.saw_id = self.saw_id or has_id
+            self._push(frame)
+            return True
+
+    def write_keepalive_if_idle(self, now: float, interval: float) -> bool:
+        with self._cond:
+            if self._closed or not self.keepalive or now - self.last_write < interval:
+                return False
+            self._push(KEEPALIVE_AFTER_ID if self.saw_id else KEEPALIVE)
+            self.keepalives_sent += 1
+            return True
+
+    def close(self, final_frame: bytes | None = None) -> bool:
+        """Queue an optional last frame and the end; only the first close counts."""
+        with self._cond:
+            if self._closed:
+                return False
+            if final_frame:
+                self._push(final_frame)
+            self._closed = True
+            self._frames.append(_END)
+            self._cond.notify()
+            return True
+
+    def frames(self) -> Iterator[bytes]:
+        """Frames for the WSGI generator, blocking until each is available."""
+        while True:
+            with self._cond:
+                while not self._frames:
+                    self._cond.wait()
+                frame = self._frames.popleft()
+            if frame is _END:
+                return
+            yield frame
+
+    def _push(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self.last_write = time.monotonic()
+        self.bytes_out += len(frame)
+        self._cond.notify()
+
+
+def client_has_hung_up(sock: socket.socket | None) -> bool:
+    """Peek at the client socket without blocking: EOF or a reset means the client left."""
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK)
+    except ValueError:  # the socket was closed under us: the response is over anyway
+        return True
+
+
+class Exchange:
+    """One client request and its upstream, as seen by the heartbeat thread."""
+
+    def __init__(self, client_socket: socket.socket | None, writer: LockedWriter | None,
+                 on_end: Callable[[ProxyError], None]) -> None:
+        self.client_socket = client_socket
+        self.writer = writer
+        self.handle = AbortHandle()
+        self._on_end = on_end
+        self._lock = threading.Lock()
+        self.end_error: ProxyError | None = None
+
+    def end(self, err: ProxyError) -> bool:
+        """Stop the exchange for a reason outside the stream (client gone, shutdown)."""
+        with self._lock:
+            if self.end_error is not None:
+                return False
+            self.end_error = err
+        self._on_end(err)
+        self.handle.abort()
+        return True
+
+
+class Heartbeat:
+    """The per-process thread that visits every live exchange."""
+
+    def __init__(self, heartbeat_interval: float, probe_interval: float) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.tick = max(0.001, min(probe_interval, heartbeat_interval / 4))
+        self._live: set[Exchange] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.shutdown_deadline: float | None = None
+        self._shutdown_error: Callable[[], ProxyError] | None = None
+
+    def register(self, exchange: Exchange) -> None:
+        with self._lock:
+            self._live.add(exchange)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llm-proxy-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def unregister(self, exchange: Exchange) -> None:
+        with self._lock:
+            self._live.discard(exchange)
+
+    def live_count(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def begin_shutdown(self, grace: float, make_error: Callable[[], ProxyError]) -> None:
+        """From now on, exchanges still live after `grace` seconds end with an error."""
+        self._shutdown_error = make_error
+        self.shutdown_deadline = time.monotonic() + grace
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            try:
+                self.visit_all(time.monotonic())
+            except Exception:  # the heartbeat must survive anything one stream does
+                log.exception("heartbeat pass failed")
+
+    def visit_all(self, now: float) -> None:
+        with self._lock:
+            live = list(self._live)
+        past_deadline = self.shutdown_deadline is not None and now >= self.shutdown_deadline
+        for exchange in live:
+            if past_deadline and self._shutdown_error is not None:
+                exchange.end(self._shutdown_error())
+                continue
+            if client_has_hung_up(exchange.client_socket):
+                exchange.end(ClientGone("the client closed the connection"))
+                continue
+            if exchange.writer is not None:
+                exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
