@@ -133,7 +133,7 @@ class App:
         path = request.path
         try:
             if path == "/health":
-                return self._health(start_response)
+                return self._health(request, start_response)
             if path == "/usage":
                 return self._usage(request, start_response)
             if path == "/v1/models":
@@ -245,8 +245,10 @@ class App:
         return headers
 
     # -- proxy's own endpoints -------------------------------------------------------------
-    def _health(self, start_response) -> Iterable[bytes]:
+    def _health(self, request: Request, start_response) -> Iterable[bytes]:
         tracker = self._tracker if self._tracker_pid == os.getpid() else None
+        if tracker is not None and request.args.get("flush"):
+            tracker.flush(5.0)  # lets tests and operators wait for queued rows to be written
         body = {"status": "shutting_down" if self.shutting_down else "ok", "pid": os.getpid(),
                 "live_exchanges": self.heartbeat.live_count(),
                 "tracker": tracker.stats() if tracker is not None else None}

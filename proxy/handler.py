@@ -144,7 +144,6 @@ class PassThrough:
             sent_all = True
         except ProxyError as err:
             failure = self.exchange.end_error or err
-            log.warning("request %s: %s", self.preq.request_id, failure.message)
             abort_client_connection(self.preq.client_socket)
         finally:
             self.resp.close()
@@ -193,7 +192,6 @@ class StreamRelay:
         self._resp: UpstreamResponse | None = None
         self._open_error: ProxyError | None = None
         self._protocol_end: EventKind | None = None
-        self._upstream_error: str | None = None
         self._content_started = False
 
     # -- server thread -------------------------------------------------------------
@@ -311,32 +309,40 @@ class StreamRelay:
         if not self.writer.write_event(event.raw, event.has_id):
             return
         if kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR):
-            self._protocol_end = kind
-            if kind is EventKind.UPSTREAM_ERROR:
-                self._upstream_error = _error_message(payload)
-            self.writer.close()
+            self._end_by_protocol(kind, payload)
+
+    def _end_by_protocol(self, kind: EventKind, payload: object) -> None:
+        """The upstream finished (or failed) in its own words: record it, then end the body,
+        so a client that has seen the end can rely on the row being queued."""
+        self._protocol_end = kind
+        if kind is EventKind.DONE:
+            self.acct.finish(200, "complete", bytes_out=self.writer.bytes_out)
+        else:
+            self.acct.finish(200, "upstream_error", error=_error_message(payload),
+                             bytes_out=self.writer.bytes_out)
+        self.writer.close()
 
     def _conclude(self, failure: ProxyError | None, status: int, leftover: bytes = b"") -> None:
-        """Close the writer the one right way and finalize the record, exactly once."""
-        outside = self.exchange.end_error
-        bytes_out = self.writer.bytes_out
-        if self._protocol_end is EventKind.DONE:
-            self.acct.finish(status, "complete", bytes_out=bytes_out)
-        elif self._protocol_end is EventKind.UPSTREAM_ERROR:
-            self.acct.finish(status, "upstream_error", error=self._upstream_error, bytes_out=bytes_out)
-        elif outside is not None:
-            self.writer.close()
-            self.acct.finish(status if not isinstance(outside, ClientGone) else 499,
-                             outside.end_reason, error=outside.message, bytes_out=self.writer.bytes_out)
-        else:
+        """End the body the one right way and finalize the record (first finish wins)."""
+        try:
+            if self._protocol_end is not None:
+                return  # already recorded and closed when the protocol's end went out
+            outside = self.exchange.end_error
+            if outside is not None:
+                self.writer.close()
+                self.acct.finish(499 if isinstance(outside, ClientGone) else status,
+                                 outside.end_reason, error=outside.message,
+                                 bytes_out=self.writer.bytes_out)
+                return
             failure = failure or UpstreamBroken(
                 "the upstream ended the stream before the answer was complete"
                 + (" (an event was cut off)" if leftover.strip() else ""))
-            log.warning("request %s: %s", self.preq.request_id, failure.message)
-            self.writer.close(self.view.terminal_error(failure))
+            frame = self.view.terminal_error(failure)
             self.acct.finish(status, failure.end_reason, error=failure.message,
-                             bytes_out=self.writer.bytes_out)
-        self.ctx.heartbeat.unregister(self.exchange)
+                             bytes_out=self.writer.bytes_out + len(frame))
+            self.writer.close(frame)
+        finally:
+            self.ctx.heartbeat.unregister(self.exchange)
 
 
 def _error_message(payload: object) -> str:

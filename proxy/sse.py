@@ -68,8 +68,8 @@ class SSEFramer:
         return self._cut_events()
 
     def pending_bytes(self) -> bytes:
-        """Bytes of an unfinished event (what a cut stream leaves behind)."""
-        return bytes(self._pending)
+        """Bytes not handed out yet: an unfinished event, or the LF of a split CRLF."""
+        return self._carry + bytes(self._pending)
 
     def _skip_bom(self, chunk: bytes) -> bytes:
         """Drop one leading BOM; it may arrive split across the first chunks."""

@@ -1,0 +1,158 @@
+"""Shared fixtures: the scripted fake upstream and the proxy under real gunicorn.
+
+`proxy` is one gunicorn instance (1 worker, 50 ms heartbeat) shared by the session and
+pointed at the session's fake upstream; `start_proxy(**env)` starts a private instance
+for tests that need other settings or that kill it.  Usage rows are read straight from
+the SQLite file after `/health?flush=1` has made the worker commit its queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fakeupstream import FakeUpstream  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+HEARTBEAT = 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProxyProcess:
+    """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port."""
+
+    def __init__(self, upstream_url: str, tmp: Path, workers: int = 1, threads: int = 64,
+                 **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db_path = str(tmp / f"usage-{self.port}.db")
+        self.log_path = tmp / f"gunicorn-{self.port}.log"
+        self.env = dict(os.environ)
+        self.env.update({
+            "LLM_PROXY_ANTHROPIC_BASE_URL": upstream_url,
+            "LLM_PROXY_OPENAI_BASE_URL": upstream_url,
+            "LLM_PROXY_DB": self.db_path,
+            "LLM_PROXY_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+            "LLM_PROXY_IDLE_TIMEOUT": "5",
+            "LLM_PROXY_BIND": f"127.0.0.1:{self.port}",
+            "LLM_PROXY_WORKERS": str(workers),
+            "LLM_PROXY_THREADS": str(threads),
+            "PYTHONPATH": str(ROOT),
+        })
+        self.env.update({k: str(v) for k, v in env.items()})
+        if "LLM_PROXY_CONFIG" not in env:
+            self.env.pop("LLM_PROXY_CONFIG", None)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "ProxyProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
+            env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                time.sleep(0.05)  # waiting for a process to bind: there is no event to wait on
+        raise RuntimeError(f"gunicorn did not come up: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def flush(self) -> None:
+        requests.get(self.url + "/health", params={"flush": "1"}, timeout=10)
+
+    def rows(self, where: str = "1=1", params: tuple = ()) -> list[dict]:
+        if not os.path.exists(self.db_path):
+            return []
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(f"SELECT * FROM usage_records WHERE {where}", params)]
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    def row(self, request_id: str, timeout: float = 10.0) -> dict:
+        """The usage row of one request, once the worker has finalized and written it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.flush()  # blocks in the worker until its queue is committed
+            found = self.rows("request_id = ?", (request_id,))
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no usage row for {request_id}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+@pytest.fixture(scope="session")
+def fake():
+    upstream = FakeUpstream()
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_fake(request):
+    if "fake" in request.fixturenames:
+        request.getfixturevalue("fake").reset()
+    yield
+
+
+@pytest.fixture(scope="session")
+def proxy(fake, tmp_path_factory):
+    server = ProxyProcess(fake.url, tmp_path_factory.mktemp("proxy")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_proxy(fake, tmp_path):
+    started: list[ProxyProcess] = []
+
+    def start(**kwargs) -> ProxyProcess:
+        server = ProxyProcess(kwargs.pop("upstream_url", fake.url), tmp_path, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

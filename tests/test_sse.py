@@ -1,0 +1,116 @@
+"""The SSE framer: whole events out, original bytes kept, however the input is split."""
+
+import pytest
+
+from proxy.sse import SSEFramer
+
+ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start"}\n\n'
+             b'event: ping\ndata: {"type": "ping"}\n\n'
+             b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"h\xc3\xa9llo \xf0\x9f\x8c\x8d"}}\n\n'
+             b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+CHAT_CRLF = (b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n'
+             b'data: {"choices":[{"delta":{"content":"b"}}]}\r\n\r\n'
+             b'data: [DONE]\r\n\r\n')
+LONE_CR = b'event: x\rdata: 1\r\rdata: 2\r\r'
+MIXED = b': comment\n\nid: 7\ndata: a\r\ndata: b\n\r\nevent: e\rdata: {}\r\n\n'
+
+CASES = {
+    "anthropic-lf": (ANTHROPIC, [("message_start", '{"type":"message_start"}'),
+                                 ("ping", '{"type": "ping"}'),
+                                 ("content_block_delta", '{"type":"content_block_delta","delta":{"text":"héllo 🌍"}}'),
+                                 ("message_stop", '{"type":"message_stop"}')]),
+    "chat-crlf": (CHAT_CRLF, [(None, '{"choices":[{"delta":{"content":"a"}}]}'),
+                              (None, '{"choices":[{"delta":{"content":"b"}}]}'),
+                              (None, "[DONE]")]),
+    "lone-cr": (LONE_CR, [("x", "1"), (None, "2")]),
+    "mixed": (MIXED, [(None, "a\nb"), ("e", "{}")]),
+}
+
+
+def feed_in_pieces(data, cuts):
+    framer = SSEFramer()
+    events = []
+    start = 0
+    for cut in list(cuts) + [len(data)]:
+        events.extend(framer.feed(data[start:cut]))
+        start = cut
+    return framer, events
+
+
+def summary(events):
+    return [(e.event, e.data) for e in events if not e.is_comment_only]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_whole_input(name):
+    data, expected = CASES[name]
+    framer, events = feed_in_pieces(data, [])
+    assert summary(events) == expected
+    assert b"".join(e.raw for e in events) == data
+    assert framer.pending_bytes() == b""
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_split_at_every_byte_pair(name):
+    """Two cuts anywhere: the events and the exact bytes survive every split."""
+    data, expected = CASES[name]
+    for first in range(len(data) + 1):
+        for second in range(first, len(data) + 1, 7):
+            framer, events = feed_in_pieces(data, [first, second])
+            assert summary(events) == expected, (first, second)
+            assert b"".join(e.raw for e in events) + framer.pending_bytes() == data, (first, second)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_byte_at_a_time(name):
+    data, expected = CASES[name]
+    framer, events = feed_in_pieces(data, range(1, len(data)))
+    assert summary(events) == expected
+    assert b"".join(e.raw for e in events) + framer.pending_bytes() == data
+    assert framer.pending_bytes().strip() == b""
+
+
+def test_every_frame_ends_an_event():
+    """Each frame handed out ends with a blank line: nothing can be inserted mid-event."""
+    _, events = feed_in_pieces(ANTHROPIC + CHAT_CRLF, range(3, len(ANTHROPIC + CHAT_CRLF), 5))
+    for event in events:
+        assert event.raw.endswith((b"\n\n", b"\r\n\r\n", b"\r\n\r", b"\r\r", b"\n\r\n"))
+
+
+def test_crlf_split_between_cr_and_lf_of_the_blank_line():
+    framer = SSEFramer()
+    first = framer.feed(b"data: a\r\n\r")
+    assert [e.data for e in first] == ["a"]  # dispatched as soon as the blank line ends
+    second = framer.feed(b"\ndata: b\r\n\r\n")
+    assert [e.data for e in second] == ["b"]
+    assert second[0].raw == b"\ndata: b\r\n\r\n"  # the LF of the split CRLF travels on
+
+
+def test_incomplete_event_is_held_not_dispatched():
+    framer = SSEFramer()
+    assert framer.feed(b'data: {"partial": tr') == []
+    assert framer.pending_bytes() == b'data: {"partial": tr'
+
+
+def test_leading_bom_is_dropped_even_when_split():
+    framer = SSEFramer()
+    assert framer.feed(b"\xef\xbb") == []
+    events = framer.feed(b"\xbfdata: x\n\n")
+    assert [e.data for e in events] == ["x"]
+    assert events[0].raw == b"data: x\n\n"
+
+
+def test_bom_only_at_start():
+    framer = SSEFramer()
+    events = framer.feed(b"data: x\n\n\xef\xbb\xbfdata: y\n\n")
+    assert events[1].raw.startswith(b"\xef\xbb\xbf")
+
+
+def test_id_field_is_reported():
+    _, events = feed_in_pieces(b"id: 1\ndata: x\n\ndata: y\n\n", [])
+    assert [e.has_id for e in events] == [True, False]
+
+
+def test_multiline_data_joined_and_space_rule():
+    _, events = feed_in_pieces(b"data:a\ndata:  b\ndata\n\n", [])
+    assert events[0].data == "a\n b\n"
