@@ -179,7 +179,7 @@ def _stats(values: tuple) -> dict:
     requests, *tokens, cost, unpriced = values
     stats = {"requests": requests, **dict(zip(TOKEN_COLUMNS, tokens))}
     stats["cache_hit_ratio"] = _hit_ratio(stats)
-    stats["cost_usd"] = cost
+    stats["cost_usd"] = round(cost, 9)  # float sums carry noise far below a nano-dollar
     stats["unpriced_requests"] = unpriced
     stats["failures"] = {}
     return stats
@@ -248,7 +248,8 @@ def _table(label: str, rows: list[tuple[Any, dict]]) -> str:
 def _line(cells: list[str], widths: list[int]) -> str:
     """First and last columns are text (left-aligned); the numbers between align right."""
     last = len(cells) - 1
-    out = [c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+    out = [c.ljust(w) if i in (0, last) else c.rjust(w)
+           for i, (c, w) in enumerate(zip(cells, widths))]
     return "  ".join(out).rstrip()
 
 
@@ -262,7 +263,7 @@ def _cell(column: str, value: Any) -> str:
     if column == "cache_hit_ratio":
         return f"{value:.1%}"
     if column == "cost_usd":
-        return f"{value:,.4f}"
+        return f"{value:,.6f}"  # single requests often cost fractions of a cent
     return f"{value:,}"
 
 

@@ -137,7 +137,8 @@ def _user_version(conn: sqlite3.Connection) -> int:
 
 def _warn_if_newer(found: int) -> None:
     if found > SCHEMA_VERSION:
-        log.warning("usage database schema v%d is newer than this proxy's v%d", found, SCHEMA_VERSION)
+        log.warning("usage database schema v%d is newer than this proxy's v%d",
+                    found, SCHEMA_VERSION)
 
 
 def insert_rows(conn: sqlite3.Connection, rows: list[dict]) -> None:
@@ -304,7 +305,8 @@ class Tracker:
         try:
             count = self.spill.replay(lambda rows: insert_rows(conn, rows))
         except (OSError, sqlite3.Error) as exc:
-            log.error("could not replay spilled usage rows from %s (kept): %s", self.spill.path, exc)
+            log.error("could not replay spilled usage rows from %s (kept): %s",
+                      self.spill.path, exc)
             return
         if count:
             log.info("replayed %d spilled usage rows from %s", count, self.spill.path)

@@ -1,0 +1,98 @@
+"""Configuration: defaults with no file, precedence, and start-up errors that name the key."""
+
+import subprocess
+import sys
+
+import pytest
+
+from proxy.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_no_file_passes_through_to_the_real_providers():
+    config = load_config(env={})
+    assert config.provider_for("anthropic").base_url == "https://api.anthropic.com"
+    assert config.provider_for("openai").base_url == "https://api.openai.com"
+    assert config.provider_for("anthropic").api_key is None
+    assert config.heartbeat_interval == 15.0 and config.idle_timeout == 120.0
+    assert config.commit_delay == 15.0
+    assert config.max_body_bytes == 32 * 1024 * 1024
+    assert config.db_path.endswith("usage.db")
+
+
+def test_base_url_environment_variables():
+    config = load_config(env={"LLM_PROXY_ANTHROPIC_BASE_URL": "http://gw.local:9000/anthropic/",
+                              "LLM_PROXY_OPENAI_BASE_URL": "http://127.0.0.1:8000"})
+    assert config.provider_for("anthropic").base_url == "http://gw.local:9000/anthropic"
+    assert config.provider_for("openai").base_url == "http://127.0.0.1:8000"
+
+
+def test_precedence_defaults_file_env_cli(tmp_path):
+    path = write(tmp_path, "[stream]\nheartbeat_interval = 5\nidle_timeout = 60\n")
+    config = load_config(path, env={"LLM_PROXY_IDLE_TIMEOUT": "30"},
+                         overrides={"stream.connect_timeout": 3.0})
+    assert config.heartbeat_interval == 5.0  # file over default
+    assert config.idle_timeout == 30.0  # env over file
+    assert config.connect_timeout == 3.0  # CLI over everything
+
+
+def test_config_path_from_environment(tmp_path):
+    path = write(tmp_path, "[stream]\nheartbeat_interval = 2.5\n")
+    assert load_config(env={"LLM_PROXY_CONFIG": path}).heartbeat_interval == 2.5
+
+
+def test_providers_and_keys(tmp_path):
+    path = write(tmp_path, '[providers.anthropic]\nbase_url = "http://a.local"\napi_key_env = "MY_KEY"\n'
+                           '[providers.local]\nbase_url = "http://127.0.0.1:1234"\nformat = "openai"\n')
+    config = load_config(path, env={})
+    assert config.provider_for("anthropic").base_url == "http://a.local"
+    assert config.providers["local"].format == "openai"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[stream]\nheartbeat_interval = -1\n", "stream.heartbeat_interval"),
+    ("[stream]\nheartbeat_interval = \"fast\"\n", "expected float"),
+    ("[stream]\nheartbeet_interval = 1\n", "unknown key stream.heartbeet_interval"),
+    ("[nonsense]\nx = 1\n", "unknown section"),
+    ("[providers.x]\nbase_url = \"ftp://nope\"\nformat = \"openai\"\n", "providers.x.base_url"),
+    ("[providers.x]\nbase_url = \"http://ok\"\nformat = \"gemini\"\n", "providers.x.format"),
+    ("[prices.\"m\"]\ninput = \"cheap\"\n", "prices.m.input"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_bad_config_names_the_problem(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert needle in info.value.message
+
+
+def test_bad_environment_value():
+    with pytest.raises(ConfigError, match="LLM_PROXY_IDLE_TIMEOUT"):
+        load_config(env={"LLM_PROXY_IDLE_TIMEOUT": "soon"})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/llm-proxy.toml", env={})
+
+
+def test_example_config_is_valid_and_complete():
+    from pathlib import Path
+    from proxy.config import SETTINGS
+    example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
+    load_config(str(example), env={})
+    text = example.read_text()
+    for setting in SETTINGS:
+        assert setting.attr in text, f"{setting.key} is not documented in config.example.toml"
+
+
+def test_cli_reports_a_bad_config_and_exits_2(tmp_path):
+    path = write(tmp_path, "[stream]\nidle_timeout = 0\n")
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", path],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "stream.idle_timeout" in result.stderr and "greater than 0" in result.stderr
