@@ -189,10 +189,13 @@ class Heartbeat:
         past_deadline = self.shutdown_deadline is not None and now >= self.shutdown_deadline
         for exchange in live:
             if past_deadline and self._shutdown_error is not None:
-                exchange.end(self._shutdown_error())
-                continue
-            if client_has_hung_up(exchange.client_socket):
-                exchange.end(ClientGone("the client closed the connection"))
-                continue
-            if exchange.writer is not None:
+                self._end(exchange, self._shutdown_error())
+            elif client_has_hung_up(exchange.client_socket):
+                self._end(exchange, ClientGone("the client closed the connection"))
+            elif exchange.writer is not None:
                 exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+
+    def _end(self, exchange: Exchange, err: ProxyError) -> None:
+        """End an exchange and stop visiting it: there is nothing left to keep alive."""
+        exchange.end(err)
+        self.unregister(exchange)

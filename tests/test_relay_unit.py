@@ -1,0 +1,75 @@
+"""The locked writer and the client probe, without a server."""
+
+import socket
+import threading
+
+from proxy.relay import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter, client_has_hung_up
+
+
+def test_keepalive_only_after_the_interval_and_never_after_close():
+    writer = LockedWriter()
+    start = writer.last_write
+    assert not writer.write_keepalive_if_idle(start + 0.01, 0.05)
+    assert writer.write_keepalive_if_idle(start + 0.06, 0.05)
+    writer.write_event(b"data: 1\n\n")
+    writer.close(b"event: error\ndata: {}\n\n")
+    assert not writer.write_event(b"data: 2\n\n")
+    assert not writer.write_keepalive_if_idle(start + 100, 0.05)
+    assert list(writer.frames()) == [KEEPALIVE, b"data: 1\n\n", b"event: error\ndata: {}\n\n"]
+
+
+def test_after_an_id_field_the_keepalive_has_no_blank_line():
+    writer = LockedWriter()
+    writer.write_event(b"id: 1\ndata: x\n\n", has_id=True)
+    assert writer.write_keepalive_if_idle(writer.last_write + 1, 0.05)
+    writer.close()
+    assert list(writer.frames())[-1] == KEEPALIVE_AFTER_ID
+
+
+def test_disabled_keepalive():
+    writer = LockedWriter(keepalive=False)
+    assert not writer.write_keepalive_if_idle(writer.last_write + 100, 0.05)
+
+
+def test_only_the_first_close_counts():
+    writer = LockedWriter()
+    assert writer.close(b"first\n\n")
+    assert not writer.close(b"second\n\n")
+    assert list(writer.frames()) == [b"first\n\n"]
+
+
+def test_frames_are_whole_under_concurrent_keepalives():
+    """A keepalive thread hammering the writer never splits or reorders events."""
+    writer = LockedWriter()
+    events = [f"data: {i}\n\n".encode() for i in range(5000)]
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            writer.write_keepalive_if_idle(writer.last_write + 1, 0.0)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    for event in events:
+        writer.write_event(event)
+    stop.set()
+    thread.join()
+    writer.close()
+    frames = list(writer.frames())
+    assert [f for f in frames if f != KEEPALIVE] == events
+    assert writer.keepalives_sent > 0
+
+
+def test_client_probe_sees_a_hang_up():
+    a, b = socket.socketpair()
+    try:
+        assert not client_has_hung_up(a)
+        b.sendall(b"GET")  # pending data is not a hang-up
+        assert not client_has_hung_up(a)
+        a.recv(3)
+        b.close()
+        assert client_has_hung_up(a)
+    finally:
+        a.close()
+    assert client_has_hung_up(a)  # a closed socket counts as gone
+    assert not client_has_hung_up(None)  # servers without a socket: never probed
