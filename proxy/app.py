@@ -256,14 +256,15 @@ class App:
 
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
         from . import report
-        tracker = self.tracker
-        tracker.flush(2.0)
+        self.tracker.flush(2.0)
+        if not os.path.exists(self.config.db_path):
+            return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
+                                                        "by_model": [], "by_client_key": []})
         try:
-            since = report.parse_when(request.args.get("since")) if request.args.get("since") else None
-            until = report.parse_when(request.args.get("until")) if request.args.get("until") else None
+            summary = report.summarize(self.config.db_path, since=request.args.get("since"),
+                                       until=request.args.get("until"))
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        summary = report.summarize(self.config.db_path, since=since, until=until)
+            raise BadRequest(f"bad since/until: {exc}") from None
         return _json_response(start_response, 200, summary)
 
 

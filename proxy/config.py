@@ -291,4 +291,7 @@ def _load_prices(section: Any) -> dict[str, dict]:
                 raise ConfigError(f"unknown key prices.{model}.{key}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"prices.{model}.{key} must be a number >= 0 (got {value!r})")
+        for key in ("input", "output"):
+            if key not in table:
+                raise ConfigError(f"prices.{model}.{key} is required (USD per million tokens)")
     return section

@@ -185,7 +185,8 @@ class SpillFile:
 
     Appends and the replay take an exclusive ``flock`` on the file itself, so workers never
     interleave lines or lose an append during a replay. The replay truncates rather than
-    deletes, so a process already waiting on the lock appends to the live file.
+    deletes, so a process already waiting on the lock appends to the live file. (An append can
+    therefore wait while another worker replays at start: rare, short, and only on overflow.)
     """
 
     def __init__(self, path: str) -> None:
@@ -195,6 +196,7 @@ class SpillFile:
     def append(self, rows: Iterable[dict]) -> None:
         """Append rows; raises OSError if the disk refuses (callers log and count that)."""
         text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             _flock(f)
             f.write(text)

@@ -60,8 +60,16 @@ class AbortHandle:
     def attach(self, conn: HTTPConnection) -> None:
         with self._lock:
             self._conn = conn
+            conn._abort_owner = self  # type: ignore[attr-defined]
             if self.aborted:
                 _shutdown_socket(conn)
+
+    def detach(self, conn: HTTPConnection) -> None:
+        """The connection goes back to the pool: from now on it serves someone else."""
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+            conn._abort_owner = None  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         """Shut the upstream socket down; a thread blocked reading it returns at once."""
@@ -99,11 +107,27 @@ class _HTTPSConnection(_TrackedConnectionMixin, HTTPSConnection):
     pass
 
 
-class _HTTPPool(HTTPConnectionPool):
+class _ReleasingPoolMixin:
+    """Detaches a connection from its AbortHandle when it returns to the pool.
+
+    Without this, a late abort (a client that hangs up just after its answer) would shut
+    down a pooled connection that already carries another client's request.  The handle's
+    lock orders the two: an abort that wins leaves a shut socket in the pool, which
+    urllib3 sees as dropped and replaces before reuse.
+    """
+
+    def _put_conn(self, conn):  # type: ignore[no-untyped-def]
+        owner = getattr(conn, "_abort_owner", None)
+        if owner is not None:
+            owner.detach(conn)
+        return super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _HTTPPool(_ReleasingPoolMixin, HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
 
-class _HTTPSPool(HTTPSConnectionPool):
+class _HTTPSPool(_ReleasingPoolMixin, HTTPSConnectionPool):
     ConnectionCls = _HTTPSConnection
 
 

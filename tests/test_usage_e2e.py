@@ -1,0 +1,165 @@
+"""Every token accounted for, end to end: real gunicorn, fake upstream, SQLite rows."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from fakeupstream import (DEFAULT_USAGE, Send, Stall, Status, WaitFor, anthropic_stream,
+                          chat_stream, responses_stream)
+
+RID = "x-llm-proxy-request-id"
+BODIES = {
+    "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/chat/completions": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/responses": {"model": "gpt-4o", "input": "hi"},
+}
+ENDPOINT_NAMES = {"/v1/messages": "anthropic", "/v1/chat/completions": "openai-chat",
+                  "/v1/responses": "openai-responses"}
+
+
+def expected_tokens():
+    return {"input_tokens": DEFAULT_USAGE["input"], "output_tokens": DEFAULT_USAGE["output"],
+            "cache_read_tokens": DEFAULT_USAGE["cache_read"],
+            "cache_write_tokens": DEFAULT_USAGE["cache_write"]}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("path", sorted(BODIES))
+def test_row_matches_the_upstream_usage_exactly(proxy, path, stream):
+    body = dict(BODIES[path], stream=stream)
+    r = requests.post(proxy.url + path, json=body, headers={"x-api-key": "sk-secret-123"})
+    assert r.status_code == 200
+    row = proxy.row(r.headers[RID])
+    assert {k: row[k] for k in expected_tokens()} == expected_tokens()
+    assert row["endpoint"] == ENDPOINT_NAMES[path]
+    assert row["end_reason"] == "complete" and row["status"] == 200
+    assert row["usage_complete"] == 1 and row["stream"] == int(stream)
+    assert row["model_requested"] == body["model"] and row["upstream_model"] == body["model"]
+    assert row["cost_usd"] is not None and row["cost_usd"] > 0 and row["priced"] == 1
+    assert row["client_key_id"].startswith("key_") and "sk-secret" not in str(row)
+    assert row["bytes_out"] > 0 and row["bytes_in"] > 0
+    assert row["ttfb_ms"] is not None and row["ended_at"] >= row["started_at"]
+
+
+def test_unknown_model_is_unpriced_not_free(proxy):
+    r = requests.post(proxy.url + "/v1/messages", json=dict(BODIES["/v1/messages"], model="my-local-llm"))
+    row = proxy.row(r.headers[RID])
+    assert row["input_tokens"] == DEFAULT_USAGE["input"]
+    assert row["cost_usd"] is None and row["priced"] == 0
+
+
+def test_client_hang_up_mid_stream_leaves_a_partial_row(proxy, fake):
+    events = anthropic_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+    sock = socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+    body = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[],"stream":true}'
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"content_block_start" not in received:
+        received += sock.recv(65536)
+    request_id = received.split(RID.encode() + b": ", 1)[1].split(b"\r\n", 1)[0].decode()
+    upstream = fake.wait_for_requests(1)[0]
+    sock.close()
+    assert upstream.peer_closed.wait(2.0)
+    row = proxy.row(request_id)
+    assert row["end_reason"] == "client_gone"
+    assert row["usage_complete"] == 0
+    assert row["input_tokens"] == DEFAULT_USAGE["input"]  # known from message_start
+    assert row["cache_read_tokens"] == DEFAULT_USAGE["cache_read"]
+
+
+def test_connect_failure_leaves_a_502_row(start_proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
+        server = start_proxy(upstream_url=dead)
+        r = requests.post(server.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True))
+    assert r.status_code == 502
+    assert r.json()["error"]["type"] == "server_error"
+    row = server.row(r.headers[RID])
+    assert (row["status"], row["end_reason"]) == (502, "connect_error")
+    assert row["input_tokens"] is None and row["cost_usd"] is None
+
+
+def test_rejected_request_leaves_a_row(proxy):
+    r = requests.post(proxy.url + "/v1/messages", json={"messages": []})
+    assert r.status_code == 400
+    row = proxy.row(r.headers[RID])
+    assert (row["status"], row["end_reason"]) == (400, "rejected")
+
+
+def test_upstream_error_event_row(proxy, fake):
+    events = chat_stream(include_usage=False, done=False)
+    error = b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n'
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Send(error)])
+    r = requests.post(proxy.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True))
+    assert r.content.endswith(error)
+    row = proxy.row(r.headers[RID])
+    assert row["end_reason"] == "upstream_error" and row["error"] == "boom"
+    assert row["usage_complete"] == 0
+
+
+def test_sigterm_during_50_live_streams_loses_no_row(start_proxy, fake):
+    """Every live stream ends with a terminal event and a `shutdown` row; none is lost."""
+    server = start_proxy(LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="10",
+                         threads=80)
+    release = threading.Event()
+    events = responses_stream()
+    for _ in range(50):
+        fake.enqueue([Status(200), Send(events[0]), Send(events[4]), WaitFor(release, timeout=30)])
+
+    def stream_one():
+        with requests.Session() as s:
+            r = s.post(server.url + "/v1/responses", json=dict(BODIES["/v1/responses"], stream=True),
+                       stream=True, timeout=30)
+            chunks = r.iter_content(None)
+            got = next(chunks)
+            started.release()
+            for chunk in chunks:
+                got += chunk
+            return r.headers[RID], got
+
+    started = threading.Semaphore(0)
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        futures = [pool.submit(stream_one) for _ in range(50)]
+        for _ in range(50):
+            assert started.acquire(timeout=20)
+        fake.wait_for_requests(50, timeout=20)
+        server.signal(signal.SIGTERM)
+        results = [f.result(timeout=30) for f in futures]
+    release.set()
+    server.proc.wait(timeout=20)
+    for request_id, body in results:
+        assert body.rstrip().endswith(b"}")
+        assert b"event: error" in body and b"proxy_shutting_down" in body
+    rows = {r["request_id"]: r for r in server.rows()}
+    assert len(rows) == 50
+    assert {rows[rid]["end_reason"] for rid, _ in results} == {"shutdown"}
+
+
+def test_several_workers_under_concurrent_load_lose_no_row(start_proxy):
+    server = start_proxy(workers=3, threads=16)
+    paths = sorted(BODIES)
+
+    def call(i):
+        path = paths[i % 3]
+        with requests.Session() as s:
+            r = s.post(server.url + path, json=dict(BODIES[path], stream=bool(i % 2)), timeout=30)
+            assert r.status_code == 200
+            return r.headers[RID]
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        ids = list(pool.map(call, range(300)))
+    server.stop()  # SIGTERM: every worker drains its queue on exit
+    rows = server.rows()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    assert {r["end_reason"] for r in rows} == {"complete"}
+    assert sum(r["output_tokens"] for r in rows) == 300 * DEFAULT_USAGE["output"]
