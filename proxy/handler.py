@@ -192,6 +192,7 @@ class StreamRelay:
         self._resp: UpstreamResponse | None = None
         self._open_error: ProxyError | None = None
         self._protocol_end: EventKind | None = None
+        self._framer = SSEFramer()
         self._content_started = False
 
     # -- server thread -------------------------------------------------------------
@@ -277,12 +278,14 @@ class StreamRelay:
         self._conclude(err, status=200)
 
     def _pump(self, resp: UpstreamResponse) -> None:
-        framer = SSEFramer()
+        framer = self._framer
         failure: ProxyError | None = None
         try:
             for chunk in resp.decoded_chunks():
                 for event in framer.feed(chunk):
                     self._forward(event)
+                if self._protocol_end is not None and not self.writer.closed:
+                    self._close_after_split_crlf()
                 if self.writer.closed and self._protocol_end is None:
                     break
         except ProxyError as err:
@@ -320,13 +323,24 @@ class StreamRelay:
         else:
             self.acct.finish(200, "upstream_error", error=_error_message(payload),
                              bytes_out=self.writer.bytes_out)
-        self.writer.close()
+        if not self._framer.ends_in_split_crlf:
+            self.writer.close()
+        # else: the LF of the final CRLF is still on its way; the next read (or EOF) ends it
+
+    def _close_after_split_crlf(self) -> None:
+        carry = self._framer.take_carry()
+        if carry:
+            self.writer.write_event(carry)
+        if carry or not self._framer.ends_in_split_crlf:
+            self.writer.close()
 
     def _conclude(self, failure: ProxyError | None, status: int, leftover: bytes = b"") -> None:
         """End the body the one right way and finalize the record (first finish wins)."""
         try:
             if self._protocol_end is not None:
-                return  # already recorded and closed when the protocol's end went out
+                self._close_after_split_crlf()
+                self.writer.close()  # recorded when the protocol's end went out
+                return
             outside = self.exchange.end_error
             if outside is not None:
                 self.writer.close()

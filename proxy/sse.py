@@ -67,6 +67,16 @@ class SSEFramer:
         self._pending += chunk
         return self._cut_events()
 
+    @property
+    def ends_in_split_crlf(self) -> bool:
+        """The last event ended on a CR at the end of a read: an LF may still follow."""
+        return self._cr_at_end and not self._pending
+
+    def take_carry(self) -> bytes:
+        """Hand out the LF that completed a split CRLF, when no event follows to carry it."""
+        carry, self._carry = self._carry, b""
+        return carry
+
     def pending_bytes(self) -> bytes:
         """Bytes not handed out yet: an unfinished event, or the LF of a split CRLF."""
         return self._carry + bytes(self._pending)

@@ -1,0 +1,277 @@
+"""deploy/nginx.conf under a real nginx: in front of the proxy, and in front of the bare fake
+upstream (so the site itself is proven SSE-safe, without the proxy's `X-Accel-Buffering: no`).
+
+nginx runs as a child of the test with a throw-away main config whose `http {}` block is
+deliberately hostile (gzip on for event streams and JSON, as many distribution configs have it),
+and includes the site with only its listen port and upstream address rewritten.
+
+nginx is required: CI installs it (`apt-get install -y nginx`); a missing binary fails the tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+from fakeupstream import (End, Send, Sleep, Stall, Status, WaitFor, chat_stream, json_reply)
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+SITE = ROOT / "deploy" / "nginx.conf"
+RID = "x-llm-proxy-request-id"
+KEEPALIVE = b": keepalive\n\n"
+ACCEPT_GZIP = {"Accept-Encoding": "gzip, deflate"}
+READ_TIMEOUT = 5.0  # per socket read: an event that nginx holds back fails the test here
+CHAT_STREAM_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "stream_options": {"include_usage": True}}
+
+MAIN_CONF = """\
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    default_type application/octet-stream;
+    # Hostile globals, as in many nginx.conf files: the site must switch them off itself.
+    gzip on;
+    gzip_proxied any;
+    gzip_min_length 1;
+    gzip_types text/event-stream application/json;
+    include {dir}/site.conf;
+}}
+"""
+
+
+def render_site(listen_port: int, upstream: str) -> str:
+    """deploy/nginx.conf with the listen port and the upstream server address rewritten."""
+    text = SITE.read_text()
+    text, n = re.subn(r"^(\s*)server\s+127\.0\.0\.1:8080\s*;", rf"\g<1>server {upstream};", text,
+                      flags=re.M)
+    assert n == 1, "deploy/nginx.conf: expected one `server 127.0.0.1:8080;` line in the upstream block"
+    text, n = re.subn(r"^(\s*)listen\s+80\s*;", rf"\g<1>listen 127.0.0.1:{listen_port};", text, flags=re.M)
+    assert n == 1, "deploy/nginx.conf: expected one `listen 80;` line"
+    return text
+
+
+class NginxProcess:
+    """nginx in the foreground with its config, pid, logs and temp files in `tmp`."""
+
+    def __init__(self, tmp: Path, upstream: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = tmp
+        (tmp / "site.conf").write_text(render_site(self.port, upstream))
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers would drop to `nobody`
+        (tmp / "nginx.conf").write_text(MAIN_CONF.format(user=user, dir=tmp))
+        self.proc: subprocess.Popen | None = None
+
+    def log(self) -> str:
+        path = self.dir / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, timeout: float = 10.0) -> "NginxProcess":
+        if not os.path.exists(NGINX):
+            pytest.fail(f"nginx not found (looked for {NGINX}); install it: apt-get install -y nginx")
+        self._out = open(self.dir / "stdout.log", "wb")
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf"), "-e", str(self.dir / "error.log")],
+            stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.02)  # waiting for a process to bind: there is no event to wait on
+        raise RuntimeError(f"nginx did not come up:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_out"):
+            self._out.close()
+
+
+@pytest.fixture(scope="module")
+def nginx_proxy(proxy, tmp_path_factory):
+    """nginx -> gunicorn proxy -> fake upstream."""
+    server = NginxProcess(tmp_path_factory.mktemp("nginx-proxy"), proxy.url.split("//", 1)[1]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx_bare(fake, tmp_path_factory):
+    """nginx -> fake upstream: the site on its own, with no anti-buffering header to help it."""
+    server = NginxProcess(tmp_path_factory.mktemp("nginx-bare"), fake.url.split("//", 1)[1]).start()
+    yield server
+    server.stop()
+
+
+def post(server: NginxProcess, path: str, body: dict | bytes, headers: dict | None = None):
+    """POST through nginx; -> (connection, response) with the headers read, body unread."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=READ_TIMEOUT)
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json",
+                                                    "Authorization": "Bearer sk-test", **(headers or {})})
+    return conn, conn.getresponse()
+
+
+def read_until(resp: http.client.HTTPResponse, buf: bytes, marker: bytes) -> bytes:
+    """Read what has arrived (no fixed-size reads) until `marker` is in the body."""
+    while marker not in buf:
+        try:
+            chunk = resp.read1(65536)
+        except TimeoutError:
+            raise AssertionError(f"no {marker[:60]!r}... within {READ_TIMEOUT}s; got so far:\n{buf!r}") from None
+        assert chunk, f"the body ended before {marker[:60]!r}; got:\n{buf!r}"
+        buf += chunk
+    return buf
+
+
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["nginx_proxy", "nginx_bare"])
+def test_events_reach_the_client_one_by_one(request, fake, backend):
+    """The upstream sends each content event only after the client has received the previous
+    one, so any buffering along the way (nginx, the proxy) stalls the stream and fails here."""
+    server = request.getfixturevalue(backend)
+    events = chat_stream()  # role, 4 text pieces, finish, usage, [DONE]
+    received = [threading.Event() for _ in events]
+    # The role chunk is preamble, which a proxy may hold back until content arrives: it goes
+    # out together with the first content event; from there on it is strictly one by one.
+    steps = [Status(200), Send(events[0])]
+    for event, flag in zip(events[1:], received[1:]):
+        steps += [Send(event), WaitFor(flag, timeout=30)]
+    steps.append(End())
+    fake.enqueue(steps)
+    # Accept gzip like the openai SDK does: a compressing nginx would hold events back.
+    conn, resp = post(server, "/v1/chat/completions", CHAT_STREAM_BODY, headers=ACCEPT_GZIP)
+    try:
+        assert resp.status == 200
+        assert resp.getheader("content-encoding") is None
+        buf = b""
+        for i in range(1, len(events)):
+            buf = read_until(resp, buf, events[i])
+            if i + 1 < len(events):
+                assert events[i + 1] not in buf  # the upstream has not even sent it yet
+            received[i].set()
+        buf += resp.read()
+        assert buf.replace(KEEPALIVE, b"") == b"".join(events)
+    finally:
+        for flag in received:
+            flag.set()
+        conn.close()
+
+
+def test_keepalives_pass_through_nginx_during_silence(nginx_proxy, fake):
+    events = chat_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Sleep(0.5),
+                  *[Send(e) for e in events[2:]], End()])
+    conn, resp = post(nginx_proxy, "/v1/chat/completions", CHAT_STREAM_BODY, headers=ACCEPT_GZIP)
+    try:
+        assert resp.status == 200
+        body = resp.read()
+    finally:
+        conn.close()
+    assert body.count(KEEPALIVE) >= 2, body  # ~10 at a 50 ms heartbeat
+    before, _, after = body.partition(KEEPALIVE)
+    assert before == events[0] + events[1]  # the keepalives filled the silence
+    assert body.replace(KEEPALIVE, b"") == b"".join(events)
+
+
+@pytest.mark.parametrize("backend", ["nginx_proxy", "nginx_bare"])
+def test_client_hang_up_at_nginx_reaches_the_upstream(request, fake, backend):
+    server = request.getfixturevalue(backend)
+    events = chat_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+    body = json.dumps(CHAT_STREAM_BODY).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT)
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm-proxy\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while events[1] not in received:
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+        upstream = fake.requests[-1]
+        assert not upstream.peer_closed.is_set()
+    finally:
+        sock.close()
+    closed_at = time.monotonic()
+    assert upstream.peer_closed.wait(5.0), "the upstream never saw the hang-up"
+    assert upstream.peer_closed_at - closed_at < 1.0
+    if backend == "nginx_proxy":
+        head = received.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+        request_id = re.search(rf"(?im)^{RID}:\s*(\S+)", head).group(1)
+        row = request.getfixturevalue("proxy").row(request_id)
+        assert row["end_reason"] == "client_gone" and row["usage_complete"] == 0
+
+
+def test_anti_buffering_headers_reach_the_client(nginx_proxy):
+    conn, resp = post(nginx_proxy, "/v1/chat/completions", CHAT_STREAM_BODY,
+                      headers=ACCEPT_GZIP)
+    try:
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    cache_control = {d.strip() for d in headers["cache-control"].split(",")}
+    assert {"no-cache", "no-transform"} <= cache_control
+    assert headers.get("x-accel-buffering") == "no"  # passed on for any proxy further out
+    assert "content-encoding" not in headers  # no gzip, although the client accepts it
+    assert "content-length" not in headers
+    assert headers.get("transfer-encoding") == "chunked"
+    assert headers.get(RID, "").startswith("req_")
+    assert body.rstrip().endswith(b"data: [DONE]")
+
+
+def test_json_bodies_arrive_intact_both_ways(nginx_proxy, fake):
+    """A 5 MB request body (nginx's default limit is 1 MB) and a 1 MB JSON answer, byte for byte."""
+    request_body = json.dumps({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "dé🌍" * 1_000_000}]}, ensure_ascii=False).encode()
+    answer = json.dumps({"id": "chatcmpl-big", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "héllo 🌍 " * 100_000},
+         "finish_reason": "stop"}]}, ensure_ascii=False).encode()
+    fake.enqueue(json_reply(answer))
+    conn, resp = post(nginx_proxy, "/v1/chat/completions", request_body,
+                      headers=ACCEPT_GZIP)
+    try:
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200, body[:500]
+    assert body == answer
+    assert "content-encoding" not in headers
+    assert headers["content-type"] == "application/json"
+    assert fake.requests[-1].body == request_body

@@ -1,0 +1,1053 @@
+"""The relay end to end: real gunicorn, real loopback HTTP, a raw client that checks bytes.
+
+Every test talks to the proxy through `RawResponse`, a socket-level HTTP/1.1 client that
+records the body exactly as it arrives (each HTTP chunk separately), so the tests can see
+keepalive comments, event boundaries, the chunked terminator and header duplicates that a
+high-level client would hide.  The upstream is the scripted fake (`fakeupstream.py`);
+conditions are waited for on events, reads and `wait_for_requests`, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import json
+import random
+import re
+import signal
+import socket
+import threading
+import time
+import zlib
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from conftest import ProxyProcess
+from fakeupstream import (Cut, End, Reset, Send, SendGzip, Sleep, Stall, Status, Trickle, WaitFor,
+                          anthropic_error_body, anthropic_error_event, anthropic_message,
+                          anthropic_stream, chat_error_event, chat_stream, json_reply,
+                          openai_error_body, responses_error_event, responses_stream)
+
+RID = "x-llm-proxy-request-id"
+KEEPALIVE = b": keepalive\n\n"
+SSE_CT = {"Content-Type": "text/event-stream; charset=utf-8"}
+
+
+# ---------------------------------------------------------------------------
+# A raw HTTP/1.1 client
+# ---------------------------------------------------------------------------
+
+class RawResponse:
+    """One request on its own socket; the response read by hand, chunk by chunk."""
+
+    opened: list["RawResponse"] = []  # closed after each test by `_close_raw_clients`
+
+    def __init__(self, base_url: str, path: str, body: bytes | dict | None = b"",
+                 headers: list[tuple[str, str]] | dict | None = None, method: str = "POST",
+                 timeout: float = 10.0, chunked: bool = False) -> None:
+        parts = urlsplit(base_url)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode("utf-8")
+        body = body or b""
+        headers = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+        names = {k.lower() for k, _ in headers}
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}"]
+        if body and "content-type" not in names:
+            lines.append("Content-Type: application/json")
+        if chunked:  # the body as one chunk and the terminator: no length known up front
+            lines.append("Transfer-Encoding: chunked")
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        elif "content-length" not in names and (body or method == "POST"):
+            lines.append(f"Content-Length: {len(body)}")
+        lines += [f"{k}: {v}" for k, v in headers]
+        self.sent_at = time.monotonic()
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        RawResponse.opened.append(self)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        self.buf = b""
+        self.status: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.head_at: float | None = None
+        self.chunks: list[tuple[float, bytes]] = []  # (arrival time, bytes) per HTTP chunk
+        self.complete = False  # the body ended properly (chunked terminator / full length)
+        self.eof_early = False  # the connection closed before the body was complete
+        self._gen = None
+
+    # -- reading -------------------------------------------------------------------
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError
+        self.buf += data
+
+    def read_head(self) -> "RawResponse":
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = [tuple(p.strip() for p in line.split(":", 1)) for line in lines[1:]]
+        self.head_at = time.monotonic()
+        return self
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    def header(self, name: str) -> str | None:
+        values = self.header_all(name)
+        return values[0] if values else None
+
+    @property
+    def request_id(self) -> str:
+        rid = self.header(RID)
+        assert rid, f"no {RID} header in {self.headers}"
+        return rid
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(c for _, c in self.chunks)
+
+    def _chunks(self):
+        if self.status is None:
+            self.read_head()
+        try:
+            if "chunked" in (self.header("transfer-encoding") or "").lower():
+                while True:
+                    while b"\r\n" not in self.buf:
+                        self._fill()
+                    size_line, self.buf = self.buf.split(b"\r\n", 1)
+                    size = int(size_line.split(b";")[0], 16)
+                    while len(self.buf) < size + 2:
+                        self._fill()
+                    data, crlf, self.buf = self.buf[:size], self.buf[size:size + 2], self.buf[size + 2:]
+                    assert crlf == b"\r\n", f"bad chunk framing: {crlf!r}"
+                    if size == 0:
+                        self.complete = True
+                        return
+                    self.chunks.append((time.monotonic(), data))
+                    yield data
+            elif self.header("content-length") is not None:
+                remaining = int(self.header("content-length"))
+                while remaining > 0:
+                    if not self.buf:
+                        self._fill()
+                    data, self.buf = self.buf[:remaining], self.buf[remaining:]
+                    remaining -= len(data)
+                    self.chunks.append((time.monotonic(), data))
+                    yield data
+                self.complete = True
+            else:
+                while True:
+                    if self.buf:
+                        data, self.buf = self.buf, b""
+                        self.chunks.append((time.monotonic(), data))
+                        yield data
+                    self._fill()
+        except EOFError:
+            self.eof_early = "chunked" in (self.header("transfer-encoding") or "").lower() \
+                or self.header("content-length") is not None
+            if not self.eof_early:
+                self.complete = True
+        finally:
+            # one request per connection: an idle keep-alive connection would only delay
+            # the shutdown of a private proxy (gunicorn waits for it)
+            self.sock.close()
+
+    def read_until(self, predicate, what: str = "the expected bytes") -> bytes:
+        if self._gen is None:
+            self._gen = self._chunks()
+        if predicate(self.body):
+            return self.body
+        for _ in self._gen:
+            if predicate(self.body):
+                return self.body
+        raise AssertionError(f"the body ended before {what}: {self.body!r}")
+
+    def read_all(self) -> bytes:
+        if self._gen is None:
+            self._gen = self._chunks()
+        for _ in self._gen:
+            pass
+        return self.body
+
+    def json(self):
+        return json.loads(self.read_all())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def close_raw_clients() -> None:
+    while RawResponse.opened:
+        RawResponse.opened.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients():
+    yield
+    close_raw_clients()
+
+
+@pytest.fixture
+def start_proxy(start_proxy):
+    """conftest's `start_proxy`, with this module's client sockets closed before the private
+    proxies stop (gunicorn waits for idle keep-alive connections when it shuts down)."""
+    yield start_proxy
+    close_raw_clients()
+
+
+def proxy_port(server) -> int:
+    return urlsplit(server.url).port
+
+
+def health(server) -> dict:
+    return requests.get(server.url + "/health", timeout=5).json()
+
+
+# ---------------------------------------------------------------------------
+# SSE helpers
+# ---------------------------------------------------------------------------
+
+def split_lf_stream(body: bytes) -> tuple[list[bytes], list[int]]:
+    """Cut an LF-only event stream at its blank lines.
+
+    Returns (events, keepalive_positions): each keepalive comment found on an event boundary
+    is removed and its position recorded as the number of events before it.  A keepalive
+    that landed inside an event is not on a boundary, so it stays inside that event's bytes
+    and the event no longer equals the upstream's.
+    """
+    events: list[bytes] = []
+    keepalives: list[int] = []
+    pos = 0
+    while pos < len(body):
+        if body.startswith(KEEPALIVE, pos):
+            keepalives.append(len(events))
+            pos += len(KEEPALIVE)
+            continue
+        end = body.find(b"\n\n", pos)
+        assert end >= 0, f"the stream ends inside an event: {body[pos:]!r}"
+        events.append(body[pos:end + 2])
+        pos = end + 2
+    return events, keepalives
+
+
+def parse_sse(body: bytes) -> list[tuple[str, str]]:
+    """What a WHATWG parser (and the SDKs) dispatch: [(event type, data)], strict UTF-8."""
+    text = body.decode("utf-8")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = re.split(r"\r\n|\r|\n", text)
+    out: list[tuple[str, str]] = []
+    data: list[str] = []
+    name = None
+    for line in lines[:-1]:  # the last piece is an unterminated line (must be empty)
+        if line == "":
+            if data:
+                out.append((name or "message", "\n".join(data)))
+            data, name = [], None
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            name = value
+    assert lines[-1] == "" and not data, f"an event is left open at the end: {text[-200:]!r}"
+    return out
+
+
+def assert_event_stream_headers(r: RawResponse) -> None:
+    assert r.status == 200, (r.status, r.headers)
+    assert (r.header("content-type") or "").startswith("text/event-stream"), r.headers
+    assert r.header_all("cache-control") == ["no-cache, no-transform"], r.headers
+    assert r.header_all("x-accel-buffering") == ["no"], r.headers
+    assert r.header("content-length") is None and r.header("content-encoding") is None, r.headers
+
+
+# ---------------------------------------------------------------------------
+# The three protocols
+# ---------------------------------------------------------------------------
+
+class Proto:
+    def __init__(self, name, path, body, events, content, malformed, error_event, final_marks):
+        self.name, self.path, self.body = name, path, body
+        self.events = events  # a complete upstream transcript, one bytes per event
+        self.content = events[:content]  # what goes out before the trouble (content included)
+        self.malformed = malformed
+        self.error_event = error_event
+        self.final_marks = final_marks  # bytes a fabricated protocol end would contain
+
+
+PROTOS = {
+    "anthropic": Proto(
+        "anthropic", "/v1/messages",
+        {"model": "claude-sonnet-4-5", "max_tokens": 32, "stream": True,
+         "messages": [{"role": "user", "content": "hi"}]},
+        anthropic_stream(), 4,
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"ty\n\n',
+        anthropic_error_event("overloaded_error", "Overloaded (upstream)"),
+        [b"message_stop", b"message_delta"]),
+    "chat": Proto(
+        "chat", "/v1/chat/completions",
+        {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True},
+         "messages": [{"role": "user", "content": "hi"}]},
+        chat_stream(), 3,
+        b'data: {"id":"chatcmpl-fake01","choices":[{"index":0,"delta":{"content":\n\n',
+        chat_error_event("The server had an error (upstream)"),
+        [b"[DONE]", b'"finish_reason":"stop"']),
+    "responses": Proto(
+        "responses", "/v1/responses",
+        {"model": "gpt-4.1", "input": "hi", "stream": True},
+        responses_stream(), 5,
+        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",oops\n\n',
+        responses_error_event("server_error", "The server had an error (upstream)", sequence_number=5),
+        [b"response.completed", b"response.incomplete"]),
+}
+PROTO_NAMES = sorted(PROTOS)
+
+
+def check_terminal_error(proto: str, event: bytes, *, anthropic_type: str | None = None,
+                         sequence_number: int | None = None) -> dict:
+    """One terminal error event in the protocol's own words; returns its payload."""
+    parsed = parse_sse(event)
+    assert len(parsed) == 1, f"not exactly one event: {event!r}"
+    name, data = parsed[0]
+    obj = json.loads(data)
+    if proto == "anthropic":
+        assert event.startswith(b"event: error\n"), event
+        assert name == "error" and obj["type"] == "error", obj
+        assert obj["error"]["type"] in ("overloaded_error", "api_error", "timeout_error",
+                                        "rate_limit_error", "invalid_request_error",
+                                        "authentication_error", "permission_error",
+                                        "not_found_error"), obj
+        if anthropic_type is not None:
+            assert obj["error"]["type"] == anthropic_type, obj
+        assert isinstance(obj["error"]["message"], str) and obj["error"]["message"], obj
+        return obj["error"]
+    if proto == "chat":
+        assert event.startswith(b"data: "), event
+        assert name == "message" and set(obj) == {"error"}, obj
+        err = obj["error"]
+        assert isinstance(err["message"], str) and err["message"], err
+        assert isinstance(err["type"], str) and err["type"], err
+        assert "code" in err, err
+        return err
+    assert event.startswith(b"event: error\n"), event
+    assert name == "error" and obj["type"] == "error", obj
+    assert isinstance(obj["message"], str) and obj["message"], obj
+    assert "code" in obj and isinstance(obj["sequence_number"], int), obj
+    if sequence_number is not None:
+        assert obj["sequence_number"] == sequence_number, obj
+    return obj
+
+
+def assert_nothing_fabricated(proto: Proto, body: bytes) -> None:
+    for mark in proto.final_marks:
+        assert mark not in body, f"{mark!r} fabricated in {body[-400:]!r}"
+
+
+def last_sequence(events: list[bytes]) -> int:
+    return max(json.loads(parse_sse(e)[0][1])["sequence_number"] for e in events)
+
+
+# ---------------------------------------------------------------------------
+# Private proxies shared by several tests of this module
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def idle_proxy(fake, tmp_path_factory):
+    """A proxy whose upstream idle timeout is 0.5 s (heartbeat 50 ms as usual)."""
+    server = ProxyProcess(fake.url, tmp_path_factory.mktemp("idle"), LLM_PROXY_IDLE_TIMEOUT="0.5").start()
+    yield server
+    server.stop()
+
+
+# ===========================================================================
+# 1-3. Keepalives
+# ===========================================================================
+
+def test_keepalives_fill_an_upstream_silence_mid_stream(proxy, fake):
+    events = anthropic_stream()
+    release = threading.Event()
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
+                 + [WaitFor(release, timeout=8)] + [Send(e) for e in events[4:]] + [End()])
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5).read_head()
+    assert_event_stream_headers(r)
+    before = b"".join(events[:4])
+    # the upstream is silent until `release`: the keepalives must come on their own
+    r.read_until(lambda b: b.replace(KEEPALIVE, b"") == before and b.count(KEEPALIVE) >= 3,
+                 "three keepalives during the upstream's silence")
+    release.set()
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert got == events, "a keepalive split an event or bytes changed"
+    assert body.replace(KEEPALIVE, b"") == b"".join(events)
+    assert keepalives.count(4) >= 3, keepalives  # the silence sat after the 4th event
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def test_keepalives_flow_before_the_upstream_sends_its_headers(proxy, fake):
+    events = anthropic_stream()
+    release = threading.Event()
+    fake.enqueue([WaitFor(release, timeout=8), Status(200, headers=SSE_CT)]
+                 + [Send(e) for e in events] + [End()])
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5).read_head()
+    commit_latency = r.head_at - r.sent_at
+    print(f"\ncommit after {commit_latency * 1000:.1f} ms without upstream headers")
+    assert not release.is_set()  # the upstream has sent nothing at all so far
+    assert_event_stream_headers(r)
+    assert commit_latency < 2.0  # about one heartbeat (50 ms); wide bound
+    r.read_until(lambda b: b.count(KEEPALIVE) >= 3, "three keepalives before the upstream's headers")
+    assert r.body == KEEPALIVE * r.body.count(KEEPALIVE)
+    release.set()
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert got == events
+    assert keepalives.count(0) >= 3
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def test_no_keepalive_ever_lands_inside_an_event_under_a_1ms_heartbeat(start_proxy, fake):
+    server = start_proxy(LLM_PROXY_HEARTBEAT_INTERVAL="0.001")
+    rng = random.Random(20261121)
+    head = anthropic_stream()
+    deltas = [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+              b'"delta":{"type":"text_delta","text":"' + str(i).encode() + b'"}}\n\n'
+              for i in range(3000)]
+    events = head[:2] + deltas + head[-3:]  # message_start, block start, 3000 deltas, stop/delta/stop
+    script = [Status(200, headers=SSE_CT)]
+    paused = set()
+    for index, event in enumerate(events):
+        pieces, pos = [], 0
+        while pos < len(event):
+            size = rng.randint(1, 7)
+            pieces.append(event[pos:pos + size])
+            pos += size
+        pause_after = rng.randrange(len(pieces) - 1) if index % 10 == 5 and len(pieces) > 1 else None
+        for i, piece in enumerate(pieces):
+            script.append(Send(piece))
+            if i == pause_after:  # the upstream goes quiet in the middle of this event
+                script.append(Sleep(0.004))
+                paused.add(index)
+    script.append(End())
+    fake.enqueue(script)
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
+    assert_event_stream_headers(r)
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert len(got) == len(events)
+    assert got == events, "a keepalive landed inside an event (or bytes changed)"
+    assert body.replace(KEEPALIVE, b"") == b"".join(events)
+    print(f"\n{len(keepalives)} keepalives interleaved with {len(events)} events")
+    assert len(keepalives) >= 100, len(keepalives)
+    # the test has teeth: while half an event sat in the proxy's buffer (the upstream paused
+    # 4 ms mid-event), keepalives went out, and on the boundary before that event
+    boundaries = set(keepalives)
+    before_paused = sum(1 for index in paused if index in boundaries)
+    print(f"{before_paused} of {len(paused)} mid-event pauses got a keepalive")
+    assert before_paused >= len(paused) // 4, (before_paused, len(paused))
+    assert server.row(r.request_id)["end_reason"] == "complete"
+
+
+# ===========================================================================
+# 4. Client disconnects reach the upstream
+# ===========================================================================
+
+def _close_and_measure(r: RawResponse, upstream) -> float:
+    closed_at = time.monotonic()
+    r.close()
+    assert upstream.peer_closed.wait(2.0), "the upstream connection was never closed"
+    return upstream.peer_closed_at - closed_at
+
+
+def test_client_hang_up_mid_stream_closes_the_upstream_at_once(proxy, fake):
+    events = anthropic_stream()
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]] + [Stall()])
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5).read_head()
+    r.read_until(lambda b: b.replace(KEEPALIVE, b"") == b"".join(events[:4]), "the first events")
+    [upstream] = fake.wait_for_requests(1)
+    latency = _close_and_measure(r, upstream)
+    print(f"\ndisconnect mid-stream -> upstream closed after {latency * 1000:.1f} ms")
+    assert latency < 0.25
+    row = proxy.row(r.request_id)
+    assert row["end_reason"] == "client_gone" and row["usage_complete"] == 0
+
+
+@pytest.mark.parametrize("commit", ["before_commit", "after_commit"])
+def test_client_hang_up_while_waiting_for_upstream_headers(proxy, fake, commit):
+    fake.enqueue([Stall()])
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5)
+    [upstream] = fake.wait_for_requests(1)
+    if commit == "after_commit":
+        r.read_head()  # the proxy committed to 200 while the upstream's headers are pending
+        assert_event_stream_headers(r)
+        assert r.request_id == upstream.headers.get(RID)
+    latency = _close_and_measure(r, upstream)
+    print(f"\ndisconnect {commit} (upstream headers pending) -> upstream closed after "
+          f"{latency * 1000:.1f} ms")
+    assert latency < 0.25
+    row = proxy.row(upstream.headers.get(RID))  # the proxy's request id travels upstream too
+    assert row["end_reason"] == "client_gone"
+
+
+def test_client_hang_up_on_a_non_streaming_request_the_upstream_never_answers(proxy, fake):
+    fake.enqueue([Stall()])
+    body = dict(PROTOS["anthropic"].body, stream=False)
+    r = RawResponse(proxy.url, "/v1/messages", body, timeout=5)
+    [upstream] = fake.wait_for_requests(1)
+    latency = _close_and_measure(r, upstream)
+    print(f"\ndisconnect on a JSON request -> upstream closed after {latency * 1000:.1f} ms")
+    assert latency < 0.25
+    # the client never got a request id: find the row through the id sent upstream
+    request_id = upstream.headers.get(RID)
+    assert request_id
+    row = proxy.row(request_id)
+    assert row["end_reason"] == "client_gone"
+
+
+# ===========================================================================
+# 5. Terminal errors after content
+# ===========================================================================
+
+def _run_broken(server, fake, proto: Proto, tail: list) -> tuple[RawResponse, list[bytes], list[int]]:
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in proto.content] + tail)
+    r = RawResponse(server.url, proto.path, proto.body, timeout=10).read_head()
+    assert_event_stream_headers(r)
+    body = r.read_all()
+    assert r.complete, f"the stream did not end cleanly (chunked terminator): {body[-300:]!r}"
+    got, keepalives = split_lf_stream(body)
+    assert_nothing_fabricated(proto, body)
+    return r, got, keepalives
+
+
+def _expect_one_terminal_error(proto: Proto, got: list[bytes], **kwargs) -> dict:
+    assert got[:len(proto.content)] == proto.content
+    assert len(got) == len(proto.content) + 1, got[len(proto.content):]
+    if proto.name == "responses":
+        kwargs.setdefault("sequence_number", last_sequence(proto.content) + 1)
+    return check_terminal_error(proto.name, got[-1], **kwargs)
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_upstream_stall_after_content_ends_with_one_timeout_error(idle_proxy, fake, name):
+    proto = PROTOS[name]
+    r, got, keepalives = _run_broken(idle_proxy, fake, proto, [Stall()])
+    err = _expect_one_terminal_error(proto, got, anthropic_type="timeout_error" if name == "anthropic" else None)
+    assert keepalives, "no keepalive during a 0.5 s stall with a 50 ms heartbeat"
+    assert set(keepalives) == {len(proto.content)}
+    row = idle_proxy.row(r.request_id)
+    assert row["end_reason"] == "idle_timeout", row
+    assert row["error"] and row["error"] == err["message"]
+
+
+@pytest.mark.parametrize("ending", ["cut", "reset", "malformed", "no_final_event"])
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_broken_upstream_stream_ends_with_one_terminal_error(proxy, fake, name, ending):
+    proto = PROTOS[name]
+    after = proto.events[len(proto.content)]
+    tail = {"cut": [Cut()],
+            "reset": [Reset()],
+            "malformed": [Send(proto.malformed), Send(after), End()],
+            "no_final_event": [End()]}[ending]
+    r, got, _ = _run_broken(proxy, fake, proto, tail)
+    _expect_one_terminal_error(proto, got)
+    if ending == "malformed":
+        assert proto.malformed not in r.body and after not in r.body
+    row = proxy.row(r.request_id)
+    assert row["end_reason"] == "upstream_error", row
+    assert row["status"] == 200 and row["usage_complete"] == 0
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_upstream_error_event_passes_through_and_nothing_is_appended(proxy, fake, name):
+    proto = PROTOS[name]
+    r, got, _ = _run_broken(proxy, fake, proto, [Send(proto.error_event), End()])
+    assert got == proto.content + [proto.error_event]
+    assert r.body.replace(KEEPALIVE, b"").endswith(proto.error_event)
+    row = proxy.row(r.request_id)
+    assert row["end_reason"] == "upstream_error" and "(upstream)" in (row["error"] or ""), row
+
+
+# ===========================================================================
+# 6. The commit rule
+# ===========================================================================
+
+ERROR_CASES = [
+    ("anthropic", 429, anthropic_error_body("rate_limit_error", "Number of request tokens has exceeded your rate limit")),
+    ("anthropic", 500, anthropic_error_body("api_error", "Internal server error")),
+    ("anthropic", 400, anthropic_error_body("invalid_request_error", "max_tokens: field required")),
+    ("chat", 429, openai_error_body("Rate limit reached for gpt-4o", "requests", "rate_limit_exceeded")),
+    ("responses", 500, openai_error_body("The server had an error", "server_error")),
+]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("name,status,error", ERROR_CASES, ids=[f"{n}-{s}" for n, s, _ in ERROR_CASES])
+def test_upstream_error_before_the_stream_keeps_its_status_and_body(proxy, fake, name, status,
+                                                                    error, stream):
+    proto = PROTOS[name]
+    raw = json.dumps(error, separators=(",", ":")).encode()
+    fake.enqueue(json_reply(raw, status=status, headers={"Retry-After": "7", "x-upstream": "yes"}))
+    r = RawResponse(proxy.url, proto.path, dict(proto.body, stream=stream)).read_head()
+    body = r.read_all()
+    assert r.status == status
+    assert body == raw
+    assert r.header("retry-after") == "7" and r.header("x-upstream") == "yes"
+    assert (r.header("content-type") or "").startswith("application/json")
+    assert r.header("x-accel-buffering") is None
+    row = proxy.row(r.request_id)
+    assert row["status"] == status and row["end_reason"] == "upstream_error", row
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_upstream_error_after_the_commit_becomes_one_terminal_error(proxy, fake, name):
+    proto = PROTOS[name]
+    release = threading.Event()
+    message = "Upstream exploded while thinking"
+    error = (anthropic_error_body("api_error", message) if name == "anthropic"
+             else openai_error_body(message, "server_error"))
+    fake.enqueue([WaitFor(release, timeout=8)] + json_reply(error, status=500))
+    r = RawResponse(proxy.url, proto.path, proto.body, timeout=5).read_head()
+    assert_event_stream_headers(r)
+    r.read_until(lambda b: KEEPALIVE in b, "a keepalive")
+    release.set()
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert keepalives and keepalives[0] == 0
+    assert len(got) == 1, got
+    err = check_terminal_error(name, got[0], sequence_number=0 if name == "responses" else None)
+    assert message in err["message"]
+    assert_nothing_fabricated(proto, body)
+    row = proxy.row(r.request_id)
+    assert row["end_reason"] == "upstream_error" and row["status"] == 200, row
+
+
+def test_upstream_silent_before_headers_past_the_idle_timeout_on_a_committed_stream(idle_proxy, fake):
+    fake.enqueue([Stall()])
+    r = RawResponse(idle_proxy.url, "/v1/messages", PROTOS["anthropic"].body, timeout=10).read_head()
+    assert_event_stream_headers(r)
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert len(keepalives) >= 2 and len(got) == 1
+    check_terminal_error("anthropic", got[0], anthropic_type="timeout_error")
+    [upstream] = fake.wait_for_requests(1)
+    assert upstream.peer_closed.wait(2.0)
+    assert idle_proxy.row(r.request_id)["end_reason"] == "idle_timeout"
+
+
+# ===========================================================================
+# 7. Anti-buffering headers; nothing injected into JSON bodies
+# ===========================================================================
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_every_event_stream_carries_the_anti_buffering_headers(proxy, fake, name):
+    proto = PROTOS[name]
+    fake.enqueue([Status(200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "yes"})]
+                 + [Send(e) for e in proto.events] + [End()])
+    r = RawResponse(proxy.url, proto.path, proto.body).read_head()
+    assert_event_stream_headers(r)  # upstream's own Cache-Control / X-Accel-Buffering replaced
+    body = r.read_all()
+    assert r.complete and body.replace(KEEPALIVE, b"") == b"".join(proto.events)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json-request", "stream-request"])
+def test_a_slow_json_body_gets_no_keepalive_and_keeps_its_length(proxy, fake, stream):
+    payload = json.dumps(anthropic_message(), separators=(",", ":")).encode()
+    cut = len(payload) // 3
+    parts = [payload[:cut], payload[cut:2 * cut], payload[2 * cut:]]
+    gaps = [threading.Event(), threading.Event()]
+    fake.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode="length"),
+                  Send(parts[0]), WaitFor(gaps[0], 8), Send(parts[1]), WaitFor(gaps[1], 8),
+                  Send(parts[2]), End()])
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=stream),
+                    timeout=5).read_head()
+    assert r.status == 200
+    assert r.header("content-length") == str(len(payload))
+    assert r.header("x-accel-buffering") is None and r.header("cache-control") is None
+    assert r.header("transfer-encoding") is None
+    for i, gap in enumerate(gaps):
+        r.read_until(lambda b, n=i: len(b) >= sum(map(len, parts[:n + 1])), "the next part")
+        # the upstream is silent now, for many heartbeats: nothing may reach the client
+        assert_nothing_arrives(r, 0.4)
+        gap.set()
+    body = r.read_all()
+    assert r.complete and body == payload
+    assert KEEPALIVE not in body
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def assert_nothing_arrives(r: RawResponse, seconds: float) -> None:
+    """A read that must time out: the proxy may not write while the upstream is silent."""
+    assert r.buf == b"", r.buf
+    old = r.sock.gettimeout()
+    r.sock.settimeout(seconds)
+    try:
+        data = r.sock.recv(65536)
+    except socket.timeout:
+        return
+    finally:
+        r.sock.settimeout(old)
+    raise AssertionError(f"{data!r} arrived while the upstream sent nothing")
+
+
+# ===========================================================================
+# 8. Header handling
+# ===========================================================================
+
+CLIENT_KEY = "sk-ant-client-e2e-SECRET-0d9f"
+CLIENT_BEARER = "sk-client-bearer-SECRET-77aa"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_hop_by_hop_headers_stay_on_their_hop(proxy, fake, stream):
+    body = dict(PROTOS["anthropic"].body, stream=stream)
+    if stream:
+        reply = [Status(200, headers=[("Content-Type", "text/event-stream"), ("Connection", "x-up-hop"),
+                                      ("x-up-hop", "private"), ("Keep-Alive", "timeout=99"),
+                                      ("Proxy-Authenticate", "Basic"), ("x-up-e2e", "kept")])]
+        reply += [Send(e) for e in anthropic_stream()] + [End()]
+    else:
+        raw = json.dumps(anthropic_message()).encode()
+        reply = [Status(200, headers=[("Content-Type", "application/json"), ("Connection", "x-up-hop"),
+                                      ("x-up-hop", "private"), ("Keep-Alive", "timeout=99"),
+                                      ("Proxy-Authenticate", "Basic"), ("x-up-e2e", "kept")],
+                        body_mode="length"), Send(raw), End()]
+    fake.enqueue(reply)
+    headers = [("Connection", "keep-alive, x-custom"), ("x-custom", "hop-only"),
+               ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Upgrade", "h2c"),
+               ("Proxy-Authorization", "Basic cHJveHk6c2VjcmV0"),
+               ("anthropic-version", "2023-06-01"), ("anthropic-beta", "prompt-caching-2024-07-31"),
+               ("x-api-key", CLIENT_KEY), ("Authorization", f"Bearer {CLIENT_BEARER}"),
+               ("x-foo", "bar")]
+    r = RawResponse(proxy.url, "/v1/messages?beta=true", body, headers=headers).read_head()
+    r.read_all()
+    assert r.status == 200 and r.complete
+    [upstream] = fake.wait_for_requests(1)
+    got = upstream.headers
+    for name in ("x-custom", "keep-alive", "te", "upgrade", "proxy-authorization"):
+        assert name not in got, f"hop-by-hop {name} reached the upstream: {upstream.raw_head!r}"
+    assert "x-custom" not in got.get("connection", "").lower()
+    assert got["anthropic-version"] == "2023-06-01"
+    assert got["anthropic-beta"] == "prompt-caching-2024-07-31"
+    assert got["x-api-key"] == CLIENT_KEY  # no provider key configured: the client's passes
+    assert got["authorization"] == f"Bearer {CLIENT_BEARER}"
+    assert got["x-foo"] == "bar"
+    assert upstream.path == "/v1/messages?beta=true"
+    assert json.loads(upstream.body) == body
+    # and back: the upstream's hop-by-hop headers end at the proxy
+    assert r.header("x-up-e2e") == "kept"
+    assert r.header("x-up-hop") is None
+    assert r.header("keep-alive") is None and r.header("proxy-authenticate") is None
+    assert all("x-up-hop" not in v.lower() for v in r.header_all("connection"))
+    log = proxy.log()
+    assert CLIENT_KEY not in log and CLIENT_BEARER not in log
+
+
+def test_configured_provider_key_replaces_the_clients_and_never_reaches_the_log(start_proxy, fake, tmp_path):
+    proxy_key = "sk-ant-proxy-owned-SECRET-5150"
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\napi_key_env = "TEST_ANTHROPIC_KEY"\n')
+    server = start_proxy(LLM_PROXY_CONFIG=str(config), TEST_ANTHROPIC_KEY=proxy_key)
+    client = [("x-api-key", CLIENT_KEY), ("Authorization", f"Bearer {CLIENT_BEARER}"),
+              ("anthropic-version", "2023-06-01")]
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in anthropic_stream()] + [End()],
+                 json_reply(anthropic_error_body("authentication_error", "invalid x-api-key"), status=401),
+                 [Status(200, headers=SSE_CT), Send(anthropic_stream()[0]), Cut()])
+    streamed = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, headers=client)
+    assert streamed.read_head().status == 200
+    streamed.read_all()
+    denied = RawResponse(server.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False),
+                         headers=client).read_head()
+    assert denied.status == 401
+    broken = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, headers=client).read_head()
+    broken.read_all()
+    rejected = RawResponse(server.url, "/v1/messages", b"{not json", headers=client).read_head()
+    assert rejected.status == 400
+    upstreams = fake.wait_for_requests(3)
+    for upstream in upstreams:
+        assert upstream.headers["x-api-key"] == proxy_key
+        assert "authorization" not in upstream.headers
+        assert CLIENT_KEY.encode() not in upstream.raw_head
+        assert CLIENT_BEARER.encode() not in upstream.raw_head
+    row = server.row(streamed.request_id)
+    assert row["end_reason"] == "complete"
+    assert CLIENT_KEY not in json.dumps(row) and proxy_key not in json.dumps(row)
+    server.flush()
+    log = server.log()
+    for secret in (proxy_key, CLIENT_KEY, CLIENT_BEARER):
+        assert secret not in log, f"secret in the gunicorn log:\n{log}"
+
+
+# ===========================================================================
+# 9. Compressed upstream bodies
+# ===========================================================================
+
+def test_gzip_event_stream_is_decoded_and_forwarded_as_events(proxy, fake):
+    proto = PROTOS["responses"]
+    fake.enqueue([Status(200, headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}),
+                  SendGzip(list(proto.events)), End()])
+    r = RawResponse(proxy.url, proto.path, proto.body, headers={"Accept-Encoding": "gzip"}).read_head()
+    assert_event_stream_headers(r)  # no Content-Encoding: the proxy decoded the body
+    body = r.read_all()
+    assert r.complete
+    got, _ = split_lf_stream(body)
+    assert got == proto.events
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def test_gzip_event_stream_is_decoded_as_it_arrives(proxy, fake):
+    events = anthropic_stream()
+    comp = zlib.compressobj(wbits=31)
+    first = comp.compress(b"".join(events[:3])) + comp.flush(zlib.Z_SYNC_FLUSH)
+    rest = comp.compress(b"".join(events[3:])) + comp.flush()
+    release = threading.Event()
+    fake.enqueue([Status(200, headers={"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}),
+                  Send(first), WaitFor(release, 8), Send(rest), End()])
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body,
+                    headers={"Accept-Encoding": "gzip"}, timeout=5).read_head()
+    assert_event_stream_headers(r)
+    r.read_until(lambda b: b.replace(KEEPALIVE, b"") == b"".join(events[:3]),
+                 "the events of the first gzip block")
+    release.set()
+    got, _ = split_lf_stream(r.read_all())
+    assert r.complete and got == events
+
+
+def test_gzip_json_body_passes_through_compressed(proxy, fake):
+    payload = json.dumps(anthropic_message()).encode()
+    compressed = gzip.compress(payload)
+    fake.enqueue([Status(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                         body_mode="length"), Send(compressed), End()])
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False),
+                    headers={"Accept-Encoding": "gzip"}).read_head()
+    body = r.read_all()
+    assert r.status == 200 and r.complete
+    assert r.header("content-encoding") == "gzip"
+    assert r.header("content-length") == str(len(compressed))
+    assert body == compressed
+    assert json.loads(gzip.decompress(body)) == anthropic_message()
+    [upstream] = fake.wait_for_requests(1)
+    assert "gzip" in upstream.headers.get("accept-encoding", "")
+    # and a high-level client decodes it as any client would
+    fake.enqueue([Status(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                         body_mode="length"), Send(compressed), End()])
+    resp = requests.post(proxy.url + "/v1/messages", json=dict(PROTOS["anthropic"].body, stream=False))
+    assert resp.status_code == 200 and resp.json() == anthropic_message()
+
+
+# ===========================================================================
+# 10. CRLF and split UTF-8
+# ===========================================================================
+
+CRLF_STREAMS = {
+    "anthropic": anthropic_stream(newline="\r\n"),
+    "chat": chat_stream(newline="\r\n"),
+    "responses": responses_stream(newline="\r\n"),
+}
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_crlf_stream_trickled_byte_by_byte_arrives_intact(proxy, fake, name):
+    proto = PROTOS[name]
+    transcript = b"".join(CRLF_STREAMS[name])
+    assert "é".encode() in transcript and "🌍".encode() in transcript
+    fake.enqueue([Status(200, headers=SSE_CT), Trickle(transcript, size=1), End()])
+    r = RawResponse(proxy.url, proto.path, proto.body).read_head()
+    assert_event_stream_headers(r)
+    body = r.read_all()
+    assert r.complete
+    assert parse_sse(body) == parse_sse(transcript)  # what an SDK sees, keepalives and all
+    assert body.replace(KEEPALIVE, b"") == transcript  # and byte for byte (protocols.md §0.1)
+    text = "".join(json.dumps(json.loads(d), ensure_ascii=False) for _, d in parse_sse(body)
+                   if d != "[DONE]")
+    assert "héllo" in text and "🌍" in text
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+# ===========================================================================
+# 11. Errors in the endpoint's own format and status
+# ===========================================================================
+
+def assert_anthropic_error(body: dict, error_type: str | None = None) -> None:
+    assert body["type"] == "error", body
+    assert isinstance(body["error"]["type"], str) and isinstance(body["error"]["message"], str), body
+    assert body["error"]["message"], body
+    if error_type:
+        assert body["error"]["type"] == error_type, body
+
+
+def assert_openai_error(body: dict) -> None:
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"], body
+    assert isinstance(err["type"], str) and err["type"], body
+    assert "code" in err and "param" in err, body
+
+
+def assert_error_shape(name: str, body: dict, anthropic_type: str | None = None) -> None:
+    if name == "anthropic":
+        assert_anthropic_error(body, anthropic_type)
+    else:
+        assert_openai_error(body)
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_bad_requests_get_400_in_the_endpoints_shape(proxy, fake, name):
+    proto = PROTOS[name]
+    for body in (b"{not json", json.dumps({k: v for k, v in proto.body.items() if k != "model"}).encode(),
+                 b"[1, 2]", b"\xff\xfe{}"):
+        r = RawResponse(proxy.url, proto.path, body).read_head()
+        assert r.status == 400, (body, r.status)
+        assert (r.header("content-type") or "").startswith("application/json")
+        assert_error_shape(name, r.json(), "invalid_request_error")
+        assert proxy.row(r.request_id)["end_reason"] == "rejected"
+    assert fake.requests == []
+
+
+def test_unknown_path_is_404_in_the_shape_the_client_speaks(proxy, fake):
+    r = RawResponse(proxy.url, "/v1/nope", {"model": "x"}).read_head()
+    assert r.status == 404
+    assert_openai_error(r.json())
+    r = RawResponse(proxy.url, "/v1/nope", {"model": "x"}, headers={"anthropic-version": "2023-06-01"}).read_head()
+    assert r.status == 404
+    assert_anthropic_error(r.json(), "not_found_error")
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_body_over_the_limit_is_413(start_proxy, fake, name):
+    server = start_proxy(LLM_PROXY_MAX_BODY_BYTES="1000")
+    pid = health(server)["pid"]
+    proto = PROTOS[name]
+    big = dict(proto.body, metadata={"pad": "x" * 2000})
+    r = RawResponse(server.url, proto.path, big).read_head()
+    assert r.status == 413
+    assert_error_shape(name, r.json(), "request_too_large")
+    # without a Content-Length (chunked upload) the limit holds too
+    chunked = RawResponse(server.url, proto.path, big, chunked=True).read_head()
+    assert chunked.status == 413
+    assert_error_shape(name, chunked.json(), "request_too_large")
+    small = RawResponse(server.url, proto.path, proto.body).read_head()
+    small.read_all()
+    assert small.status == 200 and small.complete
+    assert len(fake.requests) == 1
+    assert health(server)["pid"] == pid
+
+
+def test_unreachable_upstream_is_502(start_proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        # a commit window of 1 s: the refusal must beat it even on a loaded machine (the
+        # commit rule itself is tested above with the default window)
+        server = start_proxy(upstream_url=f"http://127.0.0.1:{s.getsockname()[1]}",
+                             LLM_PROXY_COMMIT_AFTER="1")
+        pid = health(server)["pid"]
+        for name, stream in (("anthropic", True), ("anthropic", False), ("chat", True), ("responses", False)):
+            proto = PROTOS[name]
+            r = RawResponse(server.url, proto.path, dict(proto.body, stream=stream)).read_head()
+            assert r.status == 502, (name, stream, r.status)
+            assert_error_shape(name, r.json(), "api_error")
+            row = server.row(r.request_id)
+            assert (row["status"], row["end_reason"]) == (502, "connect_error")
+        assert health(server)["pid"] == pid
+
+
+@pytest.mark.parametrize("name", PROTO_NAMES)
+def test_upstream_that_never_answers_is_504(idle_proxy, fake, name):
+    proto = PROTOS[name]
+    pid = health(idle_proxy)["pid"]
+    fake.enqueue([Stall()])
+    r = RawResponse(idle_proxy.url, proto.path, dict(proto.body, stream=False), timeout=10).read_head()
+    assert r.status == 504
+    assert_error_shape(name, r.json(), "timeout_error")
+    [upstream] = fake.wait_for_requests(1)
+    assert upstream.peer_closed.wait(2.0)  # the proxy let go of the silent upstream
+    row = idle_proxy.row(r.request_id)
+    assert (row["status"], row["end_reason"]) == (504, "idle_timeout")
+    assert health(idle_proxy)["pid"] == pid
+
+
+def test_the_worker_survives_everything_a_client_can_send(proxy, fake):
+    pid = health(proxy)["pid"]
+    port = proxy_port(proxy)
+    for path, body in (("/v1/messages", b"{not json"), ("/v1/chat/completions", b"null"),
+                       ("/v1/responses", b'{"model": 7}'), ("/v1/messages", b"\xff" * 100)):
+        assert RawResponse(proxy.url, path, body).read_head().status == 400
+    assert RawResponse(proxy.url, "/v1/messages", method="GET").read_head().status == 405
+    assert RawResponse(proxy.url, "/nope/../../etc", method="GET").read_head().status in (400, 404)
+    # a body shorter than its Content-Length, then the client leaves
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5000\r\n\r\n{\"model\":")
+    # garbage instead of HTTP
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")
+        try:
+            s.recv(1024)
+        except OSError:
+            pass
+    # a stream the client abandons at once, and one the upstream resets before its headers
+    fake.enqueue([Stall()], [Reset()])
+    abandoned = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body)
+    fake.wait_for_requests(1)
+    abandoned.close()
+    reset = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False)).read_head()
+    assert reset.status == 502
+    assert_anthropic_error(reset.json())
+    # still the same worker, still serving streams
+    ok = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body).read_head()
+    ok.read_all()
+    assert ok.status == 200 and ok.complete and b"message_stop" in ok.body
+    assert health(proxy)["pid"] == pid
+
+
+# ===========================================================================
+# 12. SIGTERM
+# ===========================================================================
+
+def test_sigterm_ends_live_streams_with_one_terminal_error_each(start_proxy, fake):
+    server = start_proxy(LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="5")
+    events = anthropic_stream()
+    content = b"".join(events[:4])
+    release = threading.Event()
+    for _ in range(3):
+        fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
+                     + [WaitFor(release, timeout=30)])
+    streams = [RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=10).read_head()
+               for _ in range(3)]
+    for r in streams:
+        assert_event_stream_headers(r)
+        r.read_until(lambda b: b.replace(KEEPALIVE, b"") == content, "the first events")
+    upstreams = fake.wait_for_requests(3)
+    try:
+        sent_at = time.monotonic()
+        server.signal(signal.SIGTERM)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            bodies = list(pool.map(lambda r: r.read_all(), streams))
+        ended = [r.chunks[-1][0] - sent_at for r in streams]
+        print(f"\nSIGTERM -> terminal errors after {[round(t, 3) for t in ended]} s")
+        for r, body in zip(streams, bodies):
+            assert r.complete, f"stream not closed cleanly: {body[-200:]!r}"
+            got, _ = split_lf_stream(body)
+            assert got[:4] == events[:4] and len(got) == 5, got[4:]
+            check_terminal_error("anthropic", got[4], anthropic_type="overloaded_error")
+            assert b"message_stop" not in body
+        assert all(0.3 <= t < 4.5 for t in ended), ended  # after the grace, before gunicorn's
+        assert server.proc.wait(timeout=10) is not None
+        for upstream in upstreams:
+            assert upstream.peer_closed.wait(2.0)
+    finally:
+        release.set()
+    rows = {r["request_id"]: r for r in server.rows()}
+    assert {rows[r.request_id]["end_reason"] for r in streams} == {"shutdown"}, rows
