@@ -46,6 +46,22 @@ class Accounting:
         if self._usage_format and self._parser is None:
             self._parser = stream_parser(self._usage_format)
 
+    def begin_attempt(self, deployment: str) -> None:
+        """A new upstream try: usage seen on a failed one is not this answer's usage."""
+        self.record.deployment = deployment
+        if self._parser is not None:
+            self._parser = stream_parser(self._usage_format)
+        self._body.clear()
+        self.body_bytes = 0
+
+    def attempt_input_tokens(self) -> int | None:
+        """Input tokens a failed try had reported (the provider may bill them)."""
+        return self._parser.result().input_tokens if self._parser is not None else None
+
+    def set_attempt_log(self, plan) -> None:
+        from .routing import attempt_log_json
+        self.record.attempt_log = attempt_log_json(plan)
+
     def first_byte(self) -> None:
         if self.record.ttfb_ms is None:
             self.record.ttfb_ms = self._elapsed_ms()

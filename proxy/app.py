@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -25,10 +26,11 @@ from .config import ANTHROPIC_FORMAT, OPENAI_FORMAT, Config, load_config
 from .errors import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError,
                      ShuttingDown)
 from .formats import Format
-from .handler import (REQUEST_ID_HEADER, ProxyRequest, StartResponse, StreamRelay,
-                      error_response, serve_plain)
+from .handler import ProxyRequest, StreamRelay, serve_plain
 from .pricing import PriceTable
 from .relay import Heartbeat
+from .replies import REQUEST_ID_HEADER, StartResponse, error_response
+from .routing import Breakers, Deployment, Route, Router, pass_through_route
 from .tracker import NullTracker, Tracker
 from .upstream import UpstreamClient, is_hop_by_hop_header
 
@@ -90,6 +92,9 @@ class App:
         self.upstream = UpstreamClient(self.config.connect_timeout, self.config.idle_timeout)
         self.heartbeat = Heartbeat(self.config.heartbeat_interval, self.config.client_probe_interval)
         self.prices = PriceTable(self.config.prices)
+        self.router = Router(self.config.routes, Breakers(self.config.breaker_policy))
+        # Stream threads are pooled: starting a thread per request costs ~0.3 ms of latency.
+        self.stream_threads = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="stream")
         self._tracker = None
         self._tracker_pid = None
         self._tracker_lock = threading.Lock()
@@ -154,7 +159,7 @@ class App:
         request_id = new_request_id()
         provider = self.config.provider_for(endpoint.provider_format)
         acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint=endpoint.name,
-                          usage_format=endpoint.usage_format, model=None, deployment=provider.name,
+                          usage_format=endpoint.usage_format, model=None, deployment=None,
                           stream=False, client_key_id=client_key_id(request.headers),
                           bytes_in=request.content_length or 0)
         try:
@@ -188,12 +193,15 @@ class App:
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
             body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
             strip_usage = True
+        route = self.router.route_for(
+            model, provider.name,
+            lambda name: self.config.providers[name].format == endpoint.provider_format)
         return ProxyRequest(
-            request_id=request_id, endpoint=endpoint.name, fmt=endpoint.fmt, provider=provider,
-            method="POST", url=self._upstream_url(provider, request), body=body,
-            headers=self._upstream_headers(request, provider, request_id),
-            model=model, stream=stream, strip_usage_chunk=strip_usage,
-            usage_format=endpoint.usage_format, client_socket=_client_socket(request.environ),
+            request_id=request_id, endpoint=endpoint.name, fmt=endpoint.fmt, route=route,
+            method="POST", path=_path_and_query(request), body=body, payload=payload,
+            headers=_end_to_end_headers(request), model=model, stream=stream,
+            strip_usage_chunk=strip_usage, usage_format=endpoint.usage_format,
+            client_socket=_client_socket(request.environ),
             client_key_id=client_key_id(request.headers))
 
     def _models(self, request: Request, start_response) -> Iterable[bytes]:
@@ -203,14 +211,27 @@ class App:
         provider = self.config.provider_for(fmt.provider_format)
         request_id = new_request_id()
         preq = ProxyRequest(
-            request_id=request_id, endpoint="models", fmt=fmt, provider=provider, method="GET",
-            url=self._upstream_url(provider, request), body=b"",
-            headers=self._upstream_headers(request, provider, request_id),
+            request_id=request_id, endpoint="models", fmt=fmt, route=pass_through_route(provider.name),
+            method="GET", path=_path_and_query(request), body=b"", headers=_end_to_end_headers(request),
             client_socket=_client_socket(request.environ), client_key_id=client_key_id(request.headers))
         acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint="models",
                           usage_format=None, model=None, deployment=provider.name, stream=False,
                           client_key_id=preq.client_key_id, bytes_in=0)
         return serve_plain(self, preq, acct, start_response)
+
+    # -- used by the handler for each upstream try --------------------------------------
+    def upstream_request(self, preq: ProxyRequest, deployment: Deployment):
+        """URL, headers and body of one try: the deployment's provider, key and body edits."""
+        provider = self.config.providers[deployment.provider]
+        body = preq.body
+        if deployment.edits_body and preq.payload is not None:
+            body = json.dumps(deployment.rewrite(preq.payload), ensure_ascii=False).encode("utf-8")
+        headers = _with_credentials(preq.headers, provider) + [(REQUEST_ID_HEADER, preq.request_id)]
+        return provider.base_url + preq.path, headers, body
+
+    def keepalive_for(self, route: Route) -> bool:
+        first = self.config.providers.get(route.deployments[0].provider)
+        return self.config.keepalive and (first is None or first.keepalive)
 
     def _read_body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
@@ -221,29 +242,6 @@ class App:
             raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
         return body
 
-    @staticmethod
-    def _upstream_url(provider, request: Request) -> str:
-        query = request.query_string.decode("latin-1")
-        return provider.base_url + request.path + (f"?{query}" if query else "")
-
-    @staticmethod
-    def _upstream_headers(request: Request, provider, request_id: str) -> list[tuple[str, str]]:
-        raw = list(request.headers.items())
-        listed = {t.strip().lower() for k, v in raw if k.lower() == "connection" for t in v.split(",")}
-        headers = [(k, v) for k, v in raw
-                   if k.lower() not in _REQUEST_DROP and not is_hop_by_hop_header(k, frozenset(listed))]
-        if not any(k.lower() == "accept-encoding" for k, _ in headers):
-            headers.append(("Accept-Encoding", "identity"))
-        key = provider.api_key
-        if key:
-            headers = [(k, v) for k, v in headers if k.lower() not in ("x-api-key", "authorization")]
-            if provider.format == ANTHROPIC_FORMAT:
-                headers.append(("x-api-key", key))
-            else:
-                headers.append(("Authorization", f"Bearer {key}"))
-        headers.append((REQUEST_ID_HEADER, request_id))
-        return headers
-
     # -- proxy's own endpoints -------------------------------------------------------------
     def _health(self, request: Request, start_response) -> Iterable[bytes]:
         tracker = self._tracker if self._tracker_pid == os.getpid() else None
@@ -251,6 +249,7 @@ class App:
             tracker.flush(5.0)  # lets tests and operators wait for queued rows to be written
         body = {"status": "shutting_down" if self.shutting_down else "ok", "pid": os.getpid(),
                 "live_exchanges": self.heartbeat.live_count(),
+                "breakers": self.router.breakers.snapshot(),
                 "tracker": tracker.stats() if tracker is not None else None}
         return _json_response(start_response, 200, body)
 
@@ -290,6 +289,34 @@ def _parse_json_object(body: bytes) -> dict:
 def _asked_for_usage(payload: dict) -> bool:
     options = payload.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _path_and_query(request: Request) -> str:
+    query = request.query_string.decode("latin-1")
+    return request.path + (f"?{query}" if query else "")
+
+
+def _end_to_end_headers(request: Request) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones and those the proxy must not forward."""
+    raw = list(request.headers.items())
+    listed = frozenset(t.strip().lower() for k, v in raw if k.lower() == "connection"
+                       for t in v.split(","))
+    headers = [(k, v) for k, v in raw
+               if k.lower() not in _REQUEST_DROP and not is_hop_by_hop_header(k, listed)]
+    if not any(k.lower() == "accept-encoding" for k, _ in headers):
+        headers.append(("Accept-Encoding", "identity"))
+    return headers
+
+
+def _with_credentials(headers: list[tuple[str, str]], provider) -> list[tuple[str, str]]:
+    """The provider's own key replaces the client's, in the header its API expects."""
+    key = provider.api_key
+    if not key:
+        return list(headers)
+    kept = [(k, v) for k, v in headers if k.lower() not in ("x-api-key", "authorization")]
+    if provider.format == ANTHROPIC_FORMAT:
+        return kept + [("x-api-key", key)]
+    return kept + [("Authorization", f"Bearer {key}")]
 
 
 def _client_socket(environ):

@@ -85,12 +85,32 @@ SETTINGS: tuple[Setting, ...] = (
             "Longest wait (s) before a partial batch is written.", _positive),
     Setting("tracker.queue_max", int, 10000, None,
             "Rows held in memory before they spill to a file beside the database.", _positive),
+    Setting("retry.max_attempts", int, 2, None,
+            "Tries per deployment of a route (first included) for transient failures.", _positive),
+    Setting("retry.backoff_base", float, 0.5, None,
+            "First backoff (s); doubles per retry, with up to 25 % jitter.", _non_negative),
+    Setting("retry.backoff_max", float, 8.0, None, "Longest backoff (s).", _non_negative),
+    Setting("retry.retry_after_max", float, 30.0, None,
+            "Honour Retry-After / retry-after-ms up to this (s); a longer wait moves to the "
+            "next deployment instead.", _non_negative),
+    Setting("breaker.failure_threshold", int, 5, None,
+            "Failures within the window that open a deployment's circuit.", _positive),
+    Setting("breaker.failure_ratio", float, 0.5, None,
+            "...or this share of failed tries (with at least min_requests tries).",
+            lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+    Setting("breaker.min_requests", int, 10, None,
+            "Tries in the window before failure_ratio applies.", _positive),
+    Setting("breaker.window", float, 60.0, None, "Seconds of history the breaker counts.", _positive),
+    Setting("breaker.cooldown", float, 30.0, None,
+            "Seconds an open circuit skips its deployment before one probe is let through.",
+            _non_negative),
     Setting("log.level", str, "INFO", "LLM_PROXY_LOG_LEVEL", "Python logging level.",
             lambda v: None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else
             "must be DEBUG, INFO, WARNING or ERROR"),
 )
 
-SECTIONS = {"stream", "server", "tracker", "log", "providers", "prices"}
+SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "breaker", "log")
+SECTIONS = set(SCALAR_SECTIONS) | {"providers", "prices", "routes"}
 
 
 @dataclass
@@ -131,7 +151,17 @@ class Config:
     batch_size: int = 200
     flush_interval: float = 0.05
     queue_max: int = 10000
+    max_attempts: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    retry_after_max: float = 30.0
+    failure_threshold: int = 5
+    failure_ratio: float = 0.5
+    min_requests: int = 10
+    window: float = 60.0
+    cooldown: float = 30.0
     level: str = "INFO"
+    routes: list = field(default_factory=list)
     providers: dict[str, Provider] = field(default_factory=default_providers)
     prices: dict[str, dict] = field(default_factory=dict)
     source: str | None = None
@@ -139,6 +169,17 @@ class Config:
     @property
     def commit_delay(self) -> float:
         return self.commit_after or self.heartbeat_interval
+
+    @property
+    def retry_policy(self):
+        from .routing import RetryPolicy
+        return RetryPolicy(self.max_attempts, self.backoff_base, self.backoff_max, self.retry_after_max)
+
+    @property
+    def breaker_policy(self):
+        from .routing import BreakerPolicy
+        return BreakerPolicy(self.failure_threshold, self.failure_ratio, self.min_requests,
+                             self.window, self.cooldown)
 
     @property
     def db_path(self) -> str:
@@ -173,6 +214,7 @@ def load_config(path: str | None = None, env: dict[str, str] | None = None,
         _assign(config, _setting(key), value, f"--{key.split('.')[-1].replace('_', '-')}")
     config.providers = _load_providers(data.get("providers", {}), env)
     config.prices = _load_prices(data.get("prices", {}))
+    config.routes = _load_routes(data.get("routes", {}), config)
     return config
 
 
@@ -190,7 +232,7 @@ def _reject_unknown_sections(data: dict) -> None:
     for key, value in data.items():
         if key not in SECTIONS:
             raise ConfigError(f"unknown section or key {key!r} (known: {', '.join(sorted(SECTIONS))})")
-        if key in ("stream", "server", "tracker", "log"):
+        if key in SCALAR_SECTIONS:
             known = {s.attr for s in SETTINGS if s.key.startswith(key + ".")}
             if not isinstance(value, dict):
                 raise ConfigError(f"[{key}] must be a table")
@@ -295,3 +337,79 @@ def _load_prices(section: Any) -> dict[str, dict]:
             if key not in table:
                 raise ConfigError(f"prices.{model}.{key} is required (USD per million tokens)")
     return section
+
+
+_ROUTE_KEYS = {"deployments", "first_token_timeout", "max_attempts"}
+_DEPLOYMENT_KEYS = {"provider", "model", "name", "params", "drop", "larger_context"}
+
+
+def _load_routes(section: Any, config: Config) -> list:
+    """[routes."model-or-glob"]: ordered deployments, tried in the order written."""
+    from dataclasses import replace
+
+    from .routing import Deployment, Route
+
+    if not isinstance(section, dict):
+        raise ConfigError("[routes] must be a table of route tables")
+    routes = []
+    for pattern, table in section.items():
+        where = f"routes.{pattern!r}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] must be a table")
+        unknown = set(table) - _ROUTE_KEYS
+        if unknown:
+            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]} "
+                              f"(known: {', '.join(sorted(_ROUTE_KEYS))})")
+        items = table.get("deployments")
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{where}.deployments must be a non-empty list of tables")
+        deployments = tuple(_deployment(f"{where}.deployments[{i}]", item, config)
+                            for i, item in enumerate(items))
+        names = [d.name for d in deployments]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: deployment names must be unique (give each a `name`)")
+        timeout = table.get("first_token_timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
+            raise ConfigError(f"{where}.first_token_timeout must be a number of seconds > 0")
+        retry = config.retry_policy
+        if "max_attempts" in table:
+            attempts = table["max_attempts"]
+            if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+                raise ConfigError(f"{where}.max_attempts must be an integer >= 1")
+            retry = replace(retry, max_attempts=attempts)
+        routes.append(Route(pattern, deployments, float(timeout) if timeout else None, retry))
+    return routes
+
+
+def _deployment(where: str, item: Any, config: Config):
+    from .routing import Deployment
+
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where} must be a table like {{provider = \"anthropic\", model = \"...\"}}")
+    unknown = set(item) - _DEPLOYMENT_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]} "
+                          f"(known: {', '.join(sorted(_DEPLOYMENT_KEYS))})")
+    provider = item.get("provider")
+    if provider not in config.providers:
+        raise ConfigError(f"{where}.provider must name a configured provider "
+                          f"({', '.join(sorted(config.providers))}), got {provider!r}")
+    model = item.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ConfigError(f"{where}.model must be a string")
+    params = item.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params must be a table of parameters to pin")
+    drop = item.get("drop", [])
+    if not isinstance(drop, list) or not all(isinstance(k, str) for k in drop):
+        raise ConfigError(f"{where}.drop must be a list of parameter names")
+    if "model" in params or "model" in drop:
+        raise ConfigError(f"{where}: set the upstream model with `model`, not params/drop")
+    name = item.get("name") or (f"{provider}/{model}" if model else provider)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name must be a string")
+    larger = item.get("larger_context", False)
+    if not isinstance(larger, bool):
+        raise ConfigError(f"{where}.larger_context must be true or false")
+    return Deployment(name, provider, model, dict(params), tuple(drop), larger)

@@ -72,6 +72,16 @@ class UpstreamTimeout(ProxyError):
     end_reason = "idle_timeout"
 
 
+class FirstTokenTimeout(ProxyError):
+    """The deployment sent no content within the route's `first_token_timeout`."""
+
+    status = 504
+    anthropic_type = "timeout_error"
+    openai_type = "server_error"
+    openai_code = "first_token_timeout"
+    end_reason = "first_token_timeout"
+
+
 class UpstreamBroken(ProxyError):
     """The upstream cut the stream, sent a malformed event or ended it unfinished."""
 

@@ -2,8 +2,10 @@
 
 Why each value (design.md section 7):
 - gthread: one thread per live stream; a stream costs a thread, not a process.
-- worker_connections a little above threads: a worker must not accept streams it has no
-  thread for (they would queue silently), but needs room for idle keep-alive connections.
+- worker_connections barely above threads: a worker must not accept streams it has no
+  thread for (they would wait silently, measured: 30 streams got nothing for 30 s with a
+  slack of 32), while a full worker leaves new connections to the other workers.  The
+  small slack keeps a few idle keep-alive connections (nginx's pool) open.
 - timeout is only the worker heartbeat for gthread; it never cuts a request.
 - graceful_timeout leaves room for `stream.shutdown_grace` plus a terminal error event.
 - no max_requests: recycling a worker cuts every stream it carries.
@@ -20,7 +22,7 @@ bind = os.environ.get("LLM_PROXY_BIND", "127.0.0.1:8080")
 worker_class = "gthread"
 workers = int(os.environ.get("LLM_PROXY_WORKERS", "2"))
 threads = int(os.environ.get("LLM_PROXY_THREADS", "256"))
-worker_connections = threads + 32
+worker_connections = threads + 4
 timeout = 30
 graceful_timeout = int(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT", "30"))
 keepalive = 75

@@ -1,11 +1,15 @@
-"""One proxied request from the upstream call to the last byte (design.md section 2).
+"""One proxied request from the first upstream try to the last byte (design.md section 2).
 
-Streaming requests run the upstream side in a stream thread that frames events into the
-locked writer, while the server thread waits for the commit: the upstream's 200, or
-`commit_after` seconds of waiting so that keepalives can flow.  Before the commit an
-upstream error reaches the client with its real status and body; after it, every failure
-becomes one terminal error event in the client's protocol.  Everything else (JSON bodies,
-errors, model lists) streams through unchanged, keeping the upstream's Content-Length.
+Streaming requests run their upstream tries in a stream thread that frames events into the
+locked writer, while the server thread waits for the commit: the first content from a
+deployment (or its 200, when there is nowhere else to go), a final answer, or
+`commit_after` seconds of waiting so that keepalives can flow.
+
+Before content, preamble events are held back while another deployment remains, so a
+stall, cut or error event can move the request on without the client noticing.  Before
+the commit an upstream error reaches the client with its real status and body; after it,
+every failure becomes one terminal error event in the client's protocol.  Plain requests
+(JSON bodies, model lists) make their tries in the server thread and stream through.
 """
 
 from __future__ import annotations
@@ -15,24 +19,20 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .accounting import Accounting
-from .config import Provider
-from .errors import ClientGone, ProxyError, UpstreamBroken, UpstreamHTTPError
+from .attempts import AttemptRunner, Final
+from .errors import ClientGone, ProxyError, UpstreamBroken
 from .formats import EventKind, Format
 from .relay import Exchange, LockedWriter
+from .replies import (PassThrough, StartResponse, committed_stream_headers, error_response,
+                      reply_response, stream_headers)
+from .routing import Attempt, Route
 from .sse import Event, SSEFramer
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("proxy.handler")
-
-StartResponse = Callable[..., object]
-REQUEST_ID_HEADER = "x-llm-proxy-request-id"
-# Headers the proxy owns on an event stream: decoded bytes have no length or encoding,
-# and intermediaries must neither buffer nor transform them.
-_STREAM_DROP = frozenset({"content-length", "content-encoding", "cache-control", "x-accel-buffering"})
-SSE_HEADERS = [("Cache-Control", "no-cache, no-transform"), ("X-Accel-Buffering", "no")]
 
 
 @dataclass
@@ -42,11 +42,12 @@ class ProxyRequest:
     request_id: str
     endpoint: str
     fmt: Format
-    provider: Provider
+    route: Route
     method: str
-    url: str
-    headers: list[tuple[str, str]]
-    body: bytes
+    path: str  # path and query string, appended to each deployment's base URL
+    headers: list[tuple[str, str]]  # the client's end-to-end headers
+    body: bytes  # the client's body (with the proxy's own additions)
+    payload: dict | None = None  # the parsed body, for deployments that edit it
     model: str | None = None
     stream: bool = False
     strip_usage_chunk: bool = False
@@ -54,57 +55,6 @@ class ProxyRequest:
     client_socket: socket.socket | None = None
     client_key_id: str | None = None
     extra: dict = field(default_factory=dict)
-
-
-def error_response(fmt: Format, err: ProxyError, request_id: str,
-                   start_response: StartResponse) -> list[bytes]:
-    """The endpoint's own JSON error shape, with the error's status."""
-    body = json.dumps(fmt.error_body(err, request_id)).encode("utf-8")
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-               (REQUEST_ID_HEADER, request_id)]
-    if err.retry_after:
-        headers.append(("Retry-After", err.retry_after))
-    start_response(f"{err.status} {_reason(err.status)}", headers)
-    return [body]
-
-
-def _reason(status: int) -> str:
-    from http import HTTPStatus
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def stream_headers(upstream_headers: list[tuple[str, str]], request_id: str) -> list[tuple[str, str]]:
-    kept = [(k, v) for k, v in upstream_headers if k.lower() not in _STREAM_DROP]
-    return kept + SSE_HEADERS + [(REQUEST_ID_HEADER, request_id)]
-
-
-def committed_stream_headers(request_id: str) -> list[tuple[str, str]]:
-    return stream_headers([("Content-Type", "text/event-stream; charset=utf-8")], request_id)
-
-
-def abort_client_connection(sock: socket.socket | None) -> None:
-    """Make a half-sent body fail loudly at the client instead of ending cleanly."""
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def error_from_upstream(resp: UpstreamResponse, fmt: Format) -> UpstreamHTTPError:
-    """Turn an upstream error response into the error a committed stream reports."""
-    raw = resp.read_limited(64 * 1024)
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        body = None
-    message = fmt.upstream_error_message(body) or f"the upstream answered HTTP {resp.status}"
-    kind = body.get("error", {}).get("type") if isinstance(body, dict) and isinstance(body.get("error"), dict) else None
-    return UpstreamHTTPError(resp.status, message, kind if isinstance(kind, str) else None)
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -121,60 +71,36 @@ def decode_event_data(event: Event) -> object | None:
         raise UpstreamBroken("the upstream sent a malformed event (data is not JSON)") from None
 
 
-class PassThrough:
-    """A non-event-stream upstream response, streamed through with its own headers."""
-
-    def __init__(self, ctx, preq: ProxyRequest, acct: Accounting, exchange: Exchange,
-                 resp: UpstreamResponse) -> None:
-        self.ctx, self.preq, self.acct, self.exchange, self.resp = ctx, preq, acct, exchange, resp
-
-    def respond(self, start_response: StartResponse) -> Iterable[bytes]:
-        headers = self.resp.headers + [(REQUEST_ID_HEADER, self.preq.request_id)]
-        self.acct.set_body_encoding(self.resp.header("content-encoding"))
-        start_response(f"{self.resp.status} {self.resp.reason or _reason(self.resp.status)}", headers)
-        return self._body()
-
-    def _body(self) -> Iterator[bytes]:
-        failure: ProxyError | None = None
-        sent_all = False
-        try:
-            for chunk in self.resp.raw_chunks():
-                self.acct.add_body_copy(chunk)
-                yield chunk
-            sent_all = True
-        except ProxyError as err:
-            failure = self.exchange.end_error or err
-            abort_client_connection(self.preq.client_socket)
-        finally:
-            self.resp.close()
-            self.ctx.heartbeat.unregister(self.exchange)
-            self._finish(sent_all, failure)
-
-    def _finish(self, sent_all: bool, failure: ProxyError | None) -> None:
-        status = self.resp.status
-        if sent_all:
-            reason = "complete" if status < 400 else "upstream_error"
-            self.acct.finish(status, reason, bytes_out=self.acct.body_bytes,
-                             error=None if status < 400 else self.acct.body_error_message(self.preq.fmt))
-            return
-        err = failure or self.exchange.end_error or ClientGone("the client went away during the body")
-        self.acct.finish(status, err.end_reason, error=err.message, bytes_out=self.acct.body_bytes)
-
-
 def serve_plain(ctx, preq: ProxyRequest, acct: Accounting,
                 start_response: StartResponse) -> Iterable[bytes]:
-    """A request whose answer is not an event stream: wait for headers, then pass through."""
+    """A request whose answer is not an event stream: try deployments, then pass through."""
     exchange = Exchange(preq.client_socket, None, on_end=lambda err: None)
     ctx.heartbeat.register(exchange)
-    try:
-        resp = ctx.upstream.send(preq.method, preq.url, preq.headers, preq.body, exchange.handle)
-    except ProxyError as err:
-        ctx.heartbeat.unregister(exchange)
-        err = exchange.end_error or err
-        acct.finish(err.status, err.end_reason, error=err.message)
-        return error_response(preq.fmt, err, preq.request_id, start_response)
-    acct.first_byte()
-    return PassThrough(ctx, preq, acct, exchange, resp).respond(start_response)
+    taken: list[UpstreamResponse] = []
+
+    def take(resp: UpstreamResponse, attempt: Attempt) -> None:
+        exchange.content_arrived()
+        taken.append(resp)
+        return None
+
+    final = AttemptRunner(ctx, preq, acct, exchange).run(take)
+    if final.answered:
+        return PassThrough(ctx, preq, acct, exchange, taken[0]).respond(start_response)
+    ctx.heartbeat.unregister(exchange)
+    return render_final(preq, acct, final, start_response)
+
+
+def render_final(preq: ProxyRequest, acct: Accounting, final: Final,
+                 start_response: StartResponse) -> Iterable[bytes]:
+    """No deployment answered: the last upstream error answer, or the proxy's own error."""
+    if final.reply is not None:
+        reply = final.reply
+        acct.finish(reply.status, "upstream_error", error=reply.message(preq.fmt),
+                    bytes_out=len(reply.body))
+        return reply_response(reply, preq.request_id, acct.record.attempts > 1, start_response)
+    err = final.error or UpstreamBroken("no deployment answered")
+    acct.finish(err.status, err.end_reason, error=err.message)
+    return error_response(preq.fmt, err, preq.request_id, start_response)
 
 
 class StreamRelay:
@@ -183,49 +109,41 @@ class StreamRelay:
     def __init__(self, ctx, preq: ProxyRequest, acct: Accounting) -> None:
         self.ctx, self.preq, self.acct = ctx, preq, acct
         self.view = preq.fmt.stream_view(strip_usage_chunk=preq.strip_usage_chunk)
-        keepalive = ctx.config.keepalive and preq.provider.keepalive
-        self.writer = LockedWriter(keepalive=keepalive)
+        self.writer = LockedWriter(keepalive=ctx.keepalive_for(preq.route))
         self.exchange = Exchange(preq.client_socket, self.writer, on_end=self._ended_from_outside)
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self._committed = False
-        self._resp: UpstreamResponse | None = None
-        self._open_error: ProxyError | None = None
+        self._committed = False  # 200 went out before any deployment answered
+        self._announced: tuple[UpstreamResponse, str] | None = None  # (response, deployment)
+        self._final: Final | None = None
         self._protocol_end: EventKind | None = None
         self._framer = SSEFramer()
-        self._content_started = False
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
         self.ctx.heartbeat.register(self.exchange)
-        threading.Thread(target=self._run, name=f"stream-{self.preq.request_id}", daemon=True).start()
+        self.ctx.stream_threads.submit(self._run)
         self._ready.wait(self.ctx.config.commit_delay)
         with self._lock:
             if not self._ready.is_set():
                 self._committed = True
         if self._committed:
             start_response("200 OK", committed_stream_headers(self.preq.request_id))
-            return self._frames(b"")
-        if self._open_error is not None:
-            return self._reject(self._open_error, start_response)
-        resp = self._resp
-        assert resp is not None
-        if resp.status == 200 and resp.is_event_stream:
-            start_response("200 OK", stream_headers(resp.headers, self.preq.request_id))
-            return self._frames(b"")
+            return self._frames()
+        if self._final is not None:
+            self.ctx.heartbeat.unregister(self.exchange)
+            return render_final(self.preq, self.acct, self._final, start_response)
+        resp, deployment = self._announced
+        if resp.is_event_stream:
+            start_response("200 OK", stream_headers(resp.headers, self.preq.request_id, deployment))
+            return self._frames()
         return PassThrough(self.ctx, self.preq, self.acct, self.exchange, resp).respond(start_response)
 
-    def _reject(self, err: ProxyError, start_response: StartResponse) -> Iterable[bytes]:
-        self.ctx.heartbeat.unregister(self.exchange)
-        err = self.exchange.end_error or err
-        self.acct.finish(err.status, err.end_reason, error=err.message)
-        return error_response(self.preq.fmt, err, self.preq.request_id, start_response)
-
-    def _frames(self, first: bytes) -> Iterator[bytes]:
-        """The WSGI body: one yield per frame (b"" makes gunicorn send the headers now)."""
+    def _frames(self) -> Iterator[bytes]:
+        """The WSGI body: one yield per frame (b"" first makes gunicorn send the headers now)."""
         drained = False
         try:
-            yield first
+            yield b""
             yield from self.writer.frames()
             drained = True
         finally:
@@ -234,56 +152,61 @@ class StreamRelay:
 
     def _ended_from_outside(self, err: ProxyError) -> None:
         """Client gone or shutdown: a committed stream gets the terminal error, if renderable."""
-        if isinstance(err, ClientGone) or not self._committed_or_streaming():
+        with self._lock:
+            streaming = self._committed or self._announced is not None
+        if isinstance(err, ClientGone) or not streaming:
             self.writer.close()
         else:
             self.writer.close(self.view.terminal_error(err))
 
-    def _committed_or_streaming(self) -> bool:
-        with self._lock:
-            return self._committed or self._resp is not None
-
     # -- stream thread ---------------------------------------------------------------
     def _run(self) -> None:
         try:
-            resp = self.ctx.upstream.send(self.preq.method, self.preq.url, self.preq.headers,
-                                          self.preq.body, self.exchange.handle)
-        except ProxyError as err:
-            self._open_failed(err)
-            return
+            final = AttemptRunner(self.ctx, self.preq, self.acct, self.exchange).run(self._use_response)
         except Exception as exc:  # never leave the server thread waiting
             log.exception("request %s: stream thread failed", self.preq.request_id)
-            self._open_failed(UpstreamBroken(f"internal error: {type(exc).__name__}"))
-            return
-        self.acct.first_byte()
-        is_stream = resp.status == 200 and resp.is_event_stream
-        with self._lock:
-            committed = self._committed
-            if not committed:
-                self._resp = resp
-                self._ready.set()
-        if is_stream:
-            self._pump(resp)
-        elif committed:
-            self._conclude(error_from_upstream(resp, self.preq.fmt), status=200)
-            resp.close()
-        # otherwise the server thread passes the response through itself
+            final = Final(error=UpstreamBroken(f"internal error: {type(exc).__name__}"))
+        if not final.answered:
+            self._no_answer(final)
 
-    def _open_failed(self, err: ProxyError) -> None:
+    def _use_response(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
+        """Relay one deployment's answer; an error means it failed before any content."""
+        if not resp.is_event_stream:
+            self.exchange.content_arrived()
+            self._announce(resp, attempt)  # the server thread passes it through
+            return None
+        if not attempt.hold_preamble:
+            self._announce(resp, attempt)
+        return self._pump(resp, attempt)
+
+    def _announce(self, resp: UpstreamResponse, attempt: Attempt) -> None:
+        """This deployment answers: let the server thread commit with its headers."""
+        with self._lock:
+            if self._announced is None:
+                self._announced = (resp, attempt.deployment.name)
+                self.acct.record.deployment = attempt.deployment.name
+                self._ready.set()
+
+    def _no_answer(self, final: Final) -> None:
+        """Every try failed (or the client/shutdown ended the request) before any content."""
         with self._lock:
             if not self._committed:
-                self._open_error = err
-                self._ready.set()
+                self._final = final
+                self._ready.set()  # the server thread renders the real status and body
                 return
-        self._conclude(err, status=200)
+        err = final.error or final.reply.as_error(self.preq.fmt)
+        self._end_with_error(err, status=200)
 
-    def _pump(self, resp: UpstreamResponse) -> None:
-        framer = self._framer
+    # -- relaying one deployment's event stream ---------------------------------------------
+    def _pump(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
+        self._framer = SSEFramer()
+        self._held: list[Event] | None = [] if attempt.hold_preamble else None
+        self._attempt = attempt
         failure: ProxyError | None = None
         try:
             for chunk in resp.decoded_chunks():
-                for event in framer.feed(chunk):
-                    self._forward(event)
+                for event in self._framer.feed(chunk):
+                    self._forward(event, resp)
                 if self._protocol_end is not None and not self.writer.closed:
                     self._close_after_split_crlf()
                 if self.writer.closed and self._protocol_end is None:
@@ -295,9 +218,13 @@ class StreamRelay:
             failure = UpstreamBroken(f"internal error: {type(exc).__name__}")
         finally:
             resp.close()
-        self._conclude(failure, status=200, leftover=framer.pending_bytes())
+        if self._held is not None and self.exchange.end_error is None:
+            # Nothing reached the client from this deployment: let the plan move on.
+            return failure or UpstreamBroken("the upstream ended the stream before any content")
+        self._conclude(failure, self._framer.pending_bytes())
+        return None
 
-    def _forward(self, event: Event) -> None:
+    def _forward(self, event: Event, resp: UpstreamResponse) -> None:
         if self._protocol_end is not None:
             return  # anything after the protocol's end is not part of the answer
         payload = decode_event_data(event)
@@ -306,13 +233,29 @@ class StreamRelay:
             self.acct.observe_event(event.event, event.data)
         if kind is EventKind.SKIP:
             return
-        if kind is EventKind.CONTENT and not self._content_started:
-            self._content_started = True
+        if self._held is not None:
+            if kind is EventKind.UPSTREAM_ERROR:
+                raise UpstreamBroken(f"the upstream sent an error before any content: "
+                                     f"{_error_message(payload)}")
+            if kind in (EventKind.PREAMBLE, EventKind.OTHER):
+                self._held.append(event)
+                return
+            self._release_held(resp)
+        if kind is EventKind.CONTENT:
+            self.exchange.content_arrived()
             self.acct.first_token()
         if not self.writer.write_event(event.raw, event.has_id):
             return
         if kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR):
             self._end_by_protocol(kind, payload)
+
+    def _release_held(self, resp: UpstreamResponse) -> None:
+        """Content arrived: this deployment answers; the held preamble goes out first."""
+        held, self._held = self._held or [], None
+        self._announce(resp, self._attempt)
+        for event in held:
+            if event.data_lines:  # comments were only the upstream's own keepalives
+                self.writer.write_event(event.raw, event.has_id)
 
     def _end_by_protocol(self, kind: EventKind, payload: object) -> None:
         """The upstream finished (or failed) in its own words: record it, then end the body,
@@ -334,23 +277,27 @@ class StreamRelay:
         if carry or not self._framer.ends_in_split_crlf:
             self.writer.close()
 
-    def _conclude(self, failure: ProxyError | None, status: int, leftover: bytes = b"") -> None:
+    def _conclude(self, failure: ProxyError | None, leftover: bytes = b"") -> None:
         """End the body the one right way and finalize the record (first finish wins)."""
+        if self._protocol_end is not None:
+            self._close_after_split_crlf()
+            self.writer.close()  # recorded when the protocol's end went out
+            self.ctx.heartbeat.unregister(self.exchange)
+            return
+        failure = failure or UpstreamBroken(
+            "the upstream ended the stream before the answer was complete"
+            + (" (an event was cut off)" if leftover.strip() else ""))
+        self._end_with_error(failure, status=200)
+
+    def _end_with_error(self, failure: ProxyError, status: int) -> None:
         try:
-            if self._protocol_end is not None:
-                self._close_after_split_crlf()
-                self.writer.close()  # recorded when the protocol's end went out
-                return
             outside = self.exchange.end_error
             if outside is not None:
-                self.writer.close()
+                self.writer.close()  # the terminal event, if any, went out with the end
                 self.acct.finish(499 if isinstance(outside, ClientGone) else status,
                                  outside.end_reason, error=outside.message,
                                  bytes_out=self.writer.bytes_out)
                 return
-            failure = failure or UpstreamBroken(
-                "the upstream ended the stream before the answer was complete"
-                + (" (an event was cut off)" if leftover.strip() else ""))
             frame = self.view.terminal_error(failure)
             self.acct.finish(status, failure.end_reason, error=failure.message,
                              bytes_out=self.writer.bytes_out + len(frame))

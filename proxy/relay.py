@@ -112,7 +112,7 @@ def client_has_hung_up(sock: socket.socket | None) -> bool:
 
 
 class Exchange:
-    """One client request and its upstream, as seen by the heartbeat thread."""
+    """One client request and its upstream attempts, as seen by the heartbeat thread."""
 
     def __init__(self, client_socket: socket.socket | None, writer: LockedWriter | None,
                  on_end: Callable[[ProxyError], None]) -> None:
@@ -122,6 +122,33 @@ class Exchange:
         self._on_end = on_end
         self._lock = threading.Lock()
         self.end_error: ProxyError | None = None
+        self.ended = threading.Event()  # lets a backoff wait end early
+        self._deadline: float | None = None
+        self.deadline_hit = False
+
+    def new_attempt(self, deadline: float | None) -> AbortHandle:
+        """A fresh handle for the next upstream try; `deadline` bounds its wait for content."""
+        with self._lock:
+            self.handle = AbortHandle()
+            self._deadline = deadline
+            self.deadline_hit = False
+            if self.end_error is not None:
+                self.handle.abort()
+            return self.handle
+
+    def content_arrived(self) -> None:
+        with self._lock:
+            self._deadline = None
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the heartbeat: a try that is silent past its deadline is cut off."""
+        with self._lock:
+            if self._deadline is None or now < self._deadline:
+                return
+            self._deadline = None
+            self.deadline_hit = True
+            handle = self.handle
+        handle.abort()
 
     def end(self, err: ProxyError) -> bool:
         """Stop the exchange for a reason outside the stream (client gone, shutdown)."""
@@ -129,8 +156,10 @@ class Exchange:
             if self.end_error is not None:
                 return False
             self.end_error = err
+            handle = self.handle
+        self.ended.set()
         self._on_end(err)
-        self.handle.abort()
+        handle.abort()
         return True
 
 
@@ -192,8 +221,10 @@ class Heartbeat:
                 self._end(exchange, self._shutdown_error())
             elif client_has_hung_up(exchange.client_socket):
                 self._end(exchange, ClientGone("the client closed the connection"))
-            elif exchange.writer is not None:
-                exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+            else:
+                exchange.check_deadline(now)
+                if exchange.writer is not None:
+                    exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
 
     def _end(self, exchange: Exchange, err: ProxyError) -> None:
         """End an exchange and stop visiting it: there is nothing left to keep alive."""

@@ -64,6 +64,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX {TABLE}_end_reason ON {TABLE} (end_reason, started_at)",
         f"CREATE INDEX {TABLE}_request_id ON {TABLE} (request_id)",
     ),
+    # v2: failed tries (deployment, why, input tokens seen) before the one that answered.
+    (f"ALTER TABLE {TABLE} ADD COLUMN attempt_log TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

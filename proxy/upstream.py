@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.cookiejar
 import socket
 import threading
+import urllib.request
 from typing import Iterator
 
 import requests
@@ -250,6 +251,9 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float, idle_timeout: float, pool_size: int = 1024) -> None:
         self.timeout = (connect_timeout, idle_timeout)
         session = requests.Session()
+        # Reading proxy variables and ~/.netrc on every request costs ~0.5 ms; do it only
+        # when an HTTP(S) proxy is configured in the environment at all.
+        session.trust_env = bool(urllib.request.getproxies())
         session.headers.clear()
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         adapter = _TrackingAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)

@@ -416,6 +416,7 @@ class UsageRecord:
     bytes_out: int = 0
     error: str | None = None
     stream: bool = False
+    attempt_log: str | None = None  # JSON: the failed tries before the answer (routing)
 
     def apply_usage(self, usage: Usage) -> None:
         """Copy parsed usage in; the upstream's own model name wins over the routed one."""

@@ -1,0 +1,193 @@
+"""The attempt loop: send the request to each deployment the plan offers until one answers.
+
+Shared by streaming and plain requests.  For each try it builds the deployment's request
+(its URL, credentials and body edits), sends it under a fresh abort handle and deadline,
+and turns what came back into a decision for the plan: retry here, move on, or give the
+client this answer.  What "answered" means is the caller's business (`use_response`): for
+a stream it is the first content event, so a stall or cut before content moves on too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import FirstTokenTimeout, ProxyError, UpstreamHTTPError, UpstreamTimeout
+from .routing import (AllDeploymentsUnavailable, Attempt, AttemptPlan, AttemptRecord, Decision,
+                      decide_status, retry_after_seconds)
+from .upstream import UpstreamResponse
+
+log = logging.getLogger("proxy.attempts")
+
+DEPLOYMENT_HEADER = "x-llm-proxy-deployment"
+ERROR_BODY_LIMIT = 1 << 20
+
+
+@dataclass
+class ErrorReply:
+    """An upstream's error answer, read whole so the plan could decide on it."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    deployment: str
+
+    @classmethod
+    def read(cls, resp: UpstreamResponse, deployment: str) -> "ErrorReply":
+        body = resp.read_limited(ERROR_BODY_LIMIT)
+        resp.close()
+        # The body was decoded, so its framing headers no longer apply.
+        headers = [(k, v) for k, v in resp.headers
+                   if k.lower() not in ("content-length", "content-encoding")]
+        return cls(resp.status, resp.reason, headers, body, deployment)
+
+    def message(self, fmt) -> str:
+        try:
+            parsed = json.loads(self.body)
+        except ValueError:
+            parsed = None
+        return fmt.upstream_error_message(parsed) or f"the upstream answered HTTP {self.status}"
+
+    def as_error(self, fmt) -> UpstreamHTTPError:
+        """The same failure as one terminal event, for a stream that has already committed."""
+        try:
+            parsed = json.loads(self.body)
+        except ValueError:
+            parsed = None
+        kind = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            kind = parsed["error"].get("type")
+        return UpstreamHTTPError(self.status, self.message(fmt), kind if isinstance(kind, str) else None)
+
+
+@dataclass
+class Final:
+    """How the attempt loop ended: answered, an upstream error answer, or a proxy error."""
+
+    answered: bool = False
+    reply: ErrorReply | None = None
+    error: ProxyError | None = None
+
+
+@dataclass
+class _ClientAnswer:
+    """An error answer the plan does not retry (a 4xx): it goes to the client as it is."""
+
+    reply: ErrorReply
+
+
+# use_response(resp, attempt) -> None when the response was taken (the request is answered),
+# or the error that made this try fail before anything reached the client.
+UseResponse = Callable[[UpstreamResponse, Attempt], "ProxyError | None"]
+
+
+class AttemptRunner:
+    def __init__(self, ctx, preq, acct, exchange) -> None:
+        self.ctx, self.preq, self.acct, self.exchange = ctx, preq, acct, exchange
+        self.plan: AttemptPlan = ctx.router.plan(preq.route)
+        self.deployment: str | None = None
+
+    def run(self, use_response: UseResponse) -> Final:
+        last: ErrorReply | ProxyError | None = None
+        while (attempt := self.plan.next_attempt()) is not None:
+            if attempt.delay and self.exchange.ended.wait(attempt.delay):
+                break
+            if self.exchange.end_error is not None:
+                break
+            outcome = self._try(attempt, use_response)
+            if outcome is None:
+                return self._finish(Final(answered=True))
+            if isinstance(outcome, _ClientAnswer):
+                return self._finish(Final(reply=outcome.reply))  # fail fast: the client gets it
+            last = outcome
+        return self._finish(self._exhausted(last))
+
+    def _try(self, attempt: Attempt, use_response: UseResponse):
+        deployment = attempt.deployment
+        self.deployment = deployment.name
+        self.acct.begin_attempt(deployment.name)
+        timeout = self.preq.route.first_token_timeout
+        handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
+        url, headers, body = self.ctx.upstream_request(self.preq, deployment)
+        try:
+            resp = self.ctx.upstream.send(self.preq.method, url, headers, body, handle)
+        except ProxyError as err:
+            err = self._explain(err)
+            self._failed(attempt, Decision.NEXT if _is_silence(err) else Decision.RETRY,
+                         AttemptRecord(deployment.name, err.end_reason, error=err.message))
+            return err
+        self.acct.first_byte()
+        if resp.status < 400:
+            failure = use_response(resp, attempt)
+            if failure is None:
+                self.plan.succeeded(attempt)
+                return None
+            failure = self._explain(failure)
+            self._failed(attempt, Decision.NEXT, AttemptRecord(
+                deployment.name, failure.end_reason, status=resp.status, error=failure.message,
+                input_tokens=self.acct.attempt_input_tokens()))
+            return failure
+        reply = ErrorReply.read(resp, deployment.name)
+        decision = decide_status(reply.status, reply.body)
+        if decision is Decision.FAIL:
+            self.plan.client_error(attempt)
+            return _ClientAnswer(reply)
+        self._failed(attempt, decision,
+                     AttemptRecord(deployment.name, "status", status=reply.status,
+                                   error=reply.message(self.preq.fmt)),
+                     retry_after=retry_after_seconds(lambda name: _header(reply.headers, name)))
+        return reply
+
+    def _failed(self, attempt: Attempt, decision: Decision, record: AttemptRecord,
+                retry_after: float | None = None) -> None:
+        log.info("request %s: attempt %d on %s failed (%s%s); %s", self.preq.request_id,
+                 attempt.number, attempt.deployment.name, record.outcome,
+                 f" {record.status}" if record.status else "", decision.value)
+        self.plan.failed(attempt, decision, record, retry_after)
+
+    def _explain(self, err: ProxyError) -> ProxyError:
+        """A try cut off by its deadline or by the client/shutdown says so, not 'broken'."""
+        if self.exchange.end_error is not None:
+            return self.exchange.end_error
+        if self.exchange.deadline_hit:
+            return FirstTokenTimeout(
+                f"no content within {self.preq.route.first_token_timeout:g} s (first_token_timeout)")
+        return err
+
+    def _exhausted(self, last) -> Final:
+        if self.exchange.end_error is not None:
+            return Final(error=self.exchange.end_error)
+        if isinstance(last, ErrorReply):
+            return Final(reply=last)
+        if isinstance(last, ProxyError):
+            return Final(error=last)
+        wait = min((self.ctx.router.breakers.get(name).seconds_until_probe()
+                    for name in self.plan.skipped_open), default=0.0)
+        return Final(error=AllDeploymentsUnavailable(
+            "every deployment for this model is failing (circuit open); retry later",
+            retry_after=str(max(1, round(wait)))))
+
+    def _finish(self, final: Final) -> Final:
+        rec = self.acct.record
+        rec.attempts = max(1, self.plan.attempts)
+        rec.fallbacks = self.plan.fallbacks
+        if self.plan.answered_by is not None:
+            rec.deployment = self.plan.answered_by.name
+        self.acct.set_attempt_log(self.plan)
+        return final
+
+
+def _is_silence(err: ProxyError) -> bool:
+    """A deployment that never answers is not tried again: its timeout moves the request on."""
+    return isinstance(err, (UpstreamTimeout, FirstTokenTimeout))
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
