@@ -80,9 +80,17 @@ class _ClientAnswer:
     reply: ErrorReply
 
 
+@dataclass
+class AnsweredThenFailed:
+    """The deployment answered (content reached the client) and then broke: nothing can be
+    retried, but its breaker hears about it."""
+
+    error: ProxyError
+
+
 # use_response(resp, attempt) -> None when the response was taken (the request is answered),
 # or the error that made this try fail before anything reached the client.
-UseResponse = Callable[[UpstreamResponse, Attempt], "ProxyError | None"]
+UseResponse = Callable[[UpstreamResponse, Attempt], "ProxyError | AnsweredThenFailed | None"]
 
 
 class AttemptRunner:
@@ -110,11 +118,13 @@ class AttemptRunner:
         deployment = attempt.deployment
         self.deployment = deployment.name
         self.acct.begin_attempt(deployment.name)
-        timeout = self.preq.route.first_token_timeout
+        # first_token_timeout watches streams only: a JSON answer says nothing until done.
+        timeout = self.preq.route.first_token_timeout if self.preq.stream else None
         handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
         url, headers, body = self.ctx.upstream_request(self.preq, deployment)
+        read_timeout = None if self.preq.stream else self.ctx.config.plain_timeout
         try:
-            resp = self.ctx.upstream.send(self.preq.method, url, headers, body, handle)
+            resp = self.ctx.upstream.send(self.preq.method, url, headers, body, handle, read_timeout)
         except ProxyError as err:
             err = self._explain(err)
             self._failed(attempt, Decision.NEXT if _is_silence(err) else Decision.RETRY,
@@ -125,6 +135,9 @@ class AttemptRunner:
             failure = use_response(resp, attempt)
             if failure is None:
                 self.plan.succeeded(attempt)
+                return None
+            if isinstance(failure, AnsweredThenFailed):
+                self.plan.answered_then_failed(attempt, failure.error.message)
                 return None
             failure = self._explain(failure)
             self._failed(attempt, Decision.NEXT, AttemptRecord(

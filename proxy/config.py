@@ -73,6 +73,9 @@ SETTINGS: tuple[Setting, ...] = (
             "keep it below gunicorn's graceful_timeout.", _non_negative),
     Setting("stream.keepalive", bool, True, "LLM_PROXY_KEEPALIVE",
             "Send keepalive comments on event streams (per provider too).", lambda v: None),
+    Setting("server.plain_timeout", float, 600.0, "LLM_PROXY_PLAIN_TIMEOUT",
+            "Seconds a non-streaming request waits for its answer (it is silent until done); "
+            "the official SDKs wait 600 s.", _positive),
     Setting("server.max_body_bytes", int, 32 * 1024 * 1024, "LLM_PROXY_MAX_BODY_BYTES",
             "Largest request body accepted; larger ones get 413.", _positive),
     Setting("tracker.enabled", bool, True, "LLM_PROXY_TRACKER",
@@ -146,6 +149,7 @@ class Config:
     shutdown_grace: float = 20.0
     keepalive: bool = True
     max_body_bytes: int = 32 * 1024 * 1024
+    plain_timeout: float = 600.0
     enabled: bool = True
     db: str = ""
     batch_size: int = 200

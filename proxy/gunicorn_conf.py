@@ -48,7 +48,11 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Chain our shutdown onto gunicorn's SIGTERM handler: live streams get told to finish."""
+    """Chain our shutdown onto gunicorn's SIGTERM handler: live streams get told to finish.
+
+    Also shorten the GIL switch interval: every event crosses from the stream thread to the
+    server thread, and with the default 5 ms a busy thread can hold that hand-off back."""
+    sys.setswitchinterval(0.0005)
     app = worker.wsgi
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .accounting import Accounting
-from .attempts import AttemptRunner, Final
+from .attempts import AnsweredThenFailed, AttemptRunner, Final
 from .errors import ClientGone, ProxyError, UpstreamBroken
 from .formats import EventKind, Format
 from .relay import Exchange, LockedWriter
@@ -221,8 +221,8 @@ class StreamRelay:
         if self._held is not None and self.exchange.end_error is None:
             # Nothing reached the client from this deployment: let the plan move on.
             return failure or UpstreamBroken("the upstream ended the stream before any content")
-        self._conclude(failure, self._framer.pending_bytes())
-        return None
+        broken = self._conclude(failure, self._framer.pending_bytes())
+        return AnsweredThenFailed(broken) if broken is not None else None
 
     def _forward(self, event: Event, resp: UpstreamResponse) -> None:
         if self._protocol_end is not None:
@@ -277,17 +277,19 @@ class StreamRelay:
         if carry or not self._framer.ends_in_split_crlf:
             self.writer.close()
 
-    def _conclude(self, failure: ProxyError | None, leftover: bytes = b"") -> None:
-        """End the body the one right way and finalize the record (first finish wins)."""
+    def _conclude(self, failure: ProxyError | None, leftover: bytes = b"") -> ProxyError | None:
+        """End the body the one right way and finalize the record (first finish wins);
+        returns the upstream's failure, if the answer broke off."""
         if self._protocol_end is not None:
             self._close_after_split_crlf()
             self.writer.close()  # recorded when the protocol's end went out
             self.ctx.heartbeat.unregister(self.exchange)
-            return
+            return None
         failure = failure or UpstreamBroken(
             "the upstream ended the stream before the answer was complete"
             + (" (an event was cut off)" if leftover.strip() else ""))
         self._end_with_error(failure, status=200)
+        return None if self.exchange.end_error is not None else failure
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:
         try:

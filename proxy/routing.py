@@ -302,6 +302,12 @@ class AttemptPlan:
         if self.breakers is not None:
             self.breakers.get(attempt.deployment.name).record_success()
 
+    def answered_then_failed(self, attempt: Attempt, reason: str) -> None:
+        """Content went out, then the stream broke: the request is over, the deployment is suspect."""
+        self.answered_by = attempt.deployment
+        if self.breakers is not None:
+            self.breakers.get(attempt.deployment.name).record_failure(reason)
+
     def client_error(self, attempt: Attempt) -> None:
         """A 4xx the client gets: the deployment worked, the request did not."""
         self.answered_by = attempt.deployment

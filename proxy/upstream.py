@@ -262,14 +262,18 @@ class UpstreamClient:
         self.session = session
 
     def send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
-             handle: AbortHandle) -> UpstreamResponse:
-        """Send a request and return once the upstream's headers have arrived."""
+             handle: AbortHandle, read_timeout: float | None = None) -> UpstreamResponse:
+        """Send a request and return once the upstream's headers have arrived.
+
+        `read_timeout` replaces the idle timeout for this request (a non-streaming answer
+        is silent until it is complete)."""
+        timeout = self.timeout if read_timeout is None else (self.timeout[0], read_timeout)
         _current.handle = handle
         try:
             with translate_errors("waiting for the upstream's response headers"):
                 resp = self.session.request(
                     method, url, headers=dict(headers), data=body or None, stream=True,
-                    timeout=self.timeout, allow_redirects=False)
+                    timeout=timeout, allow_redirects=False)
         except UpstreamBroken as exc:
             # A reset or close before any header is an unreachable upstream, not a broken stream.
             raise UpstreamUnreachable(exc.message) from exc

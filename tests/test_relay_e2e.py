@@ -362,7 +362,8 @@ def last_sequence(events: list[bytes]) -> int:
 @pytest.fixture(scope="module")
 def idle_proxy(fake, tmp_path_factory):
     """A proxy whose upstream idle timeout is 0.5 s (heartbeat 50 ms as usual)."""
-    server = ProxyProcess(fake.url, tmp_path_factory.mktemp("idle"), LLM_PROXY_IDLE_TIMEOUT="0.5").start()
+    server = ProxyProcess(fake.url, tmp_path_factory.mktemp("idle"), LLM_PROXY_IDLE_TIMEOUT="0.5",
+                         LLM_PROXY_PLAIN_TIMEOUT="0.5").start()
     yield server
     server.stop()
 

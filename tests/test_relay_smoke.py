@@ -9,3 +9,18 @@ def test_anthropic_stream_through_gunicorn(proxy, fake):
     assert b"message_stop" in r.content
     row = proxy.row(r.headers["x-llm-proxy-request-id"])
     assert row["end_reason"] == "complete"
+
+
+def test_non_streaming_answer_may_take_longer_than_the_idle_timeout(start_proxy, fake):
+    """A JSON answer is silent until complete: it waits `plain_timeout`, not `idle_timeout`."""
+    from fakeupstream import WaitFor, anthropic_message, json_reply
+    import threading
+    server = start_proxy(LLM_PROXY_IDLE_TIMEOUT="0.2", LLM_PROXY_PLAIN_TIMEOUT="10")
+    release = threading.Event()
+    fake.enqueue([WaitFor(release, timeout=5)] + json_reply(anthropic_message()))
+    timer = threading.Timer(0.8, release.set)  # four idle timeouts of silence
+    timer.start()
+    r = requests.post(server.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
+                                                          "messages": []}, timeout=10)
+    timer.join()
+    assert r.status_code == 200 and r.json()["type"] == "message"
