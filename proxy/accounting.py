@@ -116,17 +116,9 @@ class Accounting:
         rec = self.record
         if usage is None:
             return
-        rec.input_tokens = usage.input_tokens
-        rec.output_tokens = usage.output_tokens
-        rec.cache_read_tokens = usage.cache_read_tokens
-        rec.cache_write_tokens = usage.cache_write_tokens
-        rec.reasoning_tokens = usage.reasoning_tokens
-        rec.stop_reason = usage.stop_reason
-        rec.upstream_model = usage.model
-        rec.usage_complete = usage.complete
+        rec.apply_usage(usage)
         if _has_tokens(usage):
-            priced_model = usage.model or rec.model_requested
-            rec.cost_usd = self._prices.cost(usage, priced_model)
+            rec.cost_usd = self._prices.cost(usage, usage.model or rec.model_requested)
             rec.priced = rec.cost_usd is not None
 
     def _decoded_body_json(self):

@@ -351,7 +351,7 @@ def _load_routes(section: Any, config: Config) -> list:
     """[routes."model-or-glob"]: ordered deployments, tried in the order written."""
     from dataclasses import replace
 
-    from .routing import Deployment, Route
+    from .routing import Route
 
     if not isinstance(section, dict):
         raise ConfigError("[routes] must be a table of route tables")

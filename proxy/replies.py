@@ -10,14 +10,17 @@ import json
 import logging
 import socket
 from http import HTTPStatus
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .accounting import Accounting
 from .attempts import DEPLOYMENT_HEADER, ErrorReply
 from .errors import ClientGone, ProxyError
 from .formats import Format
 from .relay import Exchange
-from .upstream import UpstreamResponse
+from .upstream import UpstreamResponse, shutdown_quietly
+
+if TYPE_CHECKING:
+    from .handler import ProxyRequest
 
 log = logging.getLogger("proxy.replies")
 
@@ -82,12 +85,7 @@ def committed_stream_headers(request_id: str) -> list[tuple[str, str]]:
 
 def abort_client_connection(sock: socket.socket | None) -> None:
     """Make a half-sent body fail loudly at the client instead of ending cleanly."""
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    shutdown_quietly(sock)
 
 
 class PassThrough:

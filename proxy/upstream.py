@@ -81,7 +81,11 @@ class AbortHandle:
 
 
 def _shutdown_socket(conn: HTTPConnection) -> None:
-    sock = getattr(conn, "sock", None)
+    shutdown_quietly(getattr(conn, "sock", None))
+
+
+def shutdown_quietly(sock: socket.socket | None) -> None:
+    """Shut a socket down both ways; a thread blocked on it returns at once."""
     if sock is None:
         return
     try:
@@ -157,28 +161,21 @@ class UpstreamResponse:
 
     def decoded_chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive, decompressed; never waits to fill a block."""
-        raw = self._resp.raw
-        with translate_errors("reading the upstream stream"):
-            if raw.chunked:
-                yield from raw.read_chunked(None, decode_content=True)
-                return
-            while True:
-                data = raw.read1(65536, decode_content=True)
-                if not data:
-                    return
-                yield data
+        return self._chunks(decode=True, doing="reading the upstream stream")
 
     def raw_chunks(self) -> Iterator[bytes]:
         """Body bytes exactly as sent (still compressed), for pass-through bodies."""
+        return self._chunks(decode=False, doing="reading the upstream body")
+
+    def _chunks(self, decode: bool, doing: str) -> Iterator[bytes]:
+        # iter_content/read(n) may hold bytes back; chunk by chunk (chunked bodies) or
+        # read1 (anything else) hands over whatever has arrived.
         raw = self._resp.raw
-        with translate_errors("reading the upstream body"):
+        with translate_errors(doing):
             if raw.chunked:
-                yield from raw.read_chunked(None, decode_content=False)
+                yield from raw.read_chunked(None, decode_content=decode)
                 return
-            while True:
-                data = raw.read1(65536, decode_content=False)
-                if not data:
-                    return
+            while data := raw.read1(65536, decode_content=decode):
                 yield data
 
     def read_limited(self, limit: int = 1 << 20) -> bytes:

@@ -6,7 +6,6 @@ import concurrent.futures
 import signal
 import socket
 import threading
-import time
 
 import pytest
 import requests
