@@ -132,6 +132,7 @@ class AttemptRunner:
             return err
         self.acct.first_byte()
         if resp.status < 400:
+            self._note_progress(attempt)  # a stream may finish its record inside use_response
             failure = use_response(resp, attempt)
             if failure is None:
                 self.plan.succeeded(attempt)
@@ -157,10 +158,15 @@ class AttemptRunner:
 
     def _failed(self, attempt: Attempt, decision: Decision, record: AttemptRecord,
                 retry_after: float | None = None) -> None:
+        what_next = self.plan.failed(attempt, decision, record, retry_after)
         log.info("request %s: attempt %d on %s failed (%s%s); %s", self.preq.request_id,
                  attempt.number, attempt.deployment.name, record.outcome,
-                 f" {record.status}" if record.status else "", decision.value)
-        self.plan.failed(attempt, decision, record, retry_after)
+                 f" {record.status}" if record.status else "", what_next)
+
+    def _note_progress(self, attempt: Attempt) -> None:
+        rec = self.acct.record
+        rec.attempts, rec.fallbacks = self.plan.progress(attempt)
+        self.acct.set_attempt_log(self.plan)
 
     def _explain(self, err: ProxyError) -> ProxyError:
         """A try cut off by its deadline or by the client/shutdown says so, not 'broken'."""

@@ -286,8 +286,8 @@ class AttemptPlan:
             if self._want_larger and not deployment.larger_context:
                 self._advance()
                 continue
-            if self._tries_here == 0 and self.breakers is not None \
-                    and not self.breakers.get(deployment.name).allow():
+            if self.breakers is not None and not self.breakers.get(deployment.name).allow():
+                # Open (perhaps by this very request's failures): retries stop here too.
                 self.skipped_open.append(deployment.name)
                 self._advance()
                 continue
@@ -315,8 +315,8 @@ class AttemptPlan:
             self.breakers.get(attempt.deployment.name).record_success()
 
     def failed(self, attempt: Attempt, decision: Decision, record: AttemptRecord,
-               retry_after: float | None = None) -> None:
-        """Record a failed try and position the plan for the next one."""
+               retry_after: float | None = None) -> str:
+        """Record a failed try and position the plan for the next one; says what comes next."""
         self.history.append(record)
         if self.breakers is not None and decision is not Decision.LARGER_CONTEXT:
             self.breakers.get(attempt.deployment.name).record_failure(record.error or record.outcome)
@@ -325,13 +325,21 @@ class AttemptPlan:
         if decision is Decision.RETRY and self._tries_here < policy.max_attempts:
             if retry_after is not None and retry_after > policy.retry_after_max:
                 self._advance()  # waiting that long helps nobody: try the next deployment
-                return
+                return f"Retry-After {retry_after:g} s is over the cap; next deployment"
             self._pending_delay = retry_after if retry_after is not None else backoff_delay(
                 self._tries_here - 1, policy, self._rand)
-            return
+            return f"retrying in {self._pending_delay:.2f} s"
         if decision is Decision.LARGER_CONTEXT:
             self._want_larger = True
+            self._advance()
+            return "next larger-context deployment"
         self._advance()
+        return "next deployment"
+
+    def progress(self, attempt: Attempt) -> tuple[int, int]:
+        """(attempts, fallbacks) if `attempt` turns out to be the one that answers."""
+        names = list(dict.fromkeys([r.deployment for r in self.history] + [attempt.deployment.name]))
+        return len(self.history) + 1, len(names) - 1
 
     def _advance(self) -> None:
         self._index += 1
