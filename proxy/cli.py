@@ -54,7 +54,7 @@ def serve(args: argparse.Namespace) -> int:
         settings["workers"] = args.workers
     if args.threads:
         settings["threads"] = args.threads
-        settings["worker_connections"] = args.threads + 4
+        settings["worker_connections"] = args.threads + 8
 
     class ProxyServer(BaseApplication):
         def load_config(self):

@@ -271,6 +271,10 @@ class Tracker:
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
+        # Set when waiting longer for a batch is pointless: a full batch is queued, a flush
+        # is waiting, or the tracker is closing.  The writer then wakes once per batch, not
+        # once per row (each wake-up costs the request threads the GIL).
+        self._hurry = threading.Event()
         self._closed = False
         self._writer_done = False
         self._give_up_at: float | None = None
@@ -335,6 +339,7 @@ class Tracker:
         margin = self.busy_timeout_ms / 1000.0 + 0.5
         self._give_up_at = max(deadline - margin, time.monotonic())
         self._closing.set()
+        self._hurry.set()
         try:
             self._queue.put(_STOP, timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Full:
@@ -371,6 +376,8 @@ class Tracker:
                 if not self._closed:
                     self._queue.put_nowait(row)
                     self._enqueued += 1
+                    if self._queue.qsize() >= self.batch_size:
+                        self._hurry.set()
                     return
             reason = "tracker closed"
         except queue.Full:
@@ -387,6 +394,7 @@ class Tracker:
             target, before = self._enqueued, self._done
             running = self._thread is not None and not self._writer_done
             if running:
+                self._hurry.set()
                 self._cond.wait_for(lambda: self._done >= target or self._writer_done, timeout)
             return self._done >= target and not self._failed_since(before, target)
 
@@ -417,21 +425,25 @@ class Tracker:
                 self._cond.notify_all()
 
     def _next_batch(self) -> tuple[list[dict], bool]:
-        """Up to batch_size rows: block for the first, then wait at most flush_interval."""
+        """Up to batch_size rows: block for the first, then wait at most flush_interval
+        (less when a batch is full or someone is flushing) and take what is there."""
         first = self._get(_IDLE_POLL)
         if first is None:
             return [], self._closing.is_set()
         if first is _STOP:
             return [], True
         batch = [first]
-        deadline = time.monotonic() + self.flush_interval
+        self._hurry.wait(self.flush_interval)
+        self._hurry.clear()
         while len(batch) < self.batch_size:
-            item = self._get(max(deadline - time.monotonic(), 0.0))
+            item = self._get(0)
             if item is None:
                 break
             if item is _STOP:
                 return batch, True
             batch.append(item)
+        if self._queue.qsize() >= self.batch_size:
+            self._hurry.set()
         return batch, False
 
     def _get(self, timeout: float):

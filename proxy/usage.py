@@ -433,8 +433,11 @@ class UsageRecord:
         return any(v is not None for v in _token_values(self))
 
     def to_row(self) -> dict:
-        """A flat dict of plain values, for SQL parameters and the JSON spill file."""
-        return dataclasses.asdict(self)
+        """A flat dict of plain values, for SQL parameters and the JSON spill file.
+
+        Every field is already a plain value, so no deep copy (dataclasses.asdict costs
+        ~20 us per row, on the request thread)."""
+        return {name: getattr(self, name) for name in RECORD_FIELDS}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "UsageRecord":

@@ -311,8 +311,20 @@ class RawClient:
     def __init__(self, url_or_port) -> None:
         port = url_or_port if isinstance(url_or_port, int) else int(str(url_or_port).rsplit(":", 1)[1])
         self.host_port = f"127.0.0.1:{port}"
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.port = port
+        self.reconnects = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", self.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _honour_connection_close(self, parser) -> None:
+        """gunicorn closes a kept-alive connection when its worker has too many idle ones."""
+        if parser.headers.get("connection", "").lower() == "close":
+            self.sock.close()
+            self._connect()
+            self.reconnects += 1
 
     def close(self) -> None:
         self.sock.close()
@@ -328,7 +340,9 @@ class RawClient:
             if not data:
                 raise ConnectionError("connection closed mid-response")
             parser.feed(data)
-        return (time.perf_counter_ns() - t0) / 1e6
+        elapsed = (time.perf_counter_ns() - t0) / 1e6
+        self._honour_connection_close(parser)
+        return elapsed
 
     def post(self, path: str, payload: dict, headers: dict | None = None, timeout: float = 30.0,
              keep_blocks: bool = True) -> Exchange:
@@ -360,6 +374,7 @@ class RawClient:
                 if keep_blocks:
                     for b in sse_split.feed(body):
                         blocks.append((t, b))
+        self._honour_connection_close(parser)
         return Exchange(parser.status, t_sent, t_head, t_first, t, blocks, body_len)
 
 
