@@ -97,7 +97,6 @@ class AttemptRunner:
     def __init__(self, ctx, preq, acct, exchange) -> None:
         self.ctx, self.preq, self.acct, self.exchange = ctx, preq, acct, exchange
         self.plan: AttemptPlan = ctx.router.plan(preq.route)
-        self.deployment: str | None = None
 
     def run(self, use_response: UseResponse) -> Final:
         last: ErrorReply | ProxyError | None = None
@@ -116,7 +115,6 @@ class AttemptRunner:
 
     def _try(self, attempt: Attempt, use_response: UseResponse):
         deployment = attempt.deployment
-        self.deployment = deployment.name
         self.acct.begin_attempt(deployment.name)
         # first_token_timeout watches streams only: a JSON answer says nothing until done.
         timeout = self.preq.route.first_token_timeout if self.preq.stream else None
@@ -145,7 +143,13 @@ class AttemptRunner:
                 deployment.name, failure.end_reason, status=resp.status, error=failure.message,
                 input_tokens=self.acct.attempt_input_tokens()))
             return failure
-        reply = ErrorReply.read(resp, deployment.name)
+        try:
+            reply = ErrorReply.read(resp, deployment.name)
+        except ProxyError as err:  # the error body itself broke off
+            err = self._explain(err)
+            self._failed(attempt, Decision.RETRY, AttemptRecord(
+                deployment.name, err.end_reason, status=resp.status, error=err.message))
+            return err
         decision = decide_status(reply.status, reply.body)
         if decision is Decision.FAIL:
             self.plan.client_error(attempt)

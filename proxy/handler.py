@@ -172,20 +172,29 @@ class StreamRelay:
     def _use_response(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
         """Relay one deployment's answer; an error means it failed before any content."""
         if not resp.is_event_stream:
+            if not self._announce(resp, attempt):  # the server thread passes it through
+                resp.close()
+                return UpstreamBroken("the upstream answered a streaming request with a "
+                                      f"non-stream body ({resp.header('content-type')})")
             self.exchange.content_arrived()
-            self._announce(resp, attempt)  # the server thread passes it through
             return None
         if not attempt.hold_preamble:
             self._announce(resp, attempt)
         return self._pump(resp, attempt)
 
-    def _announce(self, resp: UpstreamResponse, attempt: Attempt) -> None:
-        """This deployment answers: let the server thread commit with its headers."""
+    def _announce(self, resp: UpstreamResponse, attempt: Attempt) -> bool:
+        """This deployment answers: let the server thread commit with its headers.
+
+        False when the stream has already committed to `200 text/event-stream` and this
+        answer is not an event stream: a JSON body cannot follow those headers."""
         with self._lock:
+            if self._committed and not resp.is_event_stream:
+                return False
             if self._announced is None:
                 self._announced = (resp, attempt.deployment.name)
                 self.acct.record.deployment = attempt.deployment.name
                 self._ready.set()
+            return True
 
     def _no_answer(self, final: Final) -> None:
         """Every try failed (or the client/shutdown ended the request) before any content."""

@@ -24,3 +24,16 @@ def test_non_streaming_answer_may_take_longer_than_the_idle_timeout(start_proxy,
                                                           "messages": []}, timeout=10)
     timer.join()
     assert r.status_code == 200 and r.json()["type"] == "message"
+
+
+def test_json_answer_after_the_stream_committed_becomes_a_terminal_error(proxy, fake):
+    """The 200 event-stream headers went out (keepalives flowed); a JSON body cannot follow."""
+    from fakeupstream import Sleep, anthropic_message, json_reply
+    fake.enqueue([Sleep(0.3)] + json_reply(anthropic_message()))
+    r = requests.post(proxy.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
+                                                         "messages": [], "stream": True}, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert b": keepalive" in r.content
+    assert r.content.rstrip().endswith(b"}") and r.content.count(b"event: error") == 1
+    assert b"non-stream body" in r.content
+    assert proxy.row(r.headers["x-llm-proxy-request-id"])["end_reason"] == "upstream_error"
