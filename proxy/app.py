@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import threading
+from http import HTTPStatus
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -150,9 +151,16 @@ class App:
                 raise MethodNotAllowed(f"{path} accepts POST only")
             return self._proxy(request, endpoint, start_response)
         except ProxyError as err:
-            fmt = ENDPOINTS[path].fmt if path in ENDPOINTS else format_for_unknown(request.headers)
             log.info("rejected %s %s: %s %s", request.method, path, err.status, err.message)
-            return error_response(fmt, err, new_request_id(), start_response)
+            return error_response(self._format_for(path, request), err, new_request_id(), start_response)
+        except Exception:  # a bug must cost one request, never the worker
+            log.exception("internal error on %s %s", request.method, path)
+            err = ProxyError("internal error in the proxy")
+            return error_response(self._format_for(path, request), err, new_request_id(), start_response)
+
+    @staticmethod
+    def _format_for(path: str, request: Request) -> Format:
+        return ENDPOINTS[path].fmt if path in ENDPOINTS else format_for_unknown(request.headers)
 
     # -- proxied endpoints -----------------------------------------------------------------
     def _proxy(self, request: Request, endpoint: Endpoint, start_response) -> Iterable[bytes]:
@@ -177,9 +185,13 @@ class App:
             err = ShuttingDown("the proxy is shutting down; retry the request")
             acct.finish(err.status, "rejected", error=err.message)
             return error_response(endpoint.fmt, err, request_id, start_response)
-        if preq.stream:
-            return StreamRelay(self, preq, acct).respond(start_response)
-        return serve_plain(self, preq, acct, start_response)
+        try:
+            if preq.stream:
+                return StreamRelay(self, preq, acct).respond(start_response)
+            return serve_plain(self, preq, acct, start_response)
+        except Exception as exc:
+            acct.finish(500, "upstream_error", error=f"internal error: {type(exc).__name__}")
+            raise
 
     def _build_request(self, request: Request, endpoint: Endpoint, provider, request_id: str,
                        body: bytes) -> ProxyRequest:
@@ -247,11 +259,13 @@ class App:
         tracker = self._tracker if self._tracker_pid == os.getpid() else None
         if tracker is not None and request.args.get("flush"):
             tracker.flush(5.0)  # lets tests and operators wait for queued rows to be written
+        # 503 while shutting down, so a load balancer stops sending new requests here.
+        status = 503 if self.shutting_down else 200
         body = {"status": "shutting_down" if self.shutting_down else "ok", "pid": os.getpid(),
                 "live_exchanges": self.heartbeat.live_count(),
                 "breakers": self.router.breakers.snapshot(),
                 "tracker": tracker.stats() if tracker is not None else None}
-        return _json_response(start_response, 200, body)
+        return _json_response(start_response, status, body)
 
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
         from . import report
@@ -269,7 +283,7 @@ class App:
 
 def _json_response(start_response, status: int, body: object) -> list[bytes]:
     data = json.dumps(body, default=str).encode("utf-8")
-    start_response(f"{status} OK", [("Content-Type", "application/json"),
+    start_response(f"{status} {HTTPStatus(status).phrase}", [("Content-Type", "application/json"),
                                     ("Content-Length", str(len(data)))])
     return [data]
 
