@@ -31,14 +31,21 @@ KEEPALIVE = b": keepalive\n\n"
 # that the OpenAI SDK cannot parse (protocols.md section 0), so the comment stands alone.
 KEEPALIVE_AFTER_ID = b": keepalive\n"
 _END = object()  # sentinel: no more frames
+# Bytes queued for a slow client before the stream thread waits: memory stays bounded, and
+# the upstream sees TCP backpressure instead of the proxy buffering the answer.
+MAX_BUFFERED = 4 * 1024 * 1024
 
 
 class LockedWriter:
     """The only path to the client for one response: whole frames, in order, under a lock."""
 
-    def __init__(self, keepalive: bool = True) -> None:
-        self._cond = threading.Condition(threading.Lock())
+    def __init__(self, keepalive: bool = True, max_buffered: int = MAX_BUFFERED) -> None:
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # frames are waiting for the server thread
+        self._space = threading.Condition(lock)  # room for the stream thread to queue more
         self._frames: collections.deque = collections.deque()
+        self._queued = 0
+        self.max_buffered = max_buffered
         self._closed = False
         self.keepalive = keepalive
         self.saw_id = False
@@ -51,8 +58,11 @@ class LockedWriter:
         return self._closed
 
     def write_event(self, frame: bytes, has_id: bool = False) -> bool:
-        """Queue one complete event; False once the writer has been closed."""
+        """Queue one complete event (waiting while a slow client has too much queued);
+        False once the writer has been closed."""
         with self._cond:
+            while self._queued > self.max_buffered and not self._closed:
+                self._space.wait()
             if self._closed:
                 return False
             self.saw_id = self.saw_id or has_id
@@ -77,6 +87,7 @@ class LockedWriter:
             self._closed = True
             self._frames.append(_END)
             self._cond.notify()
+            self._space.notify_all()
             return True
 
     def frames(self) -> Iterator[bytes]:
@@ -86,12 +97,16 @@ class LockedWriter:
                 while not self._frames:
                     self._cond.wait()
                 frame = self._frames.popleft()
+                if frame is not _END:
+                    self._queued -= len(frame)
+                    self._space.notify()
             if frame is _END:
                 return
             yield frame
 
     def _push(self, frame: bytes) -> None:
         self._frames.append(frame)
+        self._queued += len(frame)
         self.last_write = time.monotonic()
         self.bytes_out += len(frame)
         self._cond.notify()

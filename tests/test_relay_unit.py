@@ -73,3 +73,33 @@ def test_client_probe_sees_a_hang_up():
         a.close()
     assert client_has_hung_up(a)  # a closed socket counts as gone
     assert not client_has_hung_up(None)  # servers without a socket: never probed
+
+
+def test_a_slow_client_holds_the_stream_thread_back_instead_of_buffering():
+    writer = LockedWriter(max_buffered=100)
+    frames = writer.frames()
+    writer.write_event(b"x" * 150)  # over the limit: the next write must wait
+    second_queued = threading.Event()
+
+    def stream_thread():
+        writer.write_event(b"data: 2\n\n")
+        second_queued.set()
+
+    thread = threading.Thread(target=stream_thread)
+    thread.start()
+    assert not second_queued.wait(0.2)  # held back while the client has not read
+    assert next(frames) == b"x" * 150  # the client reads...
+    assert second_queued.wait(2.0)  # ...and the stream thread goes on
+    thread.join()
+    assert next(frames) == b"data: 2\n\n"
+
+
+def test_closing_releases_a_waiting_stream_thread():
+    writer = LockedWriter(max_buffered=10)
+    writer.write_event(b"y" * 50)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(writer.write_event(b"z\n\n")))
+    thread.start()
+    writer.close()
+    thread.join(2.0)
+    assert result == [False]
