@@ -1,3 +1,5 @@
+"""Commit rule and timeouts: what a stream or a JSON answer does when the upstream is slow."""
+
 import requests
 
 
