@@ -117,7 +117,10 @@ class StreamRelay:
         self._announced: tuple[UpstreamResponse, str] | None = None  # (response, deployment)
         self._final: Final | None = None
         self._protocol_end: EventKind | None = None
+        # Per try: the framer, the preamble held back while another option remains, the try.
         self._framer = SSEFramer()
+        self._held: list[Event] | None = None
+        self._attempt: Attempt | None = None
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
@@ -169,7 +172,8 @@ class StreamRelay:
         if not final.answered:
             self._no_answer(final)
 
-    def _use_response(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
+    def _use_response(self, resp: UpstreamResponse, attempt: Attempt
+                      ) -> ProxyError | AnsweredThenFailed | None:
         """Relay one deployment's answer; an error means it failed before any content."""
         if not resp.is_event_stream:
             if not self._announce(resp, attempt):  # the server thread passes it through
@@ -207,9 +211,9 @@ class StreamRelay:
         self._end_with_error(err, status=200)
 
     # -- relaying one deployment's event stream ---------------------------------------------
-    def _pump(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
+    def _pump(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | AnsweredThenFailed | None:
         self._framer = SSEFramer()
-        self._held: list[Event] | None = [] if attempt.hold_preamble else None
+        self._held = [] if attempt.hold_preamble else None
         self._attempt = attempt
         failure: ProxyError | None = None
         try:
