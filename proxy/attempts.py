@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import FirstTokenTimeout, ProxyError, UpstreamHTTPError, UpstreamTimeout
-from .routing import (AllDeploymentsUnavailable, Attempt, AttemptPlan, AttemptRecord, Decision,
-                      decide_status, retry_after_seconds)
+from .errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, UpstreamHTTPError,
+                     UpstreamTimeout)
+from .routing import (Attempt, AttemptPlan, AttemptRecord, Decision, decide_status,
+                      retry_after_seconds)
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("proxy.attempts")

@@ -129,3 +129,19 @@ class UpstreamHTTPError(ProxyError):
             status, "api_error" if status >= 500 else "invalid_request_error")
         self.openai_type = upstream_type or ("server_error" if status >= 500 else "invalid_request_error")
         self.openai_code = f"upstream_status_{status}"
+
+
+class NoUsableDeployment(ProxyError):
+    status = 400
+    anthropic_type = openai_type = "invalid_request_error"
+    end_reason = "rejected"
+
+
+class AllDeploymentsUnavailable(ProxyError):
+    """Every deployment's breaker is open; the client should come back later."""
+
+    status = 503
+    anthropic_type = "overloaded_error"
+    openai_type = "server_error"
+    openai_code = "all_deployments_unavailable"
+    end_reason = "upstream_error"

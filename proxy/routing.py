@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import ProxyError
+from .errors import NoUsableDeployment
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
 CONTEXT_LENGTH_MARKERS = ("context_length_exceeded", "context length", "context window",
@@ -376,22 +376,6 @@ def pass_through_route(provider: str) -> Route:
     """Unrouted models: one try at the endpoint's provider; the client's SDK does the retrying."""
     return Route("*", (Deployment(provider, provider, None),), None, RetryPolicy(max_attempts=1),
                  routed=False)
-
-
-class NoUsableDeployment(ProxyError):
-    status = 400
-    anthropic_type = openai_type = "invalid_request_error"
-    end_reason = "rejected"
-
-
-class AllDeploymentsUnavailable(ProxyError):
-    """Every deployment's breaker is open; the client should come back later."""
-
-    status = 503
-    anthropic_type = "overloaded_error"
-    openai_type = "server_error"
-    openai_code = "all_deployments_unavailable"
-    end_reason = "upstream_error"
 
 
 def attempt_log_json(plan: AttemptPlan) -> str | None:
