@@ -24,7 +24,7 @@ BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but 
 class Accounting:
     def __init__(self, tracker, prices, *, request_id: str, endpoint: str, usage_format: str | None,
                  model: str | None, deployment: str | None, stream: bool, client_key_id: str | None,
-                 bytes_in: int, content_encoding_of=None) -> None:
+                 bytes_in: int) -> None:
         self._tracker = tracker
         self._prices = prices
         self._usage_format = usage_format
@@ -70,9 +70,10 @@ class Accounting:
         if self.record.ttft_ms is None:
             self.record.ttft_ms = self._elapsed_ms()
 
-    def observe_event(self, name: str | None, data: str) -> None:
+    def observe_event(self, name: str | None, payload: object) -> None:
+        """A forwarded event's decoded data (decoded once, by the relay)."""
         if self._parser is not None:
-            self._parser.feed(name, data)
+            self._parser.feed_object(name, payload)
 
     def set_body_encoding(self, encoding: str | None) -> None:
         self._body_encoding = (encoding or "").strip().lower() or None
@@ -118,8 +119,7 @@ class Accounting:
             return
         rec.apply_usage(usage)
         if _has_tokens(usage):
-            rec.cost_usd = self._prices.cost(usage, usage.model or rec.model_requested)
-            rec.priced = rec.cost_usd is not None
+            self._prices.price_record(rec)
 
     def _decoded_body_json(self):
         raw = bytes(self._body)

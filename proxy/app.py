@@ -173,7 +173,8 @@ class App:
         try:
             body = self._read_body(request)
             acct.record.bytes_in = len(body)
-            preq = self._build_request(request, endpoint, provider, request_id, body)
+            preq = self._build_request(request, endpoint, provider, request_id, body,
+                                       acct.record.client_key_id)
         except ProxyError as err:
             acct.finish(err.status, "rejected", error=err.message)
             return error_response(endpoint.fmt, err, request_id, start_response)
@@ -194,7 +195,7 @@ class App:
             raise
 
     def _build_request(self, request: Request, endpoint: Endpoint, provider, request_id: str,
-                       body: bytes) -> ProxyRequest:
+                       body: bytes, key_id: str | None) -> ProxyRequest:
         payload = _parse_json_object(body)
         model = payload.get("model")
         if endpoint.needs_model and (not isinstance(model, str) or not model.strip()):
@@ -213,8 +214,7 @@ class App:
             method="POST", path=_path_and_query(request), body=body, payload=payload,
             headers=_end_to_end_headers(request), model=model, stream=stream,
             strip_usage_chunk=strip_usage, usage_format=endpoint.usage_format,
-            client_socket=_client_socket(request.environ),
-            client_key_id=client_key_id(request.headers))
+            client_socket=_client_socket(request.environ), client_key_id=key_id)
 
     def _models(self, request: Request, start_response) -> Iterable[bytes]:
         if request.method != "GET":

@@ -46,19 +46,18 @@ class ErrorReply:
                    if k.lower() not in ("content-length", "content-encoding")]
         return cls(resp.status, resp.reason, headers, body, deployment)
 
-    def message(self, fmt) -> str:
+    def _parsed(self):
         try:
-            parsed = json.loads(self.body)
+            return json.loads(self.body)
         except ValueError:
-            parsed = None
-        return fmt.upstream_error_message(parsed) or f"the upstream answered HTTP {self.status}"
+            return None
+
+    def message(self, fmt) -> str:
+        return fmt.upstream_error_message(self._parsed()) or f"the upstream answered HTTP {self.status}"
 
     def as_error(self, fmt) -> UpstreamHTTPError:
         """The same failure as one terminal event, for a stream that has already committed."""
-        try:
-            parsed = json.loads(self.body)
-        except ValueError:
-            parsed = None
+        parsed = self._parsed()
         kind = None
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             kind = parsed["error"].get("type")

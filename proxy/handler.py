@@ -18,7 +18,7 @@ import json
 import logging
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .accounting import Accounting
@@ -54,7 +54,6 @@ class ProxyRequest:
     usage_format: str | None = None
     client_socket: socket.socket | None = None
     client_key_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -121,6 +120,7 @@ class StreamRelay:
         self._framer = SSEFramer()
         self._held: list[Event] | None = None
         self._attempt: Attempt | None = None
+        self._content_seen = False
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
@@ -215,6 +215,7 @@ class StreamRelay:
         self._framer = SSEFramer()
         self._held = [] if attempt.hold_preamble else None
         self._attempt = attempt
+        self._content_seen = False
         failure: ProxyError | None = None
         try:
             for chunk in resp.decoded_chunks():
@@ -243,7 +244,7 @@ class StreamRelay:
         payload = decode_event_data(event)
         kind = self.view.classify(event.event, payload) if payload is not None else EventKind.OTHER
         if payload is not None:
-            self.acct.observe_event(event.event, event.data)
+            self.acct.observe_event(event.event, payload)
         if kind is EventKind.SKIP:
             return
         if self._held is not None:
@@ -254,7 +255,8 @@ class StreamRelay:
                 self._held.append(event)
                 return
             self._release_held(resp)
-        if kind is EventKind.CONTENT:
+        if kind is EventKind.CONTENT and not self._content_seen:
+            self._content_seen = True
             self.exchange.content_arrived()
             self.acct.first_token()
         if not self.writer.write_event(event.raw, event.has_id):

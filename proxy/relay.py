@@ -188,7 +188,6 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopping = False
         self.shutdown_deadline: float | None = None
         self._shutdown_error: Callable[[], ProxyError] | None = None
 
@@ -214,12 +213,8 @@ class Heartbeat:
         self.shutdown_deadline = time.monotonic() + grace
         self._wake.set()
 
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
     def _run(self) -> None:
-        while not self._stopping:
+        while True:
             self._wake.wait(self.tick)
             self._wake.clear()
             try:

@@ -201,7 +201,10 @@ class AnthropicStreamParser:
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; unknown types, pings, errors and garbage change nothing."""
-        obj = _loads(data)
+        self.feed_object(event_name, _loads(data))
+
+    def feed_object(self, event_name: str | None, obj: Any) -> None:
+        """The same, for an event whose data the relay has already decoded."""
         if not isinstance(obj, dict):
             return
         kind = obj.get("type") or event_name
@@ -251,7 +254,10 @@ class ChatStreamParser:
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; ``[DONE]``, error chunks and garbage change nothing."""
-        obj = _loads(data)
+        self.feed_object(event_name, _loads(data))
+
+    def feed_object(self, event_name: str | None, obj: Any) -> None:
+        """The same, for an event whose data the relay has already decoded."""
         if not isinstance(obj, dict):
             return
         self._model = _str(obj.get("model")) or self._model
@@ -284,7 +290,10 @@ class ResponsesStreamParser:
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; the model comes from any lifecycle event, usage from the last one."""
-        obj = _loads(data)
+        self.feed_object(event_name, _loads(data))
+
+    def feed_object(self, event_name: str | None, obj: Any) -> None:
+        """The same, for an event whose data the relay has already decoded."""
         if not isinstance(obj, dict):
             return
         response = obj.get("response")

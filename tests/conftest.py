@@ -35,6 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 20.0,
+                       describe=lambda: "") -> None:
+    """Until `GET /health` answers 200; fails at once if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {describe()}")
+        try:
+            if requests.get(url + "/health", timeout=0.5).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.05)  # waiting for a process to bind: there is no event to wait on
+    raise RuntimeError(f"the server did not come up: {describe()}")
+
+
 class ProxyProcess:
     """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port."""
 
@@ -66,16 +81,8 @@ class ProxyProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
             env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=0.5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.05)  # waiting for a process to bind: there is no event to wait on
-        raise RuntimeError(f"gunicorn did not come up: {self.log()}")
+        wait_until_healthy(self.url, self.proc, timeout, describe=self.log)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -10,27 +10,14 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import requests
 
-from conftest import free_port
+from conftest import free_port, wait_until_healthy
 from fakeupstream import Stall, Status, anthropic_stream, Send
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if requests.get(url + "/health", timeout=0.5).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.05)  # waiting for a process to bind: there is no event to wait on
-    raise AssertionError("server did not come up")
 
 
 def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
@@ -45,7 +32,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, proc)
+        wait_until_healthy(url, proc)
         r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
                                                        "messages": [], "stream": True})
         assert r.status_code == 200 and r.content.endswith(b'data: {"type":"message_stop"}\n\n')

@@ -44,7 +44,6 @@ class Format:
 
     name = ""
     provider_format = ""
-    data_only = False  # True when events carry no `event:` line (OpenAI chat)
 
     def stream_view(self, **kwargs: Any) -> StreamView:
         return StreamView(self, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ProxyError
+from ..usage import is_usage_only_chunk
 from .base import EventKind, Format, StreamView, compact_json
 from .openai_common import openai_error_object
 
@@ -25,14 +26,9 @@ def is_role_only_chunk(obj: dict) -> bool:
     return True
 
 
-def is_usage_only_chunk(obj: dict) -> bool:
-    return not obj.get("choices") and obj.get("usage") is not None
-
-
 class ChatFormat(Format):
     name = "openai-chat"
     provider_format = "openai"
-    data_only = True
 
     def classify(self, name: str | None, obj: Any, view: StreamView) -> EventKind:
         if obj == DONE_MARKER:
