@@ -12,9 +12,12 @@ import json
 import logging
 import threading
 import time
-import zlib
+from typing import Callable
 
-from .usage import Usage, UsageRecord, parse_body, stream_parser
+from .limits import Reservation
+from .redact import Redactor
+from .text import loggable
+from .usage import RECORD_FIELDS, Usage, UsageRecord, parse_body, stream_parser
 
 log = logging.getLogger("proxy.requests")
 
@@ -24,16 +27,18 @@ BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but 
 class Accounting:
     def __init__(self, tracker, prices, *, request_id: str, endpoint: str, usage_format: str | None,
                  model: str | None, deployment: str | None, stream: bool, client_key_id: str | None,
-                 bytes_in: int) -> None:
+                 bytes_in: int, redactor: Redactor | None = None,
+                 on_finish: Callable[["Accounting"], None] | None = None) -> None:
         self._tracker = tracker
         self._prices = prices
+        self._redactor = redactor or Redactor()
+        self._on_finish = on_finish
         self._usage_format = usage_format
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._finished = False
         self._parser = stream_parser(usage_format) if usage_format and stream else None
         self._body = bytearray()
-        self._body_encoding: str | None = None
         self.body_bytes = 0
         self.record = UsageRecord(
             request_id=request_id, started_at=time.time(), endpoint=endpoint,
@@ -75,9 +80,6 @@ class Accounting:
         if self._parser is not None:
             self._parser.feed_object(name, payload)
 
-    def set_body_encoding(self, encoding: str | None) -> None:
-        self._body_encoding = (encoding or "").strip().lower() or None
-
     def add_body_copy(self, chunk: bytes) -> None:
         self.body_bytes += len(chunk)
         if len(self._body) < BODY_COPY_LIMIT:
@@ -88,21 +90,43 @@ class Accounting:
         return fmt.upstream_error_message(body) if body is not None else None
 
     # -- the end ---------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
     def finish(self, status: int, end_reason: str, *, error: str | None = None,
                bytes_out: int = 0) -> None:
+        """Record how the request ended; only the first call counts, and it never raises."""
         with self._lock:
             if self._finished:
                 return
             self._finished = True
-        rec = self.record
-        rec.ended_at = time.time()
-        rec.status = status
-        rec.end_reason = end_reason
-        rec.error = error
-        rec.bytes_out = bytes_out
-        self._apply_usage(self._usage(status))
-        self._tracker.record(rec)
-        self._log(rec)
+        try:
+            rec = self.record
+            rec.ended_at = time.time()
+            rec.status = status
+            rec.end_reason = end_reason
+            rec.error = error
+            rec.bytes_out = bytes_out
+            try:
+                self._apply_usage(self._usage(status))
+            except Exception:  # odd usage must not cost the row
+                log.exception("request %s: usage could not be read", rec.request_id)
+            self._mask_secrets(rec)
+            self._tracker.record(rec)
+            self._log(rec)
+        finally:
+            if self._on_finish is not None:
+                self._on_finish(self)
+
+    def _mask_secrets(self, rec: UsageRecord) -> None:
+        """Upstream text (error messages, an echoed model name) may quote a key."""
+        if not self._redactor:
+            return
+        for name in RECORD_FIELDS:
+            value = getattr(rec, name)
+            if isinstance(value, str):
+                setattr(rec, name, self._redactor.text(value))
 
     def _usage(self, status: int) -> Usage | None:
         if self._parser is not None:
@@ -122,31 +146,28 @@ class Accounting:
             self._prices.price_record(rec)
 
     def _decoded_body_json(self):
-        raw = bytes(self._body)
         try:
-            if self._body_encoding in ("gzip", "x-gzip"):
-                raw = zlib.decompress(raw, 47)
-            elif self._body_encoding == "deflate":
-                raw = _inflate(raw)
-            return json.loads(raw)
-        except (ValueError, zlib.error):
+            return json.loads(bytes(self._body))
+        except (ValueError, RecursionError):
             return None
 
     def _elapsed_ms(self) -> float:
         return round((time.monotonic() - self._t0) * 1000.0, 3)
 
     def _log(self, rec: UsageRecord) -> None:
+        """One line per request; every field that a client or an upstream chose is escaped
+        and capped, so none can forge a line or flood the log."""
         duration = (rec.ended_at - rec.started_at) * 1000.0
         cost = f"${rec.cost_usd:.6f}" if rec.cost_usd is not None else "unpriced"
         line = (f"request {rec.request_id} {rec.endpoint} status={rec.status} end={rec.end_reason} "
-                f"model={rec.model_requested} deployment={rec.deployment} "
-                f"upstream_model={rec.upstream_model} in={rec.input_tokens} out={rec.output_tokens} "
-                f"cache_read={rec.cache_read_tokens} cache_write={rec.cache_write_tokens} "
-                f"cost={cost} duration_ms={duration:.1f}")
+                f"model={loggable(rec.model_requested, 256)} deployment={loggable(rec.deployment, 128)} "
+                f"upstream_model={loggable(rec.upstream_model, 256)} in={rec.input_tokens} "
+                f"out={rec.output_tokens} cache_read={rec.cache_read_tokens} "
+                f"cache_write={rec.cache_write_tokens} cost={cost} duration_ms={duration:.1f}")
         if rec.end_reason == "complete":
-            log.info(line)
+            log.info("%s", line)
         else:
-            log.warning("%s cause=%s", line, rec.error)
+            log.warning("%s cause=%s", line, loggable(rec.error, 1000))
 
 
 def _has_tokens(usage: Usage) -> bool:
@@ -154,8 +175,47 @@ def _has_tokens(usage: Usage) -> bool:
                            usage.cache_write_tokens))
 
 
-def _inflate(raw: bytes) -> bytes:
-    try:
-        return zlib.decompress(raw)
-    except zlib.error:
-        return zlib.decompress(raw, -15)
+class InFlight:
+    """Requests whose usage row is not recorded yet, and the memory they hold.
+
+    A worker that stops waits here until its stream threads have finished their rows (so
+    the tracker is closed after the last of them), and records any straggler itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._live: dict[Accounting, Reservation | None] = {}
+
+    def add(self, acct: Accounting) -> None:
+        with self._cond:
+            self._live[acct] = None
+
+    def hold(self, acct: Accounting, reservation: Reservation) -> None:
+        """Memory the request holds until it is finished."""
+        with self._cond:
+            if acct in self._live:
+                self._live[acct] = reservation
+                return
+        reservation.release()
+
+    def done(self, acct: Accounting) -> None:
+        with self._cond:
+            reservation = self._live.pop(acct, None)
+            self._cond.notify_all()
+        if reservation is not None:
+            reservation.release()
+
+    def count(self) -> int:
+        with self._cond:
+            return len(self._live)
+
+    def wait_until_empty(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._live, max(timeout, 0.0))
+
+    def finish_remaining(self, status: int, end_reason: str, error: str) -> int:
+        """Record every request still open (at shutdown, when its thread did not make it)."""
+        with self._cond:
+            remaining = list(self._live)
+        for acct in remaining:
+            acct.finish(status, end_reason, error=error)
+        return len(remaining)

@@ -8,7 +8,6 @@ can kill a worker.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,25 +21,30 @@ from typing import Iterable
 from werkzeug.wrappers import Request
 
 from . import formats
-from .accounting import Accounting
+from .accounting import Accounting, InFlight
 from .config import ANTHROPIC_FORMAT, OPENAI_FORMAT, Config, load_config
-from .errors import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError,
-                     ShuttingDown)
+from .errors import (BadRequest, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge,
+                     ProxyError, RequestTimeout, ShuttingDown)
 from .formats import Format
 from .handler import ProxyRequest, StreamRelay, serve_plain
+from .limits import MemoryBudget, Reservation, json_parse_cost
 from .pricing import PriceTable
+from .redact import Redactor, client_key_id, installation_secret, request_credentials
 from .relay import Heartbeat
 from .replies import REQUEST_ID_HEADER, StartResponse, error_response
 from .routing import Breakers, Deployment, Route, Router, pass_through_route
+from .text import loggable
 from .tracker import NullTracker, Tracker
-from .upstream import UpstreamClient, is_hop_by_hop_header
+from .upstream import UpstreamClient, header_problem, is_hop_by_hop_header
 
 log = logging.getLogger("proxy.app")
 
-# Never forwarded upstream: framing the proxy redoes, and client addresses that the
-# provider has no business seeing.
+# Never forwarded upstream: framing the proxy redoes, client addresses that the provider has
+# no business seeing, and the client's Accept-Encoding (the proxy reads every body it relays,
+# to mask echoed keys and to cap decompression, so it asks upstreams for identity).
 _REQUEST_DROP = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-host",
-                           "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "forwarded"})
+                           "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "forwarded",
+                           "accept-encoding"})
 
 
 @dataclass(frozen=True)
@@ -67,17 +71,6 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
-def client_key_id(headers) -> str | None:
-    """A stable, non-reversible id for the client's key: reports group by it, logs show it."""
-    key = headers.get("x-api-key")
-    auth = headers.get("authorization", "")
-    if not key and auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
-    if not key:
-        return None
-    return "key_" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:16]
-
-
 def format_for_unknown(headers) -> Format:
     """Pick the error shape a client will understand when the path tells us nothing."""
     if headers.get("anthropic-version") or headers.get("x-api-key"):
@@ -96,9 +89,14 @@ class App:
         self.router = Router(self.config.routes, Breakers(self.config.breaker_policy))
         # Stream threads are pooled: starting a thread per request costs ~0.3 ms of latency.
         self.stream_threads = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="stream")
+        # Every configured provider key; each request adds its own credential.
+        self.secrets = Redactor(p.api_key for p in self.config.providers.values())
+        self.budget = MemoryBudget(self.config.memory_budget)
+        self.inflight = InFlight()
         self._tracker = None
         self._tracker_pid = None
         self._tracker_lock = threading.Lock()
+        self._key_secret: bytes | None = None
         self.shutting_down = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -116,10 +114,25 @@ class App:
     def _make_tracker(self):
         if not self.config.enabled:
             return NullTracker()
-        tracker = Tracker(self.config.db_path, batch_size=self.config.batch_size,
-                          flush_interval=self.config.flush_interval, queue_max=self.config.queue_max)
+        tracker = Tracker(self.config.db_path, spill_dir=self.config.spill_path,
+                          batch_size=self.config.batch_size,
+                          flush_interval=self.config.flush_interval,
+                          queue_max=self.config.queue_max, spill_after=self.config.spill_after)
         tracker.start()
         return tracker
+
+    @property
+    def key_secret(self) -> bytes:
+        """The installation secret that keys client key ids (created on first start)."""
+        if self._key_secret is None:
+            try:
+                self._key_secret = installation_secret(self.config.secret_path)
+            except (OSError, ValueError) as exc:
+                log.error("cannot use the installation secret %s (%s); client key ids of this "
+                          "process will not match other processes'", self.config.secret_path,
+                          loggable(exc))
+                self._key_secret = secrets.token_hex(32).encode("ascii")
+        return self._key_secret
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, let live streams run `shutdown_grace`, then end them."""
@@ -151,10 +164,11 @@ class App:
                 raise MethodNotAllowed(f"{path} accepts POST only")
             return self._proxy(request, endpoint, start_response)
         except ProxyError as err:
-            log.info("rejected %s %s: %s %s", request.method, path, err.status, err.message)
+            log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(path),
+                     err.status, loggable(err.message))
             return error_response(self._format_for(path, request), err, new_request_id(), start_response)
         except Exception:  # a bug must cost one request, never the worker
-            log.exception("internal error on %s %s", request.method, path)
+            log.exception("internal error on %s %s", loggable(request.method, 32), loggable(path))
             err = ProxyError("internal error in the proxy")
             return error_response(self._format_for(path, request), err, new_request_id(), start_response)
 
@@ -165,27 +179,25 @@ class App:
     # -- proxied endpoints -----------------------------------------------------------------
     def _proxy(self, request: Request, endpoint: Endpoint, start_response) -> Iterable[bytes]:
         request_id = new_request_id()
-        provider = self.config.provider_for(endpoint.provider_format)
-        acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint=endpoint.name,
-                          usage_format=endpoint.usage_format, model=None, deployment=None,
-                          stream=False, client_key_id=client_key_id(request.headers),
-                          bytes_in=request.content_length or 0)
+        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
+        acct = self._accounting(request, request_id, endpoint.name, endpoint.usage_format,
+                                redactor)
         try:
+            headers = _forwardable_headers(request)
             body = self._read_body(request)
             acct.record.bytes_in = len(body)
-            preq = self._build_request(request, endpoint, provider, request_id, body,
-                                       acct.record.client_key_id)
+            payload, held = self._parse_within_budget(acct, body)
+            preq = self._build_request(request, endpoint, request_id, body, payload, headers,
+                                       acct, redactor)
+            if preq.payload is None:
+                held.shrink(len(preq.body))  # the parsed object is gone; the body stays
+            if self.shutting_down:
+                raise ShuttingDown("the proxy is shutting down; retry the request")
         except ProxyError as err:
-            acct.finish(err.status, "rejected", error=err.message)
-            return error_response(endpoint.fmt, err, request_id, start_response)
-        acct.record.model_requested = preq.model
-        acct.record.stream = preq.stream
+            acct.finish(endpoint.fmt.status_of(err), err.end_reason, error=err.message)
+            return error_response(endpoint.fmt, err, request_id, start_response, redactor)
         if preq.stream:
             acct.start_stream_parser()
-        if self.shutting_down:
-            err = ShuttingDown("the proxy is shutting down; retry the request")
-            acct.finish(err.status, "rejected", error=err.message)
-            return error_response(endpoint.fmt, err, request_id, start_response)
         try:
             if preq.stream:
                 return StreamRelay(self, preq, acct).respond(start_response)
@@ -194,27 +206,62 @@ class App:
             acct.finish(500, "upstream_error", error=f"internal error: {type(exc).__name__}")
             raise
 
-    def _build_request(self, request: Request, endpoint: Endpoint, provider, request_id: str,
-                       body: bytes, key_id: str | None) -> ProxyRequest:
-        payload = _parse_json_object(body)
+    def _accounting(self, request: Request, request_id: str, endpoint: str,
+                    usage_format: str | None, redactor: Redactor,
+                    deployment: str | None = None) -> Accounting:
+        """The request's usage record, counted in flight until it is finished."""
+        credentials = request_credentials(request.headers)
+        acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint=endpoint,
+                          usage_format=usage_format, model=None, deployment=deployment,
+                          stream=False, client_key_id=client_key_id(
+                              credentials[0] if credentials else None, self.key_secret),
+                          bytes_in=request.content_length or 0, redactor=redactor,
+                          on_finish=self.inflight.done)
+        self.inflight.add(acct)
+        return acct
+
+    def _parse_within_budget(self, acct: Accounting, body: bytes) -> tuple[dict, Reservation]:
+        """Parse the body if this worker's memory budget allows what parsing it costs; the
+        reservation is held until the request is finished."""
+        cost = len(body) + json_parse_cost(body)
+        if cost > self.budget.total:
+            raise PayloadTooLarge(f"the request body would take about {cost >> 20} MiB to parse, "
+                                  f"more than this proxy allows ({self.budget.total >> 20} MiB); "
+                                  "send fewer, larger JSON values")
+        reservation = self.budget.reserve(cost)
+        if reservation is None:
+            raise Overloaded("the proxy holds as much request data as it may right now; "
+                             "retry shortly")
+        self.inflight.hold(acct, reservation)
+        return _parse_json_object(body), reservation
+
+    def _build_request(self, request: Request, endpoint: Endpoint, request_id: str,
+                       body: bytes, payload: dict, headers: list[tuple[str, str]],
+                       acct: Accounting, redactor: Redactor) -> ProxyRequest:
         model = payload.get("model")
+        if isinstance(model, str):
+            acct.record.model_requested = model
         if endpoint.needs_model and (not isinstance(model, str) or not model.strip()):
             raise BadRequest("`model` is required and must be a non-empty string")
-        stream = endpoint.may_stream and payload.get("stream") is True
+        stream = _wants_stream(endpoint, payload)
+        acct.record.stream = stream
+        provider = self.config.provider_for(endpoint.provider_format)
         strip_usage = False
         if endpoint.name == "openai-chat" and stream and not _asked_for_usage(payload):
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            body = encode_json_body(payload)
             strip_usage = True
         route = self.router.route_for(
             model, provider.name,
             lambda name: self.config.providers[name].format == endpoint.provider_format)
+        edits = any(d.edits_body for d in route.deployments)
         return ProxyRequest(
             request_id=request_id, endpoint=endpoint.name, fmt=endpoint.fmt, route=route,
-            method="POST", path=_path_and_query(request), body=body, payload=payload,
-            headers=_end_to_end_headers(request), model=model, stream=stream,
+            method="POST", path=_path_and_query(request), body=body,
+            payload=payload if edits else None, headers=headers, model=model, stream=stream,
             strip_usage_chunk=strip_usage, usage_format=endpoint.usage_format,
-            client_socket=_client_socket(request.environ), client_key_id=key_id)
+            client_socket=_client_socket(request.environ), client_key_id=acct.record.client_key_id,
+            redactor=redactor)
 
     def _models(self, request: Request, start_response) -> Iterable[bytes]:
         if request.method != "GET":
@@ -222,13 +269,19 @@ class App:
         fmt = format_for_unknown(request.headers)
         provider = self.config.provider_for(fmt.provider_format)
         request_id = new_request_id()
+        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
+        acct = self._accounting(request, request_id, "models", None, redactor,
+                                deployment=provider.name)
+        try:
+            headers = _forwardable_headers(request)
+        except ProxyError as err:
+            acct.finish(fmt.status_of(err), err.end_reason, error=err.message)
+            return error_response(fmt, err, request_id, start_response, redactor)
         preq = ProxyRequest(
             request_id=request_id, endpoint="models", fmt=fmt, route=pass_through_route(provider.name),
-            method="GET", path=_path_and_query(request), body=b"", headers=_end_to_end_headers(request),
-            client_socket=_client_socket(request.environ), client_key_id=client_key_id(request.headers))
-        acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint="models",
-                          usage_format=None, model=None, deployment=provider.name, stream=False,
-                          client_key_id=preq.client_key_id, bytes_in=0)
+            method="GET", path=_path_and_query(request), body=b"", headers=headers,
+            client_socket=_client_socket(request.environ), client_key_id=acct.record.client_key_id,
+            redactor=redactor)
         return serve_plain(self, preq, acct, start_response)
 
     # -- used by the handler for each upstream try --------------------------------------
@@ -237,7 +290,7 @@ class App:
         provider = self.config.providers[deployment.provider]
         body = preq.body
         if deployment.edits_body and preq.payload is not None:
-            body = json.dumps(deployment.rewrite(preq.payload), ensure_ascii=False).encode("utf-8")
+            body = encode_json_body(deployment.rewrite(preq.payload))
         headers = _with_credentials(preq.headers, provider) + [(REQUEST_ID_HEADER, preq.request_id)]
         return provider.base_url + preq.path, headers, body
 
@@ -246,12 +299,22 @@ class App:
         return self.config.keepalive and (first is None or first.keepalive)
 
     def _read_body(self, request: Request) -> bytes:
+        """The whole body, or a clear 4xx: too large, cut short, badly framed, too slow."""
         limit = self.config.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"request body is {request.content_length} bytes; the limit is {limit}")
-        body = request.stream.read(limit + 1)
+        length = request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+        try:
+            body = request.stream.read(limit + 1)
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive in time") from None
+        except Exception as exc:  # the server's framing errors: bad chunks, EOF, trailers
+            raise BadRequest(f"the request body could not be read: {type(exc).__name__}: "
+                             f"{loggable(exc, 200)}") from None
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        if length is not None and len(body) < length:
+            raise BadRequest(f"the request body ended after {len(body)} of its {length} bytes")
         return body
 
     # -- proxy's own endpoints -------------------------------------------------------------
@@ -261,10 +324,13 @@ class App:
             tracker.flush(5.0)  # lets tests and operators wait for queued rows to be written
         # 503 while shutting down, so a load balancer stops sending new requests here.
         status = 503 if self.shutting_down else 200
-        body = {"status": "shutting_down" if self.shutting_down else "ok", "pid": os.getpid(),
+        stats = tracker.stats() if tracker is not None else None
+        state = "degraded" if stats and stats.get("state") == "degraded" else "ok"
+        # Counts and states only: error texts can quote upstreams (and so, keys).
+        body = {"status": "shutting_down" if self.shutting_down else state, "pid": os.getpid(),
                 "live_exchanges": self.heartbeat.live_count(),
-                "breakers": self.router.breakers.snapshot(),
-                "tracker": tracker.stats() if tracker is not None else None}
+                "breakers": self.router.breakers.snapshot(), "tracker": stats,
+                "memory_budget": {"used": self.budget.used, "total": self.budget.total}}
         return _json_response(start_response, status, body)
 
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
@@ -295,9 +361,37 @@ def _parse_json_object(body: bytes) -> dict:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object")
     return payload
+
+
+def _wants_stream(endpoint: Endpoint, payload: dict) -> bool:
+    """`stream` as the API defines it: a boolean (a string "true" is an error, not a guess)."""
+    value = payload.get("stream")
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"`stream` must be true or false, not a JSON {_json_type(value)}")
+    if endpoint.name == "openai-chat":
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise BadRequest(f"`stream_options` must be an object, not a JSON {_json_type(options)}")
+    return endpoint.may_stream and value is True
+
+
+def _json_type(value: object) -> str:
+    return {str: "string", int: "number", float: "number", list: "array", dict: "object"}.get(
+        type(value), "value")
+
+
+def encode_json_body(payload: dict) -> bytes:
+    """The body as UTF-8 JSON; text JSON allowed but UTF-8 cannot carry (a lone surrogate
+    such as "\\ud800") is sent escaped, exactly as the client wrote it."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")
 
 
 def _asked_for_usage(payload: dict) -> bool:
@@ -310,15 +404,20 @@ def _path_and_query(request: Request) -> str:
     return request.path + (f"?{query}" if query else "")
 
 
-def _end_to_end_headers(request: Request) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones and those the proxy must not forward."""
+def _forwardable_headers(request: Request) -> list[tuple[str, str]]:
+    """The client's end-to-end headers, each one sendable upstream; one that is not (a value
+    that starts with a non-breaking space, a control character) is the client's fault, a 400,
+    never a failed try that would count against the deployment."""
     raw = list(request.headers.items())
     listed = frozenset(t.strip().lower() for k, v in raw if k.lower() == "connection"
                        for t in v.split(","))
     headers = [(k, v) for k, v in raw
                if k.lower() not in _REQUEST_DROP and not is_hop_by_hop_header(k, listed)]
-    if not any(k.lower() == "accept-encoding" for k, _ in headers):
-        headers.append(("Accept-Encoding", "identity"))
+    for name, value in headers:
+        problem = header_problem(name, value)
+        if problem:
+            raise BadRequest(f"request header {loggable(name, 64)!r} cannot be forwarded: {problem}")
+    headers.append(("Accept-Encoding", "identity"))
     return headers
 
 

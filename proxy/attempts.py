@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, UpstreamHTTPError,
-                     UpstreamTimeout)
+from .errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, UpstreamBroken,
+                     UpstreamHTTPError, UpstreamTimeout)
 from .routing import (Attempt, AttemptPlan, AttemptRecord, Decision, decide_status,
                       retry_after_seconds)
+from .text import loggable
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("proxy.attempts")
@@ -81,6 +82,13 @@ class _ClientAnswer:
 
 
 @dataclass
+class _ClientFault:
+    """The request cannot be sent as the client wrote it: a 4xx, and no deployment blamed."""
+
+    error: ProxyError
+
+
+@dataclass
 class AnsweredThenFailed:
     """The deployment answered (content reached the client) and then broke: nothing can be
     retried, but its breaker hears about it."""
@@ -110,6 +118,8 @@ class AttemptRunner:
                 return self._finish(Final(answered=True))
             if isinstance(outcome, _ClientAnswer):
                 return self._finish(Final(reply=outcome.reply))  # fail fast: the client gets it
+            if isinstance(outcome, _ClientFault):
+                return self._finish(Final(error=outcome.error))
             last = outcome
         return self._finish(self._exhausted(last))
 
@@ -124,16 +134,29 @@ class AttemptRunner:
         try:
             resp = self.ctx.upstream.send(self.preq.method, url, headers, body, handle, read_timeout)
         except ProxyError as err:
+            if err.client_fault:
+                self.plan.abandoned(attempt)
+                return _ClientFault(err)
             err = self._explain(err)
             self._failed(attempt, Decision.NEXT if _is_silence(err) else Decision.RETRY,
                          AttemptRecord(deployment.name, err.end_reason, error=err.message))
             return err
         self.acct.first_byte()
-        if resp.status < 400:
+        if resp.status < 300:
+            unexpected = self._unexpected_body(resp)
+            if unexpected is not None:
+                resp.close()
+                self._failed(attempt, Decision.NEXT, AttemptRecord(
+                    deployment.name, unexpected.end_reason, status=resp.status,
+                    error=unexpected.message))
+                return unexpected
             self._note_progress(attempt)  # a stream may finish its record inside use_response
             failure = use_response(resp, attempt)
             if failure is None:
-                self.plan.succeeded(attempt)
+                if self.exchange.end_error is not None:
+                    self.plan.abandoned(attempt)  # client gone or shutdown: no verdict
+                else:
+                    self.plan.succeeded(attempt)
                 return None
             if isinstance(failure, AnsweredThenFailed):
                 self.plan.answered_then_failed(attempt, failure.error.message)
@@ -143,6 +166,13 @@ class AttemptRunner:
                 deployment.name, failure.end_reason, status=resp.status, error=failure.message,
                 input_tokens=self.acct.attempt_input_tokens()))
             return failure
+        if resp.status < 400:
+            resp.close()
+            err = UpstreamBroken(f"the upstream answered HTTP {resp.status} (a redirect) where "
+                                 "an answer was expected")
+            self._failed(attempt, Decision.NEXT, AttemptRecord(
+                deployment.name, err.end_reason, status=resp.status, error=err.message))
+            return err
         try:
             reply = ErrorReply.read(resp, deployment.name)
         except ProxyError as err:  # the error body itself broke off
@@ -160,8 +190,20 @@ class AttemptRunner:
                      retry_after=retry_after_seconds(lambda name: _header(reply.headers, name)))
         return reply
 
+    def _unexpected_body(self, resp: UpstreamResponse) -> ProxyError | None:
+        """A 2xx that is neither JSON nor an event stream (a captive portal's HTML page, a
+        misrouted request) is a broken upstream, not an answer to relay as a success."""
+        if resp.is_json or resp.is_event_stream:
+            return None
+        kind = loggable(resp.header("content-type") or "no Content-Type", 100)
+        return UpstreamBroken(f"the upstream answered HTTP {resp.status} with {kind} where "
+                              "JSON or an event stream was expected")
+
     def _failed(self, attempt: Attempt, decision: Decision, record: AttemptRecord,
                 retry_after: float | None = None) -> None:
+        if self.exchange.end_error is not None:  # cut off by the client or shutdown
+            self.plan.abandoned(attempt, record)
+            return
         what_next = self.plan.failed(attempt, decision, record, retry_after)
         log.info("request %s: attempt %d on %s failed (%s%s); %s", self.preq.request_id,
                  attempt.number, attempt.deployment.name, record.outcome,

@@ -73,21 +73,46 @@ SETTINGS: tuple[Setting, ...] = (
             "keep it below gunicorn's graceful_timeout.", _non_negative),
     Setting("stream.keepalive", bool, True, "LLM_PROXY_KEEPALIVE",
             "Send keepalive comments on event streams (per provider too).", lambda v: None),
+    Setting("stream.max_event_bytes", int, 16 * 1024 * 1024, "LLM_PROXY_MAX_EVENT_BYTES",
+            "Largest upstream SSE event; a larger one (or a line that never ends) ends the "
+            "stream with an upstream error.", _positive),
     Setting("server.plain_timeout", float, 600.0, "LLM_PROXY_PLAIN_TIMEOUT",
             "Seconds a non-streaming request waits for its answer (it is silent until done); "
             "the official SDKs wait 600 s.", _positive),
     Setting("server.max_body_bytes", int, 32 * 1024 * 1024, "LLM_PROXY_MAX_BODY_BYTES",
             "Largest request body accepted; larger ones get 413.", _positive),
+    Setting("server.client_timeout", float, 30.0, "LLM_PROXY_CLIENT_TIMEOUT",
+            "Seconds a client has to send a whole request (headers and body); slower ones get "
+            "408 and never hold a worker thread while they trickle.", _positive),
+    Setting("server.memory_budget", int, 1024 * 1024 * 1024, "LLM_PROXY_MEMORY_BUDGET",
+            "Bytes of request bodies (and their parsed JSON) one worker holds at once; a "
+            "request that would exceed it is refused with 503/529 instead of swelling the "
+            "worker.", _positive),
+    Setting("server.max_decompressed_bytes", int, 256 * 1024 * 1024,
+            "LLM_PROXY_MAX_DECOMPRESSED_BYTES",
+            "Largest upstream body after decompression (a gzip bomb stops here).", _positive),
+    Setting("server.max_compression_ratio", int, 100, None,
+            "Largest decompressed/compressed size ratio of an upstream body past its first "
+            "MiB.", _positive),
     Setting("tracker.enabled", bool, True, "LLM_PROXY_TRACKER",
             "Record one usage row per request.", lambda v: None),
     Setting("tracker.db", str, "", "LLM_PROXY_DB",
             "SQLite file for usage rows (default: ~/.local/share/llm-proxy/usage.db).",
             lambda v: None),
+    Setting("tracker.spill_dir", str, "", "LLM_PROXY_SPILL_DIR",
+            "Directory for rows the database cannot take yet (default: <db>.spill); put it on "
+            "another filesystem to keep rows through a full disk.", lambda v: None),
+    Setting("tracker.spill_after", float, 5.0, None,
+            "Seconds a database fault may last before queued rows move from memory to the "
+            "spill directory.", _non_negative),
+    Setting("tracker.secret_file", str, "", "LLM_PROXY_SECRET_FILE",
+            "Per-installation secret that keys the client key ids in usage rows; created on "
+            "first start (default: beside the database).", lambda v: None),
     Setting("tracker.batch_size", int, 200, None, "Rows per write transaction.", _positive),
     Setting("tracker.flush_interval", float, 0.05, None,
             "Longest wait (s) before a partial batch is written.", _positive),
     Setting("tracker.queue_max", int, 10000, None,
-            "Rows held in memory before they spill to a file beside the database.", _positive),
+            "Rows held in memory before they spill to the spill directory.", _positive),
     Setting("retry.max_attempts", int, 2, None,
             "Tries per deployment of a route (first included) for transient failures.", _positive),
     Setting("retry.backoff_base", float, 0.5, None,
@@ -148,10 +173,18 @@ class Config:
     client_probe_interval: float = 0.05
     shutdown_grace: float = 20.0
     keepalive: bool = True
+    max_event_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 32 * 1024 * 1024
+    client_timeout: float = 30.0
+    memory_budget: int = 1024 * 1024 * 1024
+    max_decompressed_bytes: int = 256 * 1024 * 1024
+    max_compression_ratio: int = 100
     plain_timeout: float = 600.0
     enabled: bool = True
     db: str = ""
+    spill_dir: str = ""
+    spill_after: float = 5.0
+    secret_file: str = ""
     batch_size: int = 200
     flush_interval: float = 0.05
     queue_max: int = 10000
@@ -188,6 +221,15 @@ class Config:
     @property
     def db_path(self) -> str:
         return self.db or default_db_path()
+
+    @property
+    def spill_path(self) -> str:
+        return self.spill_dir or self.db_path + ".spill"
+
+    @property
+    def secret_path(self) -> str:
+        return self.secret_file or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
+                                                "installation-secret")
 
     def provider_for(self, fmt: str) -> Provider:
         """The provider serving an API format: the one named after it, else the first."""

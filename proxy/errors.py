@@ -13,10 +13,14 @@ class ProxyError(Exception):
     """Root of every error the proxy turns into a client-visible response."""
 
     status = 500
+    anthropic_status: int | None = None  # Anthropic's own status where it differs (529)
     anthropic_type = "api_error"
     openai_type = "server_error"
     openai_code: str | None = None
     end_reason = "upstream_error"
+    # Caused by what the client sent: answered at once, never retried, and never counted
+    # against a deployment's circuit breaker (one client must not open it for everyone).
+    client_fault = False
 
     def __init__(self, message: str, *, retry_after: str | None = None) -> None:
         super().__init__(message)
@@ -28,6 +32,7 @@ class BadRequest(ProxyError):
     status = 400
     anthropic_type = openai_type = "invalid_request_error"
     end_reason = "rejected"
+    client_fault = True
 
 
 class NotFound(ProxyError):
@@ -36,12 +41,24 @@ class NotFound(ProxyError):
     openai_type = "invalid_request_error"
     openai_code = "not_found"
     end_reason = "rejected"
+    client_fault = True
 
 
 class MethodNotAllowed(ProxyError):
     status = 405
     anthropic_type = openai_type = "invalid_request_error"
     end_reason = "rejected"
+    client_fault = True
+
+
+class RequestTimeout(ProxyError):
+    """The client took longer than `client_timeout` to send its request."""
+
+    status = 408
+    anthropic_type = openai_type = "invalid_request_error"
+    openai_code = "request_timeout"
+    end_reason = "rejected"
+    client_fault = True
 
 
 class PayloadTooLarge(ProxyError):
@@ -50,6 +67,21 @@ class PayloadTooLarge(ProxyError):
     openai_type = "invalid_request_error"
     openai_code = "request_too_large"
     end_reason = "rejected"
+    client_fault = True
+
+
+class Overloaded(ProxyError):
+    """This worker holds as much request data as its memory budget allows; retry shortly."""
+
+    status = 503
+    anthropic_status = 529
+    anthropic_type = "overloaded_error"
+    openai_type = "server_error"
+    openai_code = "proxy_overloaded"
+    end_reason = "rejected"
+
+    def __init__(self, message: str, *, retry_after: str | None = "1") -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class UpstreamUnreachable(ProxyError):
@@ -96,6 +128,7 @@ class ShuttingDown(ProxyError):
     """The proxy is stopping; the client should retry elsewhere."""
 
     status = 503
+    anthropic_status = 529
     anthropic_type = "overloaded_error"
     openai_type = "server_error"
     openai_code = "proxy_shutting_down"
@@ -135,6 +168,7 @@ class NoUsableDeployment(ProxyError):
     status = 400
     anthropic_type = openai_type = "invalid_request_error"
     end_reason = "rejected"
+    client_fault = True
 
 
 class AllDeploymentsUnavailable(ProxyError):

@@ -18,18 +18,19 @@ import json
 import logging
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .accounting import Accounting
 from .attempts import AnsweredThenFailed, AttemptRunner, Final
 from .errors import ClientGone, ProxyError, UpstreamBroken
 from .formats import EventKind, Format
+from .redact import Redactor
 from .relay import Exchange, LockedWriter
 from .replies import (PassThrough, StartResponse, committed_stream_headers, error_response,
                       reply_response, stream_headers)
 from .routing import Attempt, Route
-from .sse import Event, SSEFramer
+from .sse import Event, EventTooLarge, SSEFramer
 from .upstream import UpstreamResponse
 
 log = logging.getLogger("proxy.handler")
@@ -54,6 +55,7 @@ class ProxyRequest:
     usage_format: str | None = None
     client_socket: socket.socket | None = None
     client_key_id: str | None = None
+    redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -96,10 +98,11 @@ def render_final(preq: ProxyRequest, acct: Accounting, final: Final,
         reply = final.reply
         acct.finish(reply.status, "upstream_error", error=reply.message(preq.fmt),
                     bytes_out=len(reply.body))
-        return reply_response(reply, preq.request_id, acct.record.attempts > 1, start_response)
+        return reply_response(reply, preq.request_id, acct.record.attempts > 1, start_response,
+                              preq.redactor)
     err = final.error or UpstreamBroken("no deployment answered")
-    acct.finish(err.status, err.end_reason, error=err.message)
-    return error_response(preq.fmt, err, preq.request_id, start_response)
+    acct.finish(preq.fmt.status_of(err), err.end_reason, error=err.message)
+    return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
 
 
 class StreamRelay:
@@ -108,7 +111,7 @@ class StreamRelay:
     def __init__(self, ctx, preq: ProxyRequest, acct: Accounting) -> None:
         self.ctx, self.preq, self.acct = ctx, preq, acct
         self.view = preq.fmt.stream_view(strip_usage_chunk=preq.strip_usage_chunk)
-        self.writer = LockedWriter(keepalive=ctx.keepalive_for(preq.route))
+        self.writer = LockedWriter(keepalive=ctx.keepalive_for(preq.route), redactor=preq.redactor)
         self.exchange = Exchange(preq.client_socket, self.writer, on_end=self._ended_from_outside)
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -117,7 +120,7 @@ class StreamRelay:
         self._final: Final | None = None
         self._protocol_end: EventKind | None = None
         # Per try: the framer, the preamble held back while another option remains, the try.
-        self._framer = SSEFramer()
+        self._framer = SSEFramer(ctx.config.max_event_bytes)
         self._held: list[Event] | None = None
         self._attempt: Attempt | None = None
         self._content_seen = False
@@ -138,7 +141,8 @@ class StreamRelay:
             return render_final(self.preq, self.acct, self._final, start_response)
         resp, deployment = self._announced
         if resp.is_event_stream:
-            start_response("200 OK", stream_headers(resp.headers, self.preq.request_id, deployment))
+            headers = self.preq.redactor.headers(resp.headers)
+            start_response("200 OK", stream_headers(headers, self.preq.request_id, deployment))
             return self._frames()
         return PassThrough(self.ctx, self.preq, self.acct, self.exchange, resp).respond(start_response)
 
@@ -154,13 +158,22 @@ class StreamRelay:
                 self.exchange.end(ClientGone("the client went away while the stream was written"))
 
     def _ended_from_outside(self, err: ProxyError) -> None:
-        """Client gone or shutdown: a committed stream gets the terminal error, if renderable."""
+        """Client gone or shutdown.  A committed stream gets the terminal error; before the
+        commit (a preamble held back, or no headers yet) the server thread is woken at once
+        to answer with the error's own status (503/529), or nothing for a client that left."""
         with self._lock:
-            streaming = self._committed or self._announced is not None
+            streaming = self._streaming()
+            if not streaming:
+                self._final = Final(error=err)
+                self._ready.set()
         if isinstance(err, ClientGone) or not streaming:
             self.writer.close()
         else:
             self.writer.close(self.view.terminal_error(err))
+
+    def _streaming(self) -> bool:
+        """Called with self._lock held: has a 200 gone (or is it going) to the client?"""
+        return self._committed or self._announced is not None
 
     # -- stream thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -212,14 +225,14 @@ class StreamRelay:
 
     # -- relaying one deployment's event stream ---------------------------------------------
     def _pump(self, resp: UpstreamResponse, attempt: Attempt) -> ProxyError | AnsweredThenFailed | None:
-        self._framer = SSEFramer()
+        self._framer = SSEFramer(self.ctx.config.max_event_bytes)
         self._held = [] if attempt.hold_preamble else None
         self._attempt = attempt
         self._content_seen = False
         failure: ProxyError | None = None
         try:
             for chunk in resp.decoded_chunks():
-                for event in self._framer.feed(chunk):
+                for event in self._frame(chunk):
                     self._forward(event, resp)
                 if self._protocol_end is not None and not self.writer.closed:
                     self._close_after_split_crlf()
@@ -237,6 +250,12 @@ class StreamRelay:
             return failure or UpstreamBroken("the upstream ended the stream before any content")
         broken = self._conclude(failure, self._framer.pending_bytes())
         return AnsweredThenFailed(broken) if broken is not None else None
+
+    def _frame(self, chunk: bytes) -> list[Event]:
+        try:
+            return self._framer.feed(chunk)
+        except EventTooLarge as exc:
+            raise UpstreamBroken(f"the upstream sent {exc}") from None
 
     def _forward(self, event: Event, resp: UpstreamResponse) -> None:
         if self._protocol_end is not None:
@@ -295,6 +314,11 @@ class StreamRelay:
     def _conclude(self, failure: ProxyError | None, leftover: bytes = b"") -> ProxyError | None:
         """End the body the one right way and finalize the record (first finish wins);
         returns the upstream's failure, if the answer broke off."""
+        if self._protocol_end is None and failure is None and not leftover.strip() \
+                and self.view.complete_without_end_marker():
+            # A chat stream whose every choice has its finish reason, ended cleanly without
+            # `data: [DONE]` (some OpenAI-compatible servers): the answer is whole.
+            self._end_by_protocol(EventKind.DONE, None)
         if self._protocol_end is not None:
             self._close_after_split_crlf()
             self.writer.close()  # recorded when the protocol's end went out
@@ -311,8 +335,13 @@ class StreamRelay:
             outside = self.exchange.end_error
             if outside is not None:
                 self.writer.close()  # the terminal event, if any, went out with the end
-                self.acct.finish(499 if isinstance(outside, ClientGone) else status,
-                                 outside.end_reason, error=outside.message,
+                with self._lock:
+                    streaming = self._streaming()
+                if isinstance(outside, ClientGone):
+                    status = 499
+                elif not streaming:  # the server thread answers with the error's own status
+                    status = self.preq.fmt.status_of(outside)
+                self.acct.finish(status, outside.end_reason, error=outside.message,
                                  bytes_out=self.writer.bytes_out)
                 return
             frame = self.view.terminal_error(failure)

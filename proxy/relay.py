@@ -22,6 +22,7 @@ import time
 from typing import Callable, Iterator
 
 from .errors import ClientGone, ProxyError
+from .redact import Redactor
 from .upstream import AbortHandle
 
 log = logging.getLogger("proxy.relay")
@@ -39,7 +40,10 @@ MAX_BUFFERED = 4 * 1024 * 1024
 class LockedWriter:
     """The only path to the client for one response: whole frames, in order, under a lock."""
 
-    def __init__(self, keepalive: bool = True, max_buffered: int = MAX_BUFFERED) -> None:
+    def __init__(self, keepalive: bool = True, max_buffered: int = MAX_BUFFERED,
+                 redactor: Redactor | None = None) -> None:
+        # Every frame passes here, so echoed keys are masked here (masks keep lengths).
+        self._redactor = redactor if redactor else None
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # frames are waiting for the server thread
         self._space = threading.Condition(lock)  # room for the stream thread to queue more
@@ -60,6 +64,8 @@ class LockedWriter:
     def write_event(self, frame: bytes, has_id: bool = False) -> bool:
         """Queue one complete event (waiting while a slow client has too much queued);
         False once the writer has been closed."""
+        if self._redactor is not None:
+            frame = self._redactor.data(frame)
         with self._cond:
             while self._queued > self.max_buffered and not self._closed:
                 self._space.wait()
@@ -79,6 +85,8 @@ class LockedWriter:
 
     def close(self, final_frame: bytes | None = None) -> bool:
         """Queue an optional last frame and the end; only the first close counts."""
+        if final_frame and self._redactor is not None:
+            final_frame = self._redactor.data(final_frame)
         with self._cond:
             if self._closed:
                 return False

@@ -16,6 +16,7 @@ from .accounting import Accounting
 from .attempts import DEPLOYMENT_HEADER, ErrorReply
 from .errors import ClientGone, ProxyError
 from .formats import Format
+from .redact import Redactor
 from .relay import Exchange
 from .upstream import UpstreamResponse, shutdown_quietly
 
@@ -33,14 +34,18 @@ SSE_HEADERS = [("Cache-Control", "no-cache, no-transform"), ("X-Accel-Buffering"
 
 
 def error_response(fmt: Format, err: ProxyError, request_id: str,
-                   start_response: StartResponse) -> list[bytes]:
-    """The endpoint's own JSON error shape, with the error's status."""
+                   start_response: StartResponse, redactor: Redactor | None = None) -> list[bytes]:
+    """The endpoint's own JSON error shape, with the error's status (its message may quote
+    an upstream, so it is masked like anything else relayed)."""
     body = json.dumps(fmt.error_body(err, request_id)).encode("utf-8")
+    if redactor:
+        body = redactor.data(body)
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                (REQUEST_ID_HEADER, request_id)]
     if err.retry_after:
         headers.append(("Retry-After", err.retry_after))
-    start_response(f"{err.status} {_reason(err.status)}", headers)
+    status = fmt.status_of(err)
+    start_response(f"{status} {_reason(status)}", headers)
     return [body]
 
 
@@ -66,17 +71,23 @@ def stream_headers(upstream_headers: list[tuple[str, str]], request_id: str,
 
 
 def reply_response(reply: ErrorReply, request_id: str, retried: bool,
-                   start_response: StartResponse) -> list[bytes]:
-    """An upstream's error answer with its real status, headers and body.
+                   start_response: StartResponse, redactor: Redactor) -> list[bytes]:
+    """An upstream's error answer with its real status, headers and body, echoed keys masked.
 
     After the proxy has retried it, `x-should-retry: false` keeps the client's SDK from
     multiplying the attempts (protocols.md section 6)."""
-    headers = [(k, v) for k, v in reply.headers if k.lower() != "x-should-retry"]
-    headers += [("Content-Length", str(len(reply.body)))] + proxy_headers(request_id, reply.deployment)
+    body = redactor.data(reply.body)  # masks keep lengths
+    headers = [(k, v) for k, v in redactor.headers(reply.headers) if k.lower() != "x-should-retry"]
+    headers += [("Content-Length", str(len(body)))] + proxy_headers(request_id, reply.deployment)
     if retried:
         headers.append(("x-should-retry", "false"))
-    start_response(f"{reply.status} {reply.reason or _reason(reply.status)}", headers)
-    return [reply.body]
+    start_response(f"{reply.status} {_safe_reason(reply.reason) or _reason(reply.status)}", headers)
+    return [body]
+
+
+def _safe_reason(reason: str) -> str:
+    """An upstream's reason phrase, if it is one gunicorn can send."""
+    return reason if reason.isascii() and reason.isprintable() else ""
 
 
 def committed_stream_headers(request_id: str) -> list[tuple[str, str]]:
@@ -96,18 +107,26 @@ class PassThrough:
         self.ctx, self.preq, self.acct, self.exchange, self.resp = ctx, preq, acct, exchange, resp
 
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
-        headers = self.resp.headers + proxy_headers(self.preq.request_id, self.acct.record.deployment)
-        self.acct.set_body_encoding(self.resp.header("content-encoding"))
-        start_response(f"{self.resp.status} {self.resp.reason or _reason(self.resp.status)}", headers)
+        headers = (self.preq.redactor.headers(self.resp.headers)
+                   + proxy_headers(self.preq.request_id, self.acct.record.deployment))
+        status = self.resp.status
+        start_response(f"{status} {_safe_reason(self.resp.reason) or _reason(status)}", headers)
         return self._body()
 
     def _body(self) -> Iterator[bytes]:
+        """The decoded body, echoed keys masked (a key split between two reads included)."""
         failure: ProxyError | None = None
         sent_all = False
+        masking = self.preq.redactor.stream()
         try:
-            for chunk in self.resp.raw_chunks():
+            for chunk in self.resp.decoded_chunks():
                 self.acct.add_body_copy(chunk)
-                yield chunk
+                out = masking.feed(chunk)
+                if out:
+                    yield out
+            rest = masking.flush()
+            if rest:
+                yield rest
             sent_all = True
         except ProxyError as err:
             failure = self.exchange.end_error or err

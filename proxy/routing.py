@@ -144,7 +144,6 @@ class CircuitBreaker:
         self.state = self.CLOSED
         self._opened_at = 0.0
         self._probe_in_flight = False
-        self.last_error: str | None = None
 
     def allow(self) -> bool:
         with self._lock:
@@ -157,6 +156,12 @@ class CircuitBreaker:
                 self._probe_in_flight = True
                 return True
             return False
+
+    def abandon(self) -> None:
+        """A try that ended for reasons outside the deployment (client gone, shutdown):
+        no verdict, but a half-open circuit may send its probe again."""
+        with self._lock:
+            self._probe_in_flight = False
 
     def seconds_until_probe(self) -> float:
         with self._lock:
@@ -174,7 +179,6 @@ class CircuitBreaker:
 
     def record_failure(self, reason: str) -> None:
         with self._lock:
-            self.last_error = reason
             if self.state == self.HALF_OPEN:
                 self._open()
                 return
@@ -183,11 +187,12 @@ class CircuitBreaker:
                 self._open()
 
     def snapshot(self) -> dict:
+        """State and counts only: failure texts quote upstreams (and so, perhaps, keys)."""
         with self._lock:
             self._trim()
             failures = sum(1 for _, failed in self._events if failed)
             return {"state": self.state, "recent_failures": failures,
-                    "recent_attempts": len(self._events), "last_error": self.last_error}
+                    "recent_attempts": len(self._events)}
 
     def _add(self, failed: bool) -> None:
         self._events.append((self._clock(), failed))
@@ -307,6 +312,16 @@ class AttemptPlan:
         self.answered_by = attempt.deployment
         if self.breakers is not None:
             self.breakers.get(attempt.deployment.name).record_failure(reason)
+
+    def abandoned(self, attempt: Attempt, record: AttemptRecord | None = None) -> None:
+        """The try was cut off by the client or a shutdown, or the request could not be sent
+        as the client wrote it: nothing is known about the deployment, its breaker stays."""
+        if record is not None:
+            self.history.append(record)
+        else:
+            self.answered_by = attempt.deployment
+        if self.breakers is not None:
+            self.breakers.get(attempt.deployment.name).abandon()
 
     def client_error(self, attempt: Attempt) -> None:
         """A 4xx the client gets: the deployment worked, the request did not."""

@@ -9,6 +9,11 @@ Line endings may be LF, CRLF or a lone CR, mixed.  A CR that ends a network chun
 ambiguous until the next byte: if an LF follows, it belongs to the same line ending.  The
 framer remembers that case and glues such an LF onto the front of the next frame, so the
 bytes the client receives are exactly the bytes the upstream sent.
+
+Work per `feed` is linear in the bytes it adds, whatever came before: the search for the
+end of an unfinished line resumes where the last one stopped (an upstream that sends one
+line forever used to make every read rescan it), and an event larger than
+`max_event_bytes` stops the stream (`EventTooLarge`) instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -16,6 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BOM = b"\xef\xbb\xbf"
+DEFAULT_MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """An event (or an unfinished line) grew past the framer's limit."""
 
 
 @dataclass
@@ -40,15 +50,22 @@ class Event:
 class SSEFramer:
     """Incremental splitter: feed() bytes, get back the events they complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
         self._pending = bytearray()  # bytes of the event under construction
         self._scan_from = 0  # where the next unfinished line starts in _pending
+        self._searched_to = 0  # no line ends between _scan_from and here
+        self._too_large: EventTooLarge | None = None
         self._fields: Event = Event(raw=b"")
         self._cr_at_end = False  # last byte seen was a CR that ended a line
         self._carry = b""  # an LF that completes a CRLF split after a dispatched event
         self._at_start = True
 
     def feed(self, chunk: bytes) -> list[Event]:
+        """The events `chunk` completes.  Raises EventTooLarge once an event passes the limit
+        (the events completed before it are returned first, by the call that found it)."""
+        if self._too_large is not None:
+            raise self._too_large
         if not chunk:
             return []
         if self._at_start:
@@ -59,13 +76,16 @@ class SSEFramer:
             self._cr_at_end = False
             if self._pending:
                 self._pending += b"\n"
-                self._scan_from = len(self._pending)
+                self._scan_from = self._searched_to = len(self._pending)
             else:
                 self._carry += b"\n"
             chunk = chunk[1:]
         self._cr_at_end = False
         self._pending += chunk
-        return self._cut_events()
+        events = self._cut_events()
+        if self._too_large is not None and not events:
+            raise self._too_large
+        return events
 
     @property
     def ends_in_split_crlf(self) -> bool:
@@ -99,23 +119,34 @@ class SSEFramer:
         events: list[Event] = []
         buf = self._pending
         pos = self._scan_from
+        search = max(pos, self._searched_to)
         while True:
-            end, next_pos = _find_line_end(buf, pos)
+            end, next_pos = _find_line_end(buf, pos, search)
             if end < 0:
                 break
             line = bytes(buf[pos:end])
-            pos = next_pos
+            pos = search = next_pos
+            if pos > self.max_event_bytes:
+                self._too_large = self._event_too_large()
+                return events
             if line:
                 self._take_line(line)
                 continue
             events.append(self._dispatch(bytes(buf[:pos])))
             del buf[:pos]
-            pos = 0
+            pos = search = 0
         self._scan_from = pos
+        self._searched_to = len(buf)
+        if len(buf) > self.max_event_bytes:
+            self._too_large = self._event_too_large()
         self._cr_at_end = bool(buf) and buf[-1:] == b"\r" and pos == len(buf)
         if not buf and events:
             self._cr_at_end = events[-1].raw.endswith(b"\r")
         return events
+
+    def _event_too_large(self) -> EventTooLarge:
+        return EventTooLarge(f"an SSE event larger than {self.max_event_bytes} bytes "
+                             "(or a line that never ends)")
 
     def _take_line(self, line: bytes) -> None:
         if line.startswith(b":"):
@@ -139,14 +170,15 @@ class SSEFramer:
         return event
 
 
-def _find_line_end(buf: bytearray, start: int) -> tuple[int, int]:
+def _find_line_end(buf: bytearray, start: int, search: int) -> tuple[int, int]:
     """Return (end of line, start of next line), or (-1, -1) if the line is unfinished.
 
-    A CR at the very end of the buffer ends its line; an LF arriving later is handled
-    by the framer's CR bookkeeping.
+    The line starts at `start`; `search` (>= start) is where to look for its end, since
+    the bytes before it are known to hold none.  A CR at the very end of the buffer ends
+    its line; an LF arriving later is handled by the framer's CR bookkeeping.
     """
-    lf = buf.find(b"\n", start)
-    cr = buf.find(b"\r", start, lf if lf >= 0 else len(buf))
+    lf = buf.find(b"\n", search)
+    cr = buf.find(b"\r", search, lf if lf >= 0 else len(buf))
     if cr >= 0:
         if cr + 1 < len(buf) and buf[cr + 1] == 0x0A:
             return cr, cr + 2

@@ -1,42 +1,49 @@
 """The usage tracker: request threads enqueue rows, one writer thread stores them in SQLite.
 
-Design (design.md §5). Request threads must never wait on a disk or a lock held by another
-process, so ``record`` only puts a row on a bounded queue. One daemon thread per process owns
-the database connection: it takes up to ``batch_size`` rows (waiting at most
+Design (design.md §5).  Request threads must never wait on a disk or a lock held by another
+process, so ``record`` only appends a row to a bounded in-memory queue.  One thread per
+process owns the database connection: it takes up to ``batch_size`` rows (waiting at most
 ``flush_interval`` for more after the first) and commits each batch in one transaction.
 
-Nothing is dropped on the way:
+The store may fail at any time (disk full, read-only, locked, deleted directory), and the
+proxy must keep serving while it does.  So nothing here ever raises into a request, and a
+row is only ever lost when every bound is exhausted, and then it is counted and logged:
 
-- the queue is bounded; when it is full (or the tracker is closed) the row is appended as a
-  JSON line to ``<db>.spill.jsonl`` beside the database;
-- a batch that fails (typically ``database is locked`` while another worker holds the write
-  lock past ``busy_timeout``) is retried with backoff; after ``max_batch_tries`` it too goes to
-  the spill file and an error is logged;
-- ``start`` replays the spill file into the database, then truncates it.
+- while the database refuses writes, the writer holds its batch and retries it with backoff
+  (it is the probe that tells when the fault has cleared); new rows wait in memory;
+- when the fault has lasted ``spill_after`` seconds, or the queue is nearly full, queued rows
+  move to the spill directory (``spill_dir``, ideally on another filesystem) as JSON lines;
+- when a batch commits again, the spill files are replayed, deduplicated on the request id,
+  so a replay cut short (or a row spilled by ``close`` while a stuck writer also committed
+  it) never stores a row twice;
+- a row the database will never take (a bug: text is made storable before it gets here) is
+  stored alone, so it cannot take other clients' rows down with it, and if it still fails
+  it is moved aside to ``rejected.jsonl`` with a log line instead of being retried forever;
+- ``close`` drains the queue before the worker exits; what it cannot store goes to the spill.
 
 Several processes (gunicorn workers) share one file safely: WAL mode lets readers and one
-writer work together, ``BEGIN IMMEDIATE`` takes the write lock up front (so no transaction
-has to upgrade a read lock and fail without waiting), ``busy_timeout`` makes writers queue
-for each other, and the spill file is guarded by ``flock`` as well as a thread lock.
-
-The schema is versioned with ``PRAGMA user_version`` and migrated on start, under a write
-lock so that workers starting together migrate once.
+writer work together, ``BEGIN IMMEDIATE`` takes the write lock up front, ``busy_timeout``
+makes writers queue for each other, and spill files are guarded by ``flock``.  The schema is
+versioned with ``PRAGMA user_version`` and migrated on start, under a write lock.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import logging
 import os
-import queue
+import secrets
 import sqlite3
 import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from .usage import RECORD_FIELDS, UsageRecord
+from .text import loggable, storable
+from .usage import DEFAULT_TEXT_LIMIT, RECORD_FIELDS, TEXT_LIMITS, UsageRecord
 
-try:  # POSIX only; elsewhere the spill file is guarded within one process.
+try:  # POSIX only; elsewhere spill files are guarded within one process.
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
@@ -69,14 +76,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_INSERT = "INSERT INTO {table} ({cols}) VALUES ({params})".format(
-    table=TABLE,
-    cols=", ".join(RECORD_FIELDS),
-    params=", ".join(f":{name}" for name in RECORD_FIELDS),
-)
+_COLUMNS = ", ".join(RECORD_FIELDS)
+_PARAMS = ", ".join(f":{name}" for name in RECORD_FIELDS)
+_INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_PARAMS})"
+# Replayed rows may already be stored (a replay cut short, a batch spilled by close() while
+# a stuck writer committed it after all): the request id decides.
+_INSERT_NEW = (f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_PARAMS} WHERE NOT EXISTS "
+               f"(SELECT 1 FROM {TABLE} WHERE request_id = :request_id)")
 _DEFAULT_ROW = UsageRecord().to_row()
-_STOP = object()  # queued by close(): the writer drains what is ahead of it, then exits
-_IDLE_POLL = 1.0  # seconds an idle writer sleeps before re-checking for close
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63 - 1  # SQLite INTEGER
+_IDLE_POLL = 1.0  # seconds an idle writer sleeps before looking at the spill directory again
+SPILL_CHECK_INTERVAL = 5.0  # other workers may have spilled: look this often when healthy
+REPLAY_CHUNK = 500  # spilled rows inserted per transaction
+MAX_BACKOFF = 2.0
+
+
+class TrackerPathError(Exception):
+    """The usage database cannot be used at this path at all (a start-up error)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,11 +159,11 @@ def _warn_if_newer(found: int) -> None:
                     found, SCHEMA_VERSION)
 
 
-def insert_rows(conn: sqlite3.Connection, rows: list[dict]) -> None:
+def insert_rows(conn: sqlite3.Connection, rows: list[dict], only_new: bool = False) -> None:
     """Insert ``rows`` in one transaction: all of them are stored, or none."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(_INSERT, rows)
+        conn.executemany(_INSERT_NEW if only_new else _INSERT, rows)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
@@ -161,205 +177,355 @@ def _rollback(conn: sqlite3.Connection) -> None:
         pass  # nothing was open, or the connection is gone: either way nothing was written
 
 
+def open_database(db_path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Create the directory, open, migrate: a connection ready for inserts."""
+    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    conn = connect(db_path, busy_timeout_ms)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def check_database(db_path: str, busy_timeout_ms: int = 2000) -> str | None:
+    """Start-up check (in gunicorn's master): can the database be used at this path?
+
+    Raises TrackerPathError when the path itself is wrong (a parent that is a file, a
+    directory that cannot be created or written, a file that is not a database).  A fault
+    that may clear (locked, disk full, I/O error) only returns a warning: the proxy serves
+    anyway, and its writers keep rows until the database takes them."""
+    try:
+        open_database(db_path, busy_timeout_ms).close()
+    except OSError as exc:
+        raise TrackerPathError(f"usage database {db_path}: {exc.strerror or exc}") from None
+    except sqlite3.DatabaseError as exc:
+        kind = fault_kind(exc)
+        if kind in ("cannot_open", "read_only", "not_a_database"):
+            raise TrackerPathError(f"usage database {db_path}: {exc}") from None
+        return f"usage database {db_path} is not usable yet ({kind}): {exc}"
+    return None
+
+
+def fault_kind(exc: BaseException) -> str:
+    """A fixed name for a storage fault: /health shows it, never the raw text."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk_full"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "read_only"
+        return "cannot_open"
+    text = str(exc).lower()
+    for marker, kind in (("locked", "locked"), ("busy", "locked"), ("full", "disk_full"),
+                         ("readonly", "read_only"), ("read-only", "read_only"),
+                         ("unable to open", "cannot_open"), ("not a database", "not_a_database"),
+                         ("malformed", "corrupt"), ("disk i/o", "io_error")):
+        if marker in text:
+            return kind
+    return "error"
+
+
 # ---------------------------------------------------------------------------------------------
 # Rows.
 
 
-def _scalar(value: Any) -> Any:
-    """SQLite and JSON both take these; anything else is stored as its text."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+def _storable(name: str, value: Any) -> Any:
+    """A value SQLite and JSON both take, whatever the record held."""
+    if value is None or isinstance(value, float):
         return value
-    return str(value)
+    if isinstance(value, int):  # bool included: stored as 0/1
+        return int(value) if _INT_MIN <= value <= _INT_MAX else None
+    text = value if isinstance(value, str) else str(value)
+    return storable(text, TEXT_LIMITS.get(name, DEFAULT_TEXT_LIMIT))
 
 
 def to_storage_row(rec: UsageRecord | Mapping[str, Any]) -> dict:
-    """A complete, storable row from a record (or a spilled dict); missing fields defaulted."""
+    """A complete row that can always be stored, from a record (or a spilled dict).
+
+    Missing fields are defaulted; text is made storable and capped (text.storable), numbers
+    out of SQLite's range are dropped.  Raises only if `rec` is not a record or a mapping."""
     row = rec.to_row() if isinstance(rec, UsageRecord) else dict(rec)
-    return {name: _scalar(row.get(name, _DEFAULT_ROW[name])) for name in RECORD_FIELDS}
+    return {name: _storable(name, row.get(name, _DEFAULT_ROW[name])) for name in RECORD_FIELDS}
+
+
+def _spill_line(row: dict) -> str:
+    return json.dumps(row, ensure_ascii=True, default=str) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# The spill file.
+# The spill directory.
 
 
-class SpillFile:
-    """JSON lines beside the database for rows that could not be queued or committed.
+class SpillDir:
+    """JSON lines for rows the database could not take (yet), in their own directory.
 
-    Appends and the replay take an exclusive ``flock`` on the file itself, so workers never
-    interleave lines or lose an append during a replay. The replay truncates rather than
-    deletes, so a process already waiting on the lock appends to the live file. (An append can
-    therefore wait while another worker replays at start: rare, short, and only on overflow.)
+    ``spill.jsonl`` is appended to under an exclusive ``flock``.  A replay first claims the
+    file by renaming it (under the same lock) to ``replay-<pid>-<nonce>.jsonl``, then inserts
+    from the claimed file without holding any lock, so appenders never wait for a replay.
+    An appender that opened the file just before it was claimed notices (the inode changed)
+    and appends to the new live file instead.  Claimed files left by a process that died are
+    claimed again.  Lines that can never be stored go to ``rejected.jsonl``.
     """
+
+    LIVE = "spill.jsonl"
+    REJECTED = "rejected.jsonl"
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
 
+    @property
+    def live(self) -> str:
+        return os.path.join(self.path, self.LIVE)
+
     def append(self, rows: Iterable[dict]) -> None:
-        """Append rows; raises OSError if the disk refuses (callers log and count that)."""
-        text = "".join(json.dumps(row, default=str) + "\n" for row in rows)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with self._lock, open(self.path, "a", encoding="utf-8") as f:
-            _flock(f)
-            f.write(text)
-            f.flush()
+        """Append rows; raises OSError if the disk refuses (nothing half-written stays)."""
+        self._append(self.live, "".join(_spill_line(row) for row in rows).encode("ascii"))
 
-    def replay(self, store) -> int:
-        """Hand every spilled row to ``store`` (one call), then truncate; returns the count.
+    def reject(self, lines: Iterable[str]) -> None:
+        data = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        self._append(os.path.join(self.path, self.REJECTED), data.encode("utf-8", "replace"))
 
-        If ``store`` raises, the file is kept for the next start.
-        """
-        if not os.path.exists(self.path):
-            return 0
-        with self._lock, open(self.path, "a+", encoding="utf-8") as f:
-            _flock(f)
-            f.seek(0)
-            rows = _parse_spill_lines(f, self.path)
-            if rows:
-                store(rows)
-            f.truncate(0)
-        return len(rows)
+    def _append(self, path: str, data: bytes) -> None:
+        with self._lock:
+            os.makedirs(self.path, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    _flock(fd)
+                    if not _still_linked(fd, path):
+                        continue  # claimed by a replay meanwhile: append to the new file
+                    _write_all_or_nothing(fd, data)
+                    return
+                finally:
+                    os.close(fd)
 
-
-def _flock(f) -> None:
-    if fcntl is not None:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
-
-
-def _parse_spill_lines(lines: Iterable[str], path: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    def pending(self) -> bool:
         try:
-            rows.append(to_storage_row(json.loads(line)))
-        except (ValueError, TypeError, AttributeError):
-            log.error("%s:%d: unreadable spilled usage row skipped: %.200s", path, number, line)
-    return rows
+            names = os.listdir(self.path)
+        except OSError:
+            return False
+        return any(_is_spill_name(name) for name in names)
+
+    def claim(self) -> list[str]:
+        """Take unfinished claims (ours, or of a process that is gone) and the live file for
+        replay, oldest first; returns the claimed paths."""
+        claimed = []
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError:
+            names = []
+        for name in names:
+            if not (name.startswith("replay-") and name.endswith(".jsonl")) or not _claimable(name):
+                continue
+            path = os.path.join(self.path, name)
+            if _claimed_by_us(name):
+                claimed.append(path)
+                continue
+            target = self._claim_name()
+            try:
+                os.rename(path, target)
+            except OSError:
+                continue  # another process claimed it first
+            claimed.append(target)
+        live = self._claim_live()
+        return claimed + ([live] if live else [])
+
+    def _claim_live(self) -> str | None:
+        try:
+            fd = os.open(self.live, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            _flock(fd)
+            if not _still_linked(fd, self.live):
+                return None
+            target = self._claim_name()
+            os.rename(self.live, target)
+            return target
+        finally:
+            os.close(fd)
+
+    def _claim_name(self) -> str:
+        return os.path.join(self.path, f"replay-{os.getpid()}-{secrets.token_hex(4)}.jsonl")
+
+    def size(self) -> int:
+        """Bytes waiting in spill files (for /health)."""
+        total = 0
+        try:
+            for name in os.listdir(self.path):
+                if _is_spill_name(name):
+                    total += os.stat(os.path.join(self.path, name)).st_size
+        except OSError:
+            pass
+        return total
+
+
+def _is_spill_name(name: str) -> bool:
+    return name == SpillDir.LIVE or (name.startswith("replay-") and name.endswith(".jsonl"))
+
+
+def _claimable(name: str) -> bool:
+    """A claimed file whose replay did not finish: ours (the database failed during it) or
+    one left by a process that is gone."""
+    try:
+        pid = int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _claimed_by_us(name: str) -> bool:
+    return name.startswith(f"replay-{os.getpid()}-")
+
+
+def _flock(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor is closed
+
+
+def _still_linked(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write_all_or_nothing(fd: int, data: bytes) -> None:
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        try:
+            os.ftruncate(fd, start)  # no half line for the replay to trip over
+        except OSError:
+            pass
+        raise
+
+
+def _read_lines(path: str, chunk: int) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines: list[str] = []
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            if len(lines) >= chunk:
+                yield lines
+                lines = []
+        if lines:
+            yield lines
 
 
 # ---------------------------------------------------------------------------------------------
 # The tracker.
 
 
+class _Fault(Exception):
+    """The database refused a write for a reason that may clear (locked, full, read-only)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.kind = fault_kind(exc)
+        self.detail = loggable(exc, 300)
+
+
 class Tracker:
     """Stores ``UsageRecord`` rows in SQLite from one background writer thread per process.
 
-    ``record`` never blocks and never raises. ``flush`` waits for rows already recorded;
-    ``close`` drains everything and stops (call it from gunicorn's worker_exit and atexit;
-    it is idempotent). Start it in each worker process, after any fork.
+    ``record`` never blocks on I/O and never raises.  ``flush`` waits for rows already
+    recorded; ``close`` drains everything and stops (call it from gunicorn's worker_exit and
+    atexit; it is idempotent).  Start it in each worker process, after any fork.
     """
 
     def __init__(
         self,
         db_path: str,
+        spill_dir: str | None = None,
         batch_size: int = 200,
         flush_interval: float = 0.05,
         queue_max: int = 10000,
         busy_timeout_ms: int = 5000,
-        max_batch_tries: int = 10,
+        spill_after: float = 5.0,
     ) -> None:
         self.db_path = db_path
-        self.spill = SpillFile(db_path + ".spill.jsonl")
+        self.spill = SpillDir(spill_dir or default_spill_dir(db_path))
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = flush_interval
+        self.queue_max = max(1, int(queue_max))
         self.busy_timeout_ms = busy_timeout_ms
-        self.max_batch_tries = max(1, int(max_batch_tries))
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_max)))
+        self.spill_after = spill_after
+        self._rows: collections.deque[dict] = collections.deque()
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
-        # Set when waiting longer for a batch is pointless: a full batch is queued, a flush
-        # is waiting, or the tracker is closing.  The writer then wakes once per batch, not
-        # once per row (each wake-up costs the request threads the GIL).
-        self._hurry = threading.Event()
         self._closed = False
         self._writer_done = False
+        self._flushing = 0  # flush() calls waiting: the writer stops gathering rows
+        self._replayed_at_start = False
         self._give_up_at: float | None = None
+        self._held: list[dict] = []  # the batch being retried while the database refuses it
+        self._fault: _Fault | None = None
+        self._fault_since = 0.0
+        self._next_spill_check = 0.0  # replay at start, then every SPILL_CHECK_INTERVAL
         # Sequence numbers: rows are numbered as they are queued; the writer handles them in
         # that order, so "every row queued before flush() is done" is one comparison.
         self._enqueued = 0
         self._done = 0
         self._failed_ranges: list[tuple[int, int]] = []
         self._counts = dict.fromkeys(
-            ("written", "spilled", "failed_batches", "retries", "batches", "replayed", "dropped"), 0
-        )
+            ("written", "batches", "retries", "spilled", "replayed", "rejected", "dropped"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Open and migrate the database, replay spilled rows, start the writer thread."""
+        """Open and migrate the database and start the writer thread; never raises for a
+        database fault (the writer keeps trying, rows wait), only if already closed."""
         with self._state_lock:
             if self._closed:
                 raise RuntimeError("usage tracker is closed")
             if self._thread is not None:
                 return
-            directory = os.path.dirname(os.path.abspath(self.db_path))
-            os.makedirs(directory, exist_ok=True)
-            conn = connect(self.db_path, self.busy_timeout_ms)
             try:
-                migrate(conn)
-                self._replay_spill(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+                self._ensure_open()
+            except _Fault as fault:
+                self._note_fault(fault)
             self._thread = threading.Thread(target=self._run, name="usage-tracker", daemon=True)
             self._thread.start()
-
-    def _replay_spill(self, conn: sqlite3.Connection) -> None:
-        try:
-            count = self.spill.replay(lambda rows: insert_rows(conn, rows))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("could not replay spilled usage rows from %s (kept): %s",
-                      self.spill.path, exc)
-            return
-        if count:
-            log.info("replayed %d spilled usage rows from %s", count, self.spill.path)
-            self._count("replayed", count)
 
     def close(self, timeout: float = 10.0) -> None:
         """Drain the queue, commit, stop the writer and close the database. Idempotent.
 
-        Rows still queued when ``timeout`` runs out go to the spill file, not to waste.
-        """
+        Rows that cannot be stored by ``timeout`` go to the spill directory, not to waste."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
                 return
             self._closed = True  # from now on record() spills instead of queueing
-        deadline = time.monotonic() + timeout
+            # Leave the last try time to finish (a locked database waits busy_timeout).
+            margin = self.busy_timeout_ms / 1000.0 + 0.5
+            self._give_up_at = max(deadline - margin, time.monotonic())
+            self._closing.set()
+            self._cond.notify_all()
         if self._thread is not None:
-            self._stop_writer(deadline)
-        self._spill_leftovers()
-
-    def _stop_writer(self, deadline: float) -> None:
-        # Leave the last failing try time to finish and spill before the caller's deadline.
-        margin = self.busy_timeout_ms / 1000.0 + 0.5
-        self._give_up_at = max(deadline - margin, time.monotonic())
-        self._closing.set()
-        self._hurry.set()
-        try:
-            self._queue.put(_STOP, timeout=max(deadline - time.monotonic(), 0.0))
-        except queue.Full:
-            pass  # the writer also notices _closing once the queue runs dry
-        self._thread.join(max(deadline - time.monotonic(), 0.0))
-        if self._thread.is_alive():
-            log.error("usage writer did not stop in time; queued rows go to %s", self.spill.path)
-
-    def _spill_leftovers(self) -> None:
-        rows = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                rows.append(item)
-        if rows:
-            self._spill_rows(rows, "tracker closed")
-            self._mark_done(rows, ok=False)
+            self._thread.join(max(deadline - time.monotonic(), 0.0))
+            if self._thread.is_alive():
+                log.error("usage writer did not stop in time; its rows go to %s", self.spill.path)
+                # Safe even if the writer commits them after all: replays skip stored ids.
+                self._spill_rows(list(self._held), "writer stuck at shutdown")
+        self._spill_rows(self._take_all(count=True), "tracker closed before they were stored")
 
     # -- request side ---------------------------------------------------------------------------
 
@@ -368,137 +534,279 @@ class Tracker:
         try:
             row = to_storage_row(rec)
         except Exception:
-            log.exception("unusable usage record dropped: %r", rec)
+            log.exception("unusable usage record dropped: %s", loggable(repr(rec), 2000))
             self._count("dropped", 1)
             return
-        try:
-            with self._cond:
-                if not self._closed:
-                    self._queue.put_nowait(row)
-                    self._enqueued += 1
-                    if self._queue.qsize() >= self.batch_size:
-                        self._hurry.set()
-                    return
-            reason = "tracker closed"
-        except queue.Full:
-            reason = "queue full"
+        with self._cond:
+            if not self._closed and len(self._rows) < self.queue_max:
+                self._rows.append(row)
+                self._enqueued += 1
+                queued = len(self._rows)
+                if queued == 1 or queued >= self.batch_size:
+                    self._cond.notify_all()
+                return
+            reason = "tracker closed" if self._closed else "queue full"
         self._spill_rows([row], reason)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """True once every row recorded before this call is committed to the database.
 
         False on timeout, if the writer is not running, or if some of those rows had to be
-        spilled after repeated failures (they are safe on disk, not yet in the database).
-        """
+        spilled (they are safe on disk, not yet in the database)."""
         with self._cond:
             target, before = self._enqueued, self._done
-            running = self._thread is not None and not self._writer_done
-            if running:
-                self._hurry.set()
-                self._cond.wait_for(lambda: self._done >= target or self._writer_done, timeout)
+            if self._thread is not None and not self._writer_done:
+                self._flushing += 1
+                self._cond.notify_all()
+                try:
+                    self._cond.wait_for(lambda: self._writer_done or (
+                        self._done >= target and self._replayed_at_start), timeout)
+                finally:
+                    self._flushing -= 1
             return self._done >= target and not self._failed_since(before, target)
 
     def _failed_since(self, after: int, upto: int) -> bool:
         return any(lo <= upto and hi > after for lo, hi in self._failed_ranges)
 
     def stats(self) -> dict:
-        """Counters for /health: queued, written, spilled, failed_batches and more."""
+        """State and counters for /health: queued, written, spilled, dropped and more."""
         with self._cond:
-            return {"queued": self._queue.qsize(), **self._counts}
+            stats = {"state": self._state(), "queued": len(self._rows) + len(self._held),
+                     **self._counts}
+            if self._fault is not None:
+                stats["fault"] = self._fault.kind
+                stats["fault_for_s"] = round(time.monotonic() - self._fault_since, 1)
+        stats["spill_bytes"] = self.spill.size()
+        return stats
+
+    def _state(self) -> str:
+        if self._closed:
+            return "closed"
+        return "degraded" if self._fault is not None else "ok"
 
     # -- writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
+            if self._fault is None:
+                self._replay_spills()  # what earlier runs left, before new rows
+            with self._cond:
+                self._replayed_at_start = True  # flush() waits for this too
+                self._cond.notify_all()
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    self._mark_done(batch, ok=self._commit(batch))
+                    self._store(batch)
+                if time.monotonic() >= self._next_spill_check:
+                    # Healthy: other workers may have spilled.  Degraded: the spilled rows
+                    # are the probe; the first chunk that commits ends the fault.
+                    self._replay_spills()
                 if stop:
                     break
         except Exception:  # a bug here must not leave flush() waiting forever
             log.exception("usage writer thread crashed")
         finally:
-            self._conn.close()
+            self._close_connection()
             with self._cond:
                 self._writer_done = True
                 self._cond.notify_all()
 
     def _next_batch(self) -> tuple[list[dict], bool]:
-        """Up to batch_size rows: block for the first, then wait at most flush_interval
-        (less when a batch is full or someone is flushing) and take what is there."""
-        first = self._get(_IDLE_POLL)
-        if first is None:
-            return [], self._closing.is_set()
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        self._hurry.wait(self.flush_interval)
-        self._hurry.clear()
-        while len(batch) < self.batch_size:
-            item = self._get(0)
-            if item is None:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        if self._queue.qsize() >= self.batch_size:
-            self._hurry.set()
-        return batch, False
+        """Up to batch_size rows: wait for the first, then at most flush_interval for more
+        (less when a batch is full, someone is flushing, or the tracker is closing)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._rows or self._closing.is_set(), _IDLE_POLL)
+            if not self._rows:
+                return [], self._closing.is_set()
+            if not self._in_a_hurry():
+                self._cond.wait_for(self._in_a_hurry, self.flush_interval)
+            count = min(len(self._rows), self.batch_size)
+            return [self._rows.popleft() for _ in range(count)], False
 
-    def _get(self, timeout: float):
-        try:
-            if timeout <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def _in_a_hurry(self) -> bool:
+        return len(self._rows) >= self.batch_size or self._flushing > 0 or self._closing.is_set()
 
-    def _commit(self, batch: list[dict]) -> bool:
-        """Insert the batch in one transaction, retrying transient failures; spill if all fail."""
-        for attempt in range(1, self.max_batch_tries + 1):
+    def _store(self, batch: list[dict]) -> None:
+        """Commit the batch.  While the database refuses it, hold it and retry with backoff;
+        once the fault has lasted `spill_after` (or at shutdown), it goes to the spill
+        directory with everything queued behind it, and the spilled rows become the probe
+        (see _run) that finds out when the database takes writes again."""
+        self._held = batch
+        tries = 0
+        ok = False
+        while True:
             try:
-                insert_rows(self._conn, batch)
-                return True
-            except sqlite3.OperationalError as exc:  # locked, busy, disk I/O: may pass
-                error = exc
-            except Exception as exc:  # a row the database will never take: do not spin on it
-                error = exc
-                break
-            self._count("retries", 1)
-            log.warning("usage batch of %d rows failed (try %d of %d): %s",
-                        len(batch), attempt, self.max_batch_tries, error)
-            if attempt == self.max_batch_tries or self._giving_up():
-                break
-            self._closing.wait(_backoff(attempt))
-        log.error("usage batch of %d rows not stored (%s); spilled to %s",
-                  len(batch), error, self.spill.path)
-        self._count("failed_batches", 1)
-        self._spill_rows(batch, "batch failed")
-        return False
+                stored = self._insert(batch, only_new=tries > 0)
+            except _Fault as fault:
+                tries += 1
+                self._count("retries", 1)
+                self._note_fault(fault)
+                if self._giving_up() or self._fault_is_lasting():
+                    self._spill_rows(batch, "the database refuses writes")
+                    self._relieve_memory()
+                    break
+                self._relieve_memory()
+                self._closing.wait(_backoff(tries))
+                continue
+            self._note_recovered()
+            self._mark_stored(stored)
+            ok = True
+            break
+        with self._cond:
+            self._held = []
+            self._mark_done(len(batch), ok)
+
+    def _fault_is_lasting(self) -> bool:
+        return self._fault is not None and time.monotonic() - self._fault_since >= self.spill_after
+
+    def _insert(self, rows: list[dict], only_new: bool = False) -> int:
+        """Insert rows in one transaction and return how many were stored.
+
+        A row the database will never take is stored alone, so it cannot fail the others,
+        and moved aside if it fails alone too.  Raises _Fault when the database refuses
+        writes for now.  `only_new` skips rows whose request id is stored already (replays,
+        and retries after a batch that was stored row by row)."""
+        conn = self._ensure_open()
+        try:
+            insert_rows(conn, rows, only_new)
+            return len(rows)
+        except (sqlite3.OperationalError, OSError) as exc:  # locked, full, read-only, I/O
+            self._close_connection()  # a remounted or replaced file needs a fresh connection
+            raise _Fault(exc) from None
+        except Exception:
+            if len(rows) == 1:
+                self._reject_rows(rows)
+                return 0
+        return sum(self._insert([row], only_new=True) for row in rows)
+
+    def _ensure_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            try:
+                self._conn = open_database(self.db_path, self.busy_timeout_ms)
+            except (sqlite3.Error, OSError) as exc:
+                raise _Fault(exc) from None
+        return self._conn
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
 
     def _giving_up(self) -> bool:
         return self._give_up_at is not None and time.monotonic() >= self._give_up_at
 
-    def _mark_done(self, rows: list[dict], ok: bool) -> None:
+    def _note_fault(self, fault: _Fault) -> None:
         with self._cond:
-            first = self._done + 1
-            self._done += len(rows)
-            if ok:
-                self._counts["written"] += len(rows)
-                self._counts["batches"] += 1
-            else:
-                self._failed_ranges = self._failed_ranges[-99:] + [(first, self._done)]
-            self._cond.notify_all()
+            first = self._fault is None
+            if first:
+                self._fault_since = time.monotonic()
+            self._fault = fault
+        if first:
+            log.error("usage database %s refuses writes (%s): %s; requests go on, rows wait in "
+                      "memory for %g s, then go to %s", self.db_path, fault.kind, fault.detail,
+                      self.spill_after, self.spill.path)
 
-    # -- shared -------------------------------------------------------------------------------
+    def _note_recovered(self) -> None:
+        with self._cond:
+            if self._fault is None:
+                return
+            lasted = time.monotonic() - self._fault_since
+            self._fault = None
+        log.warning("usage database %s takes writes again after %.1f s", self.db_path, lasted)
+        self._next_spill_check = 0.0  # replay what was spilled meanwhile, now
+
+    def _relieve_memory(self) -> None:
+        """A lasting fault (or a nearly full queue): queued rows move to disk, where a crash
+        cannot take them."""
+        with self._cond:
+            crowded = len(self._rows) >= self.queue_max * 0.8
+            if not self._rows or not (crowded or self._fault_is_lasting() or self._giving_up()):
+                return
+        self._spill_rows(self._take_all(count=True), "database unavailable")
+
+    def _take_all(self, count: bool = False) -> list[dict]:
+        with self._cond:
+            rows = list(self._rows)
+            self._rows.clear()
+            if count and rows:
+                self._mark_done(len(rows), ok=False)
+        return rows
+
+    def _mark_stored(self, count: int) -> None:
+        with self._cond:
+            self._counts["written"] += count
+            self._counts["batches"] += 1
+
+    def _mark_done(self, count: int, ok: bool) -> None:
+        """Called with self._cond held."""
+        first = self._done + 1
+        self._done += count
+        if not ok:
+            self._failed_ranges = self._failed_ranges[-99:] + [(first, self._done)]
+        self._cond.notify_all()
+
+    # -- spill files ------------------------------------------------------------------------------
+
+    def _replay_spills(self) -> None:
+        """Store what this and other workers spilled, if the database takes writes."""
+        interval = SPILL_CHECK_INTERVAL if self._fault is None else MAX_BACKOFF
+        self._next_spill_check = time.monotonic() + interval
+        if not self.spill.pending():
+            return
+        for path in self.spill.claim():
+            try:
+                count = self._replay_file(path)
+            except _Fault as fault:
+                self._note_fault(fault)
+                return  # the claimed file stays; it is claimed again once this process is gone
+            except OSError as exc:
+                log.error("cannot read spilled usage rows in %s: %s", path, loggable(exc))
+                continue
+            if count:
+                log.info("replayed %d spilled usage rows from %s", count, path)
+
+    def _replay_file(self, path: str) -> int:
+        total = 0
+        for lines in _read_lines(path, REPLAY_CHUNK):
+            rows, bad = _parse_spill_lines(lines, path)
+            if bad:
+                self._reject_lines(bad, "unreadable spill line")
+            if rows:
+                self._insert(rows, only_new=True)
+                self._note_recovered()
+                total += len(rows)
+                self._count("replayed", len(rows))
+        os.remove(path)
+        return total
+
+    def _reject_rows(self, rows: list[dict]) -> None:
+        self._reject_lines([_spill_line(row) for row in rows], "the database refused the row")
+
+    def _reject_lines(self, lines: list[str], why: str) -> None:
+        try:
+            self.spill.reject(lines)
+        except OSError as exc:
+            log.error("%d usage rows lost (%s; %s failed: %s)", len(lines), why,
+                      self.spill.REJECTED, loggable(exc))
+            self._count("dropped", len(lines))
+            return
+        log.error("%d usage rows moved aside to %s (%s)", len(lines),
+                  os.path.join(self.spill.path, self.spill.REJECTED), why)
+        self._count("rejected", len(lines))
 
     def _spill_rows(self, rows: list[dict], reason: str) -> None:
+        if not rows:
+            return
         try:
             self.spill.append(rows)
         except Exception as exc:
-            log.error("%d usage rows lost (%s; spill file %s failed: %s)",
-                      len(rows), reason, self.spill.path, exc)
+            # Every bound is exhausted: say so, with the rows themselves, so the log keeps them.
+            for row in rows:
+                log.error("usage row lost (%s; spill to %s failed: %s): %s", reason,
+                          self.spill.path, loggable(exc, 200), _spill_line(row).strip())
             self._count("dropped", len(rows))
             return
         self._count("spilled", len(rows))
@@ -508,9 +816,25 @@ class Tracker:
             self._counts[name] += n
 
 
+def _parse_spill_lines(lines: list[str], path: str) -> tuple[list[dict], list[str]]:
+    rows, bad = [], []
+    for line in lines:
+        try:
+            rows.append(to_storage_row(json.loads(line)))
+        except (ValueError, TypeError, AttributeError):
+            bad.append(line)
+    return rows, bad
+
+
 def _backoff(attempt: int) -> float:
     """50 ms doubling to 2 s: long enough for another worker's batch to commit."""
-    return min(0.05 * 2 ** (attempt - 1), 2.0)
+    return min(0.05 * 2 ** (attempt - 1), MAX_BACKOFF)
+
+
+def default_spill_dir(db_path: str) -> str:
+    """Beside the database, one directory per database (a shared one would replay rows into
+    the wrong file); point `tracker.spill_dir` at another filesystem to survive a full disk."""
+    return db_path + ".spill"
 
 
 class NullTracker:
@@ -531,7 +855,5 @@ class NullTracker:
         pass
 
     def stats(self) -> dict:
-        return dict.fromkeys(
-            ("queued", "written", "spilled", "failed_batches", "retries", "batches",
-             "replayed", "dropped"), 0
-        )
+        return {"state": "off", "queued": 0, "written": 0, "batches": 0, "retries": 0,
+                "spilled": 0, "replayed": 0, "rejected": 0, "dropped": 0, "spill_bytes": 0}

@@ -9,10 +9,12 @@ request is still waiting for the upstream's headers.
 from __future__ import annotations
 
 import http.cookiejar
+import re
 import socket
 import threading
 import urllib.request
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -20,7 +22,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from .errors import ProxyError, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from .decoding import BodyDecoder, DecodeError, content_codings
+from .errors import BadRequest, ProxyError, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from .text import loggable
 
 # RFC 9110 7.6.1 plus the legacy names; never forwarded in either direction.
 HOP_BY_HOP = frozenset({
@@ -29,6 +33,23 @@ HOP_BY_HOP = frozenset({
 })
 
 _current = threading.local()  # the AbortHandle of the request this thread is sending
+
+# RFC 9110 5.1 and 5.5: a header name is a token; a value is visible characters, spaces and
+# tabs (obs-text allowed), with no leading whitespace (requests refuses one, and Python
+# counts a non-breaking space as whitespace).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent as it is, or None (names never carry the value)."""
+    if not _TOKEN.fullmatch(name):
+        return "the name is not an HTTP token"
+    if not _FIELD_VALUE.fullmatch(value):
+        return "the value holds a control character or a character outside Latin-1"
+    if value[:1].isspace():
+        return "the value starts with whitespace"
+    return None
 
 
 def is_hop_by_hop_header(name: str, connection_tokens: frozenset[str] = frozenset()) -> bool:
@@ -145,38 +166,57 @@ class _TrackingAdapter(HTTPAdapter):
 class UpstreamResponse:
     """An upstream response whose body has not been read yet."""
 
-    def __init__(self, resp: requests.Response, handle: AbortHandle) -> None:
+    def __init__(self, resp: requests.Response, handle: AbortHandle, max_decompressed: int,
+                 max_ratio: int) -> None:
         self._resp = resp
         self.handle = handle
         self.status = resp.status_code
         self.reason = resp.reason or ""
-        self.headers = remove_hop_by_hop_headers(list(resp.raw.headers.items()))
+        self._limits = (max_decompressed, max_ratio)
+        self.encoded = bool(content_codings(self.header("content-encoding")))
+        headers = remove_hop_by_hop_headers(list(resp.raw.headers.items()))
+        if self.encoded:  # relayed decoded: the upstream's framing headers no longer apply
+            headers = [(k, v) for k, v in headers
+                       if k.lower() not in ("content-encoding", "content-length")]
+        self.headers = headers
 
     def header(self, name: str) -> str | None:
         return self._resp.headers.get(name)
 
     @property
+    def media_type(self) -> str:
+        return (self.header("content-type") or "").split(";")[0].strip().lower()
+
+    @property
     def is_event_stream(self) -> bool:
-        return (self.header("content-type") or "").lower().startswith("text/event-stream")
+        return self.media_type == "text/event-stream"
+
+    @property
+    def is_json(self) -> bool:
+        media = self.media_type
+        return media == "application/json" or media.endswith("+json")
 
     def decoded_chunks(self) -> Iterator[bytes]:
-        """Body bytes as they arrive, decompressed; never waits to fill a block."""
-        return self._chunks(decode=True, doing="reading the upstream stream")
-
-    def raw_chunks(self) -> Iterator[bytes]:
-        """Body bytes exactly as sent (still compressed), for pass-through bodies."""
-        return self._chunks(decode=False, doing="reading the upstream body")
-
-    def _chunks(self, decode: bool, doing: str) -> Iterator[bytes]:
-        # iter_content/read(n) may hold bytes back; chunk by chunk (chunked bodies) or
-        # read1 (anything else) hands over whatever has arrived.
-        raw = self._resp.raw
+        """Body bytes as they arrive, decompressed within limits; never waits to fill a block."""
+        doing = "reading the upstream body"
         with translate_errors(doing):
-            if raw.chunked:
-                yield from raw.read_chunked(None, decode_content=decode)
-                return
-            while data := raw.read1(65536, decode_content=decode):
-                yield data
+            decoder = BodyDecoder(self.header("content-encoding"), *self._limits)
+            for raw in self._raw_chunks():
+                yield from decoder.feed(raw)
+            tail = decoder.finish()
+        if tail:
+            yield tail
+
+    def _raw_chunks(self) -> Iterator[bytes]:
+        # iter_content/read(n) may hold bytes back; chunk by chunk (chunked bodies) or
+        # read1 (anything else) hands over whatever has arrived.  Never urllib3's decoding:
+        # it inflates a whole read at once, with no limit.
+        raw = self._resp.raw
+        if raw.chunked:
+            yield from raw.read_chunked(None, decode_content=False)
+            return
+        while data := raw.read1(65536, decode_content=False):
+            yield data
 
     def read_limited(self, limit: int = 1 << 20) -> bytes:
         """Read a small body (an error body) whole, decompressed, up to `limit` bytes."""
@@ -197,8 +237,9 @@ class UpstreamResponse:
 class translate_errors:
     """Context manager: `requests`/`urllib3`/socket errors -> ProxyError subclasses."""
 
-    def __init__(self, doing: str) -> None:
+    def __init__(self, doing: str, url: str | None = None) -> None:
         self.doing = doing
+        self.url = url
 
     def __enter__(self) -> "translate_errors":
         return self
@@ -206,15 +247,25 @@ class translate_errors:
     def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
         if exc is None or isinstance(exc, ProxyError) or not isinstance(exc, Exception):
             return False
-        raise _translate(exc, self.doing) from exc
+        raise _translate(exc, self.doing, self.url) from exc
 
 
-def _translate(exc: BaseException, doing: str) -> ProxyError:
+def _translate(exc: BaseException, doing: str, url: str | None = None) -> ProxyError:
+    where = _host_of(url)
+    if _caused_by(exc, urllib3.exceptions.NameResolutionError):
+        return UpstreamUnreachable(f"the upstream host {where} could not be resolved (DNS)")
+    if _caused_by(exc, ConnectionRefusedError):
+        return UpstreamUnreachable(f"the upstream {where} refused the connection")
+    if _caused_by(exc, urllib3.exceptions.NewConnectionError):
+        return UpstreamUnreachable(f"could not connect to the upstream {where}: "
+                                   f"{loggable(_root_cause(exc), 200)}")
     if isinstance(exc, requests.ConnectTimeout) or _caused_by(exc, urllib3.exceptions.ConnectTimeoutError):
-        return UpstreamUnreachable(f"timed out connecting to the upstream while {doing}")
+        return UpstreamUnreachable(f"timed out connecting to the upstream {where}")
     if isinstance(exc, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, socket.timeout)) \
             or _caused_by(exc, urllib3.exceptions.ReadTimeoutError):
         return UpstreamTimeout(f"the upstream sent nothing within the idle timeout while {doing}")
+    if isinstance(exc, DecodeError):
+        return UpstreamBroken(f"the upstream sent a body the proxy will not decode while {doing}: {exc}")
     if isinstance(exc, (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError)):
         return UpstreamBroken(f"the upstream sent a body that could not be decoded while {doing}")
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError,
@@ -225,6 +276,23 @@ def _translate(exc: BaseException, doing: str) -> ProxyError:
     if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError)):
         return UpstreamUnreachable(f"upstream request failed while {doing}: {type(exc).__name__}")
     return UpstreamBroken(f"unexpected {type(exc).__name__} while {doing}")
+
+
+def _host_of(url: str | None) -> str:
+    if not url:
+        return "(unknown host)"
+    parts = urlsplit(url)
+    return parts.netloc.rpartition("@")[2] or "(unknown host)"  # never credentials in a URL
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = 0
+    while seen < 8:
+        inner = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+        if not isinstance(inner, BaseException):
+            return exc
+        exc, seen = inner, seen + 1
+    return exc
 
 
 def _caused_by(exc: BaseException, kind: type) -> bool:
@@ -245,8 +313,10 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
 class UpstreamClient:
     """A shared `requests` session with a large pool and no cookies (clients must not share)."""
 
-    def __init__(self, connect_timeout: float, idle_timeout: float, pool_size: int = 1024) -> None:
+    def __init__(self, connect_timeout: float, idle_timeout: float, pool_size: int = 1024,
+                 max_decompressed: int = 256 * 1024 * 1024, max_ratio: int = 100) -> None:
         self.timeout = (connect_timeout, idle_timeout)
+        self.decode_limits = (max_decompressed, max_ratio)
         session = requests.Session()
         # Reading proxy variables and ~/.netrc on every request costs ~0.5 ms; do it only
         # when an HTTP(S) proxy is configured in the environment at all.
@@ -265,16 +335,32 @@ class UpstreamClient:
         `read_timeout` replaces the idle timeout for this request (a non-streaming answer
         is silent until it is complete)."""
         timeout = self.timeout if read_timeout is None else (self.timeout[0], read_timeout)
+        for name, value in headers:
+            problem = header_problem(name, value)
+            if problem:  # the client's fault, caught here if admission missed it: no breaker
+                raise BadRequest(f"header {loggable(name, 64)!r} cannot be sent upstream: {problem}")
         _current.handle = handle
         try:
-            with translate_errors("waiting for the upstream's response headers"):
+            with translate_errors("waiting for the upstream's response headers", url):
                 resp = self._send(method, url, dict(headers), body or None, timeout)
         except UpstreamBroken as exc:
             # A reset or close before any header is an unreachable upstream, not a broken stream.
             raise UpstreamUnreachable(exc.message) from exc
         finally:
             _current.handle = None
-        return UpstreamResponse(resp, handle)
+        response = UpstreamResponse(resp, handle, *self.decode_limits)
+        self._check_headers(response)
+        return response
+
+    @staticmethod
+    def _check_headers(response: UpstreamResponse) -> None:
+        """A header the proxy could not relay (a control byte, a bad name) means a broken
+        upstream: gunicorn would refuse it with its own HTML 500 after the fact."""
+        for name, value in response.headers:
+            if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+                response.close()
+                raise UpstreamBroken(f"the upstream sent a malformed response header "
+                                     f"{loggable(name, 64)!r}")
 
     def _send(self, method: str, url: str, headers: dict, body: bytes | None, timeout) -> requests.Response:
         if self.session.trust_env:  # proxies from the environment: let requests resolve them

@@ -461,3 +461,12 @@ class UsageRecord:
 
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
 _BOOL_FIELDS = ("priced", "usage_complete", "stream")
+
+# Longest text stored per field (longer values are cut with a marker that says so): a client
+# chooses the model name and an upstream its error message, and either can be megabytes.
+TEXT_LIMITS = {
+    "request_id": 64, "endpoint": 64, "end_reason": 64, "client_key_id": 64,
+    "model_requested": 256, "deployment": 256, "upstream_model": 256, "stop_reason": 128,
+    "error": 2000, "attempt_log": 64 * 1024,
+}
+DEFAULT_TEXT_LIMIT = 1024

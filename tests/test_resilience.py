@@ -50,7 +50,7 @@ CLIENT_TIMEOUT = 15.0
 
 # One route per scenario (see the module docstring).
 KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s09",
-        "s10a", "s10b", "s11", "s12", "s12b", "s13", "s15", "ramax", "all", "brk", "brk2")
+        "s10a", "s10b", "s11", "s11b", "s12", "s12b", "s13", "s15", "ramax", "all", "brk", "brk2")
 
 
 # ---------------------------------------------------------------------------
@@ -615,8 +615,10 @@ def test_s10_malformed_event_after_content_is_a_terminal_error(held_proxy, prima
     assert held_proxy.row(res.request_id)["end_reason"] == "upstream_error"
 
 
-def test_s11_chat_stream_without_done_ends_with_an_error_not_done(held_proxy, primary, backup, big):
-    primary.enqueue(sse_reply(chat_stream(completion_id="chatcmpl-primary", done=False)))
+def test_s11_chat_stream_cut_before_its_finish_reason_ends_with_an_error_not_done(held_proxy, primary,
+                                                                                  backup, big):
+    events = chat_stream(completion_id="chatcmpl-primary", done=False)
+    primary.enqueue(sse_reply(events[:-2]))  # content, then EOF: no finish reason, no usage
     res = call(held_proxy, CHAT_PATH, gpt("s11"))
     err = assert_one_terminal_error(res, CHAT_PATH, held_proxy)
     assert isinstance(err["type"], str) and "code" in err
@@ -624,6 +626,20 @@ def test_s11_chat_stream_without_done_ends_with_an_error_not_done(held_proxy, pr
     assert res.elapsed < 3.0, res.elapsed
     row = held_proxy.row(res.request_id)
     assert row["end_reason"] == "upstream_error", row
+
+
+def test_s11b_chat_stream_finished_by_its_finish_reasons_is_complete_without_done(held_proxy, primary,
+                                                                                 backup, big):
+    """Some OpenAI-compatible servers end a whole answer without `data: [DONE]`: every choice
+    has its finish reason and the body ends cleanly.  Nothing is appended, the row is whole."""
+    events = chat_stream(completion_id="chatcmpl-primary", done=False)
+    primary.enqueue(sse_reply(events))
+    res = call(held_proxy, CHAT_PATH, gpt("s11b"))
+    assert res.status == 200 and res.body.endswith(events[-1]), diag(held_proxy, res)
+    assert b'"error"' not in res.body and b"[DONE]" not in res.body
+    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    row = held_proxy.row(res.request_id)
+    assert (row["end_reason"], row["output_tokens"], row["usage_complete"]) == ("complete", 15, 1), row
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Routing decisions, retry timing and the circuit breaker, without I/O (fake clock)."""
 
 import email.utils
+import json
 import time
 
 import pytest
@@ -78,9 +79,24 @@ def test_failed_probe_reopens():
         b.record_failure("x")
     clock.now += 11
     assert b.allow()
-    b.record_failure("still down")
+    b.record_failure("still down: key sk-secret-1234567890 was refused")
     assert b.state == "open" and not b.allow()
-    assert b.snapshot()["last_error"] == "still down"
+    snapshot = b.snapshot()
+    assert snapshot == {"state": "open", "recent_failures": 3, "recent_attempts": 3}
+    assert "sk-secret" not in json.dumps(snapshot)  # /health shows states and counts only
+
+
+def test_an_abandoned_probe_lets_the_next_probe_through():
+    """A client that hangs up during the half-open probe says nothing about the deployment:
+    the circuit neither closes nor reopens, and the next request may probe."""
+    clock = Clock()
+    b = breaker(clock)
+    for _ in range(3):
+        b.record_failure("x")
+    clock.now += 11
+    assert b.allow() and not b.allow()
+    b.abandon()
+    assert b.state == "half_open" and b.allow()
 
 
 def test_failures_outside_the_window_do_not_count():

@@ -5,6 +5,8 @@ import json
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import time
 
 import pytest
 
@@ -41,20 +43,35 @@ def rec(i, **fields) -> UsageRecord:
 
 
 def stored(path) -> list[dict]:
+    """The rows in the database (none while it is still being created)."""
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute(f"SELECT * FROM {TABLE} ORDER BY id")]
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
     finally:
         conn.close()
 
 
-def spill_lines(path) -> list[str]:
-    spill = path + ".spill.jsonl"
-    if not os.path.exists(spill):
+def spill_lines(path, name=None) -> list[str]:
+    """Lines waiting in the spill directory of the database at `path` (or one named file)."""
+    spill_dir = path + ".spill"
+    if not os.path.isdir(spill_dir):
         return []
-    with open(spill, encoding="utf-8") as f:
-        return [line for line in f if line.strip()]
+    names = [name] if name else [n for n in sorted(os.listdir(spill_dir)) if n != "rejected.jsonl"]
+    lines = []
+    for n in names:
+        if os.path.exists(os.path.join(spill_dir, n)):
+            with open(os.path.join(spill_dir, n), encoding="utf-8") as f:
+                lines += [line for line in f if line.strip()]
+    return lines
+
+
+def rejected_lines(path) -> list[str]:
+    return spill_lines(path, "rejected.jsonl")
 
 
 # --- schema --------------------------------------------------------------------------------------
@@ -116,9 +133,9 @@ def test_each_batch_is_one_transaction(db_path, make_tracker, monkeypatch):
     calls = []
     real_insert = tracker_module.insert_rows
 
-    def counting_insert(conn, rows):
+    def counting_insert(conn, rows, only_new=False):
         calls.append(len(rows))
-        real_insert(conn, rows)
+        real_insert(conn, rows, only_new)
 
     monkeypatch.setattr(tracker_module, "insert_rows", counting_insert)
     tracker = make_tracker(db_path, batch_size=50)
@@ -132,6 +149,15 @@ def test_each_batch_is_one_transaction(db_path, make_tracker, monkeypatch):
 
 
 # --- failures ------------------------------------------------------------------------------------
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    """Poll a condition another thread brings about (the writer has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 def hold_write_lock(path) -> sqlite3.Connection:
@@ -148,35 +174,36 @@ def test_locked_database_is_retried_not_dropped(db_path, make_tracker):
     for i in range(10):
         tracker.record(rec(i))
     assert tracker.flush(timeout=0.5) is False  # still locked out
+    assert tracker.stats()["state"] == "degraded" and tracker.stats()["fault"] == "locked"
     blocker.execute("COMMIT")
     blocker.close()
     assert tracker.flush(timeout=10) is True
     assert len(stored(db_path)) == 10
     stats = tracker.stats()
-    assert stats["retries"] >= 1 and stats["failed_batches"] == 0 and stats["spilled"] == 0
+    assert stats["retries"] >= 1 and stats["spilled"] == 0 and stats["state"] == "ok"
 
 
-def test_batch_spilled_after_repeated_failure_then_replayed(db_path, make_tracker):
-    tracker = make_tracker(db_path, busy_timeout_ms=20, max_batch_tries=3)
+def test_a_lasting_fault_moves_queued_rows_to_disk_and_recovery_replays_them(db_path, make_tracker):
+    tracker = make_tracker(db_path, busy_timeout_ms=20, spill_after=0.2, batch_size=5)
     tracker.start()
     blocker = hold_write_lock(db_path)
     for i in range(5):
-        tracker.record(rec(i))
-    assert tracker.flush(timeout=10) is False  # handled, but on disk beside the DB, not in it
+        tracker.record(rec(i))  # the batch the writer holds and retries
+    wait_for(lambda: tracker.stats()["retries"] >= 1, "the first failed try")
+    for i in range(5, 20):
+        tracker.record(rec(i))  # queued behind it
+    assert tracker.stats()["queued"] == 20  # in memory while the fault is young
+    # once it has lasted spill_after, the held batch and the queue go to disk
+    wait_for(lambda: len(spill_lines(db_path)) == 20, "20 rows in the spill directory")
     stats = tracker.stats()
-    assert stats["failed_batches"] == 1 and stats["spilled"] == 5 and stats["retries"] == 3
+    assert (stats["state"], stats["queued"], stats["spilled"], stats["dropped"]) == ("degraded", 0, 20, 0)
     blocker.execute("ROLLBACK")
     blocker.close()
-    tracker.record(rec(5))
-    assert tracker.flush() is True  # later rows are fine again
-    tracker.close()
-    assert len(spill_lines(db_path)) == 5
-
-    again = make_tracker(db_path)
-    again.start()
-    assert again.stats()["replayed"] == 5
-    assert sorted(r["request_id"] for r in stored(db_path)) == [f"req-{i}" for i in range(6)]
-    assert spill_lines(db_path) == []
+    # no restart: the held batch commits, then the writer replays the spill directory
+    wait_for(lambda: len(stored(db_path)) == 20, "all 20 rows in the database")
+    assert sorted(r["request_id"] for r in stored(db_path)) == sorted(f"req-{i}" for i in range(20))
+    assert spill_lines(db_path) == [] and tracker.stats()["state"] == "ok"
+    assert tracker.stats()["replayed"] == 20
 
 
 def test_full_queue_spills_and_next_start_replays(db_path, make_tracker):
@@ -192,15 +219,25 @@ def test_full_queue_spills_and_next_start_replays(db_path, make_tracker):
     assert spill_lines(db_path) == []
 
 
-def test_replay_skips_unreadable_lines(db_path, make_tracker):
-    with open(db_path + ".spill.jsonl", "w", encoding="utf-8") as f:
+def test_replay_moves_unreadable_lines_aside(db_path, make_tracker):
+    os.makedirs(db_path + ".spill")
+    with open(db_path + ".spill/spill.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps(rec(1).to_row()) + "\n")
         f.write("{half a line\n\n")
+        f.write("[1, 2]\n")
         f.write(json.dumps({"request_id": "old-format", "started_at": 5.0}) + "\n")
     tracker = make_tracker(db_path)
     tracker.start()
+    assert tracker.flush()
     assert [r["request_id"] for r in stored(db_path)] == ["req-1", "old-format"]
-    assert tracker.stats()["replayed"] == 2
+    assert tracker.stats()["replayed"] == 2 and tracker.stats()["rejected"] == 2
+    assert spill_lines(db_path) == []
+    assert rejected_lines(db_path) == ["{half a line\n", "[1, 2]\n"]
+    tracker.close()
+    again = make_tracker(db_path)  # moved aside: never retried
+    again.start()
+    assert again.flush() and again.stats()["replayed"] == 0
+    assert len(stored(db_path)) == 2
 
 
 def test_record_never_raises(db_path, make_tracker):
@@ -234,7 +271,9 @@ def test_rows_recorded_after_close_survive(db_path, make_tracker):
     tracker.close()
     tracker.record(rec(1))  # e.g. a stream finalised during shutdown
     assert spill_lines(db_path) and tracker.stats()["spilled"] == 1
-    make_tracker(db_path).start()
+    again = make_tracker(db_path)
+    again.start()
+    assert again.flush()
     assert [r["request_id"] for r in stored(db_path)] == ["req-1"]
 
 
@@ -244,7 +283,9 @@ def test_close_without_start_keeps_queued_rows(db_path, make_tracker):
     tracker.close()
     with pytest.raises(RuntimeError):
         tracker.start()
-    make_tracker(db_path).start()
+    again = make_tracker(db_path)
+    again.start()
+    assert again.flush()
     assert [r["request_id"] for r in stored(db_path)] == ["req-1"]
 
 
@@ -291,3 +332,184 @@ def test_null_tracker_has_the_same_interface():
     assert set(null.stats()) == set(Tracker("unused.db").stats())
     null.close()
     null.close()
+
+
+# --- any text, any number: no row can fail the others ---------------------------------------------
+
+POISON_TEXT = "x\ud800y\x00z\udfff"  # lone surrogates (json.loads accepts "\ud800") and a NUL
+
+
+def test_any_text_and_number_is_storable(db_path, make_tracker):
+    tracker = make_tracker(db_path)
+    tracker.start()
+    huge = "m" * 30_000_000
+    tracker.record(rec(1, model_requested=POISON_TEXT, error="boom \ud800\n" + "e" * 5000))
+    tracker.record(rec(2, model_requested=huge, upstream_model=json.loads('"\\ud800"')))
+    tracker.record(rec(3, input_tokens=10 ** 30, output_tokens=-(10 ** 40)))
+    tracker.record(rec(4))  # an ordinary row in the same batch
+    assert tracker.flush() is True
+    rows = {r["request_id"]: r for r in stored(db_path)}
+    assert set(rows) == {"req-1", "req-2", "req-3", "req-4"}
+    assert rows["req-1"]["model_requested"] == "x\ufffdy\ufffdz\ufffd"
+    assert rows["req-1"]["error"].startswith("boom \ufffd\n")
+    assert rows["req-1"]["error"].endswith("...[3007 more characters]")
+    assert len(rows["req-2"]["model_requested"]) < 400
+    assert rows["req-2"]["model_requested"].endswith(f"...[{30_000_000 - 256} more characters]")
+    assert rows["req-2"]["upstream_model"] == "\ufffd"
+    assert (rows["req-3"]["input_tokens"], rows["req-3"]["output_tokens"]) == (None, None)
+    assert tracker.stats()["spilled"] == tracker.stats()["dropped"] == 0
+
+
+def refuse_rows_with_request_id(path, request_id) -> None:
+    """A database that will never take one row, whatever the tracker does (think: a bug)."""
+    make = Tracker(path)
+    make.start()
+    make.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON {TABLE} WHEN NEW.request_id = '{request_id}' "
+                 "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    conn.commit()
+    conn.close()
+
+
+def test_a_row_the_database_refuses_is_moved_aside_and_the_batch_is_stored(db_path, make_tracker):
+    refuse_rows_with_request_id(db_path, "req-3")
+    tracker = make_tracker(db_path, batch_size=10)
+    for i in range(10):
+        tracker.record(rec(i))  # one batch of 10, req-3 in the middle
+    tracker.start()
+    assert tracker.flush() is True
+    assert sorted(r["request_id"] for r in stored(db_path)) == [f"req-{i}" for i in range(10) if i != 3]
+    [aside] = rejected_lines(db_path)
+    assert json.loads(aside)["request_id"] == "req-3"
+    assert tracker.stats()["rejected"] == 1 and tracker.stats()["dropped"] == 0
+    tracker.record(rec(20))  # and the tracker goes on
+    assert tracker.flush() is True
+
+
+def test_spilled_poison_lines_are_replayed_or_moved_aside_never_retried(db_path, make_tracker):
+    refuse_rows_with_request_id(db_path, "refused")
+    os.makedirs(db_path + ".spill")
+    with open(db_path + ".spill/spill.jsonl", "w", encoding="ascii") as f:
+        # what a proxy before this fix wrote: a JSON-escaped lone surrogate, a NUL, a huge int
+        f.write('{"request_id": "surrogate", "model_requested": "x\\ud800", "error": "a\\u0000b"}\n')
+        f.write('{"request_id": "big", "input_tokens": 1e30, "output_tokens": 123456789012345678901234}\n')
+        f.write(json.dumps(rec(1, request_id="refused").to_row()) + "\n")
+        f.write(json.dumps(rec(2).to_row()) + "\n")
+    tracker = make_tracker(db_path)
+    tracker.start()
+    assert tracker.flush()
+    rows = {r["request_id"]: r for r in stored(db_path)}
+    assert set(rows) == {"surrogate", "big", "req-2"}
+    assert rows["surrogate"]["model_requested"] == "x\ufffd" and rows["surrogate"]["error"] == "a\ufffdb"
+    assert rows["big"]["output_tokens"] is None
+    assert [json.loads(line)["request_id"] for line in rejected_lines(db_path)] == ["refused"]
+    assert spill_lines(db_path) == []
+    tracker.close()
+    again = make_tracker(db_path)  # the next start has nothing to retry
+    again.start()
+    again.record(rec(3))
+    assert again.flush() is True
+    assert again.stats()["replayed"] == 0 and len(stored(db_path)) == 4
+
+
+# --- the store fails: at start, mid-run --------------------------------------------------------------
+
+
+def test_a_path_that_cannot_hold_a_database_is_a_start_up_error(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(tracker_module.TrackerPathError, match="not-a-dir"):
+        tracker_module.check_database(str(blocker / "usage.db"))
+    (tmp_path / "a-dir.db").mkdir()
+    with pytest.raises(tracker_module.TrackerPathError, match="a-dir.db"):
+        tracker_module.check_database(str(tmp_path / "a-dir.db"))
+    (tmp_path / "junk.db").write_bytes(b"this is not a database, just sixteen+ bytes of junk" * 100)
+    with pytest.raises(tracker_module.TrackerPathError, match="junk.db"):
+        tracker_module.check_database(str(tmp_path / "junk.db"))
+    assert tracker_module.check_database(str(tmp_path / "fine" / "usage.db")) is None
+
+
+def test_a_database_that_cannot_be_opened_keeps_rows_until_it_can(tmp_path, make_tracker):
+    blocker = tmp_path / "data"
+    blocker.write_text("a file where the database directory should be")
+    db = str(blocker / "usage.db")
+    tracker = make_tracker(db, spill_dir=str(tmp_path / "spill"), spill_after=0.1)
+    tracker.start()  # no exception: requests must keep flowing
+    for i in range(30):
+        tracker.record(rec(i))
+    assert tracker.stats()["state"] == "degraded" and tracker.stats()["fault"] == "cannot_open"
+    wait_for(lambda: tracker.stats()["spilled"] >= 1, "rows moved to the spill directory")
+    blocker.unlink()  # the operator fixes the path
+    wait_for(lambda: os.path.exists(db) and len(stored(db)) == 30, "all rows stored", timeout=15)
+    assert tracker.stats()["state"] == "ok" and tracker.stats()["dropped"] == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs: a filesystem the test can fill up and remount read-only (needs root)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory) -> str:
+    """Fill the filesystem of `directory` to the last byte; returns the filler's path."""
+    path = os.path.join(directory, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def remount(path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def test_a_full_disk_mid_run_loses_no_row(small_fs, tmp_path, make_tracker):
+    db = str(small_fs / "usage.db")
+    tracker = make_tracker(db, spill_dir=str(tmp_path / "spill"), spill_after=0.2, batch_size=20)
+    tracker.start()
+    tracker.record(rec(0))
+    assert tracker.flush()
+    filler = fill(small_fs)
+    for i in range(1, 301):
+        tracker.record(rec(i, error="x" * 500))
+    wait_for(lambda: tracker.stats().get("fault") == "disk_full", "the full disk to be seen")
+    wait_for(lambda: tracker.stats()["spilled"] == 300, "rows moved to the other filesystem")
+    assert tracker.stats()["dropped"] == 0 and tracker.stats()["state"] == "degraded"
+    os.remove(filler)
+    wait_for(lambda: len(stored(db)) == 301, "all 301 rows in the database", timeout=20)
+    assert sorted(r["request_id"] for r in stored(db)) == sorted(f"req-{i}" for i in range(301))
+    stats = tracker.stats()
+    assert (stats["state"], stats["dropped"], stats["spill_bytes"]) == ("ok", 0, 0)
+
+
+def test_a_read_only_database_directory_loses_no_row(small_fs, tmp_path, make_tracker):
+    db = str(small_fs / "usage.db")
+    first = make_tracker(db)
+    first.start()
+    first.record(rec(0))
+    assert first.flush()
+    first.close()
+    remount(small_fs, "ro")  # (a filesystem with open writable files cannot be remounted)
+    with pytest.raises(tracker_module.TrackerPathError, match="usage2.db"):
+        tracker_module.check_database(str(small_fs / "usage2.db"))  # the master's start-up check
+    tracker = make_tracker(db, spill_dir=str(tmp_path / "spill"), spill_after=0.2)
+    tracker.start()  # a worker: no exception, rows wait
+    for i in range(1, 101):
+        tracker.record(rec(i))
+    wait_for(lambda: tracker.stats()["spilled"] == 100, "rows moved to the spill directory")
+    assert tracker.stats()["state"] == "degraded" and tracker.stats()["dropped"] == 0
+    remount(small_fs, "rw")
+    wait_for(lambda: len(stored(db)) == 101, "all 101 rows in the database", timeout=20)
+    assert tracker.stats()["state"] == "ok" and tracker.stats()["dropped"] == 0

@@ -24,6 +24,9 @@ class AnthropicFormat(Format):
             return EventKind.UPSTREAM_ERROR
         return EventKind.CONTENT
 
+    def status_of(self, err: ProxyError) -> int:
+        return err.anthropic_status or err.status  # 529 for overloaded, as Anthropic does
+
     def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
         body: dict = {"type": "error", "error": {"type": err.anthropic_type, "message": err.message}}
         if request_id:

@@ -38,6 +38,10 @@ class StreamView:
     def terminal_error(self, err: ProxyError) -> bytes:
         return self.format.terminal_error(err, self)
 
+    def complete_without_end_marker(self) -> bool:
+        """Is the answer whole though the stream ended without its protocol's end event?"""
+        return self.format.complete_without_end_marker(self)
+
 
 class Format:
     """Base: subclasses set `name`, `provider_format` and implement the hooks."""
@@ -50,6 +54,13 @@ class Format:
 
     def classify(self, name: str | None, obj: Any, view: StreamView) -> EventKind:
         raise NotImplementedError
+
+    def complete_without_end_marker(self, view: StreamView) -> bool:
+        return False
+
+    def status_of(self, err: ProxyError) -> int:
+        """The HTTP status this API uses for the error."""
+        return err.status
 
     def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
         raise NotImplementedError
