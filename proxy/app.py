@@ -13,18 +13,20 @@ import logging
 import os
 import secrets
 import threading
+import time
 from http import HTTPStatus
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
+from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Request
 
 from . import formats
 from .accounting import Accounting, InFlight
 from .config import ANTHROPIC_FORMAT, OPENAI_FORMAT, Config, load_config
 from .errors import (BadRequest, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge,
-                     ProxyError, RequestTimeout, ShuttingDown)
+                     ProxyError, RequestRejected, RequestTimeout, ShuttingDown)
 from .formats import Format
 from .handler import ProxyRequest, StreamRelay, serve_plain
 from .limits import MemoryBudget, Reservation, json_parse_cost
@@ -134,6 +136,11 @@ class App:
                 self._key_secret = secrets.token_hex(32).encode("ascii")
         return self._key_secret
 
+    def start(self) -> None:
+        """Worker start: the usage writer and the key secret, before the first request."""
+        self.tracker
+        self.key_secret
+
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, let live streams run `shutdown_grace`, then end them."""
         self.shutting_down = True
@@ -142,9 +149,16 @@ class App:
             lambda: ShuttingDown("the proxy is shutting down; retry the request"))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Worker exit: drain the usage queue."""
+        """Worker exit: wait for the usage rows of requests still finishing (stream threads
+        record theirs after the client got its last byte), record the stragglers, then
+        drain the usage queue; all within `timeout`."""
+        deadline = time.monotonic() + timeout
+        if not self.inflight.wait_until_empty((deadline - time.monotonic()) / 2):
+            count = self.inflight.finish_remaining(
+                503, "shutdown", "the proxy stopped before the request ended")
+            log.warning("recorded %d requests that were still running at exit", count)
         if self._tracker is not None and self._tracker_pid == os.getpid():
-            self._tracker.close(timeout)
+            self._tracker.close(max(deadline - time.monotonic(), 0.1))
 
     # -- WSGI --------------------------------------------------------------------------
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -317,6 +331,35 @@ class App:
             raise BadRequest(f"the request body ended after {len(body)} of its {length} bytes")
         return body
 
+    # -- requests the server answers itself ---------------------------------------------
+    def reject_unread(self, status: int, message: str,
+                      head: tuple[str | None, str | None, list] | None) -> bytes:
+        """A request the server refused before it reached the application (bad framing, too
+        slow): its usage row, and the whole HTTP response in the endpoint's error shape.
+
+        `head` is (method, target, headers) when the request's head could be read."""
+        method, target, raw_headers = head or (None, None, [])
+        headers = Headers([(str(k), str(v)) for k, v in raw_headers])
+        path = (target or "").split("?", 1)[0]
+        endpoint = ENDPOINTS.get(path)
+        fmt = endpoint.fmt if endpoint else format_for_unknown(headers)
+        err = {408: RequestTimeout, 413: PayloadTooLarge}.get(status, None)
+        err = err(message) if err else RequestRejected(status, message)
+        request_id = new_request_id()
+        redactor = self.secrets.with_secrets(*request_credentials(headers))
+        acct = Accounting(self.tracker, self.prices, request_id=request_id,
+                          endpoint=endpoint.name if endpoint else "other",
+                          usage_format=None, model=None, deployment=None, stream=False,
+                          client_key_id=None, bytes_in=0, redactor=redactor)
+        acct.finish(status, err.end_reason, error=message)
+        log.info("refused %s %s: %s %s", loggable(method, 32), loggable(target), status,
+                 loggable(message))
+        body = redactor.data(json.dumps(fmt.error_body(err, request_id)).encode("utf-8"))
+        head_lines = [f"HTTP/1.1 {status} {_phrase(status)}", "Content-Type: application/json",
+                      f"Content-Length: {len(body)}", f"{REQUEST_ID_HEADER}: {request_id}",
+                      "Connection: close"]
+        return ("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + body
+
     # -- proxy's own endpoints -------------------------------------------------------------
     def _health(self, request: Request, start_response) -> Iterable[bytes]:
         tracker = self._tracker if self._tracker_pid == os.getpid() else None
@@ -345,6 +388,13 @@ class App:
         except ValueError as exc:
             raise BadRequest(f"bad since/until: {exc}") from None
         return _json_response(start_response, 200, summary)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def _json_response(start_response, status: int, body: object) -> list[bytes]:

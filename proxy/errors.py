@@ -51,6 +51,14 @@ class MethodNotAllowed(ProxyError):
     client_fault = True
 
 
+class RequestRejected(BadRequest):
+    """A request the server refused before the application could read it (bad framing)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class RequestTimeout(ProxyError):
     """The client took longer than `client_timeout` to send its request."""
 

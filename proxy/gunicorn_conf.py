@@ -1,13 +1,17 @@
 """Gunicorn settings for the proxy; `deploy/gunicorn.conf.py` and `llm-proxy serve` use them.
 
 Why each value (design.md section 7):
-- gthread: one thread per live stream; a stream costs a thread, not a process.
+- the worker is `proxy.worker.ProxyWorker`: gthread (one thread per live stream) whose event
+  loop reads whole requests, so slow clients never hold a thread, and whose exit keeps time
+  to record the last usage rows.
 - worker_connections barely above threads: a worker must not accept streams it has no
   thread for (they would wait silently, measured: 30 streams got nothing for 30 s with a
   slack of 32), while a full worker leaves new connections to the other workers.  The
-  small slack keeps a few idle keep-alive connections (nginx's pool) open.
+  small slack keeps a few idle keep-alive connections (nginx's pool) open.  Connections
+  still sending their request do not count.
 - timeout is only the worker heartbeat for gthread; it never cuts a request.
-- graceful_timeout leaves room for `stream.shutdown_grace` plus a terminal error event.
+- graceful_timeout is `stream.shutdown_grace` plus 15 s: after the grace, live streams get
+  their terminal error, and the worker records their rows and drains the usage queue.
 - no max_requests: recycling a worker cuts every stream it carries.
 - keepalive above nginx's upstream keepalive_timeout, so nginx closes idle connections first.
 """
@@ -15,16 +19,30 @@ Why each value (design.md section 7):
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
+# Seconds gunicorn's graceful_timeout leaves after stream.shutdown_grace: streams get their
+# terminal errors (all at once), the worker waits for their rows and drains the usage queue.
+DRAIN_ROOM = 15
+
+
+def _shutdown_grace() -> float:
+    from proxy.config import ConfigError, load_config
+
+    try:
+        return load_config().shutdown_grace
+    except ConfigError:
+        return 20.0  # on_starting reports the error and stops
+
+
 bind = os.environ.get("LLM_PROXY_BIND", "127.0.0.1:8080")
-worker_class = "gthread"
+worker_class = "proxy.worker.ProxyWorker"
 workers = int(os.environ.get("LLM_PROXY_WORKERS", "2"))
 threads = int(os.environ.get("LLM_PROXY_THREADS", "256"))
 worker_connections = threads + 8
 timeout = 30
-graceful_timeout = int(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT") or
+                       int(_shutdown_grace()) + DRAIN_ROOM)
 keepalive = 75
 max_requests = 0
 accesslog = None
@@ -37,38 +55,40 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Check the configuration once, in the master, so a bad file stops start-up clearly."""
+    """Check everything that can be checked once, in the master, so that a bad setting or an
+    unusable database path stops start-up with one clear line instead of failing requests."""
     from proxy.config import ConfigError, load_config
+    from proxy.redact import installation_secret
+    from proxy.tracker import TrackerPathError, check_database
 
     try:
-        load_config()
+        config = load_config()
     except ConfigError as err:
-        sys.stderr.write(f"llm-proxy: configuration error: {err.message}\n")
-        raise SystemExit(2)
+        _stop(f"configuration error: {err.message}")
+    if config.enabled:
+        try:
+            warning = check_database(config.db_path)
+        except TrackerPathError as err:
+            _stop(f"{err} (set tracker.db / LLM_PROXY_DB to a writable path)")
+        if warning:
+            server.log.warning("llm-proxy: %s; requests are served, rows wait", warning)
+    try:
+        installation_secret(config.secret_path)
+    except (OSError, ValueError) as err:
+        _stop(f"installation secret {config.secret_path}: {err}")
+    if server.cfg.graceful_timeout < config.shutdown_grace + 5:
+        server.log.warning("llm-proxy: graceful_timeout %s s leaves under 5 s after "
+                           "shutdown_grace %s s to end streams and store their rows",
+                           server.cfg.graceful_timeout, config.shutdown_grace)
 
 
-def post_worker_init(worker):
-    """Chain our shutdown onto gunicorn's SIGTERM handler: live streams get told to finish.
-
-    Also shorten the GIL switch interval: every event crosses from the stream thread to the
-    server thread, and with the default 5 ms a busy thread can hold that hand-off back."""
-    sys.setswitchinterval(0.0005)
-    app = worker.wsgi
-    gunicorn_handler = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):
-        begin = getattr(app, "begin_shutdown", None)
-        if begin is not None:
-            begin()
-        if callable(gunicorn_handler):
-            gunicorn_handler(signum, frame)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.siginterrupt(signal.SIGTERM, False)
+def _stop(message: str) -> None:
+    sys.stderr.write(f"llm-proxy: {message}\n")
+    raise SystemExit(2)
 
 
 def worker_exit(server, worker):
-    """Drain the usage queue before the worker process ends."""
+    """Drain the usage queue before the worker process ends (the worker does it first)."""
     close = getattr(worker.wsgi, "close", None)
     if close is not None:
         close()

@@ -173,17 +173,25 @@ class Exchange:
             handle = self.handle
         handle.abort()
 
-    def end(self, err: ProxyError) -> bool:
-        """Stop the exchange for a reason outside the stream (client gone, shutdown)."""
+    def end(self, err: ProxyError, abort: bool = True) -> bool:
+        """Stop the exchange for a reason outside the stream (client gone, shutdown).
+
+        With `abort=False` the upstream connection is left for `abort_upstream`: shutdown
+        first queues every stream's terminal error, then shuts the sockets."""
         with self._lock:
             if self.end_error is not None:
                 return False
             self.end_error = err
-            handle = self.handle
         self.ended.set()
         self._on_end(err)
-        handle.abort()
+        if abort:
+            self.abort_upstream()
         return True
+
+    def abort_upstream(self) -> None:
+        with self._lock:
+            handle = self.handle
+        handle.abort()
 
 
 class Heartbeat:
@@ -233,16 +241,28 @@ class Heartbeat:
     def visit_all(self, now: float) -> None:
         with self._lock:
             live = list(self._live)
-        past_deadline = self.shutdown_deadline is not None and now >= self.shutdown_deadline
+        if self._shutdown_error is not None and self.shutdown_deadline is not None \
+                and now >= self.shutdown_deadline:
+            self._end_all(live, self._shutdown_error)
+            return
         for exchange in live:
-            if past_deadline and self._shutdown_error is not None:
-                self._end(exchange, self._shutdown_error())
-            elif client_has_hung_up(exchange.client_socket):
+            if client_has_hung_up(exchange.client_socket):
                 self._end(exchange, ClientGone("the client closed the connection"))
             else:
                 exchange.check_deadline(now)
                 if exchange.writer is not None:
                     exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+
+    def _end_all(self, exchanges: list[Exchange], make_error: Callable[[], ProxyError]) -> None:
+        """Shutdown: end every stream at once.  One pass queues each terminal error (locks
+        only: no system call, so this thread keeps the GIL and no stream waits behind
+        hundreds of others for its turn), a second shuts the upstream sockets."""
+        for exchange in exchanges:
+            exchange.end(make_error(), abort=False)
+        with self._lock:
+            self._live.difference_update(exchanges)
+        for exchange in exchanges:
+            exchange.abort_upstream()
 
     def _end(self, exchange: Exchange, err: ProxyError) -> None:
         """End an exchange and stop visiting it: there is nothing left to keep alive."""

@@ -186,6 +186,42 @@ def responses_usage(u: Any) -> Usage:
 # Stream parsers. Each sees a copy of every SSE event the relay forwards.
 
 
+class DeliveredOutput:
+    """What reached the client of an answer's output (text, thinking, tool arguments).
+
+    OpenAI streams report usage only at the very end and Anthropic's ``message_start``
+    says ``output_tokens: 1``, so a stream that breaks after content would be recorded
+    with no output at all, though the client got (and the provider bills) part of an
+    answer.  The estimate is the common rule of thumb, a token per 4 characters, and never
+    less than one token per content delta; reported counts always win over it.
+    """
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.deltas = 0
+
+    def add(self, *pieces: Any) -> None:
+        counted = False
+        for piece in pieces:
+            if isinstance(piece, str) and piece:
+                self.chars += len(piece)
+                counted = True
+        self.deltas += counted
+
+    def estimate(self) -> int | None:
+        if not self.deltas:
+            return None
+        return max(self.deltas, -(-self.chars // 4))
+
+
+def _with_estimate(usage: Usage, delivered: DeliveredOutput) -> Usage:
+    """A stream that ended without its final usage: output is at least what was delivered."""
+    estimate = delivered.estimate()
+    if not usage.complete and estimate is not None:
+        usage.output_tokens = max(usage.output_tokens or 0, estimate)
+    return usage
+
+
 class AnthropicStreamParser:
     """Messages stream: usage from ``message_start``, overwritten by each ``message_delta``.
 
@@ -198,6 +234,7 @@ class AnthropicStreamParser:
         self._stop_reason: str | None = None
         self._model: str | None = None
         self._complete = False
+        self._delivered = DeliveredOutput()
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; unknown types, pings, errors and garbage change nothing."""
@@ -214,6 +251,11 @@ class AnthropicStreamParser:
             self._on_delta(obj)
         elif kind == "message_stop":
             self._complete = True
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self._delivered.add(delta.get("text"), delta.get("thinking"),
+                                    delta.get("partial_json"))
 
     def _on_start(self, message: Any) -> None:
         if not isinstance(message, dict):
@@ -237,7 +279,7 @@ class AnthropicStreamParser:
         usage.stop_reason = self._stop_reason
         usage.model = self._model
         usage.complete = self._complete
-        return usage
+        return _with_estimate(usage, self._delivered)
 
 
 class ChatStreamParser:
@@ -251,6 +293,7 @@ class ChatStreamParser:
         self._usage: dict | None = None
         self._stop_reason: str | None = None
         self._model: str | None = None
+        self._delivered = DeliveredOutput()
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; ``[DONE]``, error chunks and garbage change nothing."""
@@ -264,13 +307,25 @@ class ChatStreamParser:
         self._stop_reason = _finish_reason(obj.get("choices")) or self._stop_reason
         if isinstance(obj.get("usage"), dict):
             self._usage = obj["usage"]
+        if isinstance(obj.get("choices"), list):
+            for choice in obj["choices"]:
+                self._note_delta(choice.get("delta") if isinstance(choice, dict) else None)
+
+    def _note_delta(self, delta: Any) -> None:
+        if not isinstance(delta, dict):
+            return
+        calls = delta.get("tool_calls")
+        arguments = [_get(call, "function", "arguments") for call in calls] \
+            if isinstance(calls, list) else []
+        self._delivered.add(delta.get("content"), delta.get("reasoning_content"),
+                            delta.get("reasoning"), delta.get("refusal"), *arguments)
 
     def result(self) -> Usage:
         usage = chat_usage(self._usage)
         usage.stop_reason = self._stop_reason
         usage.model = self._model
         usage.complete = self._usage is not None
-        return usage
+        return _with_estimate(usage, self._delivered)
 
 
 def _finish_reason(choices: Any) -> str | None:
@@ -287,6 +342,7 @@ class ResponsesStreamParser:
 
     def __init__(self) -> None:
         self._result = Usage()
+        self._delivered = DeliveredOutput()
 
     def feed(self, event_name: str | None, data: str | bytes) -> None:
         """Take one event; the model comes from any lifecycle event, usage from the last one."""
@@ -296,17 +352,20 @@ class ResponsesStreamParser:
         """The same, for an event whose data the relay has already decoded."""
         if not isinstance(obj, dict):
             return
+        kind = obj.get("type") or event_name
+        if isinstance(kind, str) and kind.endswith(".delta"):
+            self._delivered.add(obj.get("delta"))  # text, reasoning, tool arguments
+            return
         response = obj.get("response")
         if not isinstance(response, dict):
             return
-        kind = obj.get("type") or event_name
         if kind in _RESPONSES_TERMINAL:
             self._result = _response_object_usage(response, fallback_model=self._result.model)
         else:
             self._result.model = _str(response.get("model")) or self._result.model
 
     def result(self) -> Usage:
-        return dataclasses.replace(self._result)
+        return _with_estimate(dataclasses.replace(self._result), self._delivered)
 
 
 def _response_object_usage(response: dict, fallback_model: str | None = None) -> Usage:

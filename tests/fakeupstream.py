@@ -156,7 +156,14 @@ def responses_usage(usage=None):
 # ---------------------------------------------------------------------------
 
 def _json(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON, UTF-8 kept; text UTF-8 cannot carry (a lone surrogate a client sent in its
+    model name, say) is escaped, as a real API would echo it."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, separators=(",", ":"))
+    return text
 
 
 def sse(data, event=None, newline="\n"):

@@ -41,7 +41,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0
-    assert b"gthread" in err  # gunicorn's worker class from the shared settings
+    assert b"proxy.worker.ProxyWorker" in err  # the worker class from the shared settings
     # The worker drained its queue on exit: `llm-proxy usage` sees the request.
     out = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config), "--json"],
                          env=env, capture_output=True, text=True, timeout=30)

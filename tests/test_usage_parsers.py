@@ -271,12 +271,13 @@ STREAM_CASES = [
     pytest.param("anthropic", ANTHROPIC_THINKING,
                  Usage(90, 900, None, None, 640, "end_turn", SONNET, True),
                  id="anthropic-thinking"),
+    # Cut after content: output is at least what was delivered ("Hello", "!": 2 deltas).
     pytest.param("anthropic", cut_before(ANTHROPIC_TEXT, b"event: message_delta"),
-                 Usage(25, 1, 0, 0, None, None, SONNET, False), id="anthropic-cut-keeps-input"),
+                 Usage(25, 2, 0, 0, None, None, SONNET, False), id="anthropic-cut-keeps-input"),
     pytest.param("anthropic", cut_before(ANTHROPIC_TEXT, b"event: content_block_start"),
                  Usage(25, 1, 0, 0, None, None, SONNET, False), id="anthropic-cut-in-preamble"),
     pytest.param("anthropic", ANTHROPIC_ERROR,
-                 Usage(25, 1, 0, 0, None, None, SONNET, False), id="anthropic-error-event"),
+                 Usage(25, 2, 0, 0, None, None, SONNET, False), id="anthropic-error-event"),
     pytest.param("anthropic", b"", Usage(), id="anthropic-empty"),
     pytest.param("anthropic", ANTHROPIC_GARBAGE, Usage(), id="anthropic-garbage"),
     # Chat variants.
@@ -298,10 +299,10 @@ STREAM_CASES = [
                                                       b'4o-2024-08-06","service_tier":"default",'
                                                       b'"system_fingerprint":"fp_eb9dce56a8","ch'
                                                       b'oices":[],"usage":{'),
-                 Usage(None, None, None, None, None, "stop", "gpt-4o-2024-08-06", False),
+                 Usage(None, 2, None, None, None, "stop", "gpt-4o-2024-08-06", False),
                  id="chat-cut-before-usage"),
     pytest.param("openai-chat", CHAT_ERROR,
-                 Usage(model="gpt-4o-2024-08-06"), id="chat-error-chunk"),
+                 Usage(output_tokens=2, model="gpt-4o-2024-08-06"), id="chat-error-chunk"),
     pytest.param("openai-chat", CHAT_GARBAGE, Usage(), id="chat-garbage"),
     # Responses variants.
     pytest.param("openai-responses", RESPONSES_CACHE_AND_REASONING,
@@ -319,7 +320,7 @@ STREAM_CASES = [
     pytest.param("openai-responses", RESPONSES_ERROR_EVENT,
                  Usage(model="o3-2025-04-16"), id="responses-error-event"),
     pytest.param("openai-responses", cut_before(RESPONSES_TEXT, b"event: response.completed"),
-                 Usage(model=GPT41), id="responses-cut-before-terminal"),
+                 Usage(output_tokens=3, model=GPT41), id="responses-cut-before-terminal"),
     pytest.param("openai-responses", RESPONSES_DATA_ONLY,
                  Usage(36, 87, 0, None, 0, "completed", GPT41, True), id="responses-data-only"),
     pytest.param("openai-responses", frame(None, "[DONE]") + frame(None, "garbage"),
@@ -330,6 +331,27 @@ STREAM_CASES = [
 @pytest.mark.parametrize("fmt, raw, expected", STREAM_CASES)
 def test_stream_usage(fmt, raw, expected):
     assert parse_stream(fmt, raw) == expected
+
+
+def _delta_events(fmt: str, pieces: list[str]) -> bytes:
+    if fmt == "anthropic":
+        return b"".join(frame("content_block_delta", json.dumps(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}))
+            for p in pieces)
+    if fmt == "openai-chat":
+        return b"".join(frame(None, json.dumps(
+            {"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}))
+            for p in pieces)
+    return b"".join(frame("response.output_text.delta", json.dumps(
+        {"type": "response.output_text.delta", "delta": p})) for p in pieces)
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai-chat", "openai-responses"])
+def test_output_delivered_before_a_break_is_estimated(fmt):
+    """A token per 4 characters, at least one per delta; never below what was reported."""
+    assert parse_stream(fmt, _delta_events(fmt, ["x" * 400])).output_tokens == 100
+    assert parse_stream(fmt, _delta_events(fmt, ["a"] * 7)).output_tokens == 7
+    assert parse_stream(fmt, _delta_events(fmt, [])).output_tokens is None
 
 
 def test_transcripts_are_whole_events():

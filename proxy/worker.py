@@ -1,0 +1,335 @@
+"""The proxy's gunicorn worker: gthread, with three changes a proxy of long streams needs.
+
+1. Requests are read whole by the event loop, not by a thread.  gthread hands a
+   connection to a thread at its first byte, and the thread then blocks until the request
+   is complete, so a few hundred clients trickling one byte a second hold every thread
+   and nobody else is served.  Here the main loop buffers each request (head and body,
+   `request_framing` says when it is whole) and gives it to a thread only then; a client
+   gets `client_timeout` seconds for the whole request, then a 408.  Connections being
+   read do not count against `worker_connections`, which stays the number of requests a
+   worker takes on at once (threads plus a few idle keep-alive connections).
+2. Requests gunicorn refuses itself (a malformed request line, bad chunked framing, a head
+   too large) get the endpoint's own JSON error and a usage row, not an HTML page.
+3. SIGTERM tells the application at once (live streams get `shutdown_grace`, then one
+   terminal error each), and the worker keeps the last seconds of gunicorn's
+   `graceful_timeout` to itself: it waits for its streams' usage rows, records any that
+   did not make it, and drains the usage queue before the master's SIGKILL.
+
+What stays gthread's: TLS and HTTP/2 connections (read by threads as before), the thread
+pool, keep-alive handling and the graceful loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import resource
+import selectors
+import sys
+import time
+from functools import partial
+
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
+
+from .request_framing import Progress, RequestFraming
+from .text import loggable
+
+RECV_SIZE = 256 * 1024
+# Connections being read at once, per worker; past it the oldest (slowest) is dropped.
+MAX_READING = 4096
+# Seconds of graceful_timeout the worker keeps for itself after its connections are done:
+# usage rows of the last streams, then the tracker's drain, before the master's SIGKILL.
+EXIT_RESERVE = 5
+SWITCH_INTERVAL = 0.0005  # every event crosses from the stream thread to the server thread
+
+_CLIENT_ERRORS: tuple[tuple[type, int], ...] = (
+    (http_errors.LimitRequestLine, 414),
+    (http_errors.LimitRequestHeaders, 431),
+    (http_errors.UnsupportedTransferCoding, 501),
+    (http_errors.ExpectationFailed, 417),
+    (http_errors.ForbiddenProxyRequest, 403),
+    (http_errors.ParseException, 400),  # every other request the parser refuses
+)
+
+
+def client_error_status(exc: BaseException) -> int | None:
+    """The status for a request gunicorn's parser refused, or None for a server fault."""
+    for kind, status in _CLIENT_ERRORS:
+        if isinstance(exc, kind):
+            return status
+    return None
+
+
+class ProxyConn(TConn):
+    """A connection whose request is buffered by the event loop before a thread sees it."""
+
+    def __init__(self, cfg, sock, client, server) -> None:
+        super().__init__(cfg, sock, client, server)
+        self.inbox = bytearray()
+        self.framing: RequestFraming | None = None
+        self.deadline = 0.0
+        self.generation = 0
+        self.reading = False
+        self.registered = False
+        self.continue_sent = False
+        self.prebuffer = b""
+
+    def init(self) -> None:
+        super().init()
+        if self.prebuffer and self.parser is not None:
+            self.parser.unreader.unread(self.prebuffer)
+            self.prebuffer = b""
+
+
+class ProxyWorker(ThreadWorker):
+    """gthread with whole-request reading, JSON errors with rows, and a careful exit."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading: collections.deque = collections.deque()  # (deadline, generation, conn)
+        self._reading_count = 0
+        self._buffered = 0  # bytes held by connections being read
+        self._paused: collections.deque = collections.deque()
+        self._kill_at: float | None = None
+        self.client_timeout = 30.0
+        self.max_body = 32 * 1024 * 1024
+        self.read_budget = 1024 * 1024 * 1024
+
+    # -- start and stop ------------------------------------------------------------------
+
+    def init_process(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        _raise_open_file_limit()
+        super().init_process()
+
+    def run(self) -> None:
+        config = getattr(self.wsgi, "config", None)
+        if config is not None:
+            self.client_timeout = config.client_timeout
+            self.max_body = config.max_body_bytes
+            self.read_budget = config.memory_budget
+        start = getattr(self.wsgi, "start", None)
+        if start is not None:
+            start()  # the usage writer runs before the first request, not in it
+        try:
+            super().run()
+        finally:
+            self._drop_unread()
+            self._close_app()
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.alive:
+            graceful = self.cfg.graceful_timeout
+            self._kill_at = time.monotonic() + graceful  # the master's SIGKILL, give or take
+            self.cfg.set("graceful_timeout", max(int(graceful - EXIT_RESERVE), 1))
+            begin = getattr(self.wsgi, "begin_shutdown", None)
+            if begin is not None:
+                begin()
+        super().handle_exit(sig, frame)
+
+    def _close_app(self) -> None:
+        close = getattr(self.wsgi, "close", None)
+        if close is None:
+            return
+        left = 10.0 if self._kill_at is None else self._kill_at - time.monotonic() - 0.5
+        close(max(left, 0.5))
+
+    # -- reading requests in the event loop ------------------------------------------------
+
+    def accept(self, listener) -> None:
+        try:
+            sock, addr = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        conn = ProxyConn(self.cfg, sock, addr, listener.getsockname())
+        if self.cfg.is_ssl:  # TLS is read by a thread, as in gthread
+            self.nr_conns += 1
+            sock.setblocking(True)
+            self.enqueue_req(conn)
+            return
+        self._read_request(conn)
+
+    def on_client_socket_readable(self, conn, client) -> None:
+        """A kept-alive connection sends its next request: read it here too."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self.nr_conns -= 1
+        self._read_request(conn)
+
+    def finish_request(self, conn, fs) -> None:
+        """As gthread, except that a request pipelined behind the last one is read here
+        (gthread would hand it to a thread, where an unfinished one would block it)."""
+        try:
+            result = fs.result() if not fs.cancelled() else False
+            pipelined = (result and result is not _DEFER and isinstance(conn, ProxyConn)
+                         and conn.parser is not None and conn.parser.unreader.buf.getvalue())
+        except Exception:
+            pipelined = False
+        if not pipelined:
+            super().finish_request(conn, fs)
+            return
+        self.nr_conns -= 1
+        conn.sock.setblocking(False)
+        self._read_request(conn, conn.parser.unreader.take_buffered())
+
+    def _read_request(self, conn: ProxyConn, already: bytes = b"") -> None:
+        conn.inbox = bytearray(already)
+        conn.framing = RequestFraming(self.max_body)
+        conn.deadline = time.monotonic() + self.client_timeout
+        conn.generation += 1
+        conn.reading = True
+        conn.continue_sent = False
+        self._buffered += len(already)
+        self._reading.append((conn.deadline, conn.generation, conn))
+        self._reading_count += 1
+        if self._reading_count > MAX_READING:
+            self._evict_oldest()
+        if already and conn.framing.advance(conn.inbox) is not Progress.MORE:
+            self._hand_over(conn)
+            return
+        self._register(conn)
+
+    def _register(self, conn: ProxyConn) -> None:
+        if self._buffered >= self.read_budget:
+            self._paused.append(conn)  # memory is short: read it once others are handed over
+            return
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_bytes, conn))
+        conn.registered = True
+
+    def _on_request_bytes(self, conn: ProxyConn, _sock) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client closed its side: answer what it sent, if anything
+            self._hand_over(conn) if conn.inbox else self._drop(conn)
+            return
+        conn.inbox += data
+        self._buffered += len(data)
+        progress = conn.framing.advance(conn.inbox)
+        if progress is not Progress.MORE:
+            self._hand_over(conn)
+            return
+        if conn.framing.expects_continue and not conn.continue_sent:
+            conn.continue_sent = True  # the client waits for it before it sends the body
+            _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self._buffered >= self.read_budget:
+            self._unregister(conn)
+            self._paused.append(conn)
+
+    def _hand_over(self, conn: ProxyConn) -> None:
+        """The request is in (or needs gunicorn's judgement): a thread takes it from here."""
+        self._stop_reading(conn)
+        conn.prebuffer = bytes(conn.inbox)
+        conn.inbox = bytearray()
+        conn.data_ready = True
+        self.nr_conns += 1
+        self.enqueue_req(conn)
+
+    def _drop(self, conn: ProxyConn) -> None:
+        self._stop_reading(conn)
+        conn.close()
+
+    def _stop_reading(self, conn: ProxyConn) -> None:
+        self._unregister(conn)
+        conn.reading = False
+        self._reading_count -= 1
+        self._buffered -= len(conn.inbox)
+        self._resume_paused()
+
+    def _unregister(self, conn: ProxyConn) -> None:
+        if conn.registered:
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            conn.registered = False
+
+    def _resume_paused(self) -> None:
+        while self._paused and self._buffered < self.read_budget:
+            conn = self._paused.popleft()
+            if conn.reading and not conn.registered:
+                self._register(conn)
+
+    def murder_pending(self) -> None:
+        """Called by gthread's loop after every round of events: requests past their
+        deadline get a 408 (in the endpoint's shape, with a row when their head came)."""
+        super().murder_pending()
+        now = time.monotonic()
+        while self._reading and self._reading[0][0] <= now:
+            _, generation, conn = self._reading.popleft()
+            if conn.reading and conn.generation == generation:
+                self._time_out(conn)
+
+    def _time_out(self, conn: ProxyConn) -> None:
+        head = conn.framing.head if conn.framing is not None else None
+        self._stop_reading(conn)
+        answer = getattr(self.wsgi, "reject_unread", None)
+        if answer is not None:
+            message = (f"the request did not arrive within {self.client_timeout:g} s "
+                       "(server.client_timeout)")
+            _send_quietly(conn.sock, answer(408, message, _head_info(head)))
+        conn.close()
+
+    def _evict_oldest(self) -> None:
+        while self._reading:
+            _, generation, conn = self._reading.popleft()
+            if conn.reading and conn.generation == generation:
+                self._time_out(conn)
+                return
+
+    def _drop_unread(self) -> None:
+        """At exit: connections that never sent a whole request."""
+        while self._reading:
+            _, generation, conn = self._reading.popleft()
+            if conn.reading and conn.generation == generation:
+                self._drop(conn)
+
+    # -- requests gunicorn refuses ---------------------------------------------------------
+
+    def handle_error(self, req, client, addr, exc) -> None:
+        """The endpoint's JSON error (and a usage row) instead of gunicorn's HTML page."""
+        answer = getattr(self.wsgi, "reject_unread", None)
+        status = client_error_status(exc)
+        if answer is None or status is None and not isinstance(exc, Exception):
+            super().handle_error(req, client, addr, exc)
+            return
+        if status is None:
+            self.log.exception("Error handling request")
+            status, message = 500, "internal error in the proxy"
+        else:
+            message = f"the request is malformed: {type(exc).__name__}: {loggable(exc, 200)}"
+        if req is None:
+            req = getattr(exc, "req", None)
+        head = (getattr(req, "method", None), getattr(req, "uri", None),
+                list(getattr(req, "headers", None) or [])) if req is not None else None
+        try:
+            client.sendall(answer(status, message, head))
+        except OSError:
+            pass
+
+
+def _head_info(head) -> tuple[str, str, list[tuple[str, str]]] | None:
+    return (head.method, head.target, head.headers) if head is not None else None
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+def _raise_open_file_limit() -> None:
+    """Each connection being read costs a descriptor: allow as many as the system does."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
