@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from http import HTTPStatus
@@ -26,7 +27,7 @@ from . import formats
 from .accounting import Accounting, InFlight
 from .config import ANTHROPIC_FORMAT, OPENAI_FORMAT, Config, load_config
 from .errors import (BadRequest, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge,
-                     ProxyError, RequestRejected, RequestTimeout, ShuttingDown)
+                     ProxyError, ReportUnavailable, RequestRejected, RequestTimeout, ShuttingDown)
 from .formats import Format
 from .handler import ProxyRequest, StreamRelay, serve_plain
 from .limits import MemoryBudget, Reservation, json_parse_cost
@@ -36,7 +37,7 @@ from .relay import Heartbeat
 from .replies import REQUEST_ID_HEADER, StartResponse, error_response
 from .routing import Breakers, Deployment, Route, Router, pass_through_route
 from .text import loggable
-from .tracker import NullTracker, Tracker
+from .tracker import NullTracker, Tracker, fault_kind
 from .upstream import UpstreamClient, header_problem, is_hop_by_hop_header
 
 log = logging.getLogger("proxy.app")
@@ -377,17 +378,47 @@ class App:
         return _json_response(start_response, status, body)
 
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
+        """The usage summary, bounded whatever the database holds: a period of at most
+        USAGE_MAX_DAYS (the last USAGE_DEFAULT_DAYS unless `since` says otherwise) and the
+        `top` models and client keys (USAGE_TOP by default)."""
         from . import report
+        since, until, top = _usage_bounds(request.args)
         self.tracker.flush(2.0)
         if not os.path.exists(self.config.db_path):
             return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
                                                         "by_model": [], "by_client_key": []})
         try:
-            summary = report.summarize(self.config.db_path, since=request.args.get("since"),
-                                       until=request.args.get("until"))
+            summary = report.summarize(self.config.db_path, since=since, until=until, top=top)
         except ValueError as exc:
             raise BadRequest(f"bad since/until: {exc}") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise ReportUnavailable(f"the usage database cannot be read now ({fault_kind(exc)})") from None
         return _json_response(start_response, 200, summary)
+
+
+USAGE_TOP = 50
+USAGE_MAX_TOP = 1000
+USAGE_DEFAULT_DAYS = 31
+USAGE_MAX_DAYS = 400
+
+
+def _usage_bounds(args) -> tuple[float, float, int]:
+    """(since, until, top) of a /usage request as epoch seconds, within the limits."""
+    from .report import parse_when
+    try:
+        until = parse_when(args.get("until"), end=True) or time.time()
+        since = parse_when(args.get("since"))
+        top = int(args.get("top", USAGE_TOP))
+    except ValueError as exc:
+        raise BadRequest(f"bad since/until/top: {loggable(exc)}") from None
+    if since is None:
+        since = until - USAGE_DEFAULT_DAYS * 86400
+    if until - since > USAGE_MAX_DAYS * 86400:
+        raise BadRequest(f"the period is longer than {USAGE_MAX_DAYS} days; ask for less "
+                         "(or use `llm-proxy usage` on the host)")
+    if not 1 <= top <= USAGE_MAX_TOP:
+        raise BadRequest(f"top must be between 1 and {USAGE_MAX_TOP}")
+    return since, until, top
 
 
 def _phrase(status: int) -> str:

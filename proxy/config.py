@@ -102,7 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tracker.spill_dir", str, "", "LLM_PROXY_SPILL_DIR",
             "Directory for rows the database cannot take yet (default: <db>.spill); put it on "
             "another filesystem to keep rows through a full disk.", lambda v: None),
-    Setting("tracker.spill_after", float, 5.0, None,
+    Setting("tracker.spill_after", float, 5.0, "LLM_PROXY_SPILL_AFTER",
             "Seconds a database fault may last before queued rows move from memory to the "
             "spill directory.", _non_negative),
     Setting("tracker.secret_file", str, "", "LLM_PROXY_SECRET_FILE",

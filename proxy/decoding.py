@@ -45,7 +45,7 @@ class BodyDecoder:
         self.coding = codings[0] if codings else None
         self.max_total = max_total
         self.max_ratio = max_ratio
-        self.raw_bytes = 0
+        self.raw_bytes = 0  # compressed bytes consumed so far (not merely received)
         self.decoded_bytes = 0
         self._inflater = None
 
@@ -54,9 +54,9 @@ class BodyDecoder:
         return self.coding is None
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        self.raw_bytes += len(data)
         if self.identity:
             if data:
+                self.raw_bytes += len(data)
                 self.decoded_bytes += len(data)
                 yield data
             return
@@ -70,10 +70,17 @@ class BodyDecoder:
                 out = self._inflater.decompress(pending, PIECE)
             except zlib.error as exc:
                 raise DecodeError(f"corrupt {self.coding} data: {exc}") from None
+            # The ratio counts input actually consumed: a bomb that arrives in one read is
+            # caught after its first MiB of output, not after ratio x the whole read.
+            self.raw_bytes += len(pending) - len(self._inflater.unconsumed_tail)
             pending = self._inflater.unconsumed_tail
             if out:
                 self._count(len(out))
                 yield out
+
+    def has_pending_input(self) -> bool:
+        """Input of the last feed is still waiting to be decoded (a piece was handed out)."""
+        return self._inflater is not None and bool(self._inflater.unconsumed_tail)
 
     def finish(self) -> bytes:
         if self._inflater is None:

@@ -143,6 +143,14 @@ class ShuttingDown(ProxyError):
     end_reason = "shutdown"
 
 
+class ReportUnavailable(ProxyError):
+    """The usage database cannot be read right now (the proxy itself is fine)."""
+
+    status = 503
+    openai_code = "usage_unavailable"
+    end_reason = "rejected"
+
+
 class ClientGone(ProxyError):
     """The client hung up; nothing is rendered, only recorded."""
 

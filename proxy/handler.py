@@ -79,7 +79,12 @@ def serve_plain(ctx, preq: ProxyRequest, acct: Accounting,
     ctx.heartbeat.register(exchange)
     taken: list[UpstreamResponse] = []
 
-    def take(resp: UpstreamResponse, attempt: Attempt) -> None:
+    def take(resp: UpstreamResponse, attempt: Attempt) -> ProxyError | None:
+        try:
+            resp.prefetch()  # an unreadable body fails this try, before any header goes out
+        except ProxyError as err:
+            resp.close()
+            return err
         exchange.content_arrived()
         taken.append(resp)
         return None
@@ -189,6 +194,11 @@ class StreamRelay:
                       ) -> ProxyError | AnsweredThenFailed | None:
         """Relay one deployment's answer; an error means it failed before any content."""
         if not resp.is_event_stream:
+            try:
+                resp.prefetch()  # an unreadable body fails this try, before the commit
+            except ProxyError as err:
+                resp.close()
+                return err
             if not self._announce(resp, attempt):  # the server thread passes it through
                 resp.close()
                 return UpstreamBroken("the upstream answered a streaming request with a "

@@ -110,11 +110,13 @@ def _iso(epoch: float | None) -> str | None:
 # Summary.
 
 
-def summarize(db_path: str, since: Any = None, until: Any = None) -> dict:
+def summarize(db_path: str, since: Any = None, until: Any = None, top: int | None = None) -> dict:
     """Totals and breakdowns for requests that started in [since, until).
 
-    Raises FileNotFoundError for a missing database and ValueError for bad bounds or a file
-    that is not a usage database.
+    With `top`, the model and client-key breakdowns hold only the `top` groups with the most
+    spend (then requests), and ``groups`` says how many there are in all: a report over
+    hundreds of thousands of keys stays small.  Raises FileNotFoundError for a missing
+    database and ValueError for bad bounds or a file that is not a usage database.
     """
     start, stop = parse_when(since), parse_when(until, end=True)
     if not os.path.exists(db_path):
@@ -124,9 +126,15 @@ def summarize(db_path: str, since: Any = None, until: Any = None) -> dict:
         clauses, params = _window(start, stop)
         summary = {"since": _iso(start), "until": _iso(stop)}
         summary["totals"] = _grouped(conn, "NULL", clauses, params).get(None, _empty_stats())
+        counts = {}
         for key, label, expression in GROUPINGS:
-            groups = _grouped(conn, expression, clauses, params)
+            limit = top if key != "by_day" else None
+            groups = _grouped(conn, expression, clauses, params, limit)
             summary[key] = _ordered(key, [{label: k, **s} for k, s in groups.items()])
+            if limit is not None:
+                counts[key] = _group_count(conn, expression, clauses, params)
+        if top is not None:
+            summary["groups"] = counts
         return summary
     finally:
         conn.close()
@@ -158,21 +166,43 @@ def _where(clauses: list[str]) -> str:
     return " WHERE " + " AND ".join(clauses) if clauses else ""
 
 
-def _grouped(conn: sqlite3.Connection, expression: str, clauses: list[str], params: list) -> dict:
-    """Stats per value of ``expression`` (one group, keyed None, for "NULL")."""
+def _grouped(conn: sqlite3.Connection, expression: str, clauses: list[str], params: list,
+             top: int | None = None) -> dict:
+    """Stats per value of ``expression`` (one group, keyed None, for "NULL"); with `top`,
+    only the groups with the most spend, then requests."""
+    limit = (" ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC "
+             f"LIMIT {int(top)}") if top is not None else ""
     rows = conn.execute(
-        f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(clauses)} GROUP BY k",
+        f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(clauses)} GROUP BY k{limit}",
         params,
     ).fetchall()
     groups = {row[0]: _stats(row[1:]) for row in rows}
-    failed = _where([*clauses, "end_reason != 'complete'"])
+    failed_clauses = [*clauses, "end_reason != 'complete'"]
+    failed_params = list(params)
+    if top is not None:
+        failed_clauses.append(_member_of(expression, list(groups), failed_params))
     for key, reason, count in conn.execute(
-        f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{failed} "
+        f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed_clauses)} "
         "GROUP BY k, end_reason ORDER BY k, end_reason",
-        params,
+        failed_params,
     ):
         groups[key]["failures"][reason] = count
     return groups
+
+
+def _member_of(expression: str, keys: list, params: list) -> str:
+    """SQL for "expression is one of keys" (NULL included), appending the keys to params."""
+    values = [k for k in keys if k is not None]
+    params.extend(values)
+    parts = [f"{expression} IN ({', '.join('?' * len(values))})"] if values else []
+    if None in keys:
+        parts.append(f"{expression} IS NULL")
+    return "(" + " OR ".join(parts) + ")" if parts else "0"
+
+
+def _group_count(conn: sqlite3.Connection, expression: str, clauses: list[str], params: list) -> int:
+    return conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(clauses)} "
+                        f"GROUP BY {expression})", params).fetchone()[0]
 
 
 def _stats(values: tuple) -> dict:

@@ -33,6 +33,9 @@ HOP_BY_HOP = frozenset({
 })
 
 _current = threading.local()  # the AbortHandle of the request this thread is sending
+# Decoded bytes of a JSON body read before its status goes out: enough to catch a gzip
+# bomb (the ratio check starts after the first MiB) without buffering real answers.
+PREFETCH_BYTES = 2 * 1024 * 1024
 
 # RFC 9110 5.1 and 5.5: a header name is a token; a value is visible characters, spaces and
 # tabs (obs-text allowed), with no leading whitespace (requests refuses one, and Python
@@ -179,6 +182,9 @@ class UpstreamResponse:
             headers = [(k, v) for k, v in headers
                        if k.lower() not in ("content-encoding", "content-length")]
         self.headers = headers
+        self._pieces: Iterator[bytes] | None = None
+        self._prefetched: list[bytes] = []
+        self._decoder: BodyDecoder | None = None
 
     def header(self, name: str) -> str | None:
         return self._resp.headers.get(name)
@@ -196,11 +202,38 @@ class UpstreamResponse:
         media = self.media_type
         return media == "application/json" or media.endswith("+json")
 
+    def prefetch(self, enough: int = PREFETCH_BYTES) -> None:
+        """Read the start of the body now (at least one piece, up to `enough` decoded bytes
+        of what has already arrived), so that a body that cannot be read or decoded (a gzip
+        bomb, a cut) fails the try before anything is sent to the client."""
+        if self._pieces is not None:
+            return
+        self._pieces = self._decode()
+        size = 0
+        for piece in self._pieces:
+            self._prefetched.append(piece)
+            size += len(piece)
+            if size >= enough or not self._has_more_now():
+                break
+
+    def _has_more_now(self) -> bool:
+        """More of the current read is still to be decoded (no wait on the network)."""
+        decoder = self._decoder
+        return decoder is not None and decoder.has_pending_input()
+
     def decoded_chunks(self) -> Iterator[bytes]:
         """Body bytes as they arrive, decompressed within limits; never waits to fill a block."""
+        if self._pieces is None:
+            yield from self._decode()
+            return
+        while self._prefetched:
+            yield self._prefetched.pop(0)
+        yield from self._pieces
+
+    def _decode(self) -> Iterator[bytes]:
         doing = "reading the upstream body"
         with translate_errors(doing):
-            decoder = BodyDecoder(self.header("content-encoding"), *self._limits)
+            decoder = self._decoder = BodyDecoder(self.header("content-encoding"), *self._limits)
             for raw in self._raw_chunks():
                 yield from decoder.feed(raw)
             tail = decoder.finish()

@@ -91,6 +91,7 @@ class ProxyWorker(ThreadWorker):
         self._reading_count = 0
         self._buffered = 0  # bytes held by connections being read
         self._paused: collections.deque = collections.deque()
+        self._heads: dict = {}  # socket -> the head read for its current request (for errors)
         self._kill_at: float | None = None
         self.client_timeout = 30.0
         self.max_body = 32 * 1024 * 1024
@@ -162,6 +163,7 @@ class ProxyWorker(ThreadWorker):
     def finish_request(self, conn, fs) -> None:
         """As gthread, except that a request pipelined behind the last one is read here
         (gthread would hand it to a thread, where an unfinished one would block it)."""
+        self._heads.pop(conn.sock, None)
         try:
             result = fs.result() if not fs.cancelled() else False
             pipelined = (result and result is not _DEFER and isinstance(conn, ProxyConn)
@@ -225,6 +227,7 @@ class ProxyWorker(ThreadWorker):
     def _hand_over(self, conn: ProxyConn) -> None:
         """The request is in (or needs gunicorn's judgement): a thread takes it from here."""
         self._stop_reading(conn)
+        self._heads[conn.sock] = conn.framing.head if conn.framing is not None else None
         conn.prebuffer = bytes(conn.inbox)
         conn.inbox = bytearray()
         conn.data_ready = True
@@ -308,6 +311,8 @@ class ProxyWorker(ThreadWorker):
             req = getattr(exc, "req", None)
         head = (getattr(req, "method", None), getattr(req, "uri", None),
                 list(getattr(req, "headers", None) or [])) if req is not None else None
+        if head is None or head[1] is None:  # gunicorn gave up early: use the loop's reading
+            head = _head_info(self._heads.get(client)) or head
         try:
             client.sendall(answer(status, message, head))
         except OSError:

@@ -23,6 +23,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fakeupstream import FakeUpstream  # noqa: E402
+from rawhttp import close_raw_clients  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
@@ -72,6 +73,7 @@ class ProxyProcess:
             "PYTHONPATH": str(ROOT),
         })
         self.env.update({k: str(v) for k, v in env.items()})
+        self.db_path = self.env["LLM_PROXY_DB"]
         if "LLM_PROXY_CONFIG" not in env:
             self.env.pop("LLM_PROXY_CONFIG", None)
         self.proc: subprocess.Popen | None = None
@@ -113,6 +115,13 @@ class ProxyProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"no usage row for {request_id}")
 
+    def health(self) -> dict:
+        return requests.get(self.url + "/health", timeout=5).json()
+
+    def worker_peak_rss(self) -> int:
+        """The worker's peak resident memory so far, in bytes (one worker)."""
+        return peak_rss(self.health()["pid"])
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -127,6 +136,45 @@ class ProxyProcess:
                 self.proc.wait()
         if hasattr(self, "_log"):
             self._log.close()
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory (VmHWM) in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 1 MiB tmpfs: a filesystem a test can fill up or mount read-only (needs root, as CI)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_filesystem(directory) -> str:
+    """Fill the filesystem of `directory` to the last byte; returns the filler's path."""
+    path = os.path.join(directory, "filler")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def remount(path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +199,14 @@ def proxy(fake, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _close_raw_clients():
+    """Raw test clients are closed after each test (an idle keep-alive connection would
+    only delay the shutdown of a private proxy: gunicorn waits for it)."""
+    yield
+    close_raw_clients()
+
+
 @pytest.fixture
 def start_proxy(fake, tmp_path):
     started: list[ProxyProcess] = []
@@ -161,5 +217,6 @@ def start_proxy(fake, tmp_path):
         return server
 
     yield start
+    close_raw_clients()
     for server in started:
         server.stop()

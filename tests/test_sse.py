@@ -1,8 +1,10 @@
 """The SSE framer: whole events out, original bytes kept, however the input is split."""
 
+import time
+
 import pytest
 
-from proxy.sse import SSEFramer
+from proxy.sse import EventTooLarge, SSEFramer
 
 ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start"}\n\n'
              b'event: ping\ndata: {"type": "ping"}\n\n'
@@ -114,3 +116,49 @@ def test_id_field_is_reported():
 def test_multiline_data_joined_and_space_rule():
     _, events = feed_in_pieces(b"data:a\ndata:  b\ndata\n\n", [])
     assert events[0].data == "a\n b\n"
+
+
+# --- bounded work and memory ---------------------------------------------------------------------
+
+def test_work_per_read_is_linear_in_the_new_bytes():
+    """An upstream that sends one line forever must not make every read rescan it: 16 MiB
+    in 1 KiB reads is ~16k scans of up to 16 MiB if the framer rescans (minutes), one pass
+    if it resumes where it stopped (well under a second)."""
+    framer = SSEFramer(max_event_bytes=32 * 1024 * 1024)
+    piece = b"x" * 1024
+    started = time.perf_counter()
+    assert framer.feed(b"data: ") == []
+    for _ in range(16 * 1024):
+        assert framer.feed(piece) == []
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"{elapsed:.2f} s for 16 MiB of one line"
+    # ...and the line still ends where it should
+    [event] = framer.feed(b"\n\n")
+    assert len(event.data) == 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("cut", [1, 7, 4096])
+def test_an_event_past_the_limit_stops_the_stream(cut):
+    framer = SSEFramer(max_event_bytes=1000)
+    big = b"data: " + b"y" * 2000 + b"\n\n"
+    with pytest.raises(EventTooLarge):
+        for i in range(0, len(big), cut):
+            framer.feed(big[i:i + cut])
+    with pytest.raises(EventTooLarge):
+        framer.feed(b"data: more\n\n")  # and stays stopped
+
+
+def test_events_before_an_oversized_one_are_handed_out_first():
+    framer = SSEFramer(max_event_bytes=100)
+    events = framer.feed(b"data: 1\n\ndata: 2\n\ndata: " + b"z" * 500 + b"\n\n")
+    assert [e.data for e in events] == ["1", "2"]
+    with pytest.raises(EventTooLarge):
+        framer.feed(b"data: 3\n\n")
+
+
+def test_a_line_that_never_ends_is_stopped_at_the_limit():
+    framer = SSEFramer(max_event_bytes=64 * 1024)
+    with pytest.raises(EventTooLarge):
+        for _ in range(1000):
+            framer.feed(b"q" * 1024)
+    assert len(framer.pending_bytes()) < 70 * 1024  # memory stopped growing at the limit

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import sqlite3
-import subprocess
 import time
 
 import pytest
@@ -13,6 +12,8 @@ import pytest
 import proxy.tracker as tracker_module
 from proxy.tracker import SCHEMA_VERSION, TABLE, NullTracker, Tracker
 from proxy.usage import UsageRecord
+
+from conftest import fill_filesystem, remount
 
 
 @pytest.fixture
@@ -445,43 +446,13 @@ def test_a_database_that_cannot_be_opened_keeps_rows_until_it_can(tmp_path, make
     assert tracker.stats()["state"] == "ok" and tracker.stats()["dropped"] == 0
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs: a filesystem the test can fill up and remount read-only (needs root)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(directory) -> str:
-    """Fill the filesystem of `directory` to the last byte; returns the filler's path."""
-    path = os.path.join(directory, "filler")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return path
-
-
-def remount(path, mode: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
-
-
 def test_a_full_disk_mid_run_loses_no_row(small_fs, tmp_path, make_tracker):
     db = str(small_fs / "usage.db")
     tracker = make_tracker(db, spill_dir=str(tmp_path / "spill"), spill_after=0.2, batch_size=20)
     tracker.start()
     tracker.record(rec(0))
     assert tracker.flush()
-    filler = fill(small_fs)
+    filler = fill_filesystem(small_fs)
     for i in range(1, 301):
         tracker.record(rec(i, error="x" * 500))
     wait_for(lambda: tracker.stats().get("fault") == "disk_full", "the full disk to be seen")
