@@ -70,6 +70,9 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
+ADMIN_PATHS = frozenset({"/health", "/usage"})  # the proxy's own endpoints: no usage rows
+
+
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
@@ -174,18 +177,32 @@ class App:
                 return self._models(request, start_response)
             endpoint = ENDPOINTS.get(path)
             if endpoint is None:
-                raise NotFound(f"no route for {request.method} {path}")
+                raise NotFound(f"no route for {loggable(request.method, 32)} {loggable(path, 200)}")
             if request.method != "POST":
                 raise MethodNotAllowed(f"{path} accepts POST only")
             return self._proxy(request, endpoint, start_response)
         except ProxyError as err:
-            log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(path),
-                     err.status, loggable(err.message))
-            return error_response(self._format_for(path, request), err, new_request_id(), start_response)
+            return self._refuse(request, path, err, start_response)
         except Exception:  # a bug must cost one request, never the worker
             log.exception("internal error on %s %s", loggable(request.method, 32), loggable(path))
             err = ProxyError("internal error in the proxy")
             return error_response(self._format_for(path, request), err, new_request_id(), start_response)
+
+    def _refuse(self, request: Request, path: str, err: ProxyError,
+                start_response: StartResponse) -> Iterable[bytes]:
+        """A request refused before it reached an endpoint (unknown path, wrong method): the
+        error in the shape its client speaks, and, but for the proxy's own admin paths, a
+        usage row like any other request."""
+        log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(path),
+                 err.status, loggable(err.message))
+        fmt = self._format_for(path, request)
+        request_id = new_request_id()
+        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
+        if path not in ADMIN_PATHS:
+            endpoint = ENDPOINTS[path].name if path in ENDPOINTS else "other"
+            acct = self._accounting(request, request_id, endpoint, None, redactor)
+            acct.finish(fmt.status_of(err), err.end_reason, error=err.message)
+        return error_response(fmt, err, request_id, start_response, redactor)
 
     @staticmethod
     def _format_for(path: str, request: Request) -> Format:
@@ -338,7 +355,9 @@ class App:
         """A request the server refused before it reached the application (bad framing, too
         slow): its usage row, and the whole HTTP response in the endpoint's error shape.
 
-        `head` is (method, target, headers) when the request's head could be read."""
+        `head` is (method, target, headers) as far as the request's head could be read.
+        Bytes without even a request line (a TLS hello, a port scan, a connection that
+        trickles) are not a request to account for: they get the answer and a log line."""
         method, target, raw_headers = head or (None, None, [])
         headers = Headers([(str(k), str(v)) for k, v in raw_headers])
         path = (target or "").split("?", 1)[0]
@@ -348,11 +367,15 @@ class App:
         err = err(message) if err else RequestRejected(status, message)
         request_id = new_request_id()
         redactor = self.secrets.with_secrets(*request_credentials(headers))
-        acct = Accounting(self.tracker, self.prices, request_id=request_id,
-                          endpoint=endpoint.name if endpoint else "other",
-                          usage_format=None, model=None, deployment=None, stream=False,
-                          client_key_id=None, bytes_in=0, redactor=redactor)
-        acct.finish(status, err.end_reason, error=message)
+        if target is not None:
+            credentials = request_credentials(headers)
+            acct = Accounting(self.tracker, self.prices, request_id=request_id,
+                              endpoint=endpoint.name if endpoint else "other",
+                              usage_format=None, model=None, deployment=None, stream=False,
+                              client_key_id=client_key_id(credentials[0] if credentials else None,
+                                                          self.key_secret),
+                              bytes_in=0, redactor=redactor)
+            acct.finish(status, err.end_reason, error=message)
         log.info("refused %s %s: %s %s", loggable(method, 32), loggable(target), status,
                  loggable(message))
         body = redactor.data(json.dumps(fmt.error_body(err, request_id)).encode("utf-8"))

@@ -191,13 +191,15 @@ class AttemptRunner:
         return reply
 
     def _unexpected_body(self, resp: UpstreamResponse) -> ProxyError | None:
-        """A 2xx that is neither JSON nor an event stream (a captive portal's HTML page, a
-        misrouted request) is a broken upstream, not an answer to relay as a success."""
-        if resp.is_json or resp.is_event_stream:
+        """A 2xx that is not what the request asked for (a captive portal's HTML page, an
+        event stream to a client that asked for JSON) is a broken upstream, not an answer
+        to relay as a success."""
+        if resp.is_json or (self.preq.stream and resp.is_event_stream):
             return None
         kind = loggable(resp.header("content-type") or "no Content-Type", 100)
+        expected = "JSON or an event stream" if self.preq.stream else "JSON"
         return UpstreamBroken(f"the upstream answered HTTP {resp.status} with {kind} where "
-                              "JSON or an event stream was expected")
+                              f"{expected} was expected")
 
     def _failed(self, attempt: Attempt, decision: Decision, record: AttemptRecord,
                 retry_after: float | None = None) -> None:

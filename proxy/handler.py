@@ -288,9 +288,10 @@ class StreamRelay:
             self._content_seen = True
             self.exchange.content_arrived()
             self.acct.first_token()
-        if not self.writer.write_event(event.raw, event.has_id):
+        ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
+        if not self.writer.write_event(event.raw, event.has_id, last=ends):
             return
-        if kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR):
+        if ends:
             self._end_by_protocol(kind, payload)
 
     def _release_held(self, resp: UpstreamResponse) -> None:

@@ -51,6 +51,7 @@ class LockedWriter:
         self._queued = 0
         self.max_buffered = max_buffered
         self._closed = False
+        self._ended = False  # the protocol's end went out: only its split-CRLF LF may follow
         self.keepalive = keepalive
         self.saw_id = False
         self.last_write = time.monotonic()
@@ -61,9 +62,10 @@ class LockedWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def write_event(self, frame: bytes, has_id: bool = False) -> bool:
+    def write_event(self, frame: bytes, has_id: bool = False, last: bool = False) -> bool:
         """Queue one complete event (waiting while a slow client has too much queued);
-        False once the writer has been closed."""
+        False once the writer has been closed.  `last` marks the protocol's end: from then
+        on no keepalive may follow, however long the stream thread takes to close."""
         if self._redactor is not None:
             frame = self._redactor.data(frame)
         with self._cond:
@@ -72,12 +74,13 @@ class LockedWriter:
             if self._closed:
                 return False
             self.saw_id = self.saw_id or has_id
+            self._ended = self._ended or last
             self._push(frame)
             return True
 
     def write_keepalive_if_idle(self, now: float, interval: float) -> bool:
         with self._cond:
-            if self._closed or not self.keepalive or now - self.last_write < interval:
+            if self._closed or self._ended or not self.keepalive or now - self.last_write < interval:
                 return False
             self._push(KEEPALIVE_AFTER_ID if self.saw_id else KEEPALIVE)
             self.keepalives_sent += 1

@@ -88,13 +88,12 @@ class RequestFraming:
         parts = lines[0].split(" ") if lines else []
         if len(parts) != 3:
             return Progress.HAND_OVER
-        head = Head(parts[0], parts[1], parts[2])
+        head = self.head = Head(parts[0], parts[1], parts[2])  # kept for the error answer
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon:
                 return Progress.HAND_OVER
             head.headers.append((name.strip(), value.strip()))
-        self.head = head
         return self._choose_body(head)
 
     def _choose_body(self, head: Head) -> Progress | None:

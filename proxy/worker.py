@@ -30,6 +30,7 @@ import time
 from functools import partial
 
 from gunicorn.http import errors as http_errors
+from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
 from .request_framing import Progress, RequestFraming
@@ -61,6 +62,36 @@ def client_error_status(exc: BaseException) -> int | None:
     return None
 
 
+class PrebufferedUnreader(SocketUnreader):
+    """gunicorn's reader of a request, fed first from what the event loop already read.
+
+    Handing those bytes over with `unread` would put the whole request in gunicorn's
+    buffer, and its chunked-body parser copies that buffer for every chunk: a body of ten
+    thousand small chunks then costs seconds.  Served in socket-sized pieces instead, the
+    buffer stays as small as when gunicorn reads the socket itself."""
+
+    def __init__(self, sock, max_chunk: int, data: bytes) -> None:
+        super().__init__(sock, max_chunk)
+        self._data = data
+        self._pos = 0
+
+    def chunk(self, size_hint=None) -> bytes:
+        if self._pos >= len(self._data):
+            return super().chunk(size_hint)
+        size = self.mxchunk if not size_hint or size_hint <= self.mxchunk \
+            else min(size_hint, self.max_body_chunk)
+        piece = self._data[self._pos:self._pos + size]
+        self._pos += len(piece)
+        return piece
+
+    def take_buffered(self) -> bytes:
+        rest, self._data, self._pos = self._data[self._pos:], b"", 0
+        return super().take_buffered() + rest
+
+    def has_buffered(self) -> bool:
+        return self._pos < len(self._data) or bool(self.buf.getvalue())
+
+
 class ProxyConn(TConn):
     """A connection whose request is buffered by the event loop before a thread sees it."""
 
@@ -78,7 +109,9 @@ class ProxyConn(TConn):
     def init(self) -> None:
         super().init()
         if self.prebuffer and self.parser is not None:
-            self.parser.unreader.unread(self.prebuffer)
+            earlier = self.parser.unreader.take_buffered()
+            self.parser.unreader = PrebufferedUnreader(self.sock, self.parser.unreader.mxchunk,
+                                                       earlier + self.prebuffer)
             self.prebuffer = b""
 
 
@@ -167,7 +200,7 @@ class ProxyWorker(ThreadWorker):
         try:
             result = fs.result() if not fs.cancelled() else False
             pipelined = (result and result is not _DEFER and isinstance(conn, ProxyConn)
-                         and conn.parser is not None and conn.parser.unreader.buf.getvalue())
+                         and conn.parser is not None and _has_buffered(conn.parser.unreader))
         except Exception:
             pipelined = False
         if not pipelined:
@@ -317,6 +350,12 @@ class ProxyWorker(ThreadWorker):
             client.sendall(answer(status, message, head))
         except OSError:
             pass
+
+
+def _has_buffered(unreader) -> bool:
+    if isinstance(unreader, PrebufferedUnreader):
+        return unreader.has_buffered()
+    return bool(unreader.buf.getvalue())
 
 
 def _head_info(head) -> tuple[str, str, list[tuple[str, str]]] | None:

@@ -39,16 +39,22 @@ MESSAGE_START = _event("message_start", {"type": "message_start", "message": {
     "usage": {"input_tokens": 10, "output_tokens": 1}}})
 BLOCK_START = _event("content_block_start", {"type": "content_block_start", "index": 0,
                                              "content_block": {"type": "text", "text": ""}})
-DELTA = _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                       "delta": {"type": "text_delta", "text": "tick "}})
+def delta_event(text: str) -> bytes:
+    return _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": text}})
+
+
+# About what a model sends per event when it writes fast (a few hundred tokens a second).
+DELTA_TEXT = "lorem ipsum dolor sit amet, " * 64
 
 
 class TickingUpstream:
     """An Anthropic-format upstream whose streams never end on their own: one content event
     per stream every `interval` seconds, all from one thread."""
 
-    def __init__(self, interval: float = 0.1) -> None:
+    def __init__(self, interval: float = 0.1, text: str = DELTA_TEXT) -> None:
         self.interval = interval
+        self._delta = _chunk(delta_event(text))
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -121,7 +127,7 @@ class TickingUpstream:
 
     def _tick(self) -> None:
         for sock in list(self.streams):
-            self._send(sock, _chunk(DELTA))
+            self._send(sock, self._delta)
 
     def _send(self, sock: socket.socket, data: bytes) -> None:
         try:
@@ -218,8 +224,15 @@ class StreamReader:
             if size == 0:
                 state.complete = True
                 return
-            state.body += rest[:size]
-            if state.first_content_at is None and b"content_block_delta" in state.body:
+            piece = rest[:size]
+            state.body += piece
+            for line in piece.split(b"\n"):  # decode every event, as an SDK would
+                if line.startswith(b"data: "):
+                    try:
+                        json.loads(line[6:])
+                    except ValueError:
+                        pass
+            if state.first_content_at is None and b"content_block_delta" in piece:
                 state.first_content_at = now
 
     def wait(self, predicate, timeout: float, what: str) -> None:

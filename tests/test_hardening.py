@@ -500,3 +500,357 @@ def test_the_usage_report_is_bounded(start_proxy):
         bad = requests.get(server.url + "/usage", params=params, timeout=10)
         assert bad.status_code == 400, params
         assert_openai_error(bad.json())
+
+
+# ===========================================================================
+# 7. Slow clients cannot starve others
+# ===========================================================================
+
+class Tricklers:
+    """`count` connections that send one byte a second: half trickle their request head, half
+    send a whole head and then trickle the body (Content-Length 1 MB)."""
+
+    HEAD_START = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+    WHOLE_HEAD = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000\r\n\r\n{")
+
+    def __init__(self, port: int, count: int) -> None:
+        self.socks = []
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(self.HEAD_START if i % 2 else self.WHOLE_HEAD)
+            sock.setblocking(False)
+            self.socks.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._trickle, daemon=True)
+        self._thread.start()
+
+    def _trickle(self) -> None:
+        while not self._stop.wait(1.0):
+            for sock in self.socks:
+                try:
+                    sock.send(b" ")
+                except OSError:
+                    pass
+
+    def still_open(self) -> int:
+        """How many connections the server has not closed."""
+        open_count = 0
+        for sock in self.socks:
+            try:
+                open_count += sock.recv(1, socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                open_count += 1
+            except OSError:
+                pass
+        return open_count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("front", ["direct", "nginx"])
+def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(fake, tmp_path, front):
+    """gthread gave each connection a thread at its first byte: 1,000 clients sending a byte a
+    second held every thread.  Here the worker has only 8 threads, and still answers at once."""
+    from nginx_server import NginxProcess
+
+    server = ProxyProcess(fake.url, tmp_path, workers=1, threads=8).start()
+    nginx = None
+    if front == "nginx":
+        (tmp_path / "nginx").mkdir()
+        nginx = NginxProcess(tmp_path / "nginx", f"127.0.0.1:{server.port}",
+                             worker_connections=4096).start()
+    url = nginx.url if nginx else server.url
+    port = nginx.port if nginx else server.port
+    tricklers = Tricklers(port, 1000)
+    try:
+        time.sleep(1.5)  # let the trickle start: the server has seen a byte from everyone
+        for _ in range(5):
+            started = time.monotonic()
+            r = requests.post(url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
+            took = time.monotonic() - started
+            assert r.status_code == 200 and took < 1.0, f"{took:.2f} s"
+        assert tricklers.still_open() >= 990  # they are not just being dropped
+    finally:
+        tricklers.close()
+        if nginx is not None:
+            nginx.stop()
+        server.stop()
+
+
+def test_a_request_slower_than_client_timeout_gets_408_in_its_shape_with_a_row(start_proxy, fake):
+    server = start_proxy(LLM_PROXY_CLIENT_TIMEOUT="1")
+    started = time.monotonic()
+    slow_body = RawResponse(server.url, "/v1/messages", b"{",
+                            headers=[("Content-Length", "500"), ("x-api-key", "sk-slow-client-1")])
+    r = slow_body.read_head()
+    assert r.status == 408 and 0.9 <= time.monotonic() - started < 4
+    assert_anthropic_error(r.json(), "invalid_request_error")
+    row = server.row(r.request_id)
+    assert (row["status"], row["end_reason"], row["endpoint"]) == (408, "rejected", "anthropic")
+    assert row["client_key_id"].startswith("key_")
+    slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    slow_head.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    answer = slow_head.recv(65536)
+    slow_head.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert_openai_error(json.loads(answer.split(b"\r\n\r\n", 1)[1]))
+    assert fake.requests == []
+
+
+# ===========================================================================
+# 8. Every malformed request is a 4xx in the endpoint's shape, with a row
+# ===========================================================================
+
+H = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+HC = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+OK_BODY = json_body(ANTHROPIC_JSON)
+
+
+def with_length(head: bytes, body: bytes) -> bytes:
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+MALFORMED = {
+    # name: (raw request, status, shape, half-close after sending)
+    "deep-nesting": (with_length(H, b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                     400, "anthropic", False),
+    "bad-chunk-size": (H + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400, "anthropic", False),
+    "chunk-without-crlf": (H + b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcdeXX0\r\n\r\n", 400, "anthropic", False),
+    "bad-trailer": (H + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nno colon here\r\n\r\n"
+                    % (len(OK_BODY), OK_BODY), 400, "anthropic", False),
+    "eof-mid-body": (H + b"Content-Length: 500\r\n\r\n" + OK_BODY[:20], 400, "anthropic", True),
+    "eof-mid-chunk": (H + b"Transfer-Encoding: chunked\r\n\r\n50\r\n" + OK_BODY[:20], 400, "anthropic", True),
+    "stream-options-not-object": (with_length(HC, b'{"model": "g", "stream": true, "stream_options": 5}'),
+                                  400, "chat", False),
+    "stream-is-a-string": (with_length(H, b'{"model": "m", "stream": "true"}'), 400, "anthropic", False),
+    "stream-is-a-number": (with_length(HC, b'{"model": "g", "stream": 1}'), 400, "chat", False),
+    "header-without-colon": (H + b"Bad Header Line\r\nContent-Length: 2\r\n\r\n{}", 400, "anthropic", False),
+    "control-byte-in-header": (H + b"X-Odd: a\x01b\r\nContent-Length: 2\r\n\r\n{}", 400, "anthropic", False),
+    "length-and-chunked": (H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                           400, "anthropic", False),
+    "header-too-large": (H + b"X-Big: " + b"b" * 20000 + b"\r\n\r\n", 431, "anthropic", False),
+    "not-json": (with_length(HC, b"\xff\xfe not json"), 400, "chat", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_every_malformed_request_is_a_4xx_in_its_shape_with_a_row(proxy, fake, name):
+    raw, status, shape, half_close = MALFORMED[name]
+    pid = proxy.health()["pid"]
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(raw)
+    if half_close:
+        sock.shutdown(socket.SHUT_WR)
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < content_length(answer):
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    sock.close()
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"content-type: application/json" in head.lower(), head
+    assert_error_shape(shape, json.loads(body))
+    request_id = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:]
+                      )["x-llm-proxy-request-id"]
+    row = proxy.row(request_id)
+    assert (row["status"], row["end_reason"]) == (status, "rejected")
+    assert fake.requests == [] and proxy.health()["pid"] == pid
+
+
+def content_length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 1 << 30
+
+
+def test_garbage_that_is_not_http_gets_a_json_400_and_no_row(proxy):
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"<html>" not in answer
+    assert_openai_error(json.loads(answer.split(b"\r\n\r\n", 1)[1]))
+
+
+# ===========================================================================
+# 9. Upstream oddities are upstream errors
+# ===========================================================================
+
+ODD_UPSTREAMS = {
+    "control-byte-header": lambda: [Raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                        b"X-Odd: a\x01b\r\nContent-Length: 2\r\n\r\n{}"), End()],
+    "html-captive-portal": lambda: [Status(200, headers={"Content-Type": "text/html"}, body_mode="length"),
+                                    Send(b"<html><body>Sign in to the Wi-Fi</body></html>"), End()],
+    "no-content-type": lambda: [Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"), End()],
+    "redirect": lambda: [Status(302, headers={"Location": "https://elsewhere.example/v1/messages"},
+                                body_mode="length"), End()],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("name", sorted(ODD_UPSTREAMS))
+def test_an_upstream_oddity_is_a_502_in_the_endpoints_shape(start_proxy, fake, name, stream):
+    server = start_proxy(LLM_PROXY_COMMIT_AFTER="5")  # before the commit: a real status
+    fake.enqueue(ODD_UPSTREAMS[name]())
+    r = RawResponse(server.url, "/v1/messages", dict(ANTHROPIC_JSON, stream=stream)).read_head()
+    assert r.status == 502, r.status
+    assert_anthropic_error(r.json(), "api_error")
+    assert b"<html>" not in r.read_all()
+    row = server.row(r.request_id)
+    assert (row["status"], row["end_reason"]) == (502, "upstream_error")
+
+
+@pytest.mark.parametrize("name", ["control-byte-header", "html-captive-portal"])
+def test_an_upstream_oddity_after_the_commit_is_one_terminal_error(proxy, fake, name):
+    release = threading.Event()  # the upstream answers only after the stream committed
+    fake.enqueue([WaitFor(release, 10)] + ODD_UPSTREAMS[name]())
+    r = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body).read_head()
+    assert r.status == 200
+    r.read_until(lambda b: b": keepalive" in b, "a keepalive: the stream has committed")
+    release.set()
+    body = r.read_all()
+    assert r.complete
+    check_terminal_error("anthropic", parse_sse_events(body)[-1], anthropic_type="api_error")
+    assert proxy.row(r.request_id)["end_reason"] == "upstream_error"
+
+
+# ===========================================================================
+# 10. Found while testing as a user would
+# ===========================================================================
+
+def held_preamble_proxy(fake, tmp_path, **env) -> ProxyProcess:
+    """Two deployments on the same fake: the first one's preamble is held back (a second
+    remains), and with commit_after 5 s nothing has been committed while it is held."""
+    config = write_config(tmp_path / "held.toml", f"""
+[providers.anthropic]
+base_url = "{fake.url}"
+[stream]
+commit_after = {env.pop("commit_after", 5.0)}
+[routes."claude-held-*"]
+deployments = [{{ provider = "anthropic", name = "first" }}, {{ provider = "anthropic", name = "second" }}]
+""")
+    return ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=config, **env).start()
+
+
+PREAMBLE_ONLY = [Status(200, headers=SSE_CT), Send(anthropic_stream()[0]), Stall()]
+HELD_BODY = dict(PROTOS["anthropic"].body, model="claude-held-1")
+
+
+def test_a_hang_up_while_the_preamble_is_held_frees_the_thread_and_upstream_at_once(fake, tmp_path):
+    server = held_preamble_proxy(fake, tmp_path, threads=2)
+    try:
+        fake.enqueue(PREAMBLE_ONLY)
+        r = RawResponse(server.url, "/v1/messages", HELD_BODY)
+        [upstream] = fake.wait_for_requests(1)
+        time.sleep(0.2)  # the message_start has reached the proxy and is held back
+        closed_at = time.monotonic()
+        r.close()
+        assert upstream.peer_closed.wait(2)
+        assert upstream.peer_closed_at - closed_at < 0.25
+        # the worker thread is free again: both threads serve at once, nothing waits 5 s
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            oks = list(pool.map(lambda _: requests.post(server.url + "/v1/messages",
+                                                        json=ANTHROPIC_JSON, timeout=10), range(2)))
+        assert [o.status_code for o in oks] == [200, 200] and time.monotonic() - started < 1.5
+        deadline = time.monotonic() + 5
+        while (rows := server.rows("end_reason = 'client_gone'")) == [] and time.monotonic() < deadline:
+            server.flush()
+        assert len(rows) == 1 and rows[0]["status"] == 499
+        # the deployment was neither credited nor blamed for the client's hang-up
+        assert "first" not in server.health()["breakers"] or \
+            server.health()["breakers"]["first"]["recent_attempts"] == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["before-commit", "after-commit"])
+def test_sigterm_while_the_preamble_is_held(fake, tmp_path, committed):
+    server = held_preamble_proxy(fake, tmp_path, commit_after=0.2 if committed else 5.0,
+                                 LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="8")
+    fake.enqueue(PREAMBLE_ONLY)
+    r = RawResponse(server.url, "/v1/messages", HELD_BODY, timeout=10)
+    fake.wait_for_requests(1)
+    if committed:
+        r.read_head()
+        r.read_until(lambda b: b": keepalive" in b, "a keepalive: the stream has committed")
+    server.signal(signal.SIGTERM)
+    if committed:
+        body = r.read_all()
+        assert r.status == 200 and r.complete
+        check_terminal_error("anthropic", parse_sse_events(body)[-1], anthropic_type="overloaded_error")
+    else:
+        r.read_head()
+        assert r.status == 529
+        assert_anthropic_error(r.json(), "overloaded_error")
+    assert server.proc.wait(10) == 0
+    rows = server.rows()
+    assert [(row["end_reason"], row["status"]) for row in rows] == [("shutdown", 200 if committed else 529)]
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["anthropic", "chat", "responses"])
+def test_output_that_reached_the_client_is_recorded_after_a_mid_stream_failure(proxy, fake, name):
+    proto = PROTOS[name]
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in proto.content] + [Cut()])
+    r = RawResponse(proxy.url, proto.path, proto.body).read_head()
+    r.read_all()
+    row = proxy.row(r.request_id)
+    assert row["end_reason"] == "upstream_error" and row["usage_complete"] == 0
+    assert row["output_tokens"] >= 2, row  # "Hello" and ", héllo" (and more) reached the client
+
+
+def test_a_refused_connection_and_an_unknown_host_get_their_own_messages(tmp_path):
+    (tmp_path / "r").mkdir()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        refused = ProxyProcess(f"http://127.0.0.1:{port}", tmp_path / "r").start()
+        try:
+            body = requests.post(refused.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10).json()
+        finally:
+            refused.stop()
+    assert body["error"]["message"] == f"the upstream 127.0.0.1:{port} refused the connection"
+    (tmp_path / "u").mkdir()
+    unknown = ProxyProcess("http://no-such-host.invalid", tmp_path / "u").start()
+    try:
+        r = requests.post(unknown.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=30)
+    finally:
+        unknown.stop()
+    assert r.status_code == 502
+    assert r.json()["error"]["message"] == \
+        "the upstream host no-such-host.invalid could not be resolved (DNS)"
+
+
+# ===========================================================================
+# 11. No input can forge a log line; every field is capped
+# ===========================================================================
+
+def test_no_input_can_forge_a_log_line_and_huge_fields_are_capped(start_proxy, fake):
+    server = start_proxy()
+    forged = "claude\n2026-11-30 00:00:00,000 INFO [1] proxy.requests: FORGED request"
+    requests.post(server.url + "/v1/messages", json=dict(ANTHROPIC_JSON, model=forged), timeout=10)
+    requests.post(server.url + "/v1/messages", json=dict(ANTHROPIC_JSON, model="m" * 30_000_000),
+                  timeout=60)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /v1/nope%0a2026-11-30%2000:00:00,000%20INFO%20FORGED HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.recv(65536)
+    sock.close()
+    server.flush()
+    log = server.log()
+    assert not [line for line in log.splitlines() if "FORGED" in line and not line.startswith("20")
+                and not line.startswith("[")]
+    assert all("FORGED" not in line.split(" ", 3)[-1][:40] for line in log.splitlines()
+               if line.startswith("2026-11-30 00:00:00"))
+    assert max(len(line) for line in log.splitlines()) < 4000
+    rows = server.rows()
+    assert max(len(r["model_requested"] or "") for r in rows) < 400
+    assert any((r["model_requested"] or "").startswith("claude\n2026") for r in rows)  # stored as sent

@@ -2,6 +2,7 @@
 
 import socket
 import threading
+import time
 
 from proxy.relay import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter, client_has_hung_up
 
@@ -103,3 +104,13 @@ def test_closing_releases_a_waiting_stream_thread():
     writer.close()
     thread.join(2.0)
     assert result == [False]
+
+
+def test_no_keepalive_follows_the_protocols_end_however_late_the_close():
+    """The stream thread writes `data: [DONE]`, then records the row and closes; if it is held
+    up past a heartbeat interval in between, the heartbeat must still not add a comment."""
+    writer = LockedWriter()
+    assert writer.write_event(b"data: [DONE]\n\n", last=True)
+    assert not writer.write_keepalive_if_idle(time.monotonic() + 3600, interval=0.01)
+    writer.close()
+    assert list(writer.frames()) == [b"data: [DONE]\n\n"]
