@@ -8,13 +8,12 @@ thread) and one log line says how the request ended, without any credential.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from typing import Callable
 
-from .limits import Reservation
+from .limits import Reservation, parse_upstream_json
 from .redact import Redactor
 from .text import loggable
 from .usage import RECORD_FIELDS, Usage, UsageRecord, parse_body, stream_parser
@@ -147,8 +146,8 @@ class Accounting:
 
     def _decoded_body_json(self):
         try:
-            return json.loads(bytes(self._body))
-        except (ValueError, RecursionError):
+            return parse_upstream_json(bytes(self._body))
+        except ValueError:
             return None
 
     def _elapsed_ms(self) -> float:

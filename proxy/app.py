@@ -20,19 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
 
-from werkzeug.datastructures import Headers
 from werkzeug.wrappers import Request
 
 from . import formats
 from .accounting import Accounting, InFlight
 from .config import ANTHROPIC_FORMAT, OPENAI_FORMAT, Config, load_config
 from .errors import (BadRequest, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge,
-                     ProxyError, ReportUnavailable, RequestRejected, RequestTimeout, ShuttingDown)
+                     ProxyError, ReportUnavailable, RequestTimeout, ShuttingDown)
 from .formats import Format
 from .handler import ProxyRequest, StreamRelay, serve_plain
 from .limits import MemoryBudget, Reservation, json_parse_cost
 from .pricing import PriceTable
 from .redact import Redactor, client_key_id, installation_secret, request_credentials
+from .request_framing import Head
 from .relay import Heartbeat
 from .replies import REQUEST_ID_HEADER, StartResponse, error_response
 from .routing import Breakers, Deployment, Route, Router, pass_through_route
@@ -196,12 +196,11 @@ class App:
         log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(path),
                  err.status, loggable(err.message))
         fmt = self._format_for(path, request)
-        request_id = new_request_id()
-        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
-        if path not in ADMIN_PATHS:
-            endpoint = ENDPOINTS[path].name if path in ENDPOINTS else "other"
-            acct = self._accounting(request, request_id, endpoint, None, redactor)
-            acct.finish(fmt.status_of(err), err.end_reason, error=err.message)
+        if path in ADMIN_PATHS:
+            return error_response(fmt, err, new_request_id(), start_response)
+        endpoint = ENDPOINTS[path].name if path in ENDPOINTS else "other"
+        request_id, redactor, acct = self._begin(request, endpoint, None)
+        acct.finish(fmt.status_of(err), err.end_reason, error=err.message)
         return error_response(fmt, err, request_id, start_response, redactor)
 
     @staticmethod
@@ -210,10 +209,7 @@ class App:
 
     # -- proxied endpoints -----------------------------------------------------------------
     def _proxy(self, request: Request, endpoint: Endpoint, start_response) -> Iterable[bytes]:
-        request_id = new_request_id()
-        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
-        acct = self._accounting(request, request_id, endpoint.name, endpoint.usage_format,
-                                redactor)
+        request_id, redactor, acct = self._begin(request, endpoint.name, endpoint.usage_format)
         try:
             headers = _forwardable_headers(request)
             body = self._read_body(request)
@@ -234,23 +230,33 @@ class App:
             if preq.stream:
                 return StreamRelay(self, preq, acct).respond(start_response)
             return serve_plain(self, preq, acct, start_response)
-        except Exception as exc:
-            acct.finish(500, "upstream_error", error=f"internal error: {type(exc).__name__}")
-            raise
+        except Exception as exc:  # a bug costs this request (with its row, under its id)
+            log.exception("request %s: internal error", request_id)
+            err = ProxyError(f"internal error in the proxy: {type(exc).__name__}")
+            acct.finish(500, "upstream_error", error=err.message)
+            return error_response(endpoint.fmt, err, request_id, start_response, redactor)
 
-    def _accounting(self, request: Request, request_id: str, endpoint: str,
-                    usage_format: str | None, redactor: Redactor,
-                    deployment: str | None = None) -> Accounting:
-        """The request's usage record, counted in flight until it is finished."""
-        credentials = request_credentials(request.headers)
+    def _new_accounting(self, request_id: str, endpoint: str, usage_format: str | None,
+                        credentials: list[str], redactor: Redactor, bytes_in: int,
+                        deployment: str | None = None) -> Accounting:
+        """A request's usage record, counted in flight until it is finished."""
         acct = Accounting(self.tracker, self.prices, request_id=request_id, endpoint=endpoint,
                           usage_format=usage_format, model=None, deployment=deployment,
                           stream=False, client_key_id=client_key_id(
                               credentials[0] if credentials else None, self.key_secret),
-                          bytes_in=request.content_length or 0, redactor=redactor,
-                          on_finish=self.inflight.done)
+                          bytes_in=bytes_in, redactor=redactor, on_finish=self.inflight.done)
         self.inflight.add(acct)
         return acct
+
+    def _begin(self, request: Request, endpoint: str, usage_format: str | None,
+               deployment: str | None = None) -> tuple[str, Redactor, Accounting]:
+        """Request id, secrets to mask and usage record of a request the proxy handles."""
+        request_id = new_request_id()
+        credentials = request_credentials(request.headers)
+        redactor = self.secrets.with_secrets(*credentials)
+        acct = self._new_accounting(request_id, endpoint, usage_format, credentials, redactor,
+                                    request.content_length or 0, deployment)
+        return request_id, redactor, acct
 
     def _parse_within_budget(self, acct: Accounting, body: bytes) -> tuple[dict, Reservation]:
         """Parse the body if this worker's memory budget allows what parsing it costs; the
@@ -300,10 +306,7 @@ class App:
             raise MethodNotAllowed("/v1/models accepts GET only")
         fmt = format_for_unknown(request.headers)
         provider = self.config.provider_for(fmt.provider_format)
-        request_id = new_request_id()
-        redactor = self.secrets.with_secrets(*request_credentials(request.headers))
-        acct = self._accounting(request, request_id, "models", None, redactor,
-                                deployment=provider.name)
+        request_id, redactor, acct = self._begin(request, "models", None, provider.name)
         try:
             headers = _forwardable_headers(request)
         except ProxyError as err:
@@ -350,45 +353,36 @@ class App:
         return body
 
     # -- requests the server answers itself ---------------------------------------------
-    def reject_unread(self, status: int, message: str,
-                      head: tuple[str | None, str | None, list] | None) -> bytes:
-        """A request the server refused before it reached the application (bad framing, too
-        slow): its usage row, and the whole HTTP response in the endpoint's error shape.
+    def refuse_unread(self, err: ProxyError, head: Head | None
+                      ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """A request the server refuses before it reaches the application (bad framing, too
+        slow, too large): its usage row, and the answer, in the endpoint's error shape, as
+        (status, headers, body) for the server to send.
 
-        `head` is (method, target, headers) as far as the request's head could be read.
-        Bytes without even a request line (a TLS hello, a port scan, a connection that
-        trickles) are not a request to account for: they get the answer and a log line."""
-        method, target, raw_headers = head or (None, None, [])
-        headers = Headers([(str(k), str(v)) for k, v in raw_headers])
-        path = (target or "").split("?", 1)[0]
-        endpoint = ENDPOINTS.get(path)
+        `head` is what could be read of the request's head.  Bytes that never made a
+        request line (a TLS hello, a port scan, a connection that trickles its first line)
+        are not a request to account for: they get the answer and a log line only."""
+        headers = {name.lower(): value for name, value in (head.headers if head else [])}
+        endpoint = ENDPOINTS.get(head.path) if head else None
         fmt = endpoint.fmt if endpoint else format_for_unknown(headers)
-        err = {408: RequestTimeout, 413: PayloadTooLarge}.get(status, None)
-        err = err(message) if err else RequestRejected(status, message)
         request_id = new_request_id()
-        redactor = self.secrets.with_secrets(*request_credentials(headers))
-        if target is not None:
-            credentials = request_credentials(headers)
-            acct = Accounting(self.tracker, self.prices, request_id=request_id,
-                              endpoint=endpoint.name if endpoint else "other",
-                              usage_format=None, model=None, deployment=None, stream=False,
-                              client_key_id=client_key_id(credentials[0] if credentials else None,
-                                                          self.key_secret),
-                              bytes_in=0, redactor=redactor)
-            acct.finish(status, err.end_reason, error=message)
-        log.info("refused %s %s: %s %s", loggable(method, 32), loggable(target), status,
-                 loggable(message))
+        credentials = request_credentials(headers)
+        redactor = self.secrets.with_secrets(*credentials)
+        status = fmt.status_of(err)
+        log.info("refused %s %s %s: %s %s", request_id, loggable(head.method if head else None, 32),
+                 loggable(head.target if head else None), status, loggable(err.message))
+        if head is not None:
+            acct = self._new_accounting(request_id, endpoint.name if endpoint else "other", None,
+                                        credentials, redactor, bytes_in=0)
+            acct.finish(status, err.end_reason, error=err.message)
         body = redactor.data(json.dumps(fmt.error_body(err, request_id)).encode("utf-8"))
-        head_lines = [f"HTTP/1.1 {status} {_phrase(status)}", "Content-Type: application/json",
-                      f"Content-Length: {len(body)}", f"{REQUEST_ID_HEADER}: {request_id}",
-                      "Connection: close"]
-        return ("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + body
+        return status, [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id)], body
 
     # -- proxy's own endpoints -------------------------------------------------------------
     def _health(self, request: Request, start_response) -> Iterable[bytes]:
         tracker = self._tracker if self._tracker_pid == os.getpid() else None
         if tracker is not None and request.args.get("flush"):
-            tracker.flush(5.0)  # lets tests and operators wait for queued rows to be written
+            self._flush_unless_degraded(tracker, 5.0)  # tests and operators wait for rows
         # 503 while shutting down, so a load balancer stops sending new requests here.
         status = 503 if self.shutting_down else 200
         stats = tracker.stats() if tracker is not None else None
@@ -400,13 +394,20 @@ class App:
                 "memory_budget": {"used": self.budget.used, "total": self.budget.total}}
         return _json_response(start_response, status, body)
 
+    @staticmethod
+    def _flush_unless_degraded(tracker, timeout: float) -> None:
+        """Wait for queued rows, but not while the store refuses them: anyone may call these
+        endpoints, and each wait would hold a thread for the whole timeout."""
+        if tracker.stats().get("state") != "degraded":
+            tracker.flush(timeout)
+
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
         """The usage summary, bounded whatever the database holds: a period of at most
         USAGE_MAX_DAYS (the last USAGE_DEFAULT_DAYS unless `since` says otherwise) and the
         `top` models and client keys (USAGE_TOP by default)."""
         from . import report
         since, until, top = _usage_bounds(request.args)
-        self.tracker.flush(2.0)
+        self._flush_unless_degraded(self.tracker, 2.0)
         if not os.path.exists(self.config.db_path):
             return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
                                                         "by_model": [], "by_client_key": []})
@@ -442,13 +443,6 @@ def _usage_bounds(args) -> tuple[float, float, int]:
     if not 1 <= top <= USAGE_MAX_TOP:
         raise BadRequest(f"top must be between 1 and {USAGE_MAX_TOP}")
     return since, until, top
-
-
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 def _json_response(start_response, status: int, body: object) -> list[bytes]:

@@ -9,7 +9,6 @@ a stream it is the first content event, so a stall or cut before content moves o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from .errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, U
                      UpstreamHTTPError, UpstreamTimeout)
 from .routing import (Attempt, AttemptPlan, AttemptRecord, Decision, decide_status,
                       retry_after_seconds)
+from .limits import parse_upstream_json
 from .text import loggable
 from .upstream import UpstreamResponse
 
@@ -49,8 +49,8 @@ class ErrorReply:
 
     def _parsed(self):
         try:
-            return json.loads(self.body)
-        except ValueError:
+            return parse_upstream_json(self.body)
+        except ValueError:  # not JSON, nested too deeply, too complex: no message to quote
             return None
 
     def message(self, fmt) -> str:
@@ -109,11 +109,15 @@ class AttemptRunner:
     def run(self, use_response: UseResponse) -> Final:
         last: ErrorReply | ProxyError | None = None
         while (attempt := self.plan.next_attempt()) is not None:
-            if attempt.delay and self.exchange.ended.wait(attempt.delay):
+            if attempt.delay and self.exchange.ended.wait(attempt.delay) \
+                    or self.exchange.end_error is not None:
+                self.plan.abandoned(attempt, answered=False)  # a half-open breaker may probe again
                 break
-            if self.exchange.end_error is not None:
-                break
-            outcome = self._try(attempt, use_response)
+            try:
+                outcome = self._try(attempt, use_response)
+            except BaseException:
+                self.plan.abandoned(attempt, answered=False)
+                raise
             if outcome is None:
                 return self._finish(Final(answered=True))
             if isinstance(outcome, _ClientAnswer):
@@ -124,68 +128,78 @@ class AttemptRunner:
         return self._finish(self._exhausted(last))
 
     def _try(self, attempt: Attempt, use_response: UseResponse):
-        deployment = attempt.deployment
-        self.acct.begin_attempt(deployment.name)
-        # first_token_timeout watches streams only: a JSON answer says nothing until done.
-        timeout = self.preq.route.first_token_timeout if self.preq.stream else None
-        handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
-        url, headers, body = self.ctx.upstream_request(self.preq, deployment)
-        read_timeout = None if self.preq.stream else self.ctx.config.plain_timeout
+        """One upstream try: None when answered, else why not (see `run`)."""
+        self.acct.begin_attempt(attempt.deployment.name)
         try:
-            resp = self.ctx.upstream.send(self.preq.method, url, headers, body, handle, read_timeout)
+            resp = self._send(attempt)
         except ProxyError as err:
             if err.client_fault:
-                self.plan.abandoned(attempt)
+                self.plan.abandoned(attempt, answered=False)
                 return _ClientFault(err)
             err = self._explain(err)
             self._failed(attempt, Decision.NEXT if _is_silence(err) else Decision.RETRY,
-                         AttemptRecord(deployment.name, err.end_reason, error=err.message))
+                         AttemptRecord(attempt.deployment.name, err.end_reason, error=err.message))
             return err
         self.acct.first_byte()
         if resp.status < 300:
-            unexpected = self._unexpected_body(resp)
-            if unexpected is not None:
-                resp.close()
-                self._failed(attempt, Decision.NEXT, AttemptRecord(
-                    deployment.name, unexpected.end_reason, status=resp.status,
-                    error=unexpected.message))
-                return unexpected
-            self._note_progress(attempt)  # a stream may finish its record inside use_response
-            failure = use_response(resp, attempt)
-            if failure is None:
-                if self.exchange.end_error is not None:
-                    self.plan.abandoned(attempt)  # client gone or shutdown: no verdict
-                else:
-                    self.plan.succeeded(attempt)
-                return None
-            if isinstance(failure, AnsweredThenFailed):
-                self.plan.answered_then_failed(attempt, failure.error.message)
-                return None
-            failure = self._explain(failure)
-            self._failed(attempt, Decision.NEXT, AttemptRecord(
-                deployment.name, failure.end_reason, status=resp.status, error=failure.message,
-                input_tokens=self.acct.attempt_input_tokens()))
-            return failure
+            return self._take_answer(resp, attempt, use_response)
         if resp.status < 400:
-            resp.close()
-            err = UpstreamBroken(f"the upstream answered HTTP {resp.status} (a redirect) where "
-                                 "an answer was expected")
-            self._failed(attempt, Decision.NEXT, AttemptRecord(
-                deployment.name, err.end_reason, status=resp.status, error=err.message))
-            return err
+            return self._broken(resp, attempt, UpstreamBroken(
+                f"the upstream answered HTTP {resp.status} (a redirect) where an answer was expected"))
+        return self._take_error_reply(resp, attempt)
+
+    def _send(self, attempt: Attempt) -> UpstreamResponse:
+        """Send the try, with its own abort handle and first-token deadline."""
+        # first_token_timeout watches streams only: a JSON answer says nothing until done.
+        timeout = self.preq.route.first_token_timeout if self.preq.stream else None
+        handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
+        url, headers, body = self.ctx.upstream_request(self.preq, attempt.deployment)
+        read_timeout = None if self.preq.stream else self.ctx.config.plain_timeout
+        return self.ctx.upstream.send(self.preq.method, url, headers, body, handle, read_timeout)
+
+    def _take_answer(self, resp: UpstreamResponse, attempt: Attempt, use_response: UseResponse):
+        """A 2xx: the caller relays it (a stream may still fail before its first content)."""
+        unexpected = self._unexpected_body(resp)
+        if unexpected is not None:
+            return self._broken(resp, attempt, unexpected)
+        self._note_progress(attempt)  # a stream may finish its record inside use_response
+        failure = use_response(resp, attempt)
+        if failure is None:
+            if self.exchange.end_error is not None:
+                self.plan.abandoned(attempt)  # client gone or shutdown: no verdict
+            else:
+                self.plan.succeeded(attempt)
+            return None
+        if isinstance(failure, AnsweredThenFailed):
+            self.plan.answered_then_failed(attempt, failure.error.message)
+            return None
+        failure = self._explain(failure)
+        self._failed(attempt, Decision.NEXT, AttemptRecord(
+            attempt.deployment.name, failure.end_reason, status=resp.status,
+            error=failure.message, input_tokens=self.acct.attempt_input_tokens()))
+        return failure
+
+    def _broken(self, resp: UpstreamResponse, attempt: Attempt, err: ProxyError) -> ProxyError:
+        resp.close()
+        self._failed(attempt, Decision.NEXT, AttemptRecord(
+            attempt.deployment.name, err.end_reason, status=resp.status, error=err.message))
+        return err
+
+    def _take_error_reply(self, resp: UpstreamResponse, attempt: Attempt):
+        """A 4xx/5xx, read whole: retried, moved on, or given to the client as it is."""
         try:
-            reply = ErrorReply.read(resp, deployment.name)
+            reply = ErrorReply.read(resp, attempt.deployment.name)
         except ProxyError as err:  # the error body itself broke off
             err = self._explain(err)
             self._failed(attempt, Decision.RETRY, AttemptRecord(
-                deployment.name, err.end_reason, status=resp.status, error=err.message))
+                attempt.deployment.name, err.end_reason, status=resp.status, error=err.message))
             return err
         decision = decide_status(reply.status, reply.body)
         if decision is Decision.FAIL:
             self.plan.client_error(attempt)
             return _ClientAnswer(reply)
         self._failed(attempt, decision,
-                     AttemptRecord(deployment.name, "status", status=reply.status,
+                     AttemptRecord(attempt.deployment.name, "status", status=reply.status,
                                    error=reply.message(self.preq.fmt)),
                      retry_after=retry_after_seconds(lambda name: _header(reply.headers, name)))
         return reply

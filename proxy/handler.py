@@ -14,7 +14,6 @@ every failure becomes one terminal error event in the client's protocol.  Plain 
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .accounting import Accounting
+from .limits import TooComplex, parse_upstream_json
 from .attempts import AnsweredThenFailed, AttemptRunner, Final
 from .errors import ClientGone, ProxyError, UpstreamBroken
 from .formats import EventKind, Format
@@ -59,15 +59,18 @@ class ProxyRequest:
 
 
 def decode_event_data(event: Event) -> object | None:
-    """The event's JSON payload ("[DONE]" stays a string); a payload that is not JSON is an
-    upstream fault: forwarding it would crash the client's SDK mid-answer."""
+    """The event's JSON payload ("[DONE]" stays a string); a payload that is not JSON (or
+    would take unreasonable memory to parse) is an upstream fault: forwarding it would
+    crash the client's SDK mid-answer."""
     if not event.data_lines:
         return None
     data = event.data
     if data.strip() == "[DONE]":
         return "[DONE]"
     try:
-        return json.loads(data)
+        return parse_upstream_json(data.encode("utf-8", "surrogatepass"))
+    except TooComplex as exc:
+        raise UpstreamBroken(f"the upstream sent an event the proxy will not parse: {exc}") from None
     except ValueError:
         raise UpstreamBroken("the upstream sent a malformed event (data is not JSON)") from None
 
@@ -216,6 +219,8 @@ class StreamRelay:
         answer is not an event stream: a JSON body cannot follow those headers."""
         with self._lock:
             if self._committed and not resp.is_event_stream:
+                return False
+            if self._final is not None:  # ended from outside meanwhile: its answer stands
                 return False
             if self._announced is None:
                 self._announced = (resp, attempt.deployment.name)

@@ -12,6 +12,7 @@ Pure bookkeeping: no I/O.
 
 from __future__ import annotations
 
+import json
 import threading
 
 # Upper bounds measured with tracemalloc on CPython 3.11 (json.loads): a byte of JSON costs
@@ -19,6 +20,26 @@ import threading
 # that (`{}` objects: 76 per container; `{"a":1}`: 100 per container plus key).
 _PER_BYTE = 2
 _PER_TOKEN = 72
+
+
+# Most memory one upstream document (an SSE event, a JSON body) may take to parse: far above
+# any real answer (a 16 MiB event of base64 costs ~32 MiB), far below a worker's memory.
+MAX_UPSTREAM_PARSE_COST = 256 * 1024 * 1024
+
+
+class TooComplex(ValueError):
+    """JSON that would take more memory to parse than allowed, or nests too deeply."""
+
+
+def parse_upstream_json(data: bytes) -> object:
+    """`json.loads` for what an upstream sends, within MAX_UPSTREAM_PARSE_COST; raises
+    ValueError (TooComplex included) for anything that is not JSON it should parse."""
+    if json_parse_cost(data) > MAX_UPSTREAM_PARSE_COST:
+        raise TooComplex(f"{len(data)} bytes of JSON too complex to parse")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise TooComplex("JSON nested too deeply") from None
 
 
 def json_parse_cost(body: bytes) -> int:

@@ -47,8 +47,10 @@ class Redactor:
         found = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
         ordered = sorted(found, key=len, reverse=True)  # a key that contains another first
         self._text = tuple((s, mask(len(s))) for s in ordered)
-        self._bytes = tuple((b, mask(len(b)).encode("ascii"))
-                            for b in {s.encode("utf-8", "replace") for s in ordered})
+        # Longest first here too (a set would lose the order): a client whose own key is a
+        # prefix of the provider's would otherwise unmask the rest of the provider's key.
+        encoded = sorted({s.encode("utf-8", "replace") for s in ordered}, key=len, reverse=True)
+        self._bytes = tuple((b, mask(len(b)).encode("ascii")) for b in encoded)
         self.longest = max((len(b) for b, _ in self._bytes), default=0)
 
     def __bool__(self) -> bool:

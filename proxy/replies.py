@@ -45,11 +45,11 @@ def error_response(fmt: Format, err: ProxyError, request_id: str,
     if err.retry_after:
         headers.append(("Retry-After", err.retry_after))
     status = fmt.status_of(err)
-    start_response(f"{status} {_reason(status)}", headers)
+    start_response(f"{status} {reason_phrase(status)}", headers)
     return [body]
 
 
-def _reason(status: int) -> str:
+def reason_phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
     except ValueError:
@@ -81,7 +81,8 @@ def reply_response(reply: ErrorReply, request_id: str, retried: bool,
     headers += [("Content-Length", str(len(body)))] + proxy_headers(request_id, reply.deployment)
     if retried:
         headers.append(("x-should-retry", "false"))
-    start_response(f"{reply.status} {_safe_reason(reply.reason) or _reason(reply.status)}", headers)
+    reason = _safe_reason(redactor.text(reply.reason)) or reason_phrase(reply.status)
+    start_response(f"{reply.status} {reason}", headers)
     return [body]
 
 
@@ -110,7 +111,8 @@ class PassThrough:
         headers = (self.preq.redactor.headers(self.resp.headers)
                    + proxy_headers(self.preq.request_id, self.acct.record.deployment))
         status = self.resp.status
-        start_response(f"{status} {_safe_reason(self.resp.reason) or _reason(status)}", headers)
+        reason = _safe_reason(self.preq.redactor.text(self.resp.reason)) or reason_phrase(status)
+        start_response(f"{status} {reason}", headers)
         return self._body()
 
     def _body(self) -> Iterator[bytes]:

@@ -6,24 +6,36 @@ one byte a second holds that thread for as long as it likes, and a few hundred s
 clients hold them all.  The proxy's worker instead buffers each request in its event loop
 and hands it to a thread only when it is whole (or when it is clearly broken, so that
 gunicorn's own strict parser can answer it).  This module is the bookkeeping for that:
-it parses no more than it must, never decides what is valid beyond framing, and does no
-I/O.  The work per `advance` is linear in the bytes added since the last call.
+it parses no more than it must, decides nothing about a request but its framing and its
+size, and does no I/O.  The work per `advance` is linear in the bytes added since the last call.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
+
+from .errors import PayloadTooLarge, ProxyError, RequestRejected
 
 MAX_HEAD = 1024 * 1024  # gunicorn refuses far smaller heads itself (431); past this, hand over
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16 * 1024
+# Only plain digits: int() also takes "-6", "+5", "1_0", "0x1f" and non-ASCII digits, and a
+# negative chunk size would walk the framing backwards forever.
+_LENGTH = re.compile(rb"[0-9]{1,19}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class Progress(enum.Enum):
     MORE = "more"  # keep reading
     WHOLE = "whole"  # the request is in: hand it to a thread
-    HAND_OVER = "hand_over"  # framing is odd or too large: let gunicorn's parser answer now
+    # The head alone shows the request is malformed: gunicorn's parser refuses it from the
+    # bytes it is given, without waiting for more.
+    HAND_OVER = "hand_over"
+    # Too large, or a line that would need more bytes than allowed: answered by the event
+    # loop itself (`refusal`), since a thread would wait on the client for the rest.
+    REFUSE = "refuse"
 
 
 @dataclass
@@ -53,6 +65,7 @@ class RequestFraming:
         self.max_head = max_head
         self.head: Head | None = None
         self.expects_continue = False
+        self.refusal: ProxyError | None = None  # why, with Progress.REFUSE
         self._pos = 0  # bytes of the buffer already accounted for
         self._searched = 0  # where the search for the end of the head resumes
         self._remaining = 0  # body bytes still due (Content-Length, or of the current chunk)
@@ -79,7 +92,11 @@ class RequestFraming:
                 return Progress.HAND_OVER  # bare LF line ends or a huge head: gunicorn decides
             return Progress.MORE
         self._pos = end + 4
-        return self._parse_head(bytes(buf[:end]))
+        raw = bytes(buf[:end])
+        progress = self._parse_head(raw)  # first: the head is kept for the error answer
+        if raw.count(b"\n") != raw.count(b"\r\n"):
+            return Progress.HAND_OVER  # a bare LF inside the head: gunicorn refuses it at once
+        return progress
 
     def _parse_head(self, raw: bytes) -> Progress | None:
         lines = raw.decode("latin-1").split("\r\n")
@@ -109,13 +126,18 @@ class RequestFraming:
             return None
         if not lengths:
             return Progress.WHOLE
-        if len(lengths) > 1 or not lengths[0].isdigit():
+        if len(lengths) > 1 or not _LENGTH.fullmatch(lengths[0].encode("latin-1")):
             return Progress.HAND_OVER
         self._remaining = int(lengths[0])
         if self._remaining > self.max_body:
-            return Progress.HAND_OVER  # the application answers 413 without reading it
+            return self._refuse(PayloadTooLarge(
+                f"request body is {self._remaining} bytes; the limit is {self.max_body}"))
         self._state = "length_body"
         return None
+
+    def _refuse(self, err: ProxyError) -> Progress:
+        self.refusal = err
+        return Progress.REFUSE
 
     def _length_body(self, buf) -> Progress | None:
         if len(buf) - self._pos < self._remaining:
@@ -126,19 +148,21 @@ class RequestFraming:
     def _chunk_size(self, buf) -> Progress | None:
         end = buf.find(b"\r\n", self._pos)
         if end < 0:
-            return Progress.HAND_OVER if len(buf) - self._pos > MAX_CHUNK_LINE else Progress.MORE
-        size_text = bytes(buf[self._pos:end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            return Progress.HAND_OVER
+            if len(buf) - self._pos > MAX_CHUNK_LINE:
+                return self._refuse(RequestRejected(400, "a chunk-size line of the request body is too long"))
+            return Progress.MORE
+        size_text = bytes(buf[self._pos:end]).split(b";", 1)[0]
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            return Progress.HAND_OVER  # gunicorn refuses it (InvalidChunkSize) from these bytes
+        size = int(size_text, 16)
         self._pos = end + 2
         if size == 0:
             self._state = "trailers"
             return None
         self._body_bytes += size
         if self._body_bytes > self.max_body:
-            return Progress.HAND_OVER
+            return self._refuse(PayloadTooLarge(
+                f"request body is larger than the limit of {self.max_body} bytes"))
         self._remaining = size + 2  # the data and its CRLF
         self._state = "chunk_data"
         return None
@@ -155,10 +179,12 @@ class RequestFraming:
     def _trailers(self, buf) -> Progress | None:
         end = buf.find(b"\r\n", self._pos)
         if end < 0:
-            return Progress.HAND_OVER if len(buf) - self._pos > MAX_TRAILERS else Progress.MORE
+            if self._trailer_bytes + len(buf) - self._pos > MAX_TRAILERS:
+                return self._refuse(RequestRejected(431, "the request's trailer section is too large"))
+            return Progress.MORE
         line_was_empty = end == self._pos
         self._trailer_bytes += end + 2 - self._pos
         self._pos = end + 2
         if self._trailer_bytes > MAX_TRAILERS:
-            return Progress.HAND_OVER
+            return self._refuse(RequestRejected(431, "the request's trailer section is too large"))
         return Progress.WHOLE if line_was_empty else None  # stays in "trailers"

@@ -313,12 +313,15 @@ class AttemptPlan:
         if self.breakers is not None:
             self.breakers.get(attempt.deployment.name).record_failure(reason)
 
-    def abandoned(self, attempt: Attempt, record: AttemptRecord | None = None) -> None:
+    def abandoned(self, attempt: Attempt, record: AttemptRecord | None = None,
+                  answered: bool = True) -> None:
         """The try was cut off by the client or a shutdown, or the request could not be sent
-        as the client wrote it: nothing is known about the deployment, its breaker stays."""
+        as the client wrote it: nothing is known about the deployment, its breaker stays
+        (a half-open one may send its probe again).  `record` keeps a try that failed on
+        the way in the history; `answered` says whether the deployment had answered."""
         if record is not None:
             self.history.append(record)
-        else:
+        elif answered:
             self.answered_by = attempt.deployment
         if self.breakers is not None:
             self.breakers.get(attempt.deployment.name).abandon()

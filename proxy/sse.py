@@ -18,6 +18,7 @@ line forever used to make every read rescan it), and an event larger than
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 BOM = b"\xef\xbb\xbf"
@@ -170,19 +171,22 @@ class SSEFramer:
         return event
 
 
+_LINE_END = re.compile(rb"[\r\n]")
+
+
 def _find_line_end(buf: bytearray, start: int, search: int) -> tuple[int, int]:
     """Return (end of line, start of next line), or (-1, -1) if the line is unfinished.
 
     The line starts at `start`; `search` (>= start) is where to look for its end, since
-    the bytes before it are known to hold none.  A CR at the very end of the buffer ends
-    its line; an LF arriving later is handled by the framer's CR bookkeeping.
+    the bytes before it are known to hold none.  One search for either CR or LF: looking
+    for an LF first would scan the rest of the buffer for every line a lone CR ends.  A
+    CR at the very end of the buffer ends its line; an LF arriving later is handled by the
+    framer's CR bookkeeping.
     """
-    lf = buf.find(b"\n", search)
-    cr = buf.find(b"\r", search, lf if lf >= 0 else len(buf))
-    if cr >= 0:
-        if cr + 1 < len(buf) and buf[cr + 1] == 0x0A:
-            return cr, cr + 2
-        return cr, cr + 1
-    if lf >= 0:
-        return lf, lf + 1
-    return -1, -1
+    found = _LINE_END.search(buf, search)
+    if found is None:
+        return -1, -1
+    end = found.start()
+    if buf[end] == 0x0D and end + 1 < len(buf) and buf[end + 1] == 0x0A:
+        return end, end + 2
+    return end, end + 1

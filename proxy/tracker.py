@@ -87,6 +87,13 @@ _DEFAULT_ROW = UsageRecord().to_row()
 _INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63 - 1  # SQLite INTEGER
 _IDLE_POLL = 1.0  # seconds an idle writer sleeps before looking at the spill directory again
 SPILL_CHECK_INTERVAL = 5.0  # other workers may have spilled: look this often when healthy
+# A claimed spill file untouched this long is replayed again even if a process with its
+# claimer's pid is alive (the pid may have been reused after a crash).
+STALE_CLAIM = 15 * 60
+# Errors that belong to one row (a constraint, a value SQLite cannot bind), not to the
+# database; anything else from SQLite is a fault of the store, and rows wait.
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+               sqlite3.DataError, OverflowError, ValueError, TypeError)
 REPLAY_CHUNK = 500  # spilled rows inserted per transaction
 MAX_BACKOFF = 2.0
 
@@ -317,7 +324,8 @@ class SpillDir:
         except OSError:
             names = []
         for name in names:
-            if not (name.startswith("replay-") and name.endswith(".jsonl")) or not _claimable(name):
+            if not (name.startswith("replay-") and name.endswith(".jsonl")) \
+                    or not _claimable(os.path.join(self.path, name)):
                 continue
             path = os.path.join(self.path, name)
             if _claimed_by_us(name):
@@ -366,16 +374,18 @@ def _is_spill_name(name: str) -> bool:
     return name == SpillDir.LIVE or (name.startswith("replay-") and name.endswith(".jsonl"))
 
 
-def _claimable(name: str) -> bool:
-    """A claimed file whose replay did not finish: ours (the database failed during it) or
-    one left by a process that is gone."""
+def _claimable(path: str) -> bool:
+    """A claimed file whose replay did not finish: ours (the database failed during it),
+    one left by a process that is gone, or one nobody has touched for STALE_CLAIM."""
     try:
-        pid = int(name.split("-")[1])
+        pid = int(os.path.basename(path).split("-")[1])
     except (IndexError, ValueError):
         return True
     if pid == os.getpid():
         return True
     try:
+        if time.time() - os.stat(path).st_mtime > STALE_CLAIM:
+            return True
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
@@ -443,9 +453,10 @@ class _Fault(Exception):
 class Tracker:
     """Stores ``UsageRecord`` rows in SQLite from one background writer thread per process.
 
-    ``record`` never blocks on I/O and never raises.  ``flush`` waits for rows already
-    recorded; ``close`` drains everything and stops (call it from gunicorn's worker_exit and
-    atexit; it is idempotent).  Start it in each worker process, after any fork.
+    ``record`` never raises and touches no disk while the queue has room.  ``flush`` waits
+    for rows already recorded; ``close`` drains everything and stops (call it from
+    gunicorn's worker_exit and atexit; it is idempotent).  Start it in each worker process,
+    after any fork.
     """
 
     def __init__(
@@ -530,7 +541,9 @@ class Tracker:
     # -- request side ---------------------------------------------------------------------------
 
     def record(self, rec: UsageRecord) -> None:
-        """Queue one row for storage; spills to disk if the queue is full. Never raises."""
+        """Queue one row for storage; never raises.  Only when the queue is full (the store
+        has refused rows for a while) or the tracker is closed does the caller append the
+        row to the spill file itself: one short write, the last resort before dropping."""
         try:
             row = to_storage_row(rec)
         except Exception:
@@ -643,10 +656,8 @@ class Tracker:
                 self._note_fault(fault)
                 if self._giving_up() or self._fault_is_lasting():
                     self._spill_rows(batch, "the database refuses writes")
-                    self._relieve_memory()
                     break
-                self._relieve_memory()
-                self._closing.wait(_backoff(tries))
+                self._closing.wait(_backoff(tries))  # the bounded queue holds what comes
                 continue
             self._note_recovered()
             self._mark_stored(stored)
@@ -655,6 +666,8 @@ class Tracker:
         with self._cond:
             self._held = []
             self._mark_done(len(batch), ok)
+        if not ok:
+            self._relieve_memory()  # after the held batch: rows are marked done in order
 
     def _fault_is_lasting(self) -> bool:
         return self._fault is not None and time.monotonic() - self._fault_since >= self.spill_after
@@ -670,13 +683,13 @@ class Tracker:
         try:
             insert_rows(conn, rows, only_new)
             return len(rows)
-        except (sqlite3.OperationalError, OSError) as exc:  # locked, full, read-only, I/O
-            self._close_connection()  # a remounted or replaced file needs a fresh connection
-            raise _Fault(exc) from None
-        except Exception:
+        except _ROW_ERRORS:  # this row, not the database: it must not fail the others
             if len(rows) == 1:
                 self._reject_rows(rows)
                 return 0
+        except (sqlite3.Error, OSError) as exc:  # locked, full, read-only, corrupt, replaced
+            self._close_connection()  # a remounted or replaced file needs a fresh connection
+            raise _Fault(exc) from None
         return sum(self._insert([row], only_new=True) for row in rows)
 
     def _ensure_open(self) -> sqlite3.Connection:
@@ -719,11 +732,9 @@ class Tracker:
         self._next_spill_check = 0.0  # replay what was spilled meanwhile, now
 
     def _relieve_memory(self) -> None:
-        """A lasting fault (or a nearly full queue): queued rows move to disk, where a crash
-        cannot take them."""
+        """A lasting fault: queued rows move to disk, where a crash cannot take them."""
         with self._cond:
-            crowded = len(self._rows) >= self.queue_max * 0.8
-            if not self._rows or not (crowded or self._fault_is_lasting() or self._giving_up()):
+            if not self._rows or not (self._fault_is_lasting() or self._giving_up()):
                 return
         self._spill_rows(self._take_all(count=True), "database unavailable")
 

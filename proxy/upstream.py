@@ -33,6 +33,7 @@ HOP_BY_HOP = frozenset({
 })
 
 _current = threading.local()  # the AbortHandle of the request this thread is sending
+READ_PIECE = 64 * 1024  # most raw body bytes taken from the upstream in one read
 # Decoded bytes of a JSON body read before its status goes out: enough to catch a gzip
 # bomb (the ratio check starts after the first MiB) without buffering real answers.
 PREFETCH_BYTES = 2 * 1024 * 1024
@@ -46,13 +47,16 @@ _FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 
 def header_problem(name: str, value: str) -> str | None:
     """Why a header cannot be sent as it is, or None (names never carry the value)."""
-    if not _TOKEN.fullmatch(name):
-        return "the name is not an HTTP token"
-    if not _FIELD_VALUE.fullmatch(value):
-        return "the value holds a control character or a character outside Latin-1"
+    if not is_valid_header(name, value):
+        return "the name is not an HTTP token, or the value holds a control character"
     if value[:1].isspace():
         return "the value starts with whitespace"
     return None
+
+
+def is_valid_header(name: str, value: str) -> bool:
+    """RFC 9110 syntax, as gunicorn enforces it on what it sends."""
+    return bool(_TOKEN.fullmatch(name) and _FIELD_VALUE.fullmatch(value))
 
 
 def is_hop_by_hop_header(name: str, connection_tokens: frozenset[str] = frozenset()) -> bool:
@@ -246,9 +250,11 @@ class UpstreamResponse:
         # it inflates a whole read at once, with no limit.
         raw = self._resp.raw
         if raw.chunked:
-            yield from raw.read_chunked(None, decode_content=False)
+            # At most a piece per read: read_chunked(None) takes a whole chunk first, and an
+            # upstream can announce a chunk of gigabytes and trickle it.
+            yield from raw.read_chunked(READ_PIECE, decode_content=False)
             return
-        while data := raw.read1(65536, decode_content=False):
+        while data := raw.read1(READ_PIECE, decode_content=False):
             yield data
 
     def read_limited(self, limit: int = 1 << 20) -> bytes:
@@ -390,7 +396,7 @@ class UpstreamClient:
         """A header the proxy could not relay (a control byte, a bad name) means a broken
         upstream: gunicorn would refuse it with its own HTML 500 after the fact."""
         for name, value in response.headers:
-            if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            if not is_valid_header(name, value):
                 response.close()
                 raise UpstreamBroken(f"the upstream sent a malformed response header "
                                      f"{loggable(name, 64)!r}")

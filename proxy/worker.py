@@ -5,9 +5,10 @@
    is complete, so a few hundred clients trickling one byte a second hold every thread
    and nobody else is served.  Here the main loop buffers each request (head and body,
    `request_framing` says when it is whole) and gives it to a thread only then; a client
-   gets `client_timeout` seconds for the whole request, then a 408.  Connections being
-   read do not count against `worker_connections`, which stays the number of requests a
-   worker takes on at once (threads plus a few idle keep-alive connections).
+   gets `client_timeout` seconds for the whole request, then a 408, and a request too
+   large is answered by the loop itself.  Connections being read do not count against
+   `worker_connections`; a worker whose threads are all busy stops accepting, as in
+   gthread, and requests that become whole meanwhile wait for a thread.
 2. Requests gunicorn refuses itself (a malformed request line, bad chunked framing, a head
    too large) get the endpoint's own JSON error and a usage row, not an HTML page.
 3. SIGTERM tells the application at once (live streams get `shutdown_grace`, then one
@@ -16,25 +17,32 @@
    did not make it, and drains the usage queue before the master's SIGKILL.
 
 What stays gthread's: TLS and HTTP/2 connections (read by threads as before), the thread
-pool, keep-alive handling and the graceful loop.
+pool, keep-alive handling and the graceful loop.  Nothing a client sends may raise out of
+the event loop: one bad connection is dropped, never the worker.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import logging
 import resource
 import selectors
 import sys
 import time
 from functools import partial
+from typing import Protocol, runtime_checkable
 
 from gunicorn.http import errors as http_errors
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
-from .request_framing import Progress, RequestFraming
+from .errors import ProxyError, RequestRejected, RequestTimeout
+from .replies import reason_phrase
+from .request_framing import Head, Progress, RequestFraming
 from .text import loggable
+
+log = logging.getLogger("proxy.worker")
 
 RECV_SIZE = 256 * 1024
 # Connections being read at once, per worker; past it the oldest (slowest) is dropped.
@@ -44,7 +52,8 @@ MAX_READING = 4096
 EXIT_RESERVE = 5
 SWITCH_INTERVAL = 0.0005  # every event crosses from the stream thread to the server thread
 
-_CLIENT_ERRORS: tuple[tuple[type, int], ...] = (
+# gunicorn's parser errors are translated here, once: the status each one means.
+_PARSER_ERRORS: tuple[tuple[type, int], ...] = (
     (http_errors.LimitRequestLine, 414),
     (http_errors.LimitRequestHeaders, 431),
     (http_errors.UnsupportedTransferCoding, 501),
@@ -54,25 +63,43 @@ _CLIENT_ERRORS: tuple[tuple[type, int], ...] = (
 )
 
 
-def client_error_status(exc: BaseException) -> int | None:
-    """The status for a request gunicorn's parser refused, or None for a server fault."""
-    for kind, status in _CLIENT_ERRORS:
+def parser_error(exc: BaseException) -> ProxyError | None:
+    """The error a request gunicorn's parser refused stands for, or None (a server fault)."""
+    for kind, status in _PARSER_ERRORS:
         if isinstance(exc, kind):
-            return status
+            return RequestRejected(status, f"the request is malformed: {type(exc).__name__}: "
+                                           f"{loggable(exc, 200)}")
     return None
+
+
+@runtime_checkable
+class ServerHooks(Protocol):
+    """What the worker asks of the application it serves (proxy.app.App has all of it)."""
+
+    config: object  # client_timeout, max_body_bytes, memory_budget
+
+    def start(self) -> None: ...
+
+    def begin_shutdown(self) -> None: ...
+
+    def close(self, timeout: float) -> None: ...
+
+    def refuse_unread(self, err: ProxyError, head: Head | None
+                      ) -> tuple[int, list[tuple[str, str]], bytes]: ...
 
 
 class PrebufferedUnreader(SocketUnreader):
     """gunicorn's reader of a request, fed first from what the event loop already read.
 
     Handing those bytes over with `unread` would put the whole request in gunicorn's
-    buffer, and its chunked-body parser copies that buffer for every chunk: a body of ten
-    thousand small chunks then costs seconds.  Served in socket-sized pieces instead, the
-    buffer stays as small as when gunicorn reads the socket itself."""
+    buffer, and its chunked-body parser copies that buffer for every chunk: a body of a
+    hundred thousand small chunks then takes minutes.  Served in socket-sized pieces, the
+    buffer stays as small as when gunicorn reads the socket itself; the bytes are let go
+    once served, so a long stream does not keep its request's copy alive."""
 
     def __init__(self, sock, max_chunk: int, data: bytes) -> None:
         super().__init__(sock, max_chunk)
-        self._data = data
+        self._data = memoryview(data)
         self._pos = 0
 
     def chunk(self, size_hint=None) -> bytes:
@@ -80,12 +107,15 @@ class PrebufferedUnreader(SocketUnreader):
             return super().chunk(size_hint)
         size = self.mxchunk if not size_hint or size_hint <= self.mxchunk \
             else min(size_hint, self.max_body_chunk)
-        piece = self._data[self._pos:self._pos + size]
+        piece = bytes(self._data[self._pos:self._pos + size])
         self._pos += len(piece)
+        if self._pos >= len(self._data):
+            self._data, self._pos = memoryview(b""), 0
         return piece
 
     def take_buffered(self) -> bytes:
-        rest, self._data, self._pos = self._data[self._pos:], b"", 0
+        rest = bytes(self._data[self._pos:])
+        self._data, self._pos = memoryview(b""), 0
         return super().take_buffered() + rest
 
     def has_buffered(self) -> bool:
@@ -105,6 +135,7 @@ class ProxyConn(TConn):
         self.registered = False
         self.continue_sent = False
         self.prebuffer = b""
+        self.unfinished = False  # handed over before it was whole: the thread reads the rest
 
     def init(self) -> None:
         super().init()
@@ -113,6 +144,21 @@ class ProxyConn(TConn):
             self.parser.unreader = PrebufferedUnreader(self.sock, self.parser.unreader.mxchunk,
                                                        earlier + self.prebuffer)
             self.prebuffer = b""
+        if self.unfinished:  # whatever gunicorn still reads, it reads by the deadline
+            self.sock.settimeout(max(self.deadline - time.monotonic(), 0.01))
+
+
+def _guarded(callback):
+    """An event-loop callback for one connection: whatever it raises costs that connection,
+    never the loop (which every connection of the worker depends on)."""
+
+    def run(self, conn, *args):
+        try:
+            return callback(self, conn, *args)
+        except Exception:
+            log.exception("request reading failed; the connection is closed")
+            self._forget(conn)
+    return run
 
 
 class ProxyWorker(ThreadWorker):
@@ -126,6 +172,7 @@ class ProxyWorker(ThreadWorker):
         self._paused: collections.deque = collections.deque()
         self._heads: dict = {}  # socket -> the head read for its current request (for errors)
         self._kill_at: float | None = None
+        self.hooks: ServerHooks | None = None
         self.client_timeout = 30.0
         self.max_body = 32 * 1024 * 1024
         self.read_budget = 1024 * 1024 * 1024
@@ -138,14 +185,13 @@ class ProxyWorker(ThreadWorker):
         super().init_process()
 
     def run(self) -> None:
-        config = getattr(self.wsgi, "config", None)
-        if config is not None:
+        if isinstance(self.wsgi, ServerHooks):
+            self.hooks = self.wsgi
+            config = self.hooks.config
             self.client_timeout = config.client_timeout
             self.max_body = config.max_body_bytes
             self.read_budget = config.memory_budget
-        start = getattr(self.wsgi, "start", None)
-        if start is not None:
-            start()  # the usage writer runs before the first request, not in it
+            self.hooks.start()  # the usage writer runs before the first request, not in it
         try:
             super().run()
         finally:
@@ -157,17 +203,15 @@ class ProxyWorker(ThreadWorker):
             graceful = self.cfg.graceful_timeout
             self._kill_at = time.monotonic() + graceful  # the master's SIGKILL, give or take
             self.cfg.set("graceful_timeout", max(int(graceful - EXIT_RESERVE), 1))
-            begin = getattr(self.wsgi, "begin_shutdown", None)
-            if begin is not None:
-                begin()
+            if self.hooks is not None:
+                self.hooks.begin_shutdown()
         super().handle_exit(sig, frame)
 
     def _close_app(self) -> None:
-        close = getattr(self.wsgi, "close", None)
-        if close is None:
+        if self.hooks is None:
             return
         left = 10.0 if self._kill_at is None else self._kill_at - time.monotonic() - 0.5
-        close(max(left, 0.5))
+        self.hooks.close(max(left, 0.5))
 
     # -- reading requests in the event loop ------------------------------------------------
 
@@ -210,6 +254,7 @@ class ProxyWorker(ThreadWorker):
         conn.sock.setblocking(False)
         self._read_request(conn, conn.parser.unreader.take_buffered())
 
+    @_guarded
     def _read_request(self, conn: ProxyConn, already: bytes = b"") -> None:
         conn.inbox = bytearray(already)
         conn.framing = RequestFraming(self.max_body)
@@ -217,13 +262,13 @@ class ProxyWorker(ThreadWorker):
         conn.generation += 1
         conn.reading = True
         conn.continue_sent = False
+        conn.unfinished = False
         self._buffered += len(already)
         self._reading.append((conn.deadline, conn.generation, conn))
         self._reading_count += 1
         if self._reading_count > MAX_READING:
             self._evict_oldest()
-        if already and conn.framing.advance(conn.inbox) is not Progress.MORE:
-            self._hand_over(conn)
+        if already and self._judge(conn, conn.framing.advance(conn.inbox)):
             return
         self._register(conn)
 
@@ -234,6 +279,7 @@ class ProxyWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_bytes, conn))
         conn.registered = True
 
+    @_guarded
     def _on_request_bytes(self, conn: ProxyConn, _sock) -> None:
         try:
             data = conn.sock.recv(RECV_SIZE)
@@ -242,13 +288,11 @@ class ProxyWorker(ThreadWorker):
         except OSError:
             data = b""
         if not data:  # the client closed its side: answer what it sent, if anything
-            self._hand_over(conn) if conn.inbox else self._drop(conn)
+            self._hand_over(conn, whole=False) if conn.inbox else self._drop(conn)
             return
         conn.inbox += data
         self._buffered += len(data)
-        progress = conn.framing.advance(conn.inbox)
-        if progress is not Progress.MORE:
-            self._hand_over(conn)
+        if self._judge(conn, conn.framing.advance(conn.inbox)):
             return
         if conn.framing.expects_continue and not conn.continue_sent:
             conn.continue_sent = True  # the client waits for it before it sends the body
@@ -257,18 +301,37 @@ class ProxyWorker(ThreadWorker):
             self._unregister(conn)
             self._paused.append(conn)
 
-    def _hand_over(self, conn: ProxyConn) -> None:
+    def _judge(self, conn: ProxyConn, progress: Progress) -> bool:
+        """Act on what the framing says; True once the connection has left the loop."""
+        if progress is Progress.MORE:
+            return False
+        if progress is Progress.REFUSE:
+            self._refuse(conn, conn.framing.refusal)
+        else:
+            self._hand_over(conn, whole=progress is Progress.WHOLE)
+        return True
+
+    def _hand_over(self, conn: ProxyConn, whole: bool) -> None:
         """The request is in (or needs gunicorn's judgement): a thread takes it from here."""
         self._stop_reading(conn)
         self._heads[conn.sock] = conn.framing.head if conn.framing is not None else None
         conn.prebuffer = bytes(conn.inbox)
         conn.inbox = bytearray()
         conn.data_ready = True
+        conn.unfinished = not whole
         self.nr_conns += 1
         self.enqueue_req(conn)
 
     def _drop(self, conn: ProxyConn) -> None:
         self._stop_reading(conn)
+        conn.close()
+
+    def _forget(self, conn: ProxyConn) -> None:
+        """After a failure in the loop: the connection goes, whatever state it was in."""
+        if conn.reading:
+            self._stop_reading(conn)
+        else:
+            self._unregister(conn)
         conn.close()
 
     def _stop_reading(self, conn: ProxyConn) -> None:
@@ -303,13 +366,16 @@ class ProxyWorker(ThreadWorker):
                 self._time_out(conn)
 
     def _time_out(self, conn: ProxyConn) -> None:
+        self._refuse(conn, RequestTimeout(
+            f"the request did not arrive within {self.client_timeout:g} s (server.client_timeout)"))
+
+    @_guarded
+    def _refuse(self, conn: ProxyConn, err: ProxyError) -> None:
+        """Answer from the loop (too slow, too large) and close: no thread waits on it."""
         head = conn.framing.head if conn.framing is not None else None
         self._stop_reading(conn)
-        answer = getattr(self.wsgi, "reject_unread", None)
-        if answer is not None:
-            message = (f"the request did not arrive within {self.client_timeout:g} s "
-                       "(server.client_timeout)")
-            _send_quietly(conn.sock, answer(408, message, _head_info(head)))
+        if self.hooks is not None:
+            _send_quietly(conn.sock, _http_response(*self.hooks.refuse_unread(err, head)))
         conn.close()
 
     def _evict_oldest(self) -> None:
@@ -330,36 +396,43 @@ class ProxyWorker(ThreadWorker):
 
     def handle_error(self, req, client, addr, exc) -> None:
         """The endpoint's JSON error (and a usage row) instead of gunicorn's HTML page."""
-        answer = getattr(self.wsgi, "reject_unread", None)
-        status = client_error_status(exc)
-        if answer is None or status is None and not isinstance(exc, Exception):
+        err = parser_error(exc)
+        if self.hooks is None or err is None and not isinstance(exc, Exception):
             super().handle_error(req, client, addr, exc)
             return
-        if status is None:
+        if err is None:
             self.log.exception("Error handling request")
-            status, message = 500, "internal error in the proxy"
-        else:
-            message = f"the request is malformed: {type(exc).__name__}: {loggable(exc, 200)}"
-        if req is None:
-            req = getattr(exc, "req", None)
-        head = (getattr(req, "method", None), getattr(req, "uri", None),
-                list(getattr(req, "headers", None) or [])) if req is not None else None
-        if head is None or head[1] is None:  # gunicorn gave up early: use the loop's reading
-            head = _head_info(self._heads.get(client)) or head
+            err = RequestRejected(500, "internal error in the proxy")
+        head = self._heads.get(client)  # what the loop read; gunicorn may have given up earlier
+        if head is None and getattr(req or getattr(exc, "req", None), "uri", None):
+            req = req or exc.req
+            head = Head(req.method, req.uri, "HTTP/1.1", list(req.headers or []))
         try:
-            client.sendall(answer(status, message, head))
+            client.sendall(_http_response(*self.hooks.refuse_unread(err, head)))
         except OSError:
             pass
+
+    def _keepalive_after(self, conn, keepalive):
+        """After the answer went out: a body the application did not read that turns out
+        to be malformed only means the connection cannot be reused (gthread would answer
+        the same request a second time, with a second usage row)."""
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except Exception:
+            return False
+
+
+def _http_response(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """One complete HTTP/1.1 response that closes its connection."""
+    lines = [f"HTTP/1.1 {status} {reason_phrase(status)}", *(f"{k}: {v}" for k, v in headers),
+             f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _has_buffered(unreader) -> bool:
     if isinstance(unreader, PrebufferedUnreader):
         return unreader.has_buffered()
     return bool(unreader.buf.getvalue())
-
-
-def _head_info(head) -> tuple[str, str, list[tuple[str, str]]] | None:
-    return (head.method, head.target, head.headers) if head is not None else None
 
 
 def _send_quietly(sock, data: bytes) -> None:

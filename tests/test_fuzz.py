@@ -80,7 +80,7 @@ def fuzzed_request(rng: random.Random) -> tuple[bytes, bool]:
         headers.append(("x-api-key", rng.choice(["sk-fuzz-key-123456", "\xa0k", "k\x01", "x" * 9000])))
     if rng.random() < 0.2:
         headers.append((rng.choice(["X-Odd", "Bad Name", "X:Y", "X-\xff"]),
-                        rng.choice(["\xa0v", "v\x01", "v" * 20000, "ok", "\x85v"])))
+                        rng.choice(["\xa0v", "v\x01", "v" * 20000, "ok", "\x85v", "a\nb"])))
     framing = rng.random()
     half_close = False
     if framing < 0.6:
@@ -94,6 +94,10 @@ def fuzzed_request(rng: random.Random) -> tuple[bytes, bool]:
         wire, half_close = body, True
     elif framing < 0.9:
         headers += [("Content-Length", str(len(body))), ("Transfer-Encoding", "chunked")]
+        wire = body
+    elif framing < 0.95:  # lengths int() would take, or choke on
+        headers.append(("Content-Length", rng.choice(["-1", "+5", "0x10", "1_0", "\xb2", "9" * 5000,
+                                                      " 5", "5 5", ""])))
         wire = body
     else:
         wire = body  # no length at all
@@ -109,8 +113,11 @@ def fuzzed_chunks(rng: random.Random, body: bytes) -> bytes:
         out += b"%x\r\n%s\r\n" % (len(body[pos:pos + size]), body[pos:pos + size])
         pos += size
     tail = rng.random()
-    if tail < 0.7:
+    if tail < 0.65:
         return out + b"0\r\n\r\n"
+    if tail < 0.7:
+        return out + rng.choice([b"-6\r\n", b"+5\r\nhello\r\n0\r\n\r\n", b"0x5\r\nhello\r\n",
+                                 b"7fffffffffffffffff\r\n", b"\xb2\r\nx\r\n0\r\n\r\n"])
     if tail < 0.8:
         return out + b"zz\r\nabc\r\n0\r\n\r\n"
     if tail < 0.9:

@@ -24,17 +24,25 @@ import zlib
 import pytest
 import requests
 
+from proxy import formats
+from proxy.accounting import Accounting
+from proxy.app import App
+from proxy.attempts import AttemptRunner
+from proxy.config import load_config
+from proxy.errors import BadRequest, ClientGone
+from proxy.handler import ProxyRequest
+from proxy.relay import Exchange
+
 import loadtools
-from conftest import (GUNICORN_CONF, ROOT, ProxyProcess, fill_filesystem, free_port, peak_rss,
-                      remount)
-from fakeupstream import (Cut, End, Raw, Send, SendGzip, Sleep, Stall, Status, WaitFor,
-                          anthropic_error_body, anthropic_message, anthropic_stream, chat_stream,
-                          json_reply, openai_error_body, responses_stream, sse, sse_reply)
+from conftest import GUNICORN_CONF, ROOT, ProxyProcess, fill_filesystem, free_port, remount
+from fakeupstream import (Cut, End, Raw, Send, Stall, Status, WaitFor, anthropic_error_body,
+                          anthropic_message, anthropic_stream, json_reply, sse, sse_reply)
 from rawhttp import (PROTOS, RawResponse, assert_anthropic_error, assert_error_shape,
-                     assert_openai_error, check_terminal_error, parse_sse)
+                     assert_openai_error, check_terminal_error)
 
 MiB = 1024 * 1024
 SSE_CT = {"Content-Type": "text/event-stream; charset=utf-8"}
+
 ANTHROPIC_JSON = dict(PROTOS["anthropic"].body, stream=False)
 
 
@@ -159,6 +167,9 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
         tracker = health["tracker"]
         assert (tracker["state"], tracker["fault"], tracker["dropped"]) == ("degraded", "disk_full", 0)
         assert accounted(tracker) == 60 and tracker["spilled"] > 30 and tracker["spill_bytes"] > 0
+        started = time.monotonic()  # nobody can hold threads by asking for a flush meanwhile
+        assert requests.get(server.url + "/health", params={"flush": "1"}, timeout=10).ok
+        assert time.monotonic() - started < 1.0
         os.remove(filler)
         deadline = time.monotonic() + 20
         while not set(ids) <= {r["request_id"] for r in server.rows()}:
@@ -189,10 +200,6 @@ def test_sigterm_with_200_streams_on_a_busy_machine_ends_each_once_and_loses_no_
 def test_a_worker_records_the_rows_of_its_last_requests_before_it_closes_the_tracker(tmp_path):
     """Stream threads record their rows after the client got its last byte; the worker must
     wait for them (and record a straggler itself) before it closes the usage writer."""
-    from proxy.app import App
-    from proxy.accounting import Accounting
-    from proxy.config import load_config
-
     app = App(load_config(env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
     app.start()
 
@@ -203,7 +210,8 @@ def test_a_worker_records_the_rows_of_its_last_requests_before_it_closes_the_tra
         app.inflight.add(acct)
         return acct
 
-    late, stuck = account("req_late"), account("req_stuck")
+    late = account("req_late")
+    account("req_stuck")  # its thread never records it: the worker must
     threading.Timer(0.3, lambda: late.finish(200, "shutdown", error="ended at shutdown")).start()
     app.close(timeout=3)
     conn = sqlite3.connect(tmp_path / "u.db")
@@ -233,9 +241,11 @@ deployments = [{{ provider = "anthropic", name = "only" }}]
             r = RawResponse(server.url, "/v1/messages", body,
                             headers=[("X-Odd", value.decode("latin-1"))]).read_head()
             assert r.status == 400, r.status
-            assert_anthropic_error(r.json(), "invalid_request_error")
+            error = r.json()
+            assert_anthropic_error(error, "invalid_request_error")
+            assert "x-odd" in error["error"]["message"].lower()  # said before any try
             row = server.row(r.request_id)
-            assert (row["status"], row["end_reason"]) == (400, "rejected")
+            assert (row["status"], row["end_reason"], row["deployment"]) == (400, "rejected", None)
     assert fake.requests == []  # nothing was sent upstream
     ok = requests.post(server.url + "/v1/messages", data=body, timeout=10,
                        headers={"content-type": "application/json"})
@@ -243,6 +253,62 @@ deployments = [{{ provider = "anthropic", name = "only" }}]
     assert server.health()["breakers"]["only"] == {"state": "closed", "recent_failures": 0,
                                                    "recent_attempts": 1}
     server.stop()
+
+
+def test_a_request_the_upstream_client_cannot_send_is_the_clients_fault_not_the_deployments(tmp_path):
+    """The second line of defence: should admission miss a header, the upstream client
+    refuses it before any I/O, and the try neither retries nor counts against the breaker."""
+    config_path = write_config(tmp_path / "c.toml", """
+[providers.anthropic]
+base_url = "http://127.0.0.1:9"
+[routes."claude-x-*"]
+deployments = [{ provider = "anthropic", name = "a" }, { provider = "anthropic", name = "b" }]
+""")
+    app = App(load_config(config_path, env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
+    route = app.router.route_for("claude-x-1", "anthropic", lambda name: True)
+    preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC, route=route,
+                        method="POST", path="/v1/messages", body=b"{}",
+                        headers=[("X-Odd", "\xa0value")], model="claude-x-1")
+    acct = Accounting(app.tracker, app.prices, request_id="req_t", endpoint="anthropic",
+                      usage_format="anthropic", model="claude-x-1", deployment=None, stream=False,
+                      client_key_id=None, bytes_in=2)
+    final = AttemptRunner(app, preq, acct, Exchange(None, None, lambda err: None)).run(
+        lambda resp, attempt: None)
+    assert isinstance(final.error, BadRequest) and "cannot be sent upstream" in final.error.message
+    assert acct.record.attempts == 1  # not retried, not moved on to deployment b
+    assert app.router.breakers.snapshot() == {
+        "a": {"state": "closed", "recent_failures": 0, "recent_attempts": 0}}
+    app.close(1)
+
+
+def test_a_request_ended_before_its_try_gives_a_half_open_circuit_its_probe_back(tmp_path):
+    """The plan reserves a half-open circuit's single probe for a try; a request that ends
+    (client gone, shutdown) before sending it must hand the probe back, or that deployment
+    is skipped in this worker until a restart."""
+    config_path = write_config(tmp_path / "c.toml", """
+[providers.anthropic]
+base_url = "http://127.0.0.1:9"
+[breaker]
+failure_threshold = 1
+cooldown = 0
+[routes."claude-x-*"]
+deployments = [{ provider = "anthropic", name = "a" }]
+""")
+    app = App(load_config(config_path, env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
+    breaker = app.router.breakers.get("a")
+    breaker.record_failure("down")  # open; with no cool-down the next allow() is the probe
+    route = app.router.route_for("claude-x-1", "anthropic", lambda name: True)
+    preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC, route=route,
+                        method="POST", path="/v1/messages", body=b"{}", headers=[], model="claude-x-1")
+    acct = Accounting(app.tracker, app.prices, request_id="req_t", endpoint="anthropic",
+                      usage_format="anthropic", model="claude-x-1", deployment=None, stream=False,
+                      client_key_id=None, bytes_in=2)
+    exchange = Exchange(None, None, lambda err: None)
+    exchange.end(ClientGone("the client left"))
+    final = AttemptRunner(app, preq, acct, exchange).run(lambda resp, attempt: None)
+    assert isinstance(final.error, ClientGone)
+    assert breaker.allow()  # the probe is free again
+    app.close(1)
 
 
 # ===========================================================================
@@ -420,6 +486,30 @@ def test_an_sse_line_that_never_ends_is_cut_off_and_the_worker_stays_small(start
     assert row["end_reason"] == "upstream_error" and row["output_tokens"] >= 1
     grew = server.worker_peak_rss() - before
     assert grew < 100 * MiB, f"the worker grew by {grew / MiB:.0f} MiB"
+
+
+def test_a_chunk_of_gigabytes_announced_and_trickled_is_cut_at_the_event_limit(start_proxy, fake):
+    """A chunk header may announce 2 GiB; the proxy reads it in pieces (the event limit
+    applies), not whole (which waited for all of it, growing, past any limit)."""
+    server = start_proxy(LLM_PROXY_MAX_EVENT_BYTES=str(MiB), LLM_PROXY_IDLE_TIMEOUT="5")
+    before = server.worker_peak_rss()
+    fake.enqueue([Raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n7fffffff\r\ndata: ")]
+                 + [Raw(b"x" * 65536)] * 64 + [Stall()])
+    started = time.monotonic()
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
+    body = r.read_all()
+    assert r.complete and time.monotonic() - started < 4  # well before the 5 s idle timeout
+    assert "larger than" in check_terminal_error("anthropic", parse_sse_events(body)[-1])["message"]
+    assert server.worker_peak_rss() - before < 50 * MiB
+
+
+def test_a_deeply_nested_upstream_error_body_is_relayed_not_a_proxy_500(proxy, fake):
+    fake.enqueue(json_reply(b"[" * 100_000, status=503))
+    r = requests.post(proxy.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
+    assert r.status_code == 503 and r.content == b"[" * 100_000
+    row = proxy.row(r.headers["x-llm-proxy-request-id"])
+    assert (row["status"], row["end_reason"]) == (503, "upstream_error")
 
 
 def test_request_bodies_cost_memory_within_the_budget(start_proxy, fake):
@@ -635,6 +725,8 @@ MALFORMED = {
                            400, "anthropic", False),
     "header-too-large": (H + b"X-Big: " + b"b" * 20000 + b"\r\n\r\n", 431, "anthropic", False),
     "not-json": (with_length(HC, b"\xff\xfe not json"), 400, "chat", False),
+    "unknown-path": (with_length(b"POST /v1/nope HTTP/1.1\r\nHost: x\r\n", b"{}"), 404, "chat", False),
+    "wrong-method": (b"GET /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405, "anthropic", False),
 }
 
 
@@ -662,6 +754,90 @@ def test_every_malformed_request_is_a_4xx_in_its_shape_with_a_row(proxy, fake, n
     row = proxy.row(request_id)
     assert (row["status"], row["end_reason"]) == (status, "rejected")
     assert fake.requests == [] and proxy.health()["pid"] == pid
+
+
+def exchange_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(raw)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+        return answer
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("raw", [
+    H + b"Transfer-Encoding: chunked\r\n\r\n-6\r\n",  # a negative chunk size
+    H + b"Transfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+    H + b"Content-Length: \xb2\r\n\r\n{}",  # a digit int() takes, and then refuses
+    H + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    H + b"X-A: a\nb\r\nContent-Length: 5\r\n\r\n",  # a bare LF inside a value
+], ids=["negative-chunk", "signed-chunk", "superscript-length", "endless-length", "bare-lf-value"])
+def test_framing_values_that_once_killed_the_worker_are_answered(proxy, raw):
+    pid = proxy.health()["pid"]
+    started = time.monotonic()
+    answer = exchange_raw(proxy.port, raw + b"", timeout=10)
+    assert answer.startswith(b"HTTP/1.1 400 ") and time.monotonic() - started < 2, answer[:200]
+    assert proxy.health()["pid"] == pid
+
+
+@pytest.mark.parametrize("tail, status", [
+    (b"2000001\r\n{", 413),  # a chunk larger than the body limit
+    (b"f" * 5000, 400),  # a chunk-size line that never ends
+    (b"5\r\nhello\r\n0\r\n" + b"X-T: v\r\n" * 3000, 431),  # trailers that never end
+], ids=["huge-chunk", "endless-chunk-line", "endless-trailers"])
+def test_a_request_that_could_only_trickle_on_is_answered_by_the_event_loop(start_proxy, tail, status):
+    """Handed to a thread, these would hold it for as long as the client trickles: the loop
+    answers them at once, so 50 of them leave the worker's 4 threads free."""
+    server = start_proxy(threads=4)
+    socks = []
+    for _ in range(50):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(H + b"Transfer-Encoding: chunked\r\n\r\n" + tail)
+        socks.append(sock)
+    started = time.monotonic()
+    r = requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
+    assert r.status_code == 200 and time.monotonic() - started < 1.0
+    answers = [sock.recv(65536) for sock in socks]
+    for sock in socks:
+        sock.close()
+    assert all(a.startswith(b"HTTP/1.1 %d " % status) for a in answers), answers[0][:200]
+    assert_anthropic_error(json.loads(answers[0].split(b"\r\n\r\n", 1)[1]))
+
+
+def test_a_refused_request_with_an_unread_malformed_body_gets_one_answer_and_one_row(proxy, fake):
+    """A 404 answered without reading the body, whose chunked framing then turns out to be
+    broken: the connection closes; nobody answers the same request twice."""
+    raw = (b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"zz\r\nabc\r\n0\r\n\r\n")
+    answer = exchange_raw(proxy.port, raw)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 404 "), answer
+    request_id = answer.split(b"x-llm-proxy-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    proxy.flush()
+    assert [r["request_id"] for r in proxy.rows("status = 400 AND endpoint = 'other'")] == []
+    assert proxy.row(request_id)["status"] == 404
+
+
+def test_a_body_of_a_hundred_thousand_tiny_chunks_is_read_in_linear_time(proxy, fake):
+    """The worker hands gunicorn's parser the bytes it buffered in socket-sized pieces: all
+    at once, the parser's buffer was copied once per chunk (seconds for this body)."""
+    body = json_body(dict(ANTHROPIC_JSON, pad="p" * 1_000_000))
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
+                       for i in range(0, len(body), 10)) + b"0\r\n\r\n"
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
+    sock.sendall(H + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
+    answer = b""
+    while data := sock.recv(65536):
+        answer += data
+    sock.close()
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 200 ") and took < 6.0, f"{took:.1f} s"
+    [upstream] = fake.wait_for_requests(1)
+    assert json.loads(upstream.body)["pad"] == "p" * 1_000_000
 
 
 def content_length(answer: bytes) -> int:

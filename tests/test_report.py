@@ -253,3 +253,13 @@ def test_run_usage_bad_date(db, capsys):
 def test_json_and_csv_are_exclusive():
     with pytest.raises(SystemExit):
         parse(["--json", "--csv"])
+
+
+def test_top_keeps_the_biggest_groups_and_says_how_many_there_are(db):
+    summary = summarize(db, top=1)
+    assert [row["model"] for row in summary["by_model"]] == ["claude-sonnet-4-5"]
+    assert summary["groups"] == {"by_model": len(summarize(db)["by_model"]),
+                                 "by_client_key": len(summarize(db)["by_client_key"])}
+    [key] = summary["by_client_key"]
+    assert key == max(summarize(db)["by_client_key"], key=lambda r: (r["cost_usd"], r["requests"]))
+    assert summary["totals"] == summarize(db)["totals"]  # totals still count every row

@@ -24,10 +24,18 @@ CASES = {
                            Progress.HAND_OVER),
     "two-lengths": (HEAD + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello", Progress.HAND_OVER),
     "bad-length": (HEAD + b"Content-Length: -1\r\n\r\n", Progress.HAND_OVER),
-    "too-large": (HEAD + b"Content-Length: 999999999\r\n\r\n", Progress.HAND_OVER),
+    "too-large": (HEAD + b"Content-Length: 999999999\r\n\r\n", Progress.REFUSE),
+    "negative-chunk-size": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n-6\r\n", Progress.HAND_OVER),
+    "signed-chunk-size": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n", Progress.HAND_OVER),
+    "0x-chunk-size": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n", Progress.HAND_OVER),
+    "underscore-chunk-size": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n1_0\r\n", Progress.HAND_OVER),
+    "non-ascii-length": (HEAD + b"Content-Length: \xb2\r\n\r\n", Progress.HAND_OVER),
+    "endless-length": (HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n", Progress.HAND_OVER),
+    "chunk-too-large": (HEAD + b"Transfer-Encoding: chunked\r\n\r\n2000001\r\n{", Progress.REFUSE),
     "bad-request-line": (b"HELLO\r\n\r\n", Progress.HAND_OVER),
     "header-without-colon": (HEAD + b"oops\r\n\r\n", Progress.HAND_OVER),
     "bare-lf": (b"GET / HTTP/1.1\nHost: x\n\n", Progress.HAND_OVER),
+    "bare-lf-in-a-value": (HEAD + b"X-A: a\nb\r\nContent-Length: 5\r\n\r\n", Progress.HAND_OVER),
     "gzip-te": (HEAD + b"Transfer-Encoding: gzip\r\n\r\n", Progress.HAND_OVER),
 }
 
@@ -73,10 +81,21 @@ def test_a_huge_head_is_handed_over():
     assert framing.advance(HEAD + b"X-Pad: " + b"p" * 2000) is Progress.HAND_OVER
 
 
-def test_chunked_body_past_the_limit_is_handed_over():
+def test_chunked_body_past_the_limit_is_refused_by_the_loop():
     framing = RequestFraming(max_body=10)
     assert framing.advance(HEAD + b"Transfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n") \
-        is Progress.HAND_OVER
+        is Progress.REFUSE
+    assert framing.refusal.status == 413
+
+
+@pytest.mark.parametrize("tail, status", [
+    (b"f" * 5000, 400),  # a chunk-size line that never ends: gunicorn would wait for more
+    (b"0\r\n" + b"X-T: v\r\n" * 3000, 431),  # trailers past the loop's limit
+])
+def test_lines_a_thread_would_wait_for_are_refused_by_the_loop(tail, status):
+    framing = RequestFraming(max_body=1 << 20)
+    assert framing.advance(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + tail) is Progress.REFUSE
+    assert framing.refusal.status == status
 
 
 def test_pipelined_bytes_after_a_whole_request_are_left_alone():

@@ -137,6 +137,17 @@ def test_work_per_read_is_linear_in_the_new_bytes():
     assert len(event.data) == 16 * 1024 * 1024
 
 
+def test_lines_ended_by_lone_crs_are_found_in_linear_time():
+    """Each lone CR ends a line; a search for LF first would rescan the rest of the buffer
+    for every one of them (2 MiB of `a\r` took seconds)."""
+    framer = SSEFramer()
+    started = time.perf_counter()
+    assert framer.feed(b"a\r" * (1024 * 1024)) == []
+    assert time.perf_counter() - started < 2.0
+    [event] = framer.feed(b"data: x\r\r")
+    assert event.data == "x"
+
+
 @pytest.mark.parametrize("cut", [1, 7, 4096])
 def test_an_event_past_the_limit_stops_the_stream(cut):
     framer = SSEFramer(max_event_bytes=1000)

@@ -69,6 +69,17 @@ def test_redactor_masks_text_bytes_and_headers_and_ignores_short_values():
     assert not Redactor([None, "tiny"])
 
 
+def test_a_client_key_that_is_a_prefix_of_the_provider_key_cannot_unmask_the_rest():
+    """Masking must go longest first in bytes as in text, whatever the set order of the
+    secrets (which varies with their hashes: many pairs, so an unlucky order shows)."""
+    for n in range(40):
+        provider = f"sk-ant-api03-{n:04d}-PROVIDERSECRETPROVIDERSECRET"
+        client = provider[:13 + n % 10]  # "sk-ant-api03-..." a prefix, chosen by the client
+        redactor = Redactor([provider, client])
+        masked = redactor.data(f"echo: {provider}".encode())
+        assert masked == f"echo: {mask(len(provider))}".encode(), (n, masked)
+
+
 def test_stream_redactor_catches_a_key_split_between_reads():
     r = Redactor([KEY]).stream()
     body = f"before {KEY} after".encode()

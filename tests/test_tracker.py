@@ -484,3 +484,42 @@ def test_a_read_only_database_directory_loses_no_row(small_fs, tmp_path, make_tr
     remount(small_fs, "rw")
     wait_for(lambda: len(stored(db)) == 101, "all 101 rows in the database", timeout=20)
     assert tracker.stats()["state"] == "ok" and tracker.stats()["dropped"] == 0
+
+
+def test_a_row_is_dropped_only_when_every_bound_is_exhausted_and_then_loudly(tmp_path, make_tracker,
+                                                                           caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where both directories should be")
+    tracker = make_tracker(str(blocker / "usage.db"), spill_dir=str(blocker / "spill"),
+                           queue_max=5, spill_after=0)
+    tracker.start()
+    with caplog.at_level("ERROR", logger="proxy.tracker"):
+        for i in range(20):
+            tracker.record(rec(i, model_requested=f"model-{i}"))
+        wait_for(lambda: tracker.stats()["dropped"] == 20, "every row counted as dropped")
+    stats = tracker.stats()
+    assert (stats["state"], stats["spilled"], stats["queued"]) == ("degraded", 0, 0)
+    lost = [r.getMessage() for r in caplog.records if "usage row lost" in r.getMessage()]
+    assert len(lost) == 20 and all('"request_id": "req-' in m for m in lost)  # the row, in the log
+
+
+def test_a_corrupted_database_is_a_fault_rows_wait_and_are_not_moved_aside(db_path, make_tracker):
+    """"database disk image is malformed" is a DatabaseError but not an OperationalError:
+    still the store's fault, not the rows'."""
+    tracker = make_tracker(db_path, spill_after=0.2, batch_size=5)
+    tracker.start()
+    tracker.record(rec(0))
+    assert tracker.flush()
+    checkpoint = sqlite3.connect(db_path)  # the pages leave the WAL for the database file...
+    checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint.close()
+    with open(db_path, "r+b") as f:  # ...which is then scribbled over, all but its header
+        f.seek(100)
+        f.write(b"\xa5" * (os.path.getsize(db_path) - 100))
+    for i in range(1, 11):
+        tracker.record(rec(i))
+    wait_for(lambda: tracker.stats()["spilled"] == 10, "rows waiting in the spill directory")
+    stats = tracker.stats()
+    assert (stats["state"], stats["fault"], stats["rejected"], stats["dropped"]) == \
+        ("degraded", "corrupt", 0, 0)
+    assert rejected_lines(db_path) == []
