@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from .accounting import Accounting
-from .limits import TooComplex, parse_upstream_json
 from .attempts import AnsweredThenFailed, AttemptRunner, Final
 from .errors import ClientGone, ProxyError, UpstreamBroken
 from .formats import EventKind, Format
+from .limits import TooComplex, parse_upstream_json
 from .redact import Redactor
 from .relay import Exchange, LockedWriter
 from .replies import (PassThrough, StartResponse, committed_stream_headers, error_response,
@@ -68,7 +68,7 @@ def decode_event_data(event: Event) -> object | None:
     if data.strip() == "[DONE]":
         return "[DONE]"
     try:
-        return parse_upstream_json(data.encode("utf-8", "surrogatepass"))
+        return parse_upstream_json(data.encode("utf-8"))
     except TooComplex as exc:
         raise UpstreamBroken(f"the upstream sent an event the proxy will not parse: {exc}") from None
     except ValueError:
