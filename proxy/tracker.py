@@ -205,8 +205,12 @@ def check_database(db_path: str, busy_timeout_ms: int = 2000) -> str | None:
     anyway, and its writers keep rows until the database takes them."""
     try:
         open_database(db_path, busy_timeout_ms).close()
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise TrackerPathError(f"usage database {db_path}: {exc.filename or 'a parent'} is not a "
+                               "directory") from None
     except OSError as exc:
-        raise TrackerPathError(f"usage database {db_path}: {exc.strerror or exc}") from None
+        raise TrackerPathError(f"usage database {db_path}: {exc.strerror or exc}"
+                               + (f" ({exc.filename})" if exc.filename else "")) from None
     except sqlite3.DatabaseError as exc:
         kind = fault_kind(exc)
         if kind in ("cannot_open", "read_only", "not_a_database"):
