@@ -79,10 +79,13 @@ class ProxyProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
+        if self.proc is not None:
+            raise RuntimeError("this proxy was started already (a second start would leak it)")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # its own process group: stop() can end the workers too
             [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
-            env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT)
+            env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         wait_until_healthy(self.url, self.proc, timeout, describe=self.log)
         return self
 
@@ -134,6 +137,11 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:
+            try:  # a worker the master left behind (a test that SIGKILLed it, say)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if hasattr(self, "_log"):
             self._log.close()
 

@@ -63,14 +63,14 @@ SURROGATE_MODEL = b'{"model": "x\\ud800", "max_tokens": 5, "messages": []}'  # j
 RAW_SURROGATE_MODEL = b'{"model": "y\xed\xa0\x80", "max_tokens": 5, "messages": []}'  # so does this
 
 
-def test_poison_text_is_stored_and_the_proxy_serves_after_a_restart(fake, tmp_path):
+def test_poison_text_is_stored_and_the_proxy_serves_after_a_restart(start_proxy, fake, tmp_path):
     db = tmp_path / "poison.db"
     # What a proxy before this fix left behind: a spilled row that could never be replayed.
     spill = tmp_path / "poison.db.spill"
     spill.mkdir()
     (spill / "spill.jsonl").write_text(
         '{"request_id": "req_left_behind", "model_requested": "x\\ud800", "error": "a\\u0000b"}\n')
-    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_DB=str(db)).start()
+    server = start_proxy(LLM_PROXY_DB=str(db))
     try:
         # An upstream error message with a lone surrogate (JSON-escaped, as an API echoes it).
         fake.named["poison-400"] = json_reply(json_body({"type": "error", "error": {
@@ -99,7 +99,7 @@ def test_poison_text_is_stored_and_the_proxy_serves_after_a_restart(fake, tmp_pa
         assert server.health()["tracker"]["spilled"] == 0
     finally:
         server.stop()
-    again = ProxyProcess(fake.url, tmp_path, LLM_PROXY_DB=str(db)).start()  # the restart
+    again = start_proxy(LLM_PROXY_DB=str(db))  # the restart
     try:
         r = requests.post(again.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
         assert r.status_code == 200 and again.health()["status"] == "ok"
@@ -141,10 +141,9 @@ def test_a_read_only_database_directory_is_a_clear_start_up_error(small_fs):
 
 
 def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clears(
-        fake, tmp_path, small_fs):
-    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_DB=str(small_fs / "usage.db"),
-                          LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"),
-                          LLM_PROXY_SPILL_AFTER="0.3").start()
+        start_proxy, tmp_path, small_fs):
+    server = start_proxy(LLM_PROXY_DB=str(small_fs / "usage.db"),
+                         LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"), LLM_PROXY_SPILL_AFTER="0.3")
     try:
         assert requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON).status_code == 200
         server.flush()
@@ -225,7 +224,7 @@ def test_a_worker_records_the_rows_of_its_last_requests_before_it_closes_the_tra
 # 4. Only upstream faults count against a deployment
 # ===========================================================================
 
-def test_a_client_sending_unsendable_headers_never_opens_a_breaker(fake, tmp_path):
+def test_a_client_sending_unsendable_headers_never_opens_a_breaker(start_proxy, fake, tmp_path):
     config = write_config(tmp_path / "brk.toml", f"""
 [providers.anthropic]
 base_url = "{fake.url}"
@@ -234,7 +233,7 @@ failure_threshold = 2
 [routes."claude-brk-*"]
 deployments = [{{ provider = "anthropic", name = "only" }}]
 """)
-    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=config).start()
+    server = start_proxy(LLM_PROXY_CONFIG=config)
     body = json_body(dict(ANTHROPIC_JSON, model="claude-brk-1"))
     for value in (b"\xa0starts-with-nbsp", b"\x85starts-with-nel", b"\x01control"):
         for _ in range(3):
@@ -323,7 +322,7 @@ def echo(text: str) -> str:
     return f"{text} (x-api-key was {PROVIDER_KEY}; the caller sent {CLIENT_KEY})"
 
 
-def test_echoed_keys_are_masked_everywhere(fake, tmp_path):
+def test_echoed_keys_are_masked_everywhere(start_proxy, fake, tmp_path):
     """Provider key and client key, echoed by the upstream in a 401 body, a 5xx page, a
     response header, a mid-stream error event and a JSON answer: masked in what the client
     gets, in rows, in spill lines, in the log and in /health."""
@@ -336,8 +335,8 @@ failure_threshold = 100
 [routes."claude-keys-*"]
 deployments = [{{ provider = "anthropic", name = "keyed" }}]
 """)
-    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=config, TEST_PROVIDER_KEY=PROVIDER_KEY,
-                          LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"), LLM_PROXY_SPILL_AFTER="0").start()
+    server = start_proxy(LLM_PROXY_CONFIG=config, TEST_PROVIDER_KEY=PROVIDER_KEY,
+                         LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"), LLM_PROXY_SPILL_AFTER="0")
     lock = None
     try:
         requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
@@ -413,14 +412,14 @@ def wait_for_rows(server: ProxyProcess, ids: list[str], timeout: float = 20) -> 
         time.sleep(0.1)  # replay of the spill directory runs on the writer's schedule
 
 
-def test_health_shows_breaker_states_and_counts_only(fake, tmp_path):
+def test_health_shows_breaker_states_and_counts_only(start_proxy, fake, tmp_path):
     config = write_config(tmp_path / "h.toml", f"""
 [providers.anthropic]
 base_url = "{fake.url}"
 [routes."claude-h-*"]
 deployments = [{{ provider = "anthropic", name = "h" }}]
 """)
-    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=config).start()
+    server = start_proxy(LLM_PROXY_CONFIG=config)
     fake.enqueue(json_reply(anthropic_error_body("api_error", echo("down")), status=500))
     requests.post(server.url + "/v1/messages", json=dict(ANTHROPIC_JSON, model="claude-h-1"),
                   headers={"x-api-key": CLIENT_KEY}, timeout=10)
@@ -643,12 +642,12 @@ class Tricklers:
 
 
 @pytest.mark.parametrize("front", ["direct", "nginx"])
-def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(fake, tmp_path, front):
+def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_proxy, tmp_path, front):
     """gthread gave each connection a thread at its first byte: 1,000 clients sending a byte a
     second held every thread.  Here the worker has only 8 threads, and still answers at once."""
     from nginx_server import NginxProcess
 
-    server = ProxyProcess(fake.url, tmp_path, workers=1, threads=8).start()
+    server = start_proxy(workers=1, threads=8)
     nginx = None
     if front == "nginx":
         (tmp_path / "nginx").mkdir()
@@ -902,7 +901,7 @@ def test_an_upstream_oddity_after_the_commit_is_one_terminal_error(proxy, fake, 
 # 10. Found while testing as a user would
 # ===========================================================================
 
-def held_preamble_proxy(fake, tmp_path, **env) -> ProxyProcess:
+def held_preamble_proxy(start_proxy, fake, tmp_path, **env) -> ProxyProcess:
     """Two deployments on the same fake: the first one's preamble is held back (a second
     remains), and with commit_after 5 s nothing has been committed while it is held."""
     config = write_config(tmp_path / "held.toml", f"""
@@ -913,15 +912,16 @@ commit_after = {env.pop("commit_after", 5.0)}
 [routes."claude-held-*"]
 deployments = [{{ provider = "anthropic", name = "first" }}, {{ provider = "anthropic", name = "second" }}]
 """)
-    return ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=config, **env).start()
+    return start_proxy(LLM_PROXY_CONFIG=config, **env)
 
 
 PREAMBLE_ONLY = [Status(200, headers=SSE_CT), Send(anthropic_stream()[0]), Stall()]
 HELD_BODY = dict(PROTOS["anthropic"].body, model="claude-held-1")
 
 
-def test_a_hang_up_while_the_preamble_is_held_frees_the_thread_and_upstream_at_once(fake, tmp_path):
-    server = held_preamble_proxy(fake, tmp_path, threads=2)
+def test_a_hang_up_while_the_preamble_is_held_frees_the_thread_and_upstream_at_once(start_proxy, fake,
+                                                                                  tmp_path):
+    server = held_preamble_proxy(start_proxy, fake, tmp_path, threads=2)
     try:
         fake.enqueue(PREAMBLE_ONLY)
         r = RawResponse(server.url, "/v1/messages", HELD_BODY)
@@ -949,8 +949,8 @@ def test_a_hang_up_while_the_preamble_is_held_frees_the_thread_and_upstream_at_o
 
 
 @pytest.mark.parametrize("committed", [False, True], ids=["before-commit", "after-commit"])
-def test_sigterm_while_the_preamble_is_held(fake, tmp_path, committed):
-    server = held_preamble_proxy(fake, tmp_path, commit_after=0.2 if committed else 5.0,
+def test_sigterm_while_the_preamble_is_held(start_proxy, fake, tmp_path, committed):
+    server = held_preamble_proxy(start_proxy, fake, tmp_path, commit_after=0.2 if committed else 5.0,
                                  LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="8")
     fake.enqueue(PREAMBLE_ONLY)
     r = RawResponse(server.url, "/v1/messages", HELD_BODY, timeout=10)
@@ -984,23 +984,15 @@ def test_output_that_reached_the_client_is_recorded_after_a_mid_stream_failure(p
     assert row["output_tokens"] >= 2, row  # "Hello" and ", héllo" (and more) reached the client
 
 
-def test_a_refused_connection_and_an_unknown_host_get_their_own_messages(tmp_path):
-    (tmp_path / "r").mkdir()
+def test_a_refused_connection_and_an_unknown_host_get_their_own_messages(start_proxy):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         port = closed.getsockname()[1]
-        refused = ProxyProcess(f"http://127.0.0.1:{port}", tmp_path / "r").start()
-        try:
-            body = requests.post(refused.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10).json()
-        finally:
-            refused.stop()
+        refused = start_proxy(upstream_url=f"http://127.0.0.1:{port}")
+        body = requests.post(refused.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10).json()
     assert body["error"]["message"] == f"the upstream 127.0.0.1:{port} refused the connection"
-    (tmp_path / "u").mkdir()
-    unknown = ProxyProcess("http://no-such-host.invalid", tmp_path / "u").start()
-    try:
-        r = requests.post(unknown.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=30)
-    finally:
-        unknown.stop()
+    unknown = start_proxy(upstream_url="http://no-such-host.invalid")
+    r = requests.post(unknown.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=30)
     assert r.status_code == 502
     assert r.json()["error"]["message"] == \
         "the upstream host no-such-host.invalid could not be resolved (DNS)"
