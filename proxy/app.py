@@ -103,6 +103,7 @@ class App:
         self._tracker_pid = None
         self._tracker_lock = threading.Lock()
         self._key_secret: bytes | None = None
+        self._flush_lock = threading.Lock()
         self.shutting_down = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -394,12 +395,16 @@ class App:
                 "memory_budget": {"used": self.budget.used, "total": self.budget.total}}
         return _json_response(start_response, status, body)
 
-    @staticmethod
-    def _flush_unless_degraded(tracker, timeout: float) -> None:
-        """Wait for queued rows, but not while the store refuses them: anyone may call these
-        endpoints, and each wait would hold a thread for the whole timeout."""
-        if tracker.stats().get("state") != "degraded":
-            tracker.flush(timeout)
+    def _flush_unless_degraded(self, tracker, timeout: float) -> None:
+        """Wait for queued rows, one caller at a time and not while the store refuses them:
+        anyone may call these endpoints, and each wait holds a thread."""
+        if not self._flush_lock.acquire(blocking=False):
+            return  # someone is already waiting for the same rows
+        try:
+            if tracker.stats().get("state") != "degraded":
+                tracker.flush(timeout)
+        finally:
+            self._flush_lock.release()
 
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
         """The usage summary, bounded whatever the database holds: a period of at most

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from .errors import PayloadTooLarge, ProxyError, RequestRejected
 
 MAX_HEAD = 1024 * 1024  # gunicorn refuses far smaller heads itself (431); past this, hand over
-MAX_CHUNK_LINE = 4096
+MAX_CHUNK_LINE = 8190  # gunicorn's own limit for a chunk-size line
 MAX_TRAILERS = 16 * 1024
-# Only plain digits: int() also takes "-6", "+5", "1_0", "0x1f" and non-ASCII digits, and a
-# negative chunk size would walk the framing backwards forever.
-_LENGTH = re.compile(rb"[0-9]{1,19}")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# Sizes are read exactly as gunicorn reads them (a request it would take must never be
+# handed over before it is whole), but never with a bare int(), which also takes "-6",
+# "+5", "1_0" and "0x1f": a negative chunk size walked the framing backwards forever.
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
 
 
 class Progress(enum.Enum):
@@ -126,9 +126,10 @@ class RequestFraming:
             return None
         if not lengths:
             return Progress.WHOLE
-        if len(lengths) > 1 or not _LENGTH.fullmatch(lengths[0].encode("latin-1")):
+        length = _content_length(lengths[0]) if len(lengths) == 1 else None
+        if length is None:
             return Progress.HAND_OVER
-        self._remaining = int(lengths[0])
+        self._remaining = length
         if self._remaining > self.max_body:
             return self._refuse(PayloadTooLarge(
                 f"request body is {self._remaining} bytes; the limit is {self.max_body}"))
@@ -151,10 +152,9 @@ class RequestFraming:
             if len(buf) - self._pos > MAX_CHUNK_LINE:
                 return self._refuse(RequestRejected(400, "a chunk-size line of the request body is too long"))
             return Progress.MORE
-        size_text = bytes(buf[self._pos:end]).split(b";", 1)[0]
-        if not _CHUNK_SIZE.fullmatch(size_text):
+        size = _chunk_size(bytes(buf[self._pos:end]))
+        if size is None:
             return Progress.HAND_OVER  # gunicorn refuses it (InvalidChunkSize) from these bytes
-        size = int(size_text, 16)
         self._pos = end + 2
         if size == 0:
             self._state = "trailers"
@@ -188,3 +188,22 @@ class RequestFraming:
         if self._trailer_bytes > MAX_TRAILERS:
             return self._refuse(RequestRejected(431, "the request's trailer section is too large"))
         return Progress.WHOLE if line_was_empty else None  # stays in "trailers"
+
+
+def _content_length(value: str) -> int | None:
+    """A Content-Length as gunicorn takes it (str.isnumeric, then int), or None."""
+    if not value.isnumeric():
+        return None
+    try:
+        return int(value)
+    except ValueError:  # a numeric character int() refuses, or more than 4,300 digits
+        return None
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """A chunk-size line's size as gunicorn takes it (hex digits, blanks allowed before an
+    extension), or None."""
+    size, semicolon, _ = line.partition(b";")
+    if semicolon:
+        size = size.rstrip(b" \t")
+    return int(size, 16) if _HEX_DIGITS.fullmatch(size) else None

@@ -145,7 +145,11 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._probe_in_flight = False
 
-    def allow(self) -> bool:
+    PROBE = "probe"  # what allow() returns to the one try a half-open circuit lets through
+
+    def allow(self) -> bool | str:
+        """True in a closed circuit, PROBE for a half-open circuit's single probe (truthy
+        too: its owner must hand it back, see abandon), False otherwise."""
         with self._lock:
             if self.state == self.CLOSED:
                 return True
@@ -154,12 +158,13 @@ class CircuitBreaker:
                 self._probe_in_flight = False
             if self.state == self.HALF_OPEN and not self._probe_in_flight:
                 self._probe_in_flight = True
-                return True
+                return self.PROBE
             return False
 
     def abandon(self) -> None:
-        """A try that ended for reasons outside the deployment (client gone, shutdown):
-        no verdict, but a half-open circuit may send its probe again."""
+        """The probe ended for reasons outside the deployment (client gone, shutdown): no
+        verdict, but the half-open circuit may send its probe again (only the probe's owner
+        calls this, or two probes could run at once)."""
         with self._lock:
             self._probe_in_flight = False
 
@@ -244,6 +249,7 @@ class Attempt:
     retry_of_deployment: int  # 0 for the first try on this deployment
     delay: float = 0.0  # wait this long before sending
     hold_preamble: bool = False  # another option remains: keep preamble back for a silent switch
+    probe: bool = False  # this try is its half-open circuit's single probe
 
 
 @dataclass
@@ -291,13 +297,15 @@ class AttemptPlan:
             if self._want_larger and not deployment.larger_context:
                 self._advance()
                 continue
-            if self.breakers is not None and not self.breakers.get(deployment.name).allow():
+            allowed = self.breakers.get(deployment.name).allow() if self.breakers else True
+            if not allowed:
                 # Open (perhaps by this very request's failures): retries stop here too.
                 self.skipped_open.append(deployment.name)
                 self._advance()
                 continue
             attempt = Attempt(deployment, len(self.history) + 1, self._tries_here,
-                              delay=self._pending_delay, hold_preamble=self._has_more_options())
+                              delay=self._pending_delay, hold_preamble=self._has_more_options(),
+                              probe=allowed == CircuitBreaker.PROBE)
             self._pending_delay = 0.0
             return attempt
         return None
@@ -323,7 +331,7 @@ class AttemptPlan:
             self.history.append(record)
         elif answered:
             self.answered_by = attempt.deployment
-        if self.breakers is not None:
+        if self.breakers is not None and attempt.probe:
             self.breakers.get(attempt.deployment.name).abandon()
 
     def client_error(self, attempt: Attempt) -> None:
@@ -336,8 +344,12 @@ class AttemptPlan:
                retry_after: float | None = None) -> str:
         """Record a failed try and position the plan for the next one; says what comes next."""
         self.history.append(record)
-        if self.breakers is not None and decision is not Decision.LARGER_CONTEXT:
-            self.breakers.get(attempt.deployment.name).record_failure(record.error or record.outcome)
+        if self.breakers is not None:
+            breaker = self.breakers.get(attempt.deployment.name)
+            if decision is Decision.LARGER_CONTEXT:  # it answered; the prompt was too long
+                breaker.record_success()
+            else:
+                breaker.record_failure(record.error or record.outcome)
         self._tries_here += 1
         policy = self.route.retry
         if decision is Decision.RETRY and self._tries_here < policy.max_attempts:

@@ -606,27 +606,44 @@ class Tracker:
     def _run(self) -> None:
         try:
             if self._fault is None:
-                self._replay_spills()  # what earlier runs left, before new rows
+                self._carry_on(self._replay_spills)  # what earlier runs left, before new rows
             with self._cond:
                 self._replayed_at_start = True  # flush() waits for this too
                 self._cond.notify_all()
-            while True:
-                batch, stop = self._next_batch()
-                if batch:
-                    self._store(batch)
-                if time.monotonic() >= self._next_spill_check:
-                    # Healthy: other workers may have spilled.  Degraded: the spilled rows
-                    # are the probe; the first chunk that commits ends the fault.
-                    self._replay_spills()
-                if stop:
-                    break
-        except Exception:  # a bug here must not leave flush() waiting forever
-            log.exception("usage writer thread crashed")
+            while not self._carry_on(self._work):
+                pass
         finally:
             self._close_connection()
             with self._cond:
                 self._writer_done = True
                 self._cond.notify_all()
+
+    def _work(self) -> bool:
+        """One round: a batch, then (now and then) the spill directory; True to stop."""
+        batch, stop = self._next_batch()
+        if batch:
+            self._store(batch)
+        if time.monotonic() >= self._next_spill_check:
+            # Healthy: other workers may have spilled.  Degraded: the spilled rows are the
+            # probe; the first chunk that commits ends the fault.
+            self._replay_spills()
+        return stop
+
+    def _carry_on(self, step) -> bool:
+        """Run a step of the writer; a failure nobody foresaw (a bug, a spill directory
+        that refuses a rename) is logged and the writer goes on: a writer that died would
+        leave every later row queued until the next restart."""
+        try:
+            return step()
+        except Exception:
+            log.exception("usage writer: unexpected failure; it carries on")
+            held, self._held = self._held, []
+            if held:  # the batch in hand goes to disk rather than nowhere
+                self._spill_rows(held, "writer failure")
+                with self._cond:
+                    self._mark_done(len(held), ok=False)
+            self._closing.wait(MAX_BACKOFF)
+            return False
 
     def _next_batch(self) -> tuple[list[dict], bool]:
         """Up to batch_size rows: wait for the first, then at most flush_interval for more
@@ -771,7 +788,12 @@ class Tracker:
         self._next_spill_check = time.monotonic() + interval
         if not self.spill.pending():
             return
-        for path in self.spill.claim():
+        try:
+            claimed = self.spill.claim()
+        except OSError as exc:  # a read-only or locked spill directory: try again later
+            log.error("cannot claim spilled usage rows in %s: %s", self.spill.path, loggable(exc))
+            return
+        for path in claimed:
             try:
                 count = self._replay_file(path)
             except _Fault as fault:

@@ -8,6 +8,7 @@ request is still waiting for the upstream's headers.
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
 import re
 import socket
@@ -34,6 +35,8 @@ HOP_BY_HOP = frozenset({
 
 _current = threading.local()  # the AbortHandle of the request this thread is sending
 READ_PIECE = 64 * 1024  # most raw body bytes taken from the upstream in one read
+MAX_CHUNK_SIZE_LINE = 4096
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]{1,16}")
 # Decoded bytes of a JSON body read before its status goes out: enough to catch a gzip
 # bomb (the ratio check starts after the first MiB) without buffering real answers.
 PREFETCH_BYTES = 2 * 1024 * 1024
@@ -189,6 +192,8 @@ class UpstreamResponse:
         self._pieces: Iterator[bytes] | None = None
         self._prefetched: list[bytes] = []
         self._decoder: BodyDecoder | None = None
+        if resp.raw.chunked:  # urllib3's own reader of chunk-size lines has no bound
+            resp.raw._update_chunk_length = functools.partial(_read_chunk_size, resp.raw)
 
     def header(self, name: str) -> str | None:
         return self._resp.headers.get(name)
@@ -315,6 +320,23 @@ def _translate(exc: BaseException, doing: str, url: str | None = None) -> ProxyE
     if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError)):
         return UpstreamUnreachable(f"upstream request failed while {doing}: {type(exc).__name__}")
     return UpstreamBroken(f"unexpected {type(exc).__name__} while {doing}")
+
+
+def _read_chunk_size(raw) -> None:
+    """urllib3's chunk-size step, bounded: its own reads the whole line however long it is
+    (an upstream can send hundreds of MB without a line end) and takes "-1" as a size
+    (then reads to the end of the connection).  Same contract: sets raw.chunk_left."""
+    if raw.chunk_left is not None:
+        return
+    line = raw._fp.fp.readline(MAX_CHUNK_SIZE_LINE + 1)
+    size = line.split(b";", 1)[0].strip()
+    if len(line) > MAX_CHUNK_SIZE_LINE or not _HEX_DIGITS.fullmatch(size):
+        raw.close()
+        if not line:
+            raise urllib3.exceptions.ProtocolError("Response ended prematurely")
+        raise urllib3.exceptions.ProtocolError(
+            f"invalid chunk size line from the upstream: {loggable(line[:64])}")
+    raw.chunk_left = int(size, 16)
 
 
 def _host_of(url: str | None) -> str:

@@ -37,7 +37,7 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
-from .errors import ProxyError, RequestRejected, RequestTimeout
+from .errors import Overloaded, ProxyError, RequestRejected, RequestTimeout
 from .replies import reason_phrase
 from .request_framing import Head, Progress, RequestFraming
 from .text import loggable
@@ -45,8 +45,10 @@ from .text import loggable
 log = logging.getLogger("proxy.worker")
 
 RECV_SIZE = 256 * 1024
-# Connections being read at once, per worker; past it the oldest (slowest) is dropped.
+# Connections being read at once, per worker (fewer if file descriptors are short); past
+# it the oldest (slowest) is answered 408 and closed.
 MAX_READING = 4096
+ACCEPT_PAUSE = 0.5  # seconds accepting rests when the worker is out of file descriptors
 # Seconds of graceful_timeout the worker keeps for itself after its connections are done:
 # usage rows of the last streams, then the tracker's drain, before the master's SIGKILL.
 EXIT_RESERVE = 5
@@ -95,16 +97,23 @@ class PrebufferedUnreader(SocketUnreader):
     buffer, and its chunked-body parser copies that buffer for every chunk: a body of a
     hundred thousand small chunks then takes minutes.  Served in socket-sized pieces, the
     buffer stays as small as when gunicorn reads the socket itself; the bytes are let go
-    once served, so a long stream does not keep its request's copy alive."""
+    once served, so a long stream does not keep its request's copy alive.
 
-    def __init__(self, sock, max_chunk: int, data: bytes) -> None:
+    A request handed over before it was whole reads the rest from the socket by
+    `deadline` in all (each read waits only for the time left, and the socket goes back to
+    blocking after it, so writing the answer is never cut short)."""
+
+    def __init__(self, sock, max_chunk: int, data: bytes, deadline: float | None = None) -> None:
         super().__init__(sock, max_chunk)
         self._data = memoryview(data)
         self._pos = 0
+        self.deadline = deadline
 
     def chunk(self, size_hint=None) -> bytes:
         if self._pos >= len(self._data):
-            return super().chunk(size_hint)
+            if self.deadline is None:
+                return super().chunk(size_hint)
+            return self._chunk_by_deadline(size_hint)
         size = self.mxchunk if not size_hint or size_hint <= self.mxchunk \
             else min(size_hint, self.max_body_chunk)
         piece = bytes(self._data[self._pos:self._pos + size])
@@ -112,6 +121,16 @@ class PrebufferedUnreader(SocketUnreader):
         if self._pos >= len(self._data):
             self._data, self._pos = memoryview(b""), 0
         return piece
+
+    def _chunk_by_deadline(self, size_hint) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        try:
+            return super().chunk(size_hint)
+        finally:
+            self.sock.settimeout(None)
 
     def take_buffered(self) -> bytes:
         rest = bytes(self._data[self._pos:])
@@ -135,17 +154,17 @@ class ProxyConn(TConn):
         self.registered = False
         self.continue_sent = False
         self.prebuffer = b""
+        self.held = 0  # bytes of the request this connection carries, until it is answered
         self.unfinished = False  # handed over before it was whole: the thread reads the rest
 
     def init(self) -> None:
         super().init()
         if self.prebuffer and self.parser is not None:
             earlier = self.parser.unreader.take_buffered()
-            self.parser.unreader = PrebufferedUnreader(self.sock, self.parser.unreader.mxchunk,
-                                                       earlier + self.prebuffer)
+            self.parser.unreader = PrebufferedUnreader(
+                self.sock, self.parser.unreader.mxchunk, earlier + self.prebuffer,
+                deadline=self.deadline if self.unfinished else None)
             self.prebuffer = b""
-        if self.unfinished:  # whatever gunicorn still reads, it reads by the deadline
-            self.sock.settimeout(max(self.deadline - time.monotonic(), 0.01))
 
 
 def _guarded(callback):
@@ -161,6 +180,17 @@ def _guarded(callback):
     return run
 
 
+def _while_reading(callback):
+    """A callback for a connection being read; a stale one (an event of the same round
+    that arrives after the connection was handed over or closed) does nothing."""
+
+    def run(self, conn, *args):
+        if not conn.reading:
+            return None
+        return callback(self, conn, *args)
+    return run
+
+
 class ProxyWorker(ThreadWorker):
     """gthread with whole-request reading, JSON errors with rows, and a careful exit."""
 
@@ -168,9 +198,10 @@ class ProxyWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self._reading: collections.deque = collections.deque()  # (deadline, generation, conn)
         self._reading_count = 0
-        self._buffered = 0  # bytes held by connections being read
-        self._paused: collections.deque = collections.deque()
+        self._buffered = 0  # bytes of requests being read, or handed over and not answered yet
         self._heads: dict = {}  # socket -> the head read for its current request (for errors)
+        self._accept_paused_until = 0.0
+        self.max_reading = MAX_READING
         self._kill_at: float | None = None
         self.hooks: ServerHooks | None = None
         self.client_timeout = 30.0
@@ -192,6 +223,7 @@ class ProxyWorker(ThreadWorker):
             self.max_body = config.max_body_bytes
             self.read_budget = config.memory_budget
             self.hooks.start()  # the usage writer runs before the first request, not in it
+        self.max_reading = _readers_allowed(self.cfg.worker_connections)
         try:
             super().run()
         finally:
@@ -219,6 +251,9 @@ class ProxyWorker(ThreadWorker):
         try:
             sock, addr = listener.accept()
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._out_of_descriptors()
+                return
             if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -230,8 +265,25 @@ class ProxyWorker(ThreadWorker):
             return
         self._read_request(conn)
 
+    def _out_of_descriptors(self) -> None:
+        """No descriptor for a new connection: the slowest reader goes, and accepting
+        rests a moment (the listener would report the same connection again at once)."""
+        log.warning("out of file descriptors: %d connections are sending requests",
+                    self._reading_count)
+        self._evict_oldest("the proxy has too many connections sending requests")
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+        self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        if enabled and time.monotonic() < self._accept_paused_until:
+            enabled = False
+        super().set_accept_enabled(enabled)
+
     def on_client_socket_readable(self, conn, client) -> None:
         """A kept-alive connection sends its next request: read it here too."""
+        if self.cfg.is_ssl:
+            super().on_client_socket_readable(conn, client)
+            return
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         self.nr_conns -= 1
@@ -241,10 +293,14 @@ class ProxyWorker(ThreadWorker):
         """As gthread, except that a request pipelined behind the last one is read here
         (gthread would hand it to a thread, where an unfinished one would block it)."""
         self._heads.pop(conn.sock, None)
+        if isinstance(conn, ProxyConn):
+            self._buffered -= conn.held  # the request is answered: its bytes are let go
+            conn.held = 0
         try:
             result = fs.result() if not fs.cancelled() else False
             pipelined = (result and result is not _DEFER and isinstance(conn, ProxyConn)
-                         and conn.parser is not None and _has_buffered(conn.parser.unreader))
+                         and not self.cfg.is_ssl and conn.parser is not None
+                         and _has_buffered(conn.parser.unreader))
         except Exception:
             pipelined = False
         if not pipelined:
@@ -266,20 +322,15 @@ class ProxyWorker(ThreadWorker):
         self._buffered += len(already)
         self._reading.append((conn.deadline, conn.generation, conn))
         self._reading_count += 1
-        if self._reading_count > MAX_READING:
-            self._evict_oldest()
+        if self._reading_count > self.max_reading:
+            self._evict_oldest("the proxy has too many connections sending requests")
         if already and self._judge(conn, conn.framing.advance(conn.inbox)):
-            return
-        self._register(conn)
-
-    def _register(self, conn: ProxyConn) -> None:
-        if self._buffered >= self.read_budget:
-            self._paused.append(conn)  # memory is short: read it once others are handed over
             return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_bytes, conn))
         conn.registered = True
 
     @_guarded
+    @_while_reading
     def _on_request_bytes(self, conn: ProxyConn, _sock) -> None:
         try:
             data = conn.sock.recv(RECV_SIZE)
@@ -290,6 +341,12 @@ class ProxyWorker(ThreadWorker):
         if not data:  # the client closed its side: answer what it sent, if anything
             self._hand_over(conn, whole=False) if conn.inbox else self._drop(conn)
             return
+        if self._buffered + len(data) > self.read_budget:
+            # The worker holds as much request data as it may: this request is refused,
+            # none is paused (paused readers would wait on each other until their 408s).
+            self._refuse(conn, Overloaded("the proxy holds as much request data as it may "
+                                          "right now; retry shortly"))
+            return
         conn.inbox += data
         self._buffered += len(data)
         if self._judge(conn, conn.framing.advance(conn.inbox)):
@@ -297,9 +354,6 @@ class ProxyWorker(ThreadWorker):
         if conn.framing.expects_continue and not conn.continue_sent:
             conn.continue_sent = True  # the client waits for it before it sends the body
             _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self._buffered >= self.read_budget:
-            self._unregister(conn)
-            self._paused.append(conn)
 
     def _judge(self, conn: ProxyConn, progress: Progress) -> bool:
         """Act on what the framing says; True once the connection has left the loop."""
@@ -312,11 +366,14 @@ class ProxyWorker(ThreadWorker):
         return True
 
     def _hand_over(self, conn: ProxyConn, whole: bool) -> None:
-        """The request is in (or needs gunicorn's judgement): a thread takes it from here."""
-        self._stop_reading(conn)
-        self._heads[conn.sock] = conn.framing.head if conn.framing is not None else None
+        """The request is in (or needs gunicorn's judgement): a thread takes it from here.
+        Its bytes stay counted until it is answered (a request waiting for a thread holds
+        them too)."""
+        conn.held = len(conn.inbox)  # already counted in _buffered, and it stays so
         conn.prebuffer = bytes(conn.inbox)
         conn.inbox = bytearray()
+        self._stop_reading(conn)
+        self._heads[conn.sock] = conn.framing.head if conn.framing is not None else None
         conn.data_ready = True
         conn.unfinished = not whole
         self.nr_conns += 1
@@ -335,11 +392,12 @@ class ProxyWorker(ThreadWorker):
         conn.close()
 
     def _stop_reading(self, conn: ProxyConn) -> None:
+        if not conn.reading:
+            return
         self._unregister(conn)
         conn.reading = False
         self._reading_count -= 1
         self._buffered -= len(conn.inbox)
-        self._resume_paused()
 
     def _unregister(self, conn: ProxyConn) -> None:
         if conn.registered:
@@ -348,12 +406,6 @@ class ProxyWorker(ThreadWorker):
             except (KeyError, ValueError, OSError):
                 pass
             conn.registered = False
-
-    def _resume_paused(self) -> None:
-        while self._paused and self._buffered < self.read_budget:
-            conn = self._paused.popleft()
-            if conn.reading and not conn.registered:
-                self._register(conn)
 
     def murder_pending(self) -> None:
         """Called by gthread's loop after every round of events: requests past their
@@ -365,11 +417,12 @@ class ProxyWorker(ThreadWorker):
             if conn.reading and conn.generation == generation:
                 self._time_out(conn)
 
-    def _time_out(self, conn: ProxyConn) -> None:
-        self._refuse(conn, RequestTimeout(
-            f"the request did not arrive within {self.client_timeout:g} s (server.client_timeout)"))
+    def _time_out(self, conn: ProxyConn, why: str | None = None) -> None:
+        self._refuse(conn, RequestTimeout(why or (
+            f"the request did not arrive within {self.client_timeout:g} s (server.client_timeout)")))
 
     @_guarded
+    @_while_reading
     def _refuse(self, conn: ProxyConn, err: ProxyError) -> None:
         """Answer from the loop (too slow, too large) and close: no thread waits on it."""
         head = conn.framing.head if conn.framing is not None else None
@@ -378,11 +431,11 @@ class ProxyWorker(ThreadWorker):
             _send_quietly(conn.sock, _http_response(*self.hooks.refuse_unread(err, head)))
         conn.close()
 
-    def _evict_oldest(self) -> None:
+    def _evict_oldest(self, why: str) -> None:
         while self._reading:
             _, generation, conn = self._reading.popleft()
             if conn.reading and conn.generation == generation:
-                self._time_out(conn)
+                self._time_out(conn, f"{why}; this one was the slowest")
                 return
 
     def _drop_unread(self) -> None:
@@ -440,6 +493,18 @@ def _send_quietly(sock, data: bytes) -> None:
         sock.send(data)
     except OSError:
         pass
+
+
+def _readers_allowed(worker_connections: int) -> int:
+    """As many readers as the file descriptors allow beside the connections the worker
+    serves (a client socket and an upstream socket each) and some to spare."""
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ValueError, OSError):
+        return MAX_READING
+    if limit == resource.RLIM_INFINITY:
+        return MAX_READING
+    return max(16, min(MAX_READING, limit - 2 * worker_connections - 128))
 
 
 def _raise_open_file_limit() -> None:

@@ -55,7 +55,7 @@ class ProxyProcess:
     """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port."""
 
     def __init__(self, upstream_url: str, tmp: Path, workers: int = 1, threads: int = 64,
-                 **env: str) -> None:
+                 open_files: int | None = None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_path = str(tmp / f"usage-{self.port}.db")
@@ -76,7 +76,13 @@ class ProxyProcess:
         self.db_path = self.env["LLM_PROXY_DB"]
         if "LLM_PROXY_CONFIG" not in env:
             self.env.pop("LLM_PROXY_CONFIG", None)
+        self.open_files = open_files  # a lower limit of file descriptors, for tests that run out
         self.proc: subprocess.Popen | None = None
+
+    def _limit_files(self) -> None:
+        if self.open_files is not None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def start(self, timeout: float = 20.0) -> "ProxyProcess":
         if self.proc is not None:
@@ -85,7 +91,7 @@ class ProxyProcess:
         self.proc = subprocess.Popen(  # its own process group: stop() can end the workers too
             [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
             env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=self._limit_files if self.open_files else None)
         wait_until_healthy(self.url, self.proc, timeout, describe=self.log)
         return self
 

@@ -503,6 +503,29 @@ def test_a_chunk_of_gigabytes_announced_and_trickled_is_cut_at_the_event_limit(s
     assert server.worker_peak_rss() - before < 50 * MiB
 
 
+@pytest.mark.parametrize("size_line", [b"-1", b"f" * (20 * MiB)], ids=["negative", "endless"])
+def test_an_upstream_chunk_size_line_cannot_make_the_proxy_read_without_bound(start_proxy, fake,
+                                                                           size_line):
+    """urllib3 reads a chunk-size line however long it is, and takes "-1" as "read to the
+    end of the connection"; the proxy's reader of that line has bounds."""
+    server = start_proxy(LLM_PROXY_COMMIT_AFTER="5")
+    before = server.worker_peak_rss()
+    events = anthropic_stream()
+    fake.enqueue([Raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n"
+                      + b"%x\r\n%s\r\n" % (len(events[0]), events[0]) + size_line),
+                  Raw(b"\r\n" + b"x" * MiB), Stall()])
+    started = time.monotonic()
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
+    body = r.read_all() if r.status == 200 else r.json()
+    assert time.monotonic() - started < 4
+    if r.status == 200:
+        check_terminal_error("anthropic", parse_sse_events(body)[-1])
+    else:
+        assert r.status == 502
+    assert server.worker_peak_rss() - before < 50 * MiB
+
+
 def test_a_deeply_nested_upstream_error_body_is_relayed_not_a_proxy_500(proxy, fake):
     fake.enqueue(json_reply(b"[" * 100_000, status=503))
     r = requests.post(proxy.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10)
@@ -671,6 +694,48 @@ def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_pr
         server.stop()
 
 
+def test_running_out_of_file_descriptors_costs_the_slowest_reader_not_the_worker(start_proxy):
+    """400 idle connections against a worker allowed 300 descriptors: it keeps as many
+    readers as its descriptors allow, answers the slowest with 408, and keeps serving (an
+    accept that failed with EMFILE used to raise out of the event loop)."""
+    server = start_proxy(open_files=300)
+    pid = server.health()["pid"]
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(400)]
+    try:
+        started = time.monotonic()
+        r = requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=20)
+        assert r.status_code == 200 and time.monotonic() - started < 5
+        assert server.health()["pid"] == pid
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "Exception in worker process" not in server.log()
+
+
+def test_readers_past_the_memory_budget_are_refused_at_once_not_left_to_time_out(start_proxy):
+    """Pausing every reader when the budget is full let none of them finish: they all got
+    their 408 after client_timeout.  A reader that would pass the budget is refused (529
+    here) at once, and the others are served."""
+    server = start_proxy(LLM_PROXY_MEMORY_BUDGET=str(50 * MiB), LLM_PROXY_CLIENT_TIMEOUT="20")
+    body = json_body(dict(ANTHROPIC_JSON, pad="p" * (10 * MiB)))
+
+    def send(_):
+        started = time.monotonic()
+        try:
+            r = requests.post(server.url + "/v1/messages", data=body, timeout=30,
+                              headers={"content-type": "application/json"})
+            return r.status_code, time.monotonic() - started
+        except requests.ConnectionError:  # refused while it was still sending
+            return "refused", time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(send, range(8)))
+    statuses = [status for status, _ in outcomes]
+    assert 200 in statuses and set(statuses) <= {200, 529, "refused"}, outcomes
+    assert max(took for _, took in outcomes) < 10, outcomes  # nobody waited for a 408
+    assert server.health()["memory_budget"]["used"] == 0
+
+
 def test_a_request_slower_than_client_timeout_gets_408_in_its_shape_with_a_row(start_proxy, fake):
     server = start_proxy(LLM_PROXY_CLIENT_TIMEOUT="1")
     started = time.monotonic()
@@ -785,13 +850,16 @@ def test_framing_values_that_once_killed_the_worker_are_answered(proxy, raw):
 
 @pytest.mark.parametrize("tail, status", [
     (b"2000001\r\n{", 413),  # a chunk larger than the body limit
-    (b"f" * 5000, 400),  # a chunk-size line that never ends
+    (b"f" * 9000, 400),  # a chunk-size line that never ends
     (b"5\r\nhello\r\n0\r\n" + b"X-T: v\r\n" * 3000, 431),  # trailers that never end
-], ids=["huge-chunk", "endless-chunk-line", "endless-trailers"])
+    (b"10 ;a=b\r\n{", 408),  # syntax gunicorn takes: read whole by the loop, then 408
+    (b"0000000000000000000010\r\n{", 408),
+], ids=["huge-chunk", "endless-chunk-line", "endless-trailers", "blank-before-ext",
+        "leading-zeros"])
 def test_a_request_that_could_only_trickle_on_is_answered_by_the_event_loop(start_proxy, tail, status):
     """Handed to a thread, these would hold it for as long as the client trickles: the loop
     answers them at once, so 50 of them leave the worker's 4 threads free."""
-    server = start_proxy(threads=4)
+    server = start_proxy(threads=4, LLM_PROXY_CLIENT_TIMEOUT="2")
     socks = []
     for _ in range(50):
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)

@@ -61,6 +61,19 @@ def test_byte_by_byte_never_decides_early(name):
         assert i == len(raw) - 1  # not a byte early
 
 
+@pytest.mark.parametrize("framing, body", [
+    (b"Content-Length: 00000000000000000000005\r\n\r\n", b"hello"),  # leading zeros
+    (b"Transfer-Encoding: chunked\r\n\r\n", b"5 ;ext=1\r\nhello\r\n0\r\n\r\n"),  # blank before ;
+    (b"Transfer-Encoding: chunked\r\n\r\n", b"00000000000000000005\r\nhello\r\n0\r\n\r\n"),
+], ids=["length-leading-zeros", "chunk-blank-before-ext", "chunk-leading-zeros"])
+def test_what_gunicorn_accepts_is_read_whole_not_handed_over_unfinished(framing, body):
+    """A request gunicorn would take must be whole before a thread gets it: handed over
+    early, a client could hold the thread by trickling the rest."""
+    framing_ = RequestFraming(max_body=1 << 20)
+    assert framing_.advance(HEAD + framing + body[:-1]) is Progress.MORE
+    assert framing_.advance(HEAD + framing + body) is Progress.WHOLE
+
+
 def test_head_is_kept_for_the_error_answer():
     framing = RequestFraming(max_body=1 << 20)
     assert framing.advance(HEAD + b"anthropic-version: 2023-06-01\r\nContent-Length: 10\r\n\r\nabc") \
@@ -89,9 +102,10 @@ def test_chunked_body_past_the_limit_is_refused_by_the_loop():
 
 
 @pytest.mark.parametrize("tail, status", [
-    (b"f" * 5000, 400),  # a chunk-size line that never ends: gunicorn would wait for more
+    (b"f" * 9000, 400),  # a chunk-size line that never ends: gunicorn would wait for more
     (b"0\r\n" + b"X-T: v\r\n" * 3000, 431),  # trailers past the loop's limit
-])
+    (b"0" * 5 + b"fffffffffffffffff\r\n", 413),  # 17 hex digits: more than any body may be
+], ids=["endless-chunk-line", "endless-trailers", "huge-chunk"])
 def test_lines_a_thread_would_wait_for_are_refused_by_the_loop(tail, status):
     framing = RequestFraming(max_body=1 << 20)
     assert framing.advance(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + tail) is Progress.REFUSE

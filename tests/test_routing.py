@@ -237,3 +237,43 @@ def test_bad_routes_are_named(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env={})
     assert needle in info.value.message
+
+
+def _route_to(name: str, *more: str) -> Route:
+    deployments = tuple(Deployment(n, "p", None, larger_context=n != name) for n in (name, *more))
+    return Route("m", deployments, retry=RetryPolicy(max_attempts=1))
+
+
+def test_only_the_probe_gives_the_probe_back():
+    """A try that began while the circuit was closed, abandoned after it went half-open,
+    must not free the probe another request holds: two probes would run at once."""
+    clock = Clock()
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=10))
+    breakers.get("d")._clock = clock
+    early = AttemptPlan(_route_to("d"), breakers)
+    early_try = early.next_attempt()
+    assert early_try is not None and not early_try.probe
+    breakers.get("d").record_failure("down")  # opens
+    clock.now += 11
+    prober = AttemptPlan(_route_to("d"), breakers)
+    probe = prober.next_attempt()
+    assert probe is not None and probe.probe
+    early.abandoned(early_try, answered=False)
+    assert AttemptPlan(_route_to("d"), breakers).next_attempt() is None  # still one probe
+    prober.abandoned(probe, answered=False)
+    assert AttemptPlan(_route_to("d"), breakers).next_attempt().probe  # given back
+
+
+def test_a_probe_answered_with_prompt_too_long_closes_the_circuit():
+    """The deployment answered (the prompt was too long for it): that is a sign of health,
+    and the probe must not stay in flight for ever."""
+    clock = Clock()
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=10))
+    breakers.get("d")._clock = clock
+    breakers.get("d").record_failure("down")
+    clock.now += 11
+    plan = AttemptPlan(_route_to("d", "big"), breakers)
+    probe = plan.next_attempt()
+    assert probe.probe
+    plan.failed(probe, Decision.LARGER_CONTEXT, AttemptRecord("d", "status", status=400))
+    assert breakers.get("d").state == "closed"

@@ -523,3 +523,21 @@ def test_a_corrupted_database_is_a_fault_rows_wait_and_are_not_moved_aside(db_pa
     assert (stats["state"], stats["fault"], stats["rejected"], stats["dropped"]) == \
         ("degraded", "corrupt", 0, 0)
     assert rejected_lines(db_path) == []
+
+
+def test_a_spill_directory_that_refuses_a_rename_does_not_stop_the_writer(db_path, make_tracker,
+                                                                         small_fs):
+    """Claiming spilled rows renames a file; on a read-only spill directory that fails, and
+    the writer must go on storing new rows (it used to die, and rows piled up until restart)."""
+    spill = small_fs / "spill"
+    spill.mkdir()
+    (spill / "spill.jsonl").write_text(json.dumps(rec(0).to_row()) + "\n")
+    remount(small_fs, "ro")
+    tracker = make_tracker(db_path, spill_dir=str(spill))
+    tracker.start()
+    for i in range(1, 6):
+        tracker.record(rec(i))
+    assert tracker.flush(timeout=10) is True
+    assert sorted(r["request_id"] for r in stored(db_path)) == [f"req-{i}" for i in range(1, 6)]
+    remount(small_fs, "rw")  # once it can, the writer replays what waited there
+    wait_for(lambda: len(stored(db_path)) == 6, "the spilled row replayed", timeout=15)
