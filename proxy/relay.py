@@ -16,10 +16,11 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import select
 import socket
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import ClientGone, ProxyError
 from .redact import Redactor
@@ -124,17 +125,44 @@ class LockedWriter:
 
 
 def client_has_hung_up(sock: socket.socket | None) -> bool:
-    """Peek at the client socket without blocking: EOF or a reset means the client left."""
+    """Peek at the client socket without blocking: EOF or a reset means the client left.
+
+    The peek reads below TLS (a TLS socket refuses recv flags, and its records are not
+    ours to consume), which is all it needs: the bytes are only looked at, never taken."""
     if sock is None:
         return False
     try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
     except OSError as exc:
         return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK)
     except ValueError:  # the socket was closed under us: the response is over anyway
         return True
+
+
+def clients_hung_up(sockets: Iterable[socket.socket]) -> set[socket.socket]:
+    """The sockets whose client has left, found with one `poll` over all of them.
+
+    Every system call hands the GIL away, and on a busy machine getting it back costs a
+    switch interval or more, so a peek per socket made one heartbeat pass over a few hundred
+    streams take seconds.  Only sockets that poll reports readable (data or EOF) or broken
+    are peeked, so a pass costs one call plus one per socket with something to say."""
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    gone: set[socket.socket] = set()
+    for sock in sockets:
+        fd = sock.fileno()
+        if fd < 0:  # closed under us: the response is over anyway
+            gone.add(sock)
+            continue
+        poller.register(fd, select.POLLIN)
+        by_fd[fd] = sock
+    for fd, _events in poller.poll(0) if by_fd else ():
+        sock = by_fd[fd]
+        if client_has_hung_up(sock):  # POLLHUP, POLLERR and EOF all make the peek say so
+            gone.add(sock)
+    return gone
 
 
 class Exchange:
@@ -209,6 +237,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self.shutdown_deadline: float | None = None
         self._shutdown_error: Callable[[], ProxyError] | None = None
+        self._shutdown_noted = False
 
     def register(self, exchange: Exchange) -> None:
         with self._lock:
@@ -228,6 +257,7 @@ class Heartbeat:
 
     def begin_shutdown(self, grace: float, make_error: Callable[[], ProxyError]) -> None:
         """From now on, exchanges still live after `grace` seconds end with an error."""
+        # Runs in a signal handler: no logging and no locks here.
         self._shutdown_error = make_error
         self.shutdown_deadline = time.monotonic() + grace
         self._wake.set()
@@ -242,30 +272,59 @@ class Heartbeat:
                 log.exception("heartbeat pass failed")
 
     def visit_all(self, now: float) -> None:
-        with self._lock:
-            live = list(self._live)
-        if self._shutdown_error is not None and self.shutdown_deadline is not None \
-                and now >= self.shutdown_deadline:
-            self._end_all(live, self._shutdown_error)
-            return
-        for exchange in live:
-            if client_has_hung_up(exchange.client_socket):
-                self._end(exchange, ClientGone("the client closed the connection"))
-            else:
-                exchange.check_deadline(now)
-                if exchange.writer is not None:
-                    exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+        """One pass: probe clients, cut silent tries past their deadline and keep idle
+        streams alive; once the shutdown grace is over, end every stream instead."""
+        live = self._snapshot()
+        if not self._shutdown_due(now, len(live)):
+            self._visit_each(live, now)
+            if not self._shutdown_due(time.monotonic(), len(live)):
+                return
+        self._end_all(self._snapshot())
 
-    def _end_all(self, exchanges: list[Exchange], make_error: Callable[[], ProxyError]) -> None:
+    def _snapshot(self) -> list[Exchange]:
+        with self._lock:
+            return list(self._live)
+
+    def _visit_each(self, live: list[Exchange], now: float) -> None:
+        """Stops early once the shutdown grace runs out: a pass can be slow on a loaded
+        machine, so the grace is checked per stream, not once per pass."""
+        gone = clients_hung_up(e.client_socket for e in live if e.client_socket is not None)
+        for exchange in live:
+            if self._shutdown_due(time.monotonic(), len(live)):
+                return
+            if exchange.client_socket in gone:
+                self._end(exchange, ClientGone("the client closed the connection"))
+                continue
+            exchange.check_deadline(now)
+            if exchange.writer is not None:
+                exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+
+    def _shutdown_due(self, now: float, live: int) -> bool:
+        """Has the shutdown grace run out?  (Says once, from this thread, that it started:
+        `begin_shutdown` runs in a signal handler, where logging could deadlock.)"""
+        deadline = self.shutdown_deadline
+        if self._shutdown_error is None or deadline is None:
+            return False
+        if not self._shutdown_noted:
+            self._shutdown_noted = True
+            log.info("shutting down: %d live streams get %.1f s to finish", live,
+                     max(deadline - now, 0.0))
+        return now >= deadline
+
+    def _end_all(self, exchanges: list[Exchange]) -> None:
         """Shutdown: end every stream at once.  One pass queues each terminal error (locks
         only: no system call, so this thread keeps the GIL and no stream waits behind
         hundreds of others for its turn), a second shuts the upstream sockets."""
+        assert self._shutdown_error is not None and self.shutdown_deadline is not None
         for exchange in exchanges:
-            exchange.end(make_error(), abort=False)
+            exchange.end(self._shutdown_error(), abort=False)
         with self._lock:
             self._live.difference_update(exchanges)
         for exchange in exchanges:
             exchange.abort_upstream()
+        if exchanges:
+            log.info("shutdown grace over: %d streams ended, %.2f s after it ran out",
+                     len(exchanges), time.monotonic() - self.shutdown_deadline)
 
     def _end(self, exchange: Exchange, err: ProxyError) -> None:
         """End an exchange and stop visiting it: there is nothing left to keep alive."""

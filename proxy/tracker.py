@@ -541,6 +541,7 @@ class Tracker:
                 # Safe even if the writer commits them after all: replays skip stored ids.
                 self._spill_rows(list(self._held), "writer stuck at shutdown")
         self._spill_rows(self._take_all(count=True), "tracker closed before they were stored")
+        log.info("usage writer stopped: %s", self.stats())
 
     # -- request side ---------------------------------------------------------------------------
 

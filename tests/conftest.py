@@ -37,14 +37,14 @@ def free_port() -> int:
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 20.0,
-                       describe=lambda: "") -> None:
+                       describe=lambda: "", verify: bool | str = True) -> None:
     """Until `GET /health` answers 200; fails at once if the server process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited: {describe()}")
         try:
-            if requests.get(url + "/health", timeout=0.5).status_code == 200:
+            if requests.get(url + "/health", timeout=0.5, verify=verify).status_code == 200:
                 return
         except requests.RequestException:
             time.sleep(0.05)  # waiting for a process to bind: there is no event to wait on
@@ -55,9 +55,11 @@ class ProxyProcess:
     """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port."""
 
     def __init__(self, upstream_url: str, tmp: Path, workers: int = 1, threads: int = 64,
-                 open_files: int | None = None, **env: str) -> None:
+                 open_files: int | None = None, tls: tuple[Path, Path] | None = None,
+                 **env: str) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: bool | str = str(tls[0]) if tls else True  # for requests' `verify=`
         self.db_path = str(tmp / f"usage-{self.port}.db")
         self.log_path = tmp / f"gunicorn-{self.port}.log"
         self.env = dict(os.environ)
@@ -72,6 +74,8 @@ class ProxyProcess:
             "LLM_PROXY_THREADS": str(threads),
             "PYTHONPATH": str(ROOT),
         })
+        if tls:  # gunicorn itself speaks TLS (the deployment leaves it to nginx)
+            self.env["GUNICORN_CMD_ARGS"] = f"--certfile {tls[0]} --keyfile {tls[1]}"
         self.env.update({k: str(v) for k, v in env.items()})
         self.db_path = self.env["LLM_PROXY_DB"]
         if "LLM_PROXY_CONFIG" not in env:
@@ -92,14 +96,14 @@ class ProxyProcess:
             [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
             env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=self._limit_files if self.open_files else None)
-        wait_until_healthy(self.url, self.proc, timeout, describe=self.log)
+        wait_until_healthy(self.url, self.proc, timeout, describe=self.log, verify=self.verify)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def flush(self) -> None:
-        requests.get(self.url + "/health", params={"flush": "1"}, timeout=10)
+        requests.get(self.url + "/health", params={"flush": "1"}, timeout=10, verify=self.verify)
 
     def rows(self, where: str = "1=1", params: tuple = ()) -> list[dict]:
         if not os.path.exists(self.db_path):
@@ -125,7 +129,7 @@ class ProxyProcess:
                 raise AssertionError(f"no usage row for {request_id}")
 
     def health(self) -> dict:
-        return requests.get(self.url + "/health", timeout=5).json()
+        return requests.get(self.url + "/health", timeout=5, verify=self.verify).json()
 
     def worker_peak_rss(self) -> int:
         """The worker's peak resident memory so far, in bytes (one worker)."""
@@ -189,6 +193,18 @@ def fill_filesystem(directory) -> str:
 
 def remount(path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=60)
+    return cert, key
 
 
 @pytest.fixture(scope="session")

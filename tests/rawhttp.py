@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import time
 from urllib.parse import urlsplit
 
@@ -31,7 +32,8 @@ class RawResponse:
 
     def __init__(self, base_url: str, path: str, body: bytes | dict | None = b"",
                  headers: list[tuple[str, str]] | dict | None = None, method: str = "POST",
-                 timeout: float = 10.0, chunked: bool = False) -> None:
+                 timeout: float = 10.0, chunked: bool = False, cafile: str | None = None) -> None:
+        """`cafile`: for an https `base_url`, the certificate to trust."""
         parts = urlsplit(base_url)
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode("utf-8")
@@ -49,6 +51,9 @@ class RawResponse:
         lines += [f"{k}: {v}" for k, v in headers]
         self.sent_at = time.monotonic()
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=cafile)
+            self.sock = context.wrap_socket(self.sock, server_hostname=parts.hostname)
         RawResponse.opened.append(self)
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         self.buf = b""

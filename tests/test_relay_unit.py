@@ -1,10 +1,14 @@
 """The locked writer and the client probe, without a server."""
 
+import select
 import socket
+import ssl
 import threading
 import time
 
-from proxy.relay import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter, client_has_hung_up
+from proxy.errors import ShuttingDown
+from proxy.relay import (KEEPALIVE, KEEPALIVE_AFTER_ID, Exchange, Heartbeat, LockedWriter,
+                         client_has_hung_up, clients_hung_up)
 
 
 def test_keepalive_only_after_the_interval_and_never_after_close():
@@ -74,6 +78,76 @@ def test_client_probe_sees_a_hang_up():
         a.close()
     assert client_has_hung_up(a)  # a closed socket counts as gone
     assert not client_has_hung_up(None)  # servers without a socket: never probed
+
+
+def test_one_poll_finds_the_clients_that_left_among_many():
+    pairs = [socket.socketpair() for _ in range(5)]
+    try:
+        (quiet, _), (talking, t_peer), (left, l_peer), (reset, r_peer), (closed, _) = pairs
+        t_peer.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
+        l_peer.close()
+        r_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        r_peer.close()
+        closed.close()
+        assert clients_hung_up([quiet, talking, left, reset, closed]) == {left, reset, closed}
+        assert talking.recv(100) == b"GET / HTTP/1.1\r\n"  # peeked, not consumed
+        assert clients_hung_up([]) == set()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_the_probe_reads_below_tls_so_a_tls_client_that_sends_is_not_taken_for_gone(tls_cert):
+    cert, key = tls_cert
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    client_side = ssl.create_default_context(cafile=str(cert))
+    a, b = socket.socketpair()
+    accepted: list = []
+    handshake = threading.Thread(target=lambda: accepted.append(server_side.wrap_socket(a, server_side=True)))
+    handshake.start()
+    client = client_side.wrap_socket(b, server_hostname="127.0.0.1")
+    handshake.join(10)
+    [server] = accepted
+    try:
+        assert clients_hung_up([server]) == set()
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # a pipelined request: readable, not gone
+        assert wait_readable(server) and not client_has_hung_up(server)
+        assert clients_hung_up([server]) == set()
+        assert server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"  # the TLS record was left intact
+        client.close()
+        assert wait_readable(server) and clients_hung_up([server]) == {server}
+    finally:
+        server.close()
+        client.close()
+
+
+def wait_readable(sock, timeout: float = 5.0) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+class _GraceRunsOutHere(Exchange):
+    """An exchange whose visit takes until the end of the grace, as a pass over hundreds of
+    streams can on a loaded machine."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        super().__init__(None, LockedWriter(), on_end=lambda err: None)
+        self.heartbeat = heartbeat
+
+    def check_deadline(self, now: float) -> None:
+        self.heartbeat.shutdown_deadline = time.monotonic() - 0.001
+
+
+def test_the_grace_running_out_during_a_pass_ends_every_stream_in_that_pass():
+    heartbeat = Heartbeat(heartbeat_interval=60, probe_interval=60)
+    ended: list = []
+    others = [Exchange(None, LockedWriter(), on_end=ended.append) for _ in range(20)]
+    heartbeat._live.update([_GraceRunsOutHere(heartbeat), *others])  # no thread: one pass by hand
+    heartbeat.begin_shutdown(60, lambda: ShuttingDown("the proxy is shutting down"))
+    heartbeat.visit_all(time.monotonic())
+    assert len(ended) == 20 and all(isinstance(err, ShuttingDown) for err in ended)
+    assert heartbeat.live_count() == 0
 
 
 def test_a_slow_client_holds_the_stream_thread_back_instead_of_buffering():
