@@ -3,6 +3,7 @@
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -80,17 +81,35 @@ def test_client_probe_sees_a_hang_up():
     assert not client_has_hung_up(None)  # servers without a socket: never probed
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (a reset needs TCP: a socketpair only ever sees EOF)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def test_one_poll_finds_the_clients_that_left_among_many():
-    pairs = [socket.socketpair() for _ in range(5)]
+    pairs = [tcp_pair() for _ in range(6)]
     try:
-        (quiet, _), (talking, t_peer), (left, l_peer), (reset, r_peer), (closed, _) = pairs
+        (quiet, _), (talking, t_peer), (left, l_peer), (rst, r_peer), (closed, _), \
+            (said_then_left, s_peer) = pairs
         t_peer.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
         l_peer.close()
-        r_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        r_peer.close()
+        reset(r_peer)
         closed.close()
-        assert clients_hung_up([quiet, talking, left, reset, closed]) == {left, reset, closed}
-        assert talking.recv(100) == b"GET / HTTP/1.1\r\n"  # peeked, not consumed
+        s_peer.sendall(b"GET / HTTP/1.1\r\n")  # bytes before the FIN: a peek sees them first
+        s_peer.close()
+        for sock in (talking, left, rst, said_then_left):
+            assert wait_readable(sock)
+        everyone = [quiet, talking, left, rst, closed, said_then_left]
+        assert clients_hung_up(everyone) == {left, rst, closed, said_then_left}
+        assert talking.recv(100) == b"GET / HTTP/1.1\r\n"  # looked at, not consumed
         assert clients_hung_up([]) == set()
     finally:
         for a, b in pairs:
