@@ -5,6 +5,7 @@ but heavy for hundreds of endless streams.  `TickingUpstream` serves any number 
 from one thread: every stream gets one Anthropic content event per tick.  `StreamReader`
 reads any number of proxied streams from one thread and tells when each ended, and how.
 `busy_core()` keeps one core busy, as another process on a shared machine would.
+`Tricklers` are slow clients: connections that send a byte a second.
 Standard library only.
 """
 
@@ -351,3 +352,49 @@ def sigterm_under_load(tmp, streams: int = 200, interval: float = 0.1, grace: fl
         "spilled": spilled, "killed": "SIGKILL" in log or "was sent SIGKILL" in log,
         "upstream_closed": upstream.closed_by_peer, "log": log,
     }
+
+
+class Tricklers:
+    """`count` connections that send one byte a second: half trickle their request head, half
+    send a whole head and then trickle the body (Content-Length 1 MB)."""
+
+    HEAD_START = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+    WHOLE_HEAD = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000\r\n\r\n{")
+
+    def __init__(self, port: int, count: int) -> None:
+        self.socks = []
+        for i in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(self.HEAD_START if i % 2 else self.WHOLE_HEAD)
+            sock.setblocking(False)
+            self.socks.append(sock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._trickle, daemon=True)
+        self._thread.start()
+
+    def _trickle(self) -> None:
+        while not self._stop.wait(1.0):
+            for sock in self.socks:
+                try:
+                    sock.send(b" ")
+                except OSError:
+                    pass
+
+    def still_open(self) -> int:
+        """How many connections the server has not closed."""
+        open_count = 0
+        for sock in self.socks:
+            try:
+                open_count += sock.recv(1, socket.MSG_PEEK) != b""
+            except BlockingIOError:
+                open_count += 1
+            except OSError:
+                pass
+        return open_count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for sock in self.socks:
+            sock.close()

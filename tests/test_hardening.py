@@ -618,52 +618,6 @@ def test_the_usage_report_is_bounded(start_proxy):
 # 7. Slow clients cannot starve others
 # ===========================================================================
 
-class Tricklers:
-    """`count` connections that send one byte a second: half trickle their request head, half
-    send a whole head and then trickle the body (Content-Length 1 MB)."""
-
-    HEAD_START = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
-    WHOLE_HEAD = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000000\r\n\r\n{")
-
-    def __init__(self, port: int, count: int) -> None:
-        self.socks = []
-        for i in range(count):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(self.HEAD_START if i % 2 else self.WHOLE_HEAD)
-            sock.setblocking(False)
-            self.socks.append(sock)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._trickle, daemon=True)
-        self._thread.start()
-
-    def _trickle(self) -> None:
-        while not self._stop.wait(1.0):
-            for sock in self.socks:
-                try:
-                    sock.send(b" ")
-                except OSError:
-                    pass
-
-    def still_open(self) -> int:
-        """How many connections the server has not closed."""
-        open_count = 0
-        for sock in self.socks:
-            try:
-                open_count += sock.recv(1, socket.MSG_PEEK) != b""
-            except BlockingIOError:
-                open_count += 1
-            except OSError:
-                pass
-        return open_count
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        for sock in self.socks:
-            sock.close()
-
-
 @pytest.mark.parametrize("front", ["direct", "nginx"])
 def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_proxy, tmp_path, front):
     """gthread gave each connection a thread at its first byte: 1,000 clients sending a byte a
@@ -678,7 +632,7 @@ def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_pr
                              worker_connections=4096).start()
     url = nginx.url if nginx else server.url
     port = nginx.port if nginx else server.port
-    tricklers = Tricklers(port, 1000)
+    tricklers = loadtools.Tricklers(port, 1000)
     try:
         time.sleep(1.5)  # let the trickle start: the server has seen a byte from everyone
         for _ in range(5):

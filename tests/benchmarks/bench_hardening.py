@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
-import socket
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -36,6 +33,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import ProxyProcess, percentile  # noqa: E402
 from fakeupstream import FakeUpstream, Send, Stall, Status, End, anthropic_stream  # noqa: E402
+from loadtools import Tricklers  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -60,32 +58,6 @@ def timed_requests(url: str, count: int = 20) -> list[float]:
         times.append((time.perf_counter() - started) * 1000)
         assert r.status_code == 200, r.status_code
     return times
-
-
-class Tricklers:
-    def __init__(self, port: int, count: int) -> None:
-        self.socks = []
-        for i in range(count):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" if i % 2 else
-                         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
-            sock.setblocking(False)
-            self.socks.append(sock)
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            for sock in self.socks:
-                try:
-                    sock.send(b" ")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        for sock in self.socks:
-            sock.close()
 
 
 def slow_clients(fake: FakeUpstream, tmp: Path, through_nginx: bool) -> None:
