@@ -56,8 +56,6 @@ class BodyDecoder:
     def feed(self, data: bytes) -> Iterator[bytes]:
         if self.identity:
             if data:
-                self.raw_bytes += len(data)
-                self.decoded_bytes += len(data)
                 yield data
             return
         if self._inflater is None:

@@ -68,7 +68,7 @@ def decode_event_data(event: Event) -> object | None:
     if data.strip() == "[DONE]":
         return "[DONE]"
     try:
-        return parse_upstream_json(data.encode("utf-8"))
+        return parse_upstream_json(data)
     except TooComplex as exc:
         raise UpstreamBroken(f"the upstream sent an event the proxy will not parse: {exc}") from None
     except ValueError:

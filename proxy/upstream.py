@@ -243,6 +243,9 @@ class UpstreamResponse:
         doing = "reading the upstream body"
         with translate_errors(doing):
             decoder = self._decoder = BodyDecoder(self.header("content-encoding"), *self._limits)
+            if decoder.identity:  # the usual case: the reads as they come, nothing to count
+                yield from self._raw_chunks()
+                return
             for raw in self._raw_chunks():
                 yield from decoder.feed(raw)
             tail = decoder.finish()

@@ -344,6 +344,7 @@ deployments = [{{ provider = "anthropic", name = "keyed" }}]
         lock = sqlite3.connect(server.db_path, isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")  # rows now go to the spill directory: check them there
         events = anthropic_stream()
+        committed = threading.Event()
         scripts = [
             json_reply(anthropic_error_body("authentication_error", echo("invalid key")), status=401,
                        headers={"x-echo": PROVIDER_KEY}),
@@ -353,25 +354,31 @@ deployments = [{{ provider = "anthropic", name = "keyed" }}]
                 "type": "overloaded_error", "message": echo("overloaded")}}, "error")],
                 headers={"x-echo": f"Bearer {PROVIDER_KEY}"}),
             json_reply(anthropic_message(text=echo("the model repeats")), headers={"x-echo": CLIENT_KEY}),
+            # a 401 after the stream committed to 200: the terminal error quotes its message
+            [WaitFor(committed, timeout=8)] + json_reply(
+                anthropic_error_body("authentication_error", echo("invalid key")), status=401),
         ]
         received = []
         for i, script in enumerate(scripts):
             fake.named[f"echo{i}"] = script
-            stream = i == 2
+            stream = i in (2, 4)
             r = RawResponse(server.url, "/v1/messages",
                             dict(ANTHROPIC_JSON, model="claude-keys-1", stream=stream),
                             headers={"x-api-key": CLIENT_KEY, "x-fake-script": f"echo{i}"}).read_head()
+            if i == 4:
+                committed.set()  # the 200 is out: now the upstream answers 401
             body = r.read_all()
             received.append((r, body))
             raw = json.dumps(r.headers).encode() + body
             assert PROVIDER_KEY.encode() not in raw and CLIENT_KEY.encode() not in raw, raw
             assert b"[REDACTED" in raw, raw
-        assert [r.status for r, _ in received] == [401, 502, 200, 200]
+        assert [r.status for r, _ in received] == [401, 502, 200, 200, 200]
         assert fake.requests[-1].headers["x-api-key"] == PROVIDER_KEY  # the upstream got the real one
         check_terminal_error("anthropic", parse_sse_events(received[2][1])[-1], anthropic_type="overloaded_error")
+        assert b"[REDACTED" in parse_sse_events(received[4][1])[-1]
         deadline = time.monotonic() + 20
         spill_text = ""
-        while spill_text.count('"request_id"') < 4 and time.monotonic() < deadline:
+        while spill_text.count('"request_id"') < 5 and time.monotonic() < deadline:
             names = os.listdir(tmp_path / "spill") if (tmp_path / "spill").is_dir() else []
             spill_text = "".join(open(tmp_path / "spill" / n).read() for n in names)
             time.sleep(0.1)

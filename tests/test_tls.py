@@ -43,16 +43,22 @@ def say_goodbye(r: RawResponse) -> None:
     r.sock.close()
 
 
+def enqueue_paused_stream(fake) -> tuple[list[bytes], threading.Event]:
+    """A stream that falls silent after its 4th event until the returned event is set."""
+    events = anthropic_stream()
+    release = threading.Event()
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
+                 + [WaitFor(release, timeout=8)] + [Send(e) for e in events[4:]] + [End()])
+    return events, release
+
+
 def _stream(server) -> RawResponse:
     return RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5,
                        cafile=server.verify).read_head()
 
 
 def test_a_stream_over_tls_gets_keepalives_through_a_silence_and_completes(tls_proxy, fake):
-    events = anthropic_stream()
-    release = threading.Event()
-    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
-                 + [WaitFor(release, timeout=8)] + [Send(e) for e in events[4:]] + [End()])
+    events, release = enqueue_paused_stream(fake)
     r = _stream(tls_proxy)
     assert r.status == 200
     r.read_until(lambda b: b.count(KEEPALIVE) >= 3, "three keepalives during the silence")
@@ -94,10 +100,7 @@ def test_a_tls_client_that_says_goodbye_during_a_silence_stops_the_upstream(quie
 
 
 def test_bytes_a_tls_client_sends_mid_stream_are_no_goodbye(tls_proxy, fake):
-    events = anthropic_stream()
-    release = threading.Event()
-    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
-                 + [WaitFor(release, timeout=8)] + [Send(e) for e in events[4:]] + [End()])
+    events, release = enqueue_paused_stream(fake)
     r = _stream(tls_proxy)
     r.read_until(lambda b: b.replace(KEEPALIVE, b"") == b"".join(events[:4]), "the first events")
     r.sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined, unread
