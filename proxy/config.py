@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .errors import ProxyError
 
 ANTHROPIC_FORMAT = "anthropic"
 OPENAI_FORMAT = "openai"
 PROVIDER_FORMATS = (ANTHROPIC_FORMAT, OPENAI_FORMAT)
 
 
-class ConfigError(ProxyError):
-    """A setting is missing, of the wrong type or out of range."""
+class ConfigError(ValueError):
+    """A setting is missing, of the wrong type or out of range: the operator's mistake,
+    reported when the proxy starts (never a client-facing error)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 def default_db_path() -> str:
@@ -231,15 +235,13 @@ class Config:
         return self.secret_file or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
                                                 "installation-secret")
 
-    def provider_for(self, fmt: str) -> Provider:
-        """The provider serving an API format: the one named after it, else the first."""
+    def provider_for(self, fmt: str) -> Provider | None:
+        """The provider serving an API format: the one named after it, else the first
+        (None when the configuration has none of that format)."""
         named = self.providers.get(fmt)
         if named is not None and named.format == fmt:
             return named
-        for provider in self.providers.values():
-            if provider.format == fmt:
-                return provider
-        raise ConfigError(f"no provider with format {fmt!r} is configured")
+        return next((p for p in self.providers.values() if p.format == fmt), None)
 
 
 def load_config(path: str | None = None, env: dict[str, str] | None = None,

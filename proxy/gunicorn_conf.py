@@ -76,10 +76,21 @@ def on_starting(server):
         installation_secret(config.secret_path)
     except (OSError, ValueError) as err:
         _stop(f"installation secret {config.secret_path}: {err}")
+    server.log.info("llm-proxy: listening on %s; upstreams: %s; usage database: %s",
+                    ", ".join(server.cfg.bind), _upstreams(config),
+                    config.db_path if config.enabled else "off (tracker disabled)")
     if server.cfg.graceful_timeout < config.shutdown_grace + 5:
         server.log.warning("llm-proxy: graceful_timeout %s s leaves under 5 s after "
                            "shutdown_grace %s s to end streams and store their rows",
                            server.cfg.graceful_timeout, config.shutdown_grace)
+
+
+def _upstreams(config) -> str:
+    """Where requests go, in one line: each provider's name, URL, format and key source."""
+    return ", ".join(
+        f"{p.name} {p.base_url} ({p.format}, "
+        f"{'key from $' + p.api_key_env if p.api_key_env else 'client keys'})"
+        for p in config.providers.values())
 
 
 def _stop(message: str) -> None:

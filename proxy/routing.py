@@ -355,21 +355,27 @@ class AttemptPlan:
         if decision is Decision.RETRY and self._tries_here < policy.max_attempts:
             if retry_after is not None and retry_after > policy.retry_after_max:
                 self._advance()  # waiting that long helps nobody: try the next deployment
-                return f"Retry-After {retry_after:g} s is over the cap; next deployment"
+                return f"Retry-After {retry_after:g} s is over the cap; {self._what_next()}"
             self._pending_delay = retry_after if retry_after is not None else backoff_delay(
                 self._tries_here - 1, policy, self._rand)
             return f"retrying in {self._pending_delay:.2f} s"
         if decision is Decision.LARGER_CONTEXT:
             self._want_larger = True
             self._advance()
-            return "next larger-context deployment"
+            return self._what_next("next larger-context deployment")
         self._advance()
-        return "next deployment"
+        return self._what_next()
 
     def progress(self, attempt: Attempt) -> tuple[int, int]:
         """(attempts, fallbacks) if `attempt` turns out to be the one that answers."""
         names = list(dict.fromkeys([r.deployment for r in self.history] + [attempt.deployment.name]))
         return len(self.history) + 1, len(names) - 1
+
+    def _what_next(self, next_one: str = "next deployment") -> str:
+        """For the attempt log line: is there anywhere left to go?"""
+        if self._index < len(self.route.deployments):
+            return next_one
+        return "no deployment left"
 
     def _advance(self) -> None:
         self._index += 1

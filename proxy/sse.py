@@ -88,15 +88,19 @@ class SSEFramer:
             raise self._too_large
         return events
 
-    @property
-    def ends_in_split_crlf(self) -> bool:
-        """The last event ended on a CR at the end of a read: an LF may still follow."""
-        return self._cr_at_end and not self._pending
-
-    def take_carry(self) -> bytes:
-        """Hand out the LF that completed a split CRLF, when no event follows to carry it."""
+    def settle(self) -> bytes | None:
+        """After the stream's last event: the bytes that complete it on the wire, or None
+        while they may still be on their way.  An event can end on the CR of a CRLF at the
+        end of a read; the LF that follows belongs to it (a relay that stopped at the CR
+        would not pass the stream through byte for byte)."""
         carry, self._carry = self._carry, b""
-        return carry
+        if carry or not (self._cr_at_end and not self._pending):
+            return carry
+        return None
+
+    def finish(self) -> bytes:
+        """At the end of the stream: whatever completes the last event (see `settle`)."""
+        return self.settle() or b""
 
     def pending_bytes(self) -> bytes:
         """Bytes not handed out yet: an unfinished event, or the LF of a split CRLF."""

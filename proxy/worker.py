@@ -38,7 +38,7 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
 from .errors import Overloaded, ProxyError, RequestRejected, RequestTimeout
-from .replies import reason_phrase
+from .pipeline.replies import reason_phrase
 from .request_framing import Head, Progress, RequestFraming
 from .text import loggable
 

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from proxy.decoding import PIECE, BodyDecoder, DecodeError, DecodeLimitExceeded
+from proxy.upstream.decoding import PIECE, BodyDecoder, DecodeError, DecodeLimitExceeded
 
 MiB = 1024 * 1024
 

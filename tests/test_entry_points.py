@@ -85,3 +85,13 @@ def test_plain_wsgi_callable_in_another_server(fake, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         app.close()
+
+
+def test_one_start_up_line_names_the_bind_address_the_upstreams_and_the_database(proxy, fake):
+    log = proxy.log()
+    lines = [line for line in log.splitlines() if "llm-proxy: listening on" in line]
+    assert len(lines) == 1, log[-2000:]
+    line = lines[0]
+    assert f"127.0.0.1:{proxy.port}" in line and proxy.db_path in line
+    assert f"anthropic {fake.url} (anthropic, client keys)" in line
+    assert f"openai {fake.url} (openai, client keys)" in line

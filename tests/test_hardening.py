@@ -25,13 +25,14 @@ import pytest
 import requests
 
 from proxy import formats
-from proxy.accounting import Accounting
 from proxy.app import App
-from proxy.attempts import AttemptRunner
 from proxy.config import load_config
-from proxy.errors import BadRequest, ClientGone
-from proxy.handler import ProxyRequest
-from proxy.relay import Exchange
+from proxy.errors import BadRequest, ClientGone, ShuttingDown
+from proxy.heartbeat import Exchange
+from proxy.pipeline.attempt import Outcome, TryLoop
+from proxy.pipeline.finalize import RequestRecord
+from proxy.pipeline.request import ProxyRequest
+from proxy.pricing import PriceTable
 
 import loadtools
 from conftest import GUNICORN_CONF, ROOT, ProxyProcess, fill_filesystem, free_port, remount
@@ -202,16 +203,16 @@ def test_a_worker_records_the_rows_of_its_last_requests_before_it_closes_the_tra
     app = App(load_config(env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
     app.start()
 
-    def account(request_id: str) -> Accounting:
-        acct = Accounting(app.tracker, app.prices, request_id=request_id, endpoint="anthropic",
-                          usage_format="anthropic", model="m", deployment="d", stream=True,
-                          client_key_id=None, bytes_in=0, on_finish=app.inflight.done)
-        app.inflight.add(acct)
-        return acct
+    def account(request_id: str) -> RequestRecord:
+        record = RequestRecord(app.tracker, PriceTable({}), request_id=request_id,
+                               endpoint="anthropic", client_key_id=None, bytes_in=0,
+                               deployment="d", on_finish=app.inflight.done)
+        app.inflight.add(record)
+        return record
 
     late = account("req_late")
     account("req_stuck")  # its thread never records it: the worker must
-    threading.Timer(0.3, lambda: late.finish(200, "shutdown", error="ended at shutdown")).start()
+    threading.Timer(0.3, lambda: late.failed(200, ShuttingDown("ended at shutdown"))).start()
     app.close(timeout=3)
     conn = sqlite3.connect(tmp_path / "u.db")
     rows = dict(conn.execute("SELECT request_id, end_reason FROM usage_records"))
@@ -268,13 +269,12 @@ deployments = [{ provider = "anthropic", name = "a" }, { provider = "anthropic",
     preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC, route=route,
                         method="POST", path="/v1/messages", body=b"{}",
                         headers=[("X-Odd", "\xa0value")], model="claude-x-1")
-    acct = Accounting(app.tracker, app.prices, request_id="req_t", endpoint="anthropic",
-                      usage_format="anthropic", model="claude-x-1", deployment=None, stream=False,
-                      client_key_id=None, bytes_in=2)
-    final = AttemptRunner(app, preq, acct, Exchange(None, None, lambda err: None)).run(
-        lambda resp, attempt: None)
+    record = RequestRecord(app.tracker, PriceTable({}), request_id="req_t", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2)
+    final = TryLoop(app.proxy.relay.tries, preq, record, Exchange(None, None, lambda err: None)).run(
+        lambda resp, attempt: Outcome.taken())
     assert isinstance(final.error, BadRequest) and "cannot be sent upstream" in final.error.message
-    assert acct.record.attempts == 1  # not retried, not moved on to deployment b
+    assert record.row.attempts == 1  # not retried, not moved on to deployment b
     assert app.router.breakers.snapshot() == {
         "a": {"state": "closed", "recent_failures": 0, "recent_attempts": 0}}
     app.close(1)
@@ -299,12 +299,12 @@ deployments = [{ provider = "anthropic", name = "a" }]
     route = app.router.route_for("claude-x-1", "anthropic", lambda name: True)
     preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC, route=route,
                         method="POST", path="/v1/messages", body=b"{}", headers=[], model="claude-x-1")
-    acct = Accounting(app.tracker, app.prices, request_id="req_t", endpoint="anthropic",
-                      usage_format="anthropic", model="claude-x-1", deployment=None, stream=False,
-                      client_key_id=None, bytes_in=2)
+    record = RequestRecord(app.tracker, PriceTable({}), request_id="req_t", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2)
     exchange = Exchange(None, None, lambda err: None)
     exchange.end(ClientGone("the client left"))
-    final = AttemptRunner(app, preq, acct, exchange).run(lambda resp, attempt: None)
+    final = TryLoop(app.proxy.relay.tries, preq, record, exchange).run(
+        lambda resp, attempt: Outcome.taken())
     assert isinstance(final.error, ClientGone)
     assert breaker.allow()  # the probe is free again
     app.close(1)

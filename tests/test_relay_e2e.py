@@ -137,6 +137,35 @@ def test_no_keepalive_ever_lands_inside_an_event_under_a_1ms_heartbeat(start_pro
     assert server.row(r.request_id)["end_reason"] == "complete"
 
 
+def test_large_events_reach_a_slow_client_whole_under_a_1ms_heartbeat(start_proxy, fake):
+    """Events of 3 MB, read slowly: the writer's queue fills (4 MB), so the stream thread
+    waits for room between writes while the 1 ms heartbeat runs.  Written as one frame, an
+    event waits whole and keepalives fall between events; written in pieces, a keepalive
+    lands inside one."""
+    server = start_proxy(LLM_PROXY_HEARTBEAT_INTERVAL="0.001")
+    head = anthropic_stream()
+    deltas = [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+              b'"delta":{"type":"text_delta","text":"' + bytes([97 + i]) * (3 << 20) + b'"}}\n\n'
+              for i in range(6)]
+    events = head[:2] + deltas + head[-3:]
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events] + [End()])
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
+    fill = r._fill
+
+    def slowly() -> None:  # a client on a slow link: 64 KiB at a time, with a pause
+        time.sleep(0.0005)
+        fill()
+
+    r._fill = slowly
+    body = r.read_all()
+    assert r.complete
+    got, keepalives = split_lf_stream(body)
+    assert [len(e) for e in got] == [len(e) for e in events], "a keepalive landed inside an event"
+    assert got == events
+    assert keepalives, "the client was not slow enough for the heartbeat to matter"
+    assert server.row(r.request_id)["end_reason"] == "complete"
+
+
 # ===========================================================================
 # 4. Client disconnects reach the upstream
 # ===========================================================================

@@ -8,8 +8,8 @@ import threading
 import time
 
 from proxy.errors import ShuttingDown
-from proxy.relay import (KEEPALIVE, KEEPALIVE_AFTER_ID, Exchange, Heartbeat, LockedWriter,
-                         client_has_hung_up, clients_hung_up)
+from proxy.heartbeat import Exchange, Heartbeat, client_has_hung_up, clients_hung_up
+from proxy.writer import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter
 
 
 def test_keepalive_only_after_the_interval_and_never_after_close():
@@ -207,3 +207,45 @@ def test_no_keepalive_follows_the_protocols_end_however_late_the_close():
     assert not writer.write_keepalive_if_idle(time.monotonic() + 3600, interval=0.01)
     writer.close()
     assert list(writer.frames()) == [b"data: [DONE]\n\n"]
+
+
+class _PausingWriter(LockedWriter):
+    """A writer whose stream thread stops in the middle of queuing a frame: the moment a
+    keepalive written without the lock would slip in.  The test decides when it goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = threading.Event()  # the stream thread is queuing its frame
+        self.go_on = threading.Event()
+        self.pause_thread: threading.Thread | None = None
+
+    def _push(self, frame: bytes) -> None:
+        if threading.current_thread() is self.pause_thread:
+            self.inside.set()
+            assert self.go_on.wait(5)
+        super()._push(frame)
+
+
+def test_a_keepalive_waits_for_the_event_being_written_and_never_follows_the_last():
+    """Forces the interleaving the writer exists to prevent: the heartbeat tries to write
+    while the stream thread is inside its write.  It must wait for the lock, and once the
+    protocol's last event is in, write nothing at all."""
+    writer = _PausingWriter()
+    last_event = b"event: message_stop\ndata: {}\n\n"
+    stream = threading.Thread(target=writer.write_event, args=(last_event,),
+                              kwargs={"last": True})
+    writer.pause_thread = stream
+    stream.start()
+    assert writer.inside.wait(5)
+    wrote = []
+    heartbeat = threading.Thread(
+        target=lambda: wrote.append(writer.write_keepalive_if_idle(writer.last_write + 60, 0.001)))
+    heartbeat.start()
+    heartbeat.join(0.2)  # it may not finish while the stream thread holds the lock
+    assert heartbeat.is_alive(), "a keepalive was written while an event was being written"
+    writer.go_on.set()
+    stream.join(5)
+    heartbeat.join(5)
+    assert wrote == [False]
+    writer.close()
+    assert list(writer.frames()) == [last_event]

@@ -25,6 +25,9 @@ class Clock:
     (502, b"", Decision.RETRY), (503, b"", Decision.RETRY), (529, b"", Decision.RETRY),
     (400, b'{"error":{"message":"prompt is too long: 210000 tokens > 200000 maximum"}}', Decision.LARGER_CONTEXT),
     (400, b'{"error":{"code":"context_length_exceeded"}}', Decision.LARGER_CONTEXT),
+    (400, b'{"error":{"message":"Prompt is too long"}}', Decision.LARGER_CONTEXT),
+    (400, b'{"error":{"message":"This model\'s maximum CONTEXT LENGTH is 8192 tokens"}}',
+     Decision.LARGER_CONTEXT),
     (400, b'{"error":{"message":"bad"}}', Decision.FAIL),
     (400, b'{"error":{"code":"content_policy_violation"}}', Decision.FAIL),
     (401, b"", Decision.FAIL), (403, b"", Decision.FAIL), (404, b"", Decision.FAIL),
@@ -162,6 +165,25 @@ def test_retry_after_is_honoured_up_to_the_cap():
     fail(plan, plan.next_attempt(), Decision.RETRY, retry_after=60)
     nxt = plan.next_attempt()
     assert nxt.deployment.name == "b" and nxt.delay == 0  # no waiting a minute
+
+
+def test_a_retry_after_longer_than_the_backoff_cap_but_within_its_own_cap_is_waited():
+    """Two caps, two meanings: `backoff_max` bounds the proxy's own backoff, while an
+    upstream's Retry-After is honoured up to `retry_after_max`."""
+    policy = RetryPolicy(max_attempts=2, backoff_max=1.0, retry_after_max=30.0)
+    plan = AttemptPlan(Route("m", route("a", "b").deployments, None, policy), None)
+    first = plan.next_attempt()
+    what_next = plan.failed(first, Decision.RETRY, AttemptRecord("a", "status"), 10.0)
+    again = plan.next_attempt()
+    assert (again.deployment.name, again.delay) == ("a", 10.0), what_next
+    assert what_next == "retrying in 10.00 s"
+
+
+def test_the_attempt_log_says_when_no_deployment_is_left():
+    plan = AttemptPlan(route("a", "b", attempts=1), None)
+    assert plan.failed(plan.next_attempt(), Decision.NEXT, AttemptRecord("a", "x")) == "next deployment"
+    assert plan.failed(plan.next_attempt(), Decision.NEXT, AttemptRecord("b", "x")) == "no deployment left"
+    assert plan.next_attempt() is None
 
 
 def test_context_length_goes_to_the_larger_context_deployment():

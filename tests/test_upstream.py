@@ -4,8 +4,8 @@ import requests
 import responses
 
 from proxy.errors import UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
-from proxy.upstream import (AbortHandle, UpstreamClient, is_hop_by_hop_header,
-                            remove_hop_by_hop_headers)
+from proxy.upstream.client import (AbortHandle, UpstreamClient, is_hop_by_hop_header,
+                                   remove_hop_by_hop_headers)
 
 URL = "http://upstream.test/v1/messages"
 

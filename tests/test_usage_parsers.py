@@ -6,13 +6,26 @@ import json
 
 import pytest
 
-from proxy.usage import (
-    Usage,
-    UsageRecord,
-    is_usage_only_chunk,
-    parse_body,
-    stream_parser,
-)
+from proxy.formats import BY_NAME
+from proxy.formats.openai_chat import is_usage_only_chunk
+from proxy.usage import Usage, UsageRecord
+
+
+def stream_parser(fmt: str):
+    return BY_NAME[fmt].usage_parser()
+
+
+def parse_body(fmt: str, body):
+    return BY_NAME[fmt].body_usage(body)
+
+
+def decoded(data: str):
+    """An event's data as the relay hands it over: decoded JSON (garbage never gets this far:
+    the relay ends a stream with a malformed event; here it must simply change nothing)."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data
 
 
 def split_events(raw: bytes) -> list[tuple[str | None, str]]:
@@ -35,7 +48,7 @@ def split_events(raw: bytes) -> list[tuple[str | None, str]]:
 def parse_stream(fmt: str, raw: bytes) -> Usage:
     parser = stream_parser(fmt)
     for name, data in split_events(raw):
-        parser.feed(name, data)
+        parser.feed(name, decoded(data))
     return parser.result()
 
 
@@ -366,27 +379,13 @@ def test_result_mid_stream_then_more_events():
     parser = stream_parser("openai-responses")
     events = split_events(RESPONSES_TEXT)
     for name, data in events[:-1]:
-        parser.feed(name, data)
+        parser.feed(name, decoded(data))
     partial = parser.result()
     partial.input_tokens = 12345  # a caller mutating its copy must not touch the parser
-    parser.feed(*events[-1])
+    name, data = events[-1]
+    parser.feed(name, decoded(data))
     assert partial.complete is False
     assert parser.result() == Usage(36, 87, 0, None, 0, "completed", GPT41, True)
-
-
-def test_feed_accepts_bytes():
-    parser = stream_parser("anthropic")
-    for name, data in split_events(ANTHROPIC_TEXT):
-        parser.feed(name, data.encode())
-    assert parser.result().output_tokens == 15
-
-
-@pytest.mark.parametrize("fmt", ["gemini", "", "openai"])
-def test_unknown_format(fmt):
-    with pytest.raises(ValueError, match="unknown API format"):
-        stream_parser(fmt)
-    with pytest.raises(ValueError, match="unknown API format"):
-        parse_body(fmt, {})
 
 
 # --- non-streaming bodies -----------------------------------------------------------------------

@@ -1,14 +1,11 @@
-"""One module per API format: how its streams are classified and how its errors look.
-
-Each format answers the same questions for the relay: is this event preamble, content,
-the protocol's own end, or an upstream error; what does an error look like as a JSON
-body (before the commit) and as one terminal event (after it).
-"""
+"""One module per API format; each owns everything about its protocol (see `base.Format`)."""
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from .anthropic import AnthropicFormat
-from .base import EventKind, Format, StreamView
+from .base import EventKind, Format, RequestFacts, StreamView, UsageParser
 from .openai_chat import ChatFormat
 from .openai_responses import ResponsesFormat
 
@@ -17,6 +14,20 @@ OPENAI_CHAT = ChatFormat()
 OPENAI_RESPONSES = ResponsesFormat()
 
 BY_NAME: dict[str, Format] = {f.name: f for f in (ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES)}
+# The format a provider family's credentials and list endpoints speak.
+BY_PROVIDER: dict[str, Format] = {"anthropic": ANTHROPIC, "openai": OPENAI_CHAT}
+# Headers any format may carry a key in (a client's key is replaced by the provider's).
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
 
-__all__ = ["ANTHROPIC", "OPENAI_CHAT", "OPENAI_RESPONSES", "BY_NAME", "EventKind", "Format",
-           "StreamView"]
+
+def for_client(headers: Mapping[str, str]) -> Format:
+    """The error shape a client will understand when the path tells us nothing: an
+    Anthropic SDK sends `anthropic-version` (and its key in `x-api-key`)."""
+    if headers.get("anthropic-version") or headers.get("x-api-key"):
+        return ANTHROPIC
+    return OPENAI_CHAT
+
+
+__all__ = ["ANTHROPIC", "OPENAI_CHAT", "OPENAI_RESPONSES", "BY_NAME", "BY_PROVIDER",
+           "CREDENTIAL_HEADERS", "EventKind", "Format", "RequestFacts", "StreamView",
+           "UsageParser", "for_client"]

@@ -1,12 +1,21 @@
-"""What every API format provides to the relay."""
+"""What every API format provides: the one interface the pipeline asks about a protocol.
+
+A format module owns everything about its protocol: the facts of a request (model, stream,
+usage options), the credential header its upstreams expect, how its stream events are
+classified, how its usage is reported, how its upstreams describe an error, and how the
+proxy's own errors look in it (status, error type, JSON body, terminal event).  Adding a
+protocol means adding a module; error classes stay protocol-free (`errors.py`).
+"""
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from ..errors import ProxyError
+from ..errors import BadRequest, ProxyError
+from ..usage import Usage
 
 
 class EventKind(enum.Enum):
@@ -20,6 +29,25 @@ class EventKind(enum.Enum):
 
 def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What a format reads from (and adds to) a client's JSON body."""
+
+    model: str | None
+    stream: bool
+    # The proxy asked for usage the client did not ask for: that chunk goes to nobody.
+    strip_usage_chunk: bool = False
+    edited: bool = False  # the payload was changed: the body must be encoded again
+
+
+class UsageParser(Protocol):
+    """Sees a decoded copy of every event relayed; says what usage the stream reported."""
+
+    def feed(self, event_name: str | None, obj: Any) -> None: ...
+
+    def result(self) -> Usage: ...
 
 
 class StreamView:
@@ -47,8 +75,23 @@ class Format:
     """Base: subclasses set `name`, `provider_format` and implement the hooks."""
 
     name = ""
-    provider_format = ""
+    provider_format = ""  # the provider family whose upstreams speak this format
 
+    # -- requests ----------------------------------------------------------------------
+    def model_of(self, payload: dict) -> str | None:
+        return _model(payload)
+
+    def request_facts(self, payload: dict, may_stream: bool = True) -> RequestFacts:
+        """Model and stream as the API defines them (a string "true" is an error, not a
+        guess); a format may edit `payload` (and says so)."""
+        stream = _stream_flag(payload)  # checked even where the endpoint never streams
+        return RequestFacts(model=_model(payload), stream=may_stream and stream)
+
+    def credential_headers(self, key: str) -> list[tuple[str, str]]:
+        """The header(s) this format's upstreams take a key in."""
+        raise NotImplementedError
+
+    # -- streams -----------------------------------------------------------------------
     def stream_view(self, **kwargs: Any) -> StreamView:
         return StreamView(self, **kwargs)
 
@@ -58,9 +101,21 @@ class Format:
     def complete_without_end_marker(self, view: StreamView) -> bool:
         return False
 
+    # -- usage -------------------------------------------------------------------------
+    def usage_parser(self) -> UsageParser:
+        raise NotImplementedError
+
+    def body_usage(self, obj: Any) -> Usage:
+        """Usage of a non-streaming JSON answer."""
+        raise NotImplementedError
+
+    # -- errors ------------------------------------------------------------------------
     def status_of(self, err: ProxyError) -> int:
         """The HTTP status this API uses for the error."""
         return err.status
+
+    def error_type(self, err: ProxyError) -> str:
+        raise NotImplementedError
 
     def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
         raise NotImplementedError
@@ -70,7 +125,40 @@ class Format:
 
     def upstream_error_message(self, body: Any) -> str | None:
         """The message inside an upstream's JSON error body, if it has one."""
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            message = body["error"].get("message")
-            return message if isinstance(message, str) else None
-        return None
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        return message if isinstance(message, str) else None
+
+    def upstream_error_type(self, body: Any) -> str | None:
+        """The error type inside an upstream's JSON error body, if it has one."""
+        error = body.get("error") if isinstance(body, dict) else None
+        kind = error.get("type") if isinstance(error, dict) else None
+        return kind if isinstance(kind, str) else None
+
+    def event_error_message(self, payload: Any) -> str:
+        """The message of an upstream's error event, wherever its protocol puts it: under
+        `error` (Anthropic, chat), at the top (a Responses `error` event) or under
+        `response.error` (`response.failed`)."""
+        if isinstance(payload, dict):
+            for found in (self.upstream_error_message(payload), payload.get("message"),
+                          self.upstream_error_message(payload.get("response"))):
+                if isinstance(found, str):
+                    return found
+        return "the upstream sent an error event"
+
+
+def _model(payload: dict) -> str | None:
+    model = payload.get("model")
+    return model if isinstance(model, str) else None
+
+
+def _stream_flag(payload: dict) -> bool:
+    value = payload.get("stream")
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"`stream` must be true or false, not a JSON {json_type(value)}")
+    return value is True
+
+
+def json_type(value: object) -> str:
+    return {str: "string", int: "number", float: "number", list: "array", dict: "object"}.get(
+        type(value), "value")

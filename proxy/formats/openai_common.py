@@ -1,9 +1,31 @@
-"""The `{"error": {...}}` shape shared by the OpenAI endpoints."""
+"""What the OpenAI endpoints share: Bearer credentials and the `{"error": {...}}` shape."""
 
 from __future__ import annotations
 
 from ..errors import ProxyError
 
+# The proxy's own error codes OpenAI's shape leaves without a `code` (as OpenAI does for a
+# plain invalid request); every other code is sent as it is.
+_UNCODED = frozenset({"invalid_request", "method_not_allowed", "no_usable_deployment",
+                      "internal_error", "client_gone"})
+
+
+def bearer(key: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {key}")]
+
+
+def openai_error_type(err: ProxyError) -> str:
+    if err.upstream_type:
+        return err.upstream_type
+    return "server_error" if err.status >= 500 else "invalid_request_error"
+
+
+def openai_error_code(err: ProxyError) -> str | None:
+    if err.upstream_status is not None:
+        return f"upstream_status_{err.upstream_status}"
+    return None if err.code in _UNCODED else err.code
+
 
 def openai_error_object(err: ProxyError) -> dict:
-    return {"message": err.message, "type": err.openai_type, "param": None, "code": err.openai_code}
+    return {"message": err.message, "type": openai_error_type(err), "param": None,
+            "code": openai_error_code(err)}

@@ -24,8 +24,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .decoding import BodyDecoder, DecodeError, content_codings
-from .errors import BadRequest, ProxyError, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
-from .text import loggable
+from ..errors import BadRequest, ProxyError, UpstreamBroken, UpstreamTimeout, UpstreamUnreachable
+from ..text import loggable
 
 # RFC 9110 7.6.1 plus the legacy names; never forwarded in either direction.
 HOP_BY_HOP = frozenset({

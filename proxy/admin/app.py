@@ -1,0 +1,147 @@
+"""`/health` and `/usage`: what an operator, a load balancer and a test suite ask the proxy.
+
+No usage rows are written for these requests, and their answers hold counts and states
+only (error texts can quote upstreams, and so keys).  Errors come in the shape the
+client's SDK understands, like every other answer of the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request
+
+from .. import formats
+from ..errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, ReportUnavailable
+from ..limits import MemoryBudget
+from ..pipeline.replies import StartResponse, reason_phrase
+from ..routing import Breakers
+from ..text import loggable
+from ..tracker import Tracker, fault_kind
+
+log = logging.getLogger("proxy.admin")
+
+ADMIN_PATHS = frozenset({"/health", "/usage"})
+
+USAGE_TOP = 50
+USAGE_MAX_TOP = 1000
+USAGE_DEFAULT_DAYS = 31
+USAGE_MAX_DAYS = 400
+
+
+@dataclass(frozen=True)
+class AdminDeps:
+    db_path: str
+    started_tracker: Callable[[], Tracker | None]  # this process's writer, if it runs
+    tracker: Callable[[], Tracker]  # ... started on demand
+    shutting_down: Callable[[], bool]
+    live_streams: Callable[[], int]
+    breakers: Breakers
+    budget: MemoryBudget
+
+
+class AdminApp:
+    def __init__(self, deps: AdminDeps) -> None:
+        self.deps = deps
+        self.url_map = Map([Rule("/health", endpoint="health", methods=["GET"]),
+                            Rule("/usage", endpoint="usage", methods=["GET"])])
+        self._flush_lock = threading.Lock()
+
+    def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
+        request = Request(environ)
+        try:
+            endpoint, _ = self.url_map.bind_to_environ(environ).match()
+            return getattr(self, f"_{endpoint}")(request, start_response)
+        except HTTPException as exc:
+            err = _as_proxy_error(exc, request)
+        except ProxyError as exc:
+            err = exc
+        log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(request.path),
+                 err.status, loggable(err.message))
+        # No request id: these requests have no usage row for one to point at.
+        fmt = formats.for_client(request.headers)
+        return _json_response(start_response, fmt.status_of(err), fmt.error_body(err))
+
+    def _health(self, request: Request, start_response) -> Iterable[bytes]:
+        tracker = self.deps.started_tracker()
+        if tracker is not None and request.args.get("flush"):
+            self._flush_unless_degraded(tracker, 5.0)  # tests and operators wait for rows
+        stopping = self.deps.shutting_down()
+        stats = tracker.stats() if tracker is not None else None
+        state = "degraded" if stats and stats.get("state") == "degraded" else "ok"
+        body = {"status": "shutting_down" if stopping else state, "pid": os.getpid(),
+                "live_exchanges": self.deps.live_streams(),
+                "breakers": self.deps.breakers.snapshot(), "tracker": stats,
+                "memory_budget": {"used": self.deps.budget.used, "total": self.deps.budget.total}}
+        # 503 while shutting down, so a load balancer stops sending new requests here.
+        return _json_response(start_response, 503 if stopping else 200, body)
+
+    def _usage(self, request: Request, start_response) -> Iterable[bytes]:
+        """The usage summary, bounded whatever the database holds: a period of at most
+        USAGE_MAX_DAYS (the last USAGE_DEFAULT_DAYS unless `since` says otherwise) and the
+        `top` models and client keys (USAGE_TOP by default)."""
+        from .. import report
+        since, until, top = usage_bounds(request.args)
+        self._flush_unless_degraded(self.deps.tracker(), 2.0)
+        if not os.path.exists(self.deps.db_path):
+            return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
+                                                        "by_model": [], "by_client_key": []})
+        try:
+            summary = report.summarize(self.deps.db_path, since=since, until=until, top=top)
+        except ValueError as exc:
+            raise BadRequest(f"bad since/until: {exc}") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise ReportUnavailable(f"the usage database cannot be read now ({fault_kind(exc)})") from None
+        return _json_response(start_response, 200, summary)
+
+    def _flush_unless_degraded(self, tracker: Tracker, timeout: float) -> None:
+        """Wait for queued rows, one caller at a time and not while the store refuses them:
+        anyone may call these endpoints, and each wait holds a thread."""
+        if not self._flush_lock.acquire(blocking=False):
+            return  # someone is already waiting for the same rows
+        try:
+            if tracker.stats().get("state") != "degraded":
+                tracker.flush(timeout)
+        finally:
+            self._flush_lock.release()
+
+
+def usage_bounds(args) -> tuple[float, float, int]:
+    """(since, until, top) of a /usage request as epoch seconds, within the limits."""
+    from ..report import parse_when
+    try:
+        until = parse_when(args.get("until"), end=True) or time.time()
+        since = parse_when(args.get("since"))
+        top = int(args.get("top", USAGE_TOP))
+    except ValueError as exc:
+        raise BadRequest(f"bad since/until/top: {loggable(exc)}") from None
+    if since is None:
+        since = until - USAGE_DEFAULT_DAYS * 86400
+    if until - since > USAGE_MAX_DAYS * 86400:
+        raise BadRequest(f"the period is longer than {USAGE_MAX_DAYS} days; ask for less "
+                         "(or use `llm-proxy usage` on the host)")
+    if not 1 <= top <= USAGE_MAX_TOP:
+        raise BadRequest(f"top must be between 1 and {USAGE_MAX_TOP}")
+    return since, until, top
+
+
+def _as_proxy_error(exc: HTTPException, request: Request) -> ProxyError:
+    if exc.code == 405:
+        return MethodNotAllowed(f"{request.path} accepts GET only")
+    return NotFound(f"no route for {loggable(request.method, 32)} {loggable(request.path, 200)}")
+
+
+def _json_response(start_response, status: int, body: object) -> list[bytes]:
+    data = json.dumps(body, default=str).encode("utf-8")
+    start_response(f"{status} {reason_phrase(status)}", [("Content-Type", "application/json"),
+                                                         ("Content-Length", str(len(data)))])
+    return [data]

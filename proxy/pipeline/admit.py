@@ -1,0 +1,212 @@
+"""Admit: read and check a client request, open its usage record, decide its route.
+
+Everything a client can get wrong is found here and answered with a 4xx in the
+endpoint's own error shape before anything goes upstream: an unknown path or method, a
+body too large, cut short, too slow or too costly to parse, JSON that is not an object,
+a missing model, a header that cannot be forwarded.  Every request the proxy handles,
+refused or not, gets a usage record here, under its request id, before any check runs.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from werkzeug.wrappers import Request
+
+from .. import formats
+from ..config import Config
+from ..errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError,
+                      RequestTimeout)
+from ..formats import Format
+from ..limits import MemoryBudget, json_parse_cost
+from ..pricing import PriceTable
+from ..redact import Redactor, client_key_id, request_credentials
+from ..routing import Route, Router, pass_through_route
+from ..text import loggable
+from ..upstream import encode_json_body, forwardable_headers
+from .finalize import InFlight, RequestRecord, RowSink
+from .request import ProxyRequest
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    fmt: Format
+    bills_usage: bool = True  # count_tokens answers with an estimate, not billed usage
+    needs_model: bool = True
+    may_stream: bool = True
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/messages": Endpoint("anthropic", formats.ANTHROPIC),
+    "/v1/messages/count_tokens": Endpoint("count_tokens", formats.ANTHROPIC, bills_usage=False,
+                                          may_stream=False),
+    "/v1/chat/completions": Endpoint("openai-chat", formats.OPENAI_CHAT),
+    "/v1/responses": Endpoint("openai-responses", formats.OPENAI_RESPONSES),
+}
+MODELS_PATH = "/v1/models"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def format_for(path: str | None, headers: Mapping[str, str]) -> Format:
+    """The error shape of an endpoint, or the one its client speaks when the path says nothing."""
+    endpoint = ENDPOINTS.get(path) if path else None
+    return endpoint.fmt if endpoint else formats.for_client(headers)
+
+
+@dataclass(frozen=True)
+class AdmitDeps:
+    config: Config
+    router: Router
+    prices: PriceTable
+    secrets: Redactor  # every configured provider key; each request adds its own credential
+    budget: MemoryBudget
+    inflight: InFlight
+    rows: Callable[[], RowSink]  # this process's usage writer (started on first use)
+    key_secret: Callable[[], bytes]  # keys client key ids (read on first use)
+
+
+@dataclass
+class Opened:
+    """A request the proxy answers: its id, the secrets to mask and its usage record."""
+
+    request_id: str
+    redactor: Redactor
+    record: RequestRecord
+
+
+class Admission:
+    def __init__(self, deps: AdmitDeps) -> None:
+        self.deps = deps
+
+    def open(self, headers: Mapping[str, str], endpoint: str, bytes_in: int = 0,
+             deployment: str | None = None) -> Opened:
+        """A request id and a usage record, counted in flight until it is finished."""
+        request_id = new_request_id()
+        credentials = request_credentials(headers)
+        redactor = self.deps.secrets.with_secrets(*credentials)
+        key_id = client_key_id(credentials[0] if credentials else None, self.deps.key_secret())
+        record = RequestRecord(self.deps.rows(), self.deps.prices, request_id=request_id,
+                               endpoint=endpoint, client_key_id=key_id, bytes_in=bytes_in,
+                               redactor=redactor, deployment=deployment,
+                               on_finish=self.deps.inflight.done)
+        self.deps.inflight.add(record)
+        return Opened(request_id, redactor, record)
+
+    def admit(self, request: Request, endpoint: Endpoint, opened: Opened) -> ProxyRequest:
+        """The checked request and its route; raises the ProxyError the client gets."""
+        headers = forwardable_headers(list(request.headers.items()))
+        body = self._read_body(request)
+        opened.record.received(len(body))
+        payload, reservation = self._parse_within_budget(opened.record, body)
+        opened.record.model_named(endpoint.fmt.model_of(payload))
+        if endpoint.needs_model and not (endpoint.fmt.model_of(payload) or "").strip():
+            raise BadRequest("`model` is required and must be a non-empty string")
+        facts = endpoint.fmt.request_facts(payload, endpoint.may_stream)
+        route = self._route(facts.model, endpoint.fmt)
+        if facts.edited:
+            body = encode_json_body(payload)
+        keeps_payload = any(d.edits_body for d in route.deployments)
+        if not keeps_payload:
+            reservation.shrink(len(body))  # the parsed object is gone; the body stays
+        opened.record.admitted(stream=facts.stream,
+                               usage_format=endpoint.fmt if endpoint.bills_usage else None)
+        return ProxyRequest(
+            request_id=opened.request_id, endpoint=endpoint.name, fmt=endpoint.fmt, route=route,
+            method="POST", path=path_and_query(request), body=body,
+            payload=payload if keeps_payload else None, headers=headers, model=facts.model,
+            stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
+            keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
+            redactor=opened.redactor)
+
+    def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
+        """`GET /v1/models`: passed to the provider of the client's own API, untouched."""
+        provider = self._provider(fmt)
+        return ProxyRequest(
+            request_id=opened.request_id, endpoint="models", fmt=fmt,
+            route=pass_through_route(provider), method="GET", path=path_and_query(request),
+            body=b"", headers=forwardable_headers(list(request.headers.items())),
+            client_socket=client_socket(request.environ), redactor=opened.redactor)
+
+    # -- the checks ----------------------------------------------------------------------
+    def _read_body(self, request: Request) -> bytes:
+        """The whole body, or a clear 4xx: too large, cut short, badly framed, too slow."""
+        limit = self.deps.config.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {limit}")
+        try:
+            body = request.stream.read(limit + 1)
+        except TimeoutError:
+            raise RequestTimeout("the request body did not arrive in time") from None
+        except Exception as exc:  # the server's framing errors: bad chunks, EOF, trailers
+            raise BadRequest(f"the request body could not be read: {type(exc).__name__}: "
+                             f"{loggable(exc, 200)}") from None
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+        if length is not None and len(body) < length:
+            raise BadRequest(f"the request body ended after {len(body)} of its {length} bytes")
+        return body
+
+    def _parse_within_budget(self, record: RequestRecord, body: bytes):
+        """Parse the body if this worker's memory budget allows what parsing it costs; the
+        reservation is held until the request is finished."""
+        budget = self.deps.budget
+        cost = len(body) + json_parse_cost(body)
+        if cost > budget.total:
+            raise PayloadTooLarge(f"the request body would take about {cost >> 20} MiB to parse, "
+                                  f"more than this proxy allows ({budget.total >> 20} MiB); "
+                                  "send fewer, larger JSON values")
+        reservation = budget.reserve(cost)
+        if reservation is None:
+            raise Overloaded("the proxy holds as much request data as it may right now; "
+                             "retry shortly")
+        self.deps.inflight.hold(record, reservation)
+        return parse_json_object(body), reservation
+
+    def _route(self, model: str | None, fmt: Format) -> Route:
+        providers = self.deps.config.providers
+        return self.deps.router.route_for(
+            model, self._provider(fmt), lambda name: providers[name].format == fmt.provider_format)
+
+    def _provider(self, fmt: Format) -> str:
+        provider = self.deps.config.provider_for(fmt.provider_format)
+        if provider is None:
+            raise NotFound(f"this proxy has no {fmt.provider_format} provider configured")
+        return provider.name
+
+    def _keepalive(self, route: Route) -> bool:
+        """Keepalive comments, unless turned off (for all, or for the first deployment's
+        provider: a client that cannot parse SSE comments)."""
+        first = self.deps.config.providers.get(route.deployments[0].provider)
+        return self.deps.config.keepalive and (first is None or first.keepalive)
+
+
+def parse_json_object(body: bytes) -> dict:
+    if not body:
+        raise BadRequest("the request body is empty; a JSON object is required")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return payload
+
+
+def path_and_query(request: Request) -> str:
+    query = request.query_string.decode("latin-1")
+    return request.path + (f"?{query}" if query else "")
+
+
+def client_socket(environ):
+    return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+

@@ -1,0 +1,89 @@
+"""The commit rule of a streamed request, in one object with explicit states.
+
+Three threads decide together what the client's status line will be: the server thread
+(which must answer within `commit_delay` so keepalives can flow), the stream thread
+(whose deployments answer or fail) and the heartbeat (a client that hangs up, a shutdown).
+Every transition happens under one lock here:
+
+    WAITING ──answer()──────────> ANSWERING   a deployment answered: its headers go out
+       │  └──refuse(outcome)────> REFUSED     no answer before any header: its own status
+       └─────wait() times out───> COMMITTED   200 text/event-stream before any answer
+
+Once ANSWERING or COMMITTED the response is a stream: every later failure is one
+terminal event in the client's protocol.  REFUSED is an ordinary error response.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+
+from ..upstream import UpstreamResponse
+from .attempt import Outcome
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    ANSWERING = "answering"
+    COMMITTED = "committed"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The deployment whose answer the server thread sends (its status and headers)."""
+
+    response: UpstreamResponse
+    deployment: str
+
+
+class CommitRule:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._decided = threading.Event()
+        self.phase = Phase.WAITING
+        self.answer: Answer | None = None
+        self.refusal: Outcome | None = None
+
+    # -- server thread -------------------------------------------------------------
+    def wait(self, delay: float) -> Phase:
+        """The phase the response starts in: decided by the stream thread within `delay`,
+        or COMMITTED (so keepalives can flow while the deployments take their time)."""
+        self._decided.wait(delay)
+        with self._lock:
+            if self.phase is Phase.WAITING:
+                self.phase = Phase.COMMITTED
+            return self.phase
+
+    # -- stream thread ---------------------------------------------------------------
+    def answer_with(self, response: UpstreamResponse, deployment: str) -> bool:
+        """This deployment answers.  False when its answer cannot be the response: a JSON
+        body after `200 text/event-stream` went out, or the request already ended."""
+        with self._lock:
+            if self.phase is Phase.REFUSED:
+                return False
+            if self.phase is Phase.COMMITTED and not response.is_event_stream:
+                return False
+            if self.phase is Phase.WAITING:
+                self.phase = Phase.ANSWERING
+                self.answer = Answer(response, deployment)
+                self._decided.set()
+            return True
+
+    def refuse(self, outcome: Outcome) -> bool:
+        """No answer: True when the server thread will send it as an error response;
+        False when the response is already a stream (the caller ends it with an event)."""
+        with self._lock:
+            if self.phase is not Phase.WAITING:
+                return self.phase is Phase.REFUSED
+            self.phase = Phase.REFUSED
+            self.refusal = outcome
+            self._decided.set()
+            return True
+
+    @property
+    def streaming(self) -> bool:
+        """Has a 200 gone (or is it going) to the client?"""
+        with self._lock:
+            return self.phase in (Phase.ANSWERING, Phase.COMMITTED)

@@ -1,0 +1,256 @@
+"""Finalize: a request's usage record, written through one object and queued exactly once.
+
+Every stage tells the request's `RequestRecord` what happened through a named method; the
+first of the ending methods (`complete`, `failed`, `upstream_error`) parses the usage from
+the copy of the answer, prices it, masks secrets, queues the row on the tracker (never the
+database, from a request thread) and logs one line.  After that the record is sealed: a
+late write from another thread (a stream thread finishing its bookkeeping after a client
+hung up) changes nothing, so the row that was queued is the row that is stored.
+
+`InFlight` counts the records not finished yet and the memory their requests hold, so a
+stopping worker can wait for its stream threads' rows and record any straggler itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from ..errors import ProxyError
+from ..formats import Format, UsageParser
+from ..limits import Reservation, parse_upstream_json
+from ..pricing import PriceTable
+from ..redact import Redactor
+from ..text import loggable
+from ..usage import RECORD_FIELDS, EndReason, Usage, UsageRecord
+
+log = logging.getLogger("proxy.requests")
+
+BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but not parsed
+
+
+class RowSink(Protocol):
+    """Where finished rows go: the tracker's queue (or nowhere, with tracking off)."""
+
+    def record(self, rec: UsageRecord) -> None: ...
+
+
+class RequestRecord:
+    """The usage row of one request, and everything it is built from."""
+
+    def __init__(self, sink: RowSink, prices: PriceTable, *, request_id: str, endpoint: str,
+                 client_key_id: str | None, bytes_in: int, redactor: Redactor | None = None,
+                 deployment: str | None = None,
+                 on_finish: Callable[["RequestRecord"], None] | None = None) -> None:
+        self._sink = sink
+        self._prices = prices
+        self._redactor = redactor or Redactor()
+        self._on_finish = on_finish
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._finished = False
+        self._usage_format: Format | None = None  # None: this endpoint bills nothing
+        self._parser: UsageParser | None = None
+        self._body = bytearray()
+        self.body_bytes = 0
+        self.row = UsageRecord(request_id=request_id, started_at=time.time(), endpoint=endpoint,
+                               deployment=deployment, client_key_id=client_key_id,
+                               bytes_in=bytes_in)
+
+    # -- facts, as the stages learn them ---------------------------------------------
+    def model_named(self, model: str | None) -> None:
+        """The model the client asked for (known before the request is fully checked)."""
+        self._set(model_requested=model)
+
+    def received(self, bytes_in: int) -> None:
+        """The client's body arrived whole."""
+        self._set(bytes_in=bytes_in)
+
+    def admitted(self, *, stream: bool, usage_format: Format | None) -> None:
+        """The request was parsed and checked: how its usage will be read."""
+        self._set(stream=stream)
+        self._usage_format = usage_format
+        if usage_format is not None and stream:
+            self._parser = usage_format.usage_parser()
+
+    def try_started(self, deployment: str) -> None:
+        """A new upstream try: usage seen on a failed one is not this answer's usage."""
+        self._set(deployment=deployment)
+        if self._parser is not None:
+            self._parser = self._usage_format.usage_parser()
+        self._body.clear()
+        self.body_bytes = 0
+
+    def tries_so_far(self, attempts: int, fallbacks: int, attempt_log: str | None) -> None:
+        self._set(attempts=attempts, fallbacks=fallbacks, attempt_log=attempt_log)
+
+    def answered_by(self, deployment: str) -> None:
+        self._set(deployment=deployment)
+
+    def first_byte(self) -> None:
+        if self.row.ttfb_ms is None:
+            self._set(ttfb_ms=self._elapsed_ms())
+
+    def first_token(self) -> None:
+        if self.row.ttft_ms is None:
+            self._set(ttft_ms=self._elapsed_ms())
+
+    # -- copies of the answer ------------------------------------------------------------
+    def observe_event(self, name: str | None, payload: Any) -> None:
+        """A forwarded event's decoded data (decoded once, by the relay)."""
+        if self._parser is not None:
+            self._parser.feed(name, payload)
+
+    def add_body_copy(self, chunk: bytes) -> None:
+        self.body_bytes += len(chunk)
+        if len(self._body) < BODY_COPY_LIMIT:
+            self._body += chunk
+
+    def attempt_input_tokens(self) -> int | None:
+        """Input tokens a failed try had reported (the provider may bill them)."""
+        return self._parser.result().input_tokens if self._parser is not None else None
+
+    def body_error_message(self, fmt: Format) -> str | None:
+        body = self._decoded_body()
+        return fmt.upstream_error_message(body) if body is not None else None
+
+    # -- the end: the first of these counts --------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def complete(self, status: int, bytes_out: int) -> None:
+        self._finish(status, EndReason.COMPLETE, None, bytes_out)
+
+    def failed(self, status: int, err: ProxyError, bytes_out: int = 0) -> None:
+        """Ended by one of the proxy's errors; the error says why (its end reason)."""
+        self._finish(status, err.end_reason, err.message, bytes_out)
+
+    def upstream_error(self, status: int, message: str | None, bytes_out: int = 0) -> None:
+        """The upstream answered with an error (a status, or an error event) in its own words."""
+        self._finish(status, EndReason.UPSTREAM_ERROR, message, bytes_out)
+
+    def _finish(self, status: int, reason: EndReason, error: str | None, bytes_out: int) -> None:
+        """Seal, complete and queue the row; never raises."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        try:
+            rec = self.row
+            rec.ended_at = time.time()
+            rec.status, rec.end_reason, rec.error, rec.bytes_out = status, reason, error, bytes_out
+            try:
+                self._apply_usage(self._usage(status))
+            except Exception:  # odd usage must not cost the row
+                log.exception("request %s: usage could not be read", rec.request_id)
+            self._mask_secrets(rec)
+            self._sink.record(rec)
+            self._log(rec)
+        finally:
+            if self._on_finish is not None:
+                self._on_finish(self)
+
+    def _set(self, **fields: Any) -> None:
+        with self._lock:
+            if self._finished:
+                return  # the row is queued: what it says stands
+            for name, value in fields.items():
+                setattr(self.row, name, value)
+
+    def _mask_secrets(self, rec: UsageRecord) -> None:
+        """Upstream text (error messages, an echoed model name) may quote a key."""
+        if not self._redactor:
+            return
+        for name in RECORD_FIELDS:
+            value = getattr(rec, name)
+            if isinstance(value, str) and name != "end_reason":
+                setattr(rec, name, self._redactor.text(value))
+
+    def _usage(self, status: int) -> Usage | None:
+        if self._parser is not None:
+            return self._parser.result()
+        if self._usage_format is not None and 200 <= status < 300 and self._body:
+            body = self._decoded_body()
+            if isinstance(body, dict):
+                return self._usage_format.body_usage(body)
+        return None
+
+    def _apply_usage(self, usage: Usage | None) -> None:
+        if usage is None:
+            return
+        self.row.apply_usage(usage)
+        if usage.bills_anything():
+            self._prices.price_record(self.row)
+
+    def _decoded_body(self):
+        try:
+            return parse_upstream_json(bytes(self._body))
+        except ValueError:
+            return None
+
+    def _elapsed_ms(self) -> float:
+        return round((time.monotonic() - self._t0) * 1000.0, 3)
+
+    def _log(self, rec: UsageRecord) -> None:
+        """One line per request; every field that a client or an upstream chose is escaped
+        and capped, so none can forge a line or flood the log."""
+        duration = (rec.ended_at - rec.started_at) * 1000.0
+        cost = f"${rec.cost_usd:.6f}" if rec.cost_usd is not None else "unpriced"
+        line = (f"request {rec.request_id} {rec.endpoint} status={rec.status} end={rec.end_reason} "
+                f"model={loggable(rec.model_requested, 256)} deployment={loggable(rec.deployment, 128)} "
+                f"upstream_model={loggable(rec.upstream_model, 256)} in={rec.input_tokens} "
+                f"out={rec.output_tokens} cache_read={rec.cache_read_tokens} "
+                f"cache_write={rec.cache_write_tokens} cost={cost} duration_ms={duration:.1f}")
+        if rec.end_reason == EndReason.COMPLETE:
+            log.info("%s", line)
+        else:
+            log.warning("%s cause=%s", line, loggable(rec.error, 1000))
+
+
+class InFlight:
+    """Requests whose usage row is not recorded yet, and the memory they hold.
+
+    A worker that stops waits here until its stream threads have finished their rows (so
+    the tracker is closed after the last of them), and records any straggler itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._live: dict[RequestRecord, Reservation | None] = {}
+
+    def add(self, record: RequestRecord) -> None:
+        with self._cond:
+            self._live[record] = None
+
+    def hold(self, record: RequestRecord, reservation: Reservation) -> None:
+        """Memory the request holds until it is finished."""
+        with self._cond:
+            if record in self._live:
+                self._live[record] = reservation
+                return
+        reservation.release()
+
+    def done(self, record: RequestRecord) -> None:
+        with self._cond:
+            reservation = self._live.pop(record, None)
+            self._cond.notify_all()
+        if reservation is not None:
+            reservation.release()
+
+    def count(self) -> int:
+        with self._cond:
+            return len(self._live)
+
+    def wait_until_empty(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._live, max(timeout, 0.0))
+
+    def finish_remaining(self, err: ProxyError) -> int:
+        """Record every request still open (at shutdown, when its thread did not make it)."""
+        with self._cond:
+            remaining = list(self._live)
+        for record in remaining:
+            record.failed(err.status, err)
+        return len(remaining)

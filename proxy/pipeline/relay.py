@@ -1,0 +1,376 @@
+"""Relay: the answer to the client, streamed through the locked writer or passed through.
+
+A streaming request runs its tries in a stream thread that frames events into the locked
+writer, while the server thread waits on the commit rule (`commit.py`): the first content
+from a deployment (or its 200, when there is nowhere else to go), a refusal, or
+`commit_delay` seconds of waiting so that keepalives can flow.
+
+Before content, preamble events are held back while another deployment remains, so a
+stall, cut or error event can move the request on without the client noticing.  Before
+the commit an upstream error reaches the client with its real status and body; after it,
+every failure becomes one terminal error event in the client's protocol.  Plain requests
+(JSON bodies, model lists) make their tries in the server thread and pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from ..errors import ClientGone, ProxyError, UpstreamBroken
+from ..formats import EventKind
+from ..heartbeat import Exchange, Heartbeat
+from ..limits import TooComplex, parse_upstream_json
+from ..routing import Attempt
+from ..sse import Event, EventTooLarge, SSEFramer
+from ..upstream import UpstreamResponse, shutdown_quietly
+from ..writer import LockedWriter
+from .attempt import Outcome, TryDeps, TryLoop
+from .commit import Answer, CommitRule, Phase
+from .finalize import RequestRecord
+from .replies import (StartResponse, committed_stream_headers, error_response, proxy_headers,
+                      reason_phrase, reply_response, safe_reason, stream_headers)
+from .request import ProxyRequest
+
+log = logging.getLogger("proxy.relay")
+
+
+@dataclass(frozen=True)
+class RelayDeps:
+    tries: TryDeps
+    heartbeat: Heartbeat
+    stream_threads: Executor  # pooled: starting a thread per request costs ~0.3 ms
+    commit_delay: float
+    max_event_bytes: int
+
+
+def decode_event_data(event: Event) -> object | None:
+    """The event's JSON payload ("[DONE]" stays a string); a payload that is not JSON (or
+    would take unreasonable memory to parse) is an upstream fault: forwarding it would
+    crash the client's SDK mid-answer."""
+    if not event.data_lines:
+        return None
+    data = event.data
+    if data.strip() == "[DONE]":
+        return "[DONE]"
+    try:
+        return parse_upstream_json(data)
+    except TooComplex as exc:
+        raise UpstreamBroken(f"the upstream sent an event the proxy will not parse: {exc}") from None
+    except ValueError:
+        raise UpstreamBroken("the upstream sent a malformed event (data is not JSON)") from None
+
+
+# -- plain requests ----------------------------------------------------------------------
+def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
+                start_response: StartResponse) -> Iterable[bytes]:
+    """A request whose answer is not an event stream: try deployments, then pass through."""
+    exchange = Exchange(preq.client_socket, None, on_end=lambda err: None)
+    deps.heartbeat.register(exchange)
+    taken: list[Answer] = []
+
+    def take(resp: UpstreamResponse, attempt: Attempt) -> Outcome:
+        try:
+            resp.prefetch()  # an unreadable body fails this try, before any header goes out
+        except ProxyError as err:
+            resp.close()
+            return Outcome.failed(err)
+        exchange.content_arrived()
+        taken.append(Answer(resp, attempt.deployment.name))
+        return Outcome.taken()
+
+    outcome = TryLoop(deps.tries, preq, record, exchange).run(take)
+    if outcome.answered:
+        return PassThrough(deps.heartbeat, preq, record, exchange, taken[0]).respond(start_response)
+    deps.heartbeat.unregister(exchange)
+    return render_refusal(preq, record, outcome, start_response)
+
+
+def render_refusal(preq: ProxyRequest, record: RequestRecord, outcome: Outcome,
+                   start_response: StartResponse) -> Iterable[bytes]:
+    """No deployment answered: the last upstream error answer, or the proxy's own error."""
+    if outcome.reply is not None:
+        reply = outcome.reply
+        record.upstream_error(reply.status, reply.message(preq.fmt), bytes_out=len(reply.body))
+        return reply_response(reply, preq.request_id, record.row.attempts > 1, start_response,
+                              preq.redactor)
+    err = outcome.as_error(preq.fmt)
+    record.failed(preq.fmt.status_of(err), err)
+    return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
+
+
+class PassThrough:
+    """A non-event-stream upstream answer, streamed through with its own headers."""
+
+    def __init__(self, heartbeat: Heartbeat, preq: ProxyRequest, record: RequestRecord,
+                 exchange: Exchange, answer: Answer) -> None:
+        self.heartbeat, self.preq, self.record, self.exchange = heartbeat, preq, record, exchange
+        self.resp, self.deployment = answer.response, answer.deployment
+
+    def respond(self, start_response: StartResponse) -> Iterable[bytes]:
+        redactor = self.preq.redactor
+        headers = redactor.headers(self.resp.headers) + proxy_headers(self.preq.request_id,
+                                                                      self.deployment)
+        status = self.resp.status
+        reason = safe_reason(redactor.text(self.resp.reason)) or reason_phrase(status)
+        start_response(f"{status} {reason}", headers)
+        return self._body()
+
+    def _body(self) -> Iterator[bytes]:
+        """The decoded body, echoed keys masked (a key split between two reads included)."""
+        failure: ProxyError | None = None
+        sent_all = False
+        masking = self.preq.redactor.stream()
+        try:
+            for chunk in self.resp.decoded_chunks():
+                self.record.add_body_copy(chunk)
+                out = masking.feed(chunk)
+                if out:
+                    yield out
+            rest = masking.flush()
+            if rest:
+                yield rest
+            sent_all = True
+        except ProxyError as err:
+            failure = self.exchange.end_error or err
+            # A half-sent body must fail loudly at the client instead of ending cleanly.
+            shutdown_quietly(self.preq.client_socket)
+        finally:
+            self.resp.close()
+            self.heartbeat.unregister(self.exchange)
+            self._finish(sent_all, failure)
+
+    def _finish(self, sent_all: bool, failure: ProxyError | None) -> None:
+        status, sent = self.resp.status, self.record.body_bytes
+        if sent_all and status < 400:
+            self.record.complete(status, sent)
+        elif sent_all:
+            self.record.upstream_error(status, self.record.body_error_message(self.preq.fmt), sent)
+        else:
+            err = failure or self.exchange.end_error or ClientGone("the client went away during the body")
+            self.record.failed(status, err, sent)
+
+
+# -- streams ----------------------------------------------------------------------------
+class TryStream:
+    """One deployment's event stream as the relay reads it: its framer, the preamble held
+    back while another option remains, and whether its content has begun."""
+
+    def __init__(self, resp: UpstreamResponse, attempt: Attempt, max_event_bytes: int) -> None:
+        self.resp, self.attempt = resp, attempt
+        self.framer = SSEFramer(max_event_bytes)
+        self.held: list[Event] | None = [] if attempt.hold_preamble else None
+        self.content_seen = False
+
+    def events(self, chunk: bytes) -> list[Event]:
+        try:
+            return self.framer.feed(chunk)
+        except EventTooLarge as exc:
+            raise UpstreamBroken(f"the upstream sent {exc}") from None
+
+
+class StreamRelay:
+    """A streaming request: the stream thread, the locked writer and the commit rule."""
+
+    def __init__(self, deps: RelayDeps, preq: ProxyRequest, record: RequestRecord) -> None:
+        self.deps, self.preq, self.record = deps, preq, record
+        self.view = preq.fmt.stream_view(strip_usage_chunk=preq.strip_usage_chunk)
+        self.writer = LockedWriter(keepalive=preq.keepalive, redactor=preq.redactor)
+        self.exchange = Exchange(preq.client_socket, self.writer, on_end=self._ended_from_outside)
+        self.commit = CommitRule()
+        self._protocol_end: EventKind | None = None
+
+    # -- server thread -------------------------------------------------------------
+    def respond(self, start_response: StartResponse) -> Iterable[bytes]:
+        self.deps.heartbeat.register(self.exchange)
+        self.deps.stream_threads.submit(self._run)
+        phase = self.commit.wait(self.deps.commit_delay)
+        if phase is Phase.COMMITTED:
+            start_response("200 OK", committed_stream_headers(self.preq.request_id))
+            return self._frames()
+        if phase is Phase.REFUSED:
+            self.deps.heartbeat.unregister(self.exchange)
+            return render_refusal(self.preq, self.record, self.commit.refusal, start_response)
+        answer = self.commit.answer
+        if answer.response.is_event_stream:
+            headers = self.preq.redactor.headers(answer.response.headers)
+            start_response("200 OK", stream_headers(headers, self.preq.request_id, answer.deployment))
+            return self._frames()
+        return PassThrough(self.deps.heartbeat, self.preq, self.record, self.exchange,
+                           answer).respond(start_response)
+
+    def _frames(self) -> Iterator[bytes]:
+        """The WSGI body: one yield per frame (b"" first makes gunicorn send the headers now)."""
+        drained = False
+        try:
+            yield b""
+            yield from self.writer.frames()
+            drained = True
+        finally:
+            if not drained:
+                self.exchange.end(ClientGone("the client went away while the stream was written"))
+
+    def _ended_from_outside(self, err: ProxyError) -> None:
+        """Client gone or shutdown.  A streaming response gets the terminal error; before
+        the commit the server thread is woken at once to answer with the error's own
+        status (503/529), or nothing for a client that left."""
+        refused = self.commit.refuse(Outcome.failed(err))
+        if isinstance(err, ClientGone) or refused:
+            self.writer.close()
+        else:
+            self.writer.close(self.view.terminal_error(err))
+
+    # -- stream thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            outcome = TryLoop(self.deps.tries, self.preq, self.record, self.exchange).run(self._take)
+        except Exception as exc:  # never leave the server thread waiting
+            log.exception("request %s: stream thread failed", self.preq.request_id)
+            outcome = Outcome.failed(UpstreamBroken(f"internal error: {type(exc).__name__}"))
+        if not outcome.answered and not self.commit.refuse(outcome):
+            self._end_with_error(outcome.as_error(self.preq.fmt), status=200)
+
+    def _take(self, resp: UpstreamResponse, attempt: Attempt) -> Outcome:
+        """Relay one deployment's answer; a failure here means it failed before content."""
+        if not resp.is_event_stream:
+            try:
+                resp.prefetch()  # an unreadable body fails this try, before the commit
+            except ProxyError as err:
+                resp.close()
+                return Outcome.failed(err)
+            if not self._answer(resp, attempt):  # else the server thread passes it through
+                resp.close()
+                return Outcome.failed(UpstreamBroken(
+                    "the upstream answered a streaming request with a non-stream body "
+                    f"({resp.header('content-type')})"))
+            self.exchange.content_arrived()
+            return Outcome.taken()
+        if not attempt.hold_preamble:
+            self._answer(resp, attempt)
+        return self._pump(TryStream(resp, attempt, self.deps.max_event_bytes))
+
+    def _answer(self, resp: UpstreamResponse, attempt: Attempt) -> bool:
+        if not self.commit.answer_with(resp, attempt.deployment.name):
+            return False
+        self.record.answered_by(attempt.deployment.name)
+        return True
+
+    # -- relaying one deployment's event stream ---------------------------------------------
+    def _pump(self, current: TryStream) -> Outcome:
+        failure: ProxyError | None = None
+        try:
+            for chunk in current.resp.decoded_chunks():
+                for event in current.events(chunk):
+                    self._forward(event, current)
+                if self._protocol_end is not None and not self.writer.closed:
+                    self._end_body_once_settled(current)
+                if self.writer.closed and self._protocol_end is None:
+                    break
+        except ProxyError as err:
+            failure = err
+        except Exception as exc:
+            log.exception("request %s: relay failed", self.preq.request_id)
+            failure = UpstreamBroken(f"internal error: {type(exc).__name__}")
+        finally:
+            current.resp.close()
+        if current.held is not None and self.exchange.end_error is None:
+            # Nothing reached the client from this deployment: let the plan move on.
+            return Outcome.failed(failure or UpstreamBroken(
+                "the upstream ended the stream before any content"))
+        return Outcome.taken(broke=self._conclude(current, failure))
+
+    def _forward(self, event: Event, current: TryStream) -> None:
+        if self._protocol_end is not None:
+            return  # anything after the protocol's end is not part of the answer
+        payload = decode_event_data(event)
+        kind = self.view.classify(event.event, payload) if payload is not None else EventKind.OTHER
+        if payload is not None:
+            self.record.observe_event(event.event, payload)
+        if kind is EventKind.SKIP:
+            return
+        if current.held is not None:
+            if kind is EventKind.UPSTREAM_ERROR:
+                raise UpstreamBroken("the upstream sent an error before any content: "
+                                     + self.preq.fmt.event_error_message(payload))
+            if kind in (EventKind.PREAMBLE, EventKind.OTHER):
+                current.held.append(event)
+                return
+            self._release_held(current)
+        if kind is EventKind.CONTENT and not current.content_seen:
+            current.content_seen = True
+            self.exchange.content_arrived()
+            self.record.first_token()
+        ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
+        if not self.writer.write_event(event.raw, event.has_id, last=ends):
+            return
+        if ends:
+            self._end_by_protocol(kind, payload, current)
+
+    def _release_held(self, current: TryStream) -> None:
+        """Content arrived: this deployment answers; the held preamble goes out first."""
+        held, current.held = current.held or [], None
+        self._answer(current.resp, current.attempt)
+        for event in held:
+            if event.data_lines:  # comments were only the upstream's own keepalives
+                self.writer.write_event(event.raw, event.has_id)
+
+    def _end_by_protocol(self, kind: EventKind, payload: object, current: TryStream) -> None:
+        """The upstream finished (or failed) in its own words: record it, then end the body,
+        so a client that has seen the end can rely on the row being queued."""
+        self._protocol_end = kind
+        if kind is EventKind.DONE:
+            self.record.complete(200, self.writer.bytes_out)
+        else:
+            self.record.upstream_error(200, self.preq.fmt.event_error_message(payload),
+                                       self.writer.bytes_out)
+        self._end_body_once_settled(current)
+
+    def _end_body_once_settled(self, current: TryStream) -> None:
+        """Close the body once the last event is whole on the wire (see `SSEFramer.settle`)."""
+        tail = current.framer.settle()
+        if tail is None:
+            return  # the next read (or the end of the stream) completes it
+        if tail:
+            self.writer.write_event(tail)
+        self.writer.close()
+
+    def _conclude(self, current: TryStream, failure: ProxyError | None) -> ProxyError | None:
+        """End the body the one right way and finalize the record (the first end counts);
+        returns the upstream's failure, if the answer broke off."""
+        leftover = current.framer.pending_bytes()
+        if self._protocol_end is None and failure is None and not leftover.strip() \
+                and self.view.complete_without_end_marker():
+            # A chat stream whose every choice has its finish reason, ended cleanly without
+            # `data: [DONE]` (some OpenAI-compatible servers): the answer is whole.
+            self._end_by_protocol(EventKind.DONE, None, current)
+        if self._protocol_end is not None:
+            tail = current.framer.finish()
+            if tail:
+                self.writer.write_event(tail)
+            self.writer.close()  # recorded when the protocol's end went out
+            self.deps.heartbeat.unregister(self.exchange)
+            return None
+        failure = failure or UpstreamBroken(
+            "the upstream ended the stream before the answer was complete"
+            + (" (an event was cut off)" if leftover.strip() else ""))
+        self._end_with_error(failure, status=200)
+        return None if self.exchange.end_error is not None else failure
+
+    def _end_with_error(self, failure: ProxyError, status: int) -> None:
+        try:
+            outside = self.exchange.end_error
+            if outside is not None:
+                self.writer.close()  # the terminal event, if any, went out with the end
+                if isinstance(outside, ClientGone):
+                    status = 499
+                elif not self.commit.streaming:  # the server thread answers with its own status
+                    status = self.preq.fmt.status_of(outside)
+                self.record.failed(status, outside, self.writer.bytes_out)
+                return
+            frame = self.view.terminal_error(failure)
+            self.record.failed(status, failure, self.writer.bytes_out + len(frame))
+            self.writer.close(frame)
+        finally:
+            self.deps.heartbeat.unregister(self.exchange)

@@ -1,0 +1,29 @@
+"""What the admit stage decided about a client request, handed down the pipeline."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from ..formats import Format
+from ..redact import Redactor
+from ..routing import Route
+
+
+@dataclass
+class ProxyRequest:
+    request_id: str
+    endpoint: str
+    fmt: Format
+    route: Route
+    method: str
+    path: str  # path and query string, appended to each deployment's base URL
+    headers: list[tuple[str, str]]  # the client's end-to-end headers, checked sendable
+    body: bytes  # the client's body (with the proxy's own additions)
+    payload: dict | None = None  # the parsed body, for deployments that edit it
+    model: str | None = None
+    stream: bool = False
+    strip_usage_chunk: bool = False  # the usage chunk the proxy asked for goes to nobody
+    keepalive: bool = True  # keepalive comments may go to this client (the route allows)
+    client_socket: socket.socket | None = None
+    redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed

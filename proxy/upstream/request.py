@@ -1,0 +1,83 @@
+"""What one try sends: the deployment's URL, the provider's credentials and the body edits.
+
+The client's own headers are checked once, when the request is admitted (a header that
+cannot be sent upstream is the client's fault, a 400, never a failed try that would count
+against a deployment); each try then adds the provider's key and the proxy's request id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+from .. import formats
+from ..config import Provider
+from ..errors import BadRequest
+from ..routing import Deployment
+from ..text import loggable
+from .client import header_problem, is_hop_by_hop_header
+
+REQUEST_ID_HEADER = "x-llm-proxy-request-id"
+
+# Never forwarded upstream: framing the proxy redoes, client addresses that the provider has
+# no business seeing, and the client's Accept-Encoding (the proxy reads every body it relays,
+# to mask echoed keys and to cap decompression, so it asks upstreams for identity).
+_REQUEST_DROP = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-host",
+                           "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "forwarded",
+                           "accept-encoding"})
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class UpstreamRequests:
+    """Builds each try's request from the configured providers."""
+
+    def __init__(self, providers: Mapping[str, Provider]) -> None:
+        self._providers = providers
+
+    def build(self, request_id: str, path: str, headers: list[tuple[str, str]], body: bytes,
+              payload: dict | None, deployment: Deployment) -> UpstreamRequest:
+        provider = self._providers[deployment.provider]
+        if deployment.edits_body and payload is not None:
+            body = encode_json_body(deployment.rewrite(payload))
+        headers = with_credentials(headers, provider) + [(REQUEST_ID_HEADER, request_id)]
+        return UpstreamRequest(provider.base_url + path, headers, body)
+
+
+def with_credentials(headers: list[tuple[str, str]], provider: Provider) -> list[tuple[str, str]]:
+    """The provider's own key replaces the client's, in the header its API expects."""
+    key = provider.api_key
+    if not key:
+        return list(headers)
+    kept = [(k, v) for k, v in headers if k.lower() not in formats.CREDENTIAL_HEADERS]
+    return kept + formats.BY_PROVIDER[provider.format].credential_headers(key)
+
+
+def forwardable_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The client's end-to-end headers, each one sendable upstream; one that is not (a value
+    that starts with a non-breaking space, a control character) is the client's fault."""
+    listed = frozenset(t.strip().lower() for k, v in raw if k.lower() == "connection"
+                       for t in v.split(","))
+    headers = [(k, v) for k, v in raw
+               if k.lower() not in _REQUEST_DROP and not is_hop_by_hop_header(k, listed)]
+    for name, value in headers:
+        problem = header_problem(name, value)
+        if problem:
+            raise BadRequest(f"request header {loggable(name, 64)!r} cannot be forwarded: {problem}")
+    headers.append(("Accept-Encoding", "identity"))
+    return headers
+
+
+def encode_json_body(payload: dict) -> bytes:
+    """The body as UTF-8 JSON; text JSON allowed but UTF-8 cannot carry (a lone surrogate
+    such as "\\ud800") is sent escaped, exactly as the client wrote it."""
+    try:
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")

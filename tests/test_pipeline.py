@@ -1,0 +1,320 @@
+"""The pipeline's stages one at a time, in process, with a stub upstream: the commit rule's
+states, each way a try can end, what each format says about events and errors, and the
+record's one writer.  (End to end, the same code runs under gunicorn in the other files.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from werkzeug.test import Client
+
+from proxy import formats
+from proxy.app import App
+from proxy.config import load_config
+from proxy.errors import (AllDeploymentsUnavailable, BadRequest, ClientGone, FirstTokenTimeout,
+                          MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge, ProxyError,
+                          RequestTimeout, ShuttingDown, UpstreamBroken, UpstreamHTTPError,
+                          UpstreamTimeout, UpstreamUnreachable)
+from proxy.formats import EventKind
+from proxy.heartbeat import Exchange
+from proxy.pipeline.attempt import Outcome, TryDeps, TryLoop
+from proxy.pipeline.commit import CommitRule, Phase
+from proxy.pipeline.finalize import RequestRecord
+from proxy.pipeline.request import ProxyRequest
+from proxy.pricing import PriceTable
+from proxy.routing import (BreakerPolicy, Breakers, Deployment, RetryPolicy, Route, Router)
+from proxy.upstream import UpstreamRequests
+from proxy.config import Provider
+
+
+# -- a stub upstream ------------------------------------------------------------------------
+class StubResponse:
+    """What the try stage reads of an upstream answer."""
+
+    def __init__(self, status: int, body: bytes = b"{}", content_type: str = "application/json",
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        self.status, self.reason, self.body = status, "", body
+        self.headers = [("Content-Type", content_type)] + list(headers or [])
+        self.is_json = content_type == "application/json"
+        self.is_event_stream = content_type == "text/event-stream"
+        self.closed = False
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def read_limited(self, limit: int) -> bytes:
+        return self.body[:limit]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StubUpstream:
+    """Answers each send with the next scripted response (or raises the scripted error)."""
+
+    def __init__(self, *script) -> None:
+        self.script = list(script)
+        self.sent: list[str] = []
+
+    def send(self, method, url, headers, body, handle, read_timeout):
+        self.sent.append(url)
+        step = self.script.pop(0)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.rows = []
+
+    def record(self, rec) -> None:
+        self.rows.append(rec)
+
+
+PROVIDERS = {name: Provider(name, f"http://{name}.test", "anthropic") for name in ("a", "b")}
+
+
+def tries(upstream: StubUpstream, *names: str, attempts: int = 2, breakers=None):
+    deployments = tuple(Deployment(n, n, None) for n in names)
+    route = Route("m*", deployments, None, RetryPolicy(max_attempts=attempts, backoff_base=0.0))
+    router = Router([route], breakers or Breakers(BreakerPolicy()))
+    deps = TryDeps(upstream, UpstreamRequests(PROVIDERS), router, plain_timeout=5.0)
+    preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC,
+                        route=route, method="POST", path="/v1/messages", headers=[],
+                        body=b"{}", model="m1")
+    record = RequestRecord(Sink(), PriceTable({}), request_id="req_t", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2)
+    return TryLoop(deps, preq, record, Exchange(None, None, lambda err: None)), record
+
+
+def take_it(resp, attempt) -> Outcome:
+    return Outcome.taken()
+
+
+ERROR_429 = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}'
+
+
+# -- the try stage: every way a try ends -----------------------------------------------------
+@pytest.mark.parametrize("script, take, expect", [
+    pytest.param([StubResponse(200)], take_it,
+                 dict(answered=True, sent=["a"], attempts=1, deployment="a"), id="answered"),
+    pytest.param([StubResponse(500), StubResponse(200)], take_it,
+                 dict(answered=True, sent=["a", "a"], attempts=2, deployment="a"),
+                 id="5xx-retried-on-the-same-deployment"),
+    pytest.param([UpstreamUnreachable("refused"), StubResponse(200)], take_it,
+                 dict(answered=True, sent=["a", "a"], attempts=2, deployment="a"),
+                 id="connect-error-retried"),
+    pytest.param([UpstreamTimeout("silent"), StubResponse(200)], take_it,
+                 dict(answered=True, sent=["a", "b"], attempts=2, deployment="b"),
+                 id="silence-moves-on"),
+    pytest.param([StubResponse(200, content_type="text/html"), StubResponse(200)], take_it,
+                 dict(answered=True, sent=["a", "b"], attempts=2, deployment="b"),
+                 id="html-200-is-broken-and-moves-on"),
+    pytest.param([StubResponse(200), StubResponse(200)],
+                 lambda resp, attempt: (Outcome.failed(UpstreamBroken("cut before content"))
+                                        if attempt.deployment.name == "a" else Outcome.taken()),
+                 dict(answered=True, sent=["a", "b"], attempts=2, deployment="b"),
+                 id="failed-before-content-moves-on"),
+    pytest.param([StubResponse(200)],
+                 lambda resp, attempt: Outcome.taken(broke=UpstreamBroken("cut after content")),
+                 dict(answered=True, sent=["a"], attempts=1, deployment="a", error=UpstreamBroken),
+                 id="broke-after-content-is-not-retried"),
+    pytest.param([StubResponse(429, ERROR_429)] * 4, take_it,
+                 dict(answered=False, sent=["a", "a", "b", "b"], attempts=4, reply=429),
+                 id="every-try-429-gives-the-last-answer"),
+    pytest.param([StubResponse(401, b'{"error":{"message":"bad key"}}')], take_it,
+                 dict(answered=False, sent=["a"], attempts=1, reply=401, final=True),
+                 id="4xx-goes-to-the-client-at-once"),
+    pytest.param([BadRequest("header cannot be sent")], take_it,
+                 dict(answered=False, sent=["a"], attempts=1, error=BadRequest, final=True),
+                 id="client-fault-is-never-retried"),
+])
+def test_each_way_a_try_ends(script, take, expect):
+    loop, record = tries(StubUpstream(*script), "a", "b")
+    outcome = loop.run(take)
+    hosts = [url.split("//")[1].split(".")[0] for url in loop.deps.upstream.sent]
+    assert (outcome.answered, hosts, record.row.attempts) == (
+        expect["answered"], expect["sent"], expect["attempts"])
+    assert outcome.final == expect.get("final", False)
+    if "deployment" in expect:
+        assert record.row.deployment == expect["deployment"]
+    if "reply" in expect:
+        assert outcome.reply is not None and outcome.reply.status == expect["reply"]
+    assert type(outcome.error) is expect.get("error", type(None)) or (
+        outcome.error is not None and isinstance(outcome.error, expect["error"]))
+
+
+def test_broke_after_content_counts_against_the_deployment_and_a_client_fault_does_not():
+    breakers = Breakers(BreakerPolicy(failure_threshold=1))
+    loop, _ = tries(StubUpstream(StubResponse(200)), "a", breakers=breakers)
+    loop.run(lambda resp, attempt: Outcome.taken(broke=UpstreamBroken("cut")))
+    assert breakers.snapshot()["a"]["state"] == "open"
+    breakers = Breakers(BreakerPolicy(failure_threshold=1))
+    loop, _ = tries(StubUpstream(BadRequest("unsendable")), "a", breakers=breakers)
+    loop.run(take_it)
+    assert breakers.snapshot()["a"]["state"] == "closed"
+
+
+def test_every_breaker_open_is_all_deployments_unavailable_with_a_retry_after():
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=30))
+    for name in ("a", "b"):
+        breakers.get(name).record_failure("down")
+    loop, record = tries(StubUpstream(), "a", "b", breakers=breakers)
+    outcome = loop.run(take_it)
+    assert isinstance(outcome.error, AllDeploymentsUnavailable) and not loop.deps.upstream.sent
+    assert 1 <= int(outcome.error.retry_after) <= 30
+    assert json.loads(record.row.attempt_log)["skipped_open"] == ["a", "b"]
+
+
+# -- the commit rule ---------------------------------------------------------------------------
+STREAM, JSON = StubResponse(200, content_type="text/event-stream"), StubResponse(200)
+
+
+@pytest.mark.parametrize("steps, phase", [
+    pytest.param([("wait", Phase.COMMITTED), ("answer", STREAM, True), ("answer", JSON, False),
+                  ("refuse", False)], Phase.COMMITTED, id="commit-first"),
+    pytest.param([("answer", JSON, True), ("wait", Phase.ANSWERING), ("refuse", False)],
+                 Phase.ANSWERING, id="answer-first"),
+    pytest.param([("refuse", True), ("wait", Phase.REFUSED), ("answer", STREAM, False),
+                  ("refuse", True)], Phase.REFUSED, id="refuse-first"),
+])
+def test_the_commit_rule_moves_once_out_of_waiting(steps, phase):
+    rule = CommitRule()
+    first_refusal = Outcome.failed(ClientGone("first"))
+    for step in steps:
+        if step[0] == "wait":
+            assert rule.wait(0.0) is step[1]
+        elif step[0] == "answer":
+            assert rule.answer_with(step[1], "d") is step[2]
+        else:
+            assert rule.refuse(first_refusal if rule.refusal is None else Outcome()) is step[1]
+    assert rule.phase is phase
+    assert rule.streaming is (phase in (Phase.COMMITTED, Phase.ANSWERING))
+    if phase is Phase.REFUSED:
+        assert rule.refusal is first_refusal  # the first reason to refuse is the one answered
+
+
+# -- formats: what each protocol says ----------------------------------------------------------
+@pytest.mark.parametrize("fmt, name, data, kind", [
+    (formats.ANTHROPIC, "message_start", {"type": "message_start"}, EventKind.PREAMBLE),
+    (formats.ANTHROPIC, "ping", {"type": "ping"}, EventKind.PREAMBLE),
+    (formats.ANTHROPIC, "content_block_delta", {"type": "content_block_delta"}, EventKind.CONTENT),
+    (formats.ANTHROPIC, "message_stop", {"type": "message_stop"}, EventKind.DONE),
+    (formats.ANTHROPIC, "error", {"type": "error"}, EventKind.UPSTREAM_ERROR),
+    (formats.OPENAI_CHAT, None, {"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+     EventKind.PREAMBLE),
+    (formats.OPENAI_CHAT, None, {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+     EventKind.CONTENT),
+    (formats.OPENAI_CHAT, None, "[DONE]", EventKind.DONE),
+    (formats.OPENAI_CHAT, None, {"error": {"message": "x"}}, EventKind.UPSTREAM_ERROR),
+    (formats.OPENAI_CHAT, None, {"choices": [], "usage": {"prompt_tokens": 1}}, EventKind.SKIP),
+    (formats.OPENAI_RESPONSES, "response.created", {"type": "response.created"}, EventKind.PREAMBLE),
+    (formats.OPENAI_RESPONSES, "response.output_text.delta",
+     {"type": "response.output_text.delta"}, EventKind.CONTENT),
+    (formats.OPENAI_RESPONSES, "response.completed", {"type": "response.completed"}, EventKind.DONE),
+    (formats.OPENAI_RESPONSES, "response.failed", {"type": "response.failed"},
+     EventKind.UPSTREAM_ERROR),
+])
+def test_classify(fmt, name, data, kind):
+    assert fmt.stream_view(strip_usage_chunk=True).classify(name, data) is kind
+
+
+# (error, Anthropic status and type, OpenAI status, type and code)
+ERROR_TABLE = [
+    (BadRequest("x"), 400, "invalid_request_error", 400, "invalid_request_error", None),
+    (NotFound("x"), 404, "not_found_error", 404, "invalid_request_error", "not_found"),
+    (MethodNotAllowed("x"), 405, "invalid_request_error", 405, "invalid_request_error", None),
+    (RequestTimeout("x"), 408, "invalid_request_error", 408, "invalid_request_error", "request_timeout"),
+    (PayloadTooLarge("x"), 413, "request_too_large", 413, "invalid_request_error", "request_too_large"),
+    (Overloaded("x"), 529, "overloaded_error", 503, "server_error", "proxy_overloaded"),
+    (ShuttingDown("x"), 529, "overloaded_error", 503, "server_error", "proxy_shutting_down"),
+    (UpstreamUnreachable("x"), 502, "api_error", 502, "server_error", "upstream_unreachable"),
+    (UpstreamTimeout("x"), 504, "timeout_error", 504, "server_error", "upstream_timeout"),
+    (FirstTokenTimeout("x"), 504, "timeout_error", 504, "server_error", "first_token_timeout"),
+    (UpstreamBroken("x"), 502, "api_error", 502, "server_error", "upstream_stream_broken"),
+    (AllDeploymentsUnavailable("x"), 503, "overloaded_error", 503, "server_error",
+     "all_deployments_unavailable"),
+    (ProxyError("x"), 500, "api_error", 500, "server_error", None),
+    (UpstreamHTTPError(429, "x"), 429, "rate_limit_error", 429, "invalid_request_error",
+     "upstream_status_429"),
+    (UpstreamHTTPError(500, "x", "overloaded_error"), 500, "overloaded_error", 500,
+     "overloaded_error", "upstream_status_500"),
+]
+
+
+@pytest.mark.parametrize("err, a_status, a_type, o_status, o_type, o_code", ERROR_TABLE,
+                         ids=[type(row[0]).__name__ + str(row[0].status) for row in ERROR_TABLE])
+def test_each_error_in_each_protocol(err, a_status, a_type, o_status, o_type, o_code):
+    anthropic = formats.ANTHROPIC
+    assert (anthropic.status_of(err), anthropic.error_body(err, "req_1")) == (
+        a_status, {"type": "error", "error": {"type": a_type, "message": "x"}, "request_id": "req_1"})
+    assert anthropic.terminal_error(err, anthropic.stream_view()) == (
+        b'event: error\ndata: {"type":"error","error":{"type":"' + a_type.encode()
+        + b'","message":"x"}}\n\n')
+    error = {"message": "x", "type": o_type, "param": None, "code": o_code}
+    for fmt in (formats.OPENAI_CHAT, formats.OPENAI_RESPONSES):
+        assert (fmt.status_of(err), fmt.error_body(err)) == (o_status, {"error": error})
+    chat = formats.OPENAI_CHAT
+    assert chat.terminal_error(err, chat.stream_view()) == (
+        b"data: " + json.dumps({"error": error}, separators=(",", ":")).encode() + b"\n\n")
+    responses = formats.OPENAI_RESPONSES
+    view = responses.stream_view()
+    view.classify("response.output_text.delta", {"sequence_number": 7})
+    assert json.loads(responses.terminal_error(err, view).split(b"data: ", 1)[1]) == {
+        "type": "error", "code": o_code or o_type, "message": "x", "param": None,
+        "sequence_number": 8}
+
+
+# -- finalize: one writer, one row -------------------------------------------------------------
+def test_the_row_is_priced_by_the_model_that_answered_not_the_one_asked_for():
+    """A route that maps `claude-alias` to a cheaper model: the bill is the cheaper one's."""
+    sink, prices = Sink(), PriceTable({})
+    record = RequestRecord(sink, prices, request_id="req_p", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2)
+    record.model_named("claude-opus-4-1")
+    record.admitted(stream=False, usage_format=formats.ANTHROPIC)
+    record.add_body_copy(json.dumps({"model": "claude-haiku-4-5", "stop_reason": "end_turn",
+                                     "usage": {"input_tokens": 1000, "output_tokens": 1000}}).encode())
+    record.complete(200, bytes_out=10)
+    [row] = sink.rows
+    assert row.upstream_model == "claude-haiku-4-5"
+    assert row.cost_usd == pytest.approx(prices.cost(row, model="claude-haiku-4-5"))
+    assert row.cost_usd != pytest.approx(prices.cost(row, model="claude-opus-4-1"))
+
+
+def test_nothing_is_written_after_the_row_is_queued():
+    sink = Sink()
+    record = RequestRecord(sink, PriceTable({}), request_id="req_s", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2)
+    record.failed(499, ClientGone("left"))
+    record.tries_so_far(3, 2, '{"failed":[]}')
+    record.answered_by("late")
+    record.complete(200, bytes_out=5)
+    [row] = sink.rows
+    assert (row.status, row.end_reason, row.attempts, row.deployment) == (499, "client_gone", 1, None)
+
+
+# -- admit and the admin endpoints, in process -------------------------------------------------
+@pytest.fixture
+def app(tmp_path):
+    app = App(load_config(env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
+    yield app
+    app.close(1)
+
+
+def test_one_key_has_one_key_id_whichever_header_carries_it(app):
+    key = "sk-ant-client-0123456789"
+    ids = {app.proxy.admission.open(headers, "anthropic").record.row.client_key_id
+           for headers in ({"x-api-key": key}, {"authorization": f"Bearer {key}"},
+                           {"authorization": f"bearer  {key} "})}
+    assert len(ids) == 1 and None not in ids
+
+
+def test_health_says_503_while_shutting_down_so_a_balancer_stops_sending(app):
+    client = Client(app)
+    assert client.get("/health").status_code == 200
+    app.begin_shutdown()
+    answer = client.get("/health")
+    assert (answer.status_code, answer.json["status"]) == (503, "shutting_down")
