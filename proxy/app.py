@@ -79,7 +79,6 @@ class ProxyApp:
             if request.method != "GET":
                 raise MethodNotAllowed(f"{MODELS_PATH} accepts GET only")
             preq = self.admission.admit_model_list(request, fmt, opened)
-            opened.record.answered_by(preq.route.deployments[0].name)
             return serve_plain(self.relay, preq, opened.record, start_response)
         if endpoint is None:
             raise NotFound(f"no route for {loggable(request.method, 32)} {loggable(path, 200)}")

@@ -290,7 +290,7 @@ def test_nothing_is_written_after_the_row_is_queued():
                            client_key_id=None, bytes_in=2)
     record.failed(499, ClientGone("left"))
     record.tries_so_far(3, 2, '{"failed":[]}')
-    record.answered_by("late")
+    record.try_started("late")
     record.complete(200, bytes_out=5)
     [row] = sink.rows
     assert (row.status, row.end_reason, row.attempts, row.deployment) == (499, "client_gone", 1, None)

@@ -18,7 +18,7 @@ from werkzeug.wrappers import Request
 
 from .. import formats
 from ..config import Config
-from ..errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge, ProxyError,
+from ..errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge,
                       RequestTimeout)
 from ..formats import Format
 from ..limits import MemoryBudget, json_parse_cost

@@ -243,7 +243,6 @@ class TryLoop:
         """Before the relay takes an answer (a stream may queue its row while relaying)."""
         attempts, fallbacks = self.plan.progress(attempt)
         self.record.tries_so_far(attempts, fallbacks, attempt_log_json(self.plan))
-        self.record.answered_by(attempt.deployment.name)
 
     def _explain(self, err: ProxyError) -> ProxyError:
         """A try cut off by its deadline or by the client/shutdown says so, not 'broken'."""
@@ -270,8 +269,6 @@ class TryLoop:
         """The plan's final counts go on the record (sealed already if a stream ended it)."""
         self.record.tries_so_far(max(1, self.plan.attempts), self.plan.fallbacks,
                                  attempt_log_json(self.plan))
-        if self.plan.answered_by is not None:
-            self.record.answered_by(self.plan.answered_by.name)
         return outcome
 
 

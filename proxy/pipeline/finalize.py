@@ -76,7 +76,8 @@ class RequestRecord:
             self._parser = usage_format.usage_parser()
 
     def try_started(self, deployment: str) -> None:
-        """A new upstream try: usage seen on a failed one is not this answer's usage."""
+        """A new upstream try (the row names the deployment of the last one, which is the
+        one that answered, if any): usage seen on a failed try is not this answer's usage."""
         self._set(deployment=deployment)
         if self._parser is not None:
             self._parser = self._usage_format.usage_parser()
@@ -85,9 +86,6 @@ class RequestRecord:
 
     def tries_so_far(self, attempts: int, fallbacks: int, attempt_log: str | None) -> None:
         self._set(attempts=attempts, fallbacks=fallbacks, attempt_log=attempt_log)
-
-    def answered_by(self, deployment: str) -> None:
-        self._set(deployment=deployment)
 
     def first_byte(self) -> None:
         if self.row.ttfb_ms is None:

@@ -252,10 +252,7 @@ class StreamRelay:
         return self._pump(TryStream(resp, attempt, self.deps.max_event_bytes))
 
     def _answer(self, resp: UpstreamResponse, attempt: Attempt) -> bool:
-        if not self.commit.answer_with(resp, attempt.deployment.name):
-            return False
-        self.record.answered_by(attempt.deployment.name)
-        return True
+        return self.commit.answer_with(resp, attempt.deployment.name)
 
     # -- relaying one deployment's event stream ---------------------------------------------
     def _pump(self, current: TryStream) -> Outcome:
