@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from http import HTTPStatus
@@ -37,7 +36,8 @@ from .relay import Heartbeat
 from .replies import REQUEST_ID_HEADER, StartResponse, error_response
 from .routing import Breakers, Deployment, Route, Router, pass_through_route
 from .text import loggable
-from .tracker import NullTracker, Tracker, fault_kind
+from .store import StoreFault
+from .tracker import NullTracker, Tracker
 from .upstream import UpstreamClient, header_problem, is_hop_by_hop_header
 
 log = logging.getLogger("proxy.app")
@@ -413,15 +413,12 @@ class App:
         from . import report
         since, until, top = _usage_bounds(request.args)
         self._flush_unless_degraded(self.tracker, 2.0)
-        if not os.path.exists(self.config.db_path):
-            return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
-                                                        "by_model": [], "by_client_key": []})
         try:
             summary = report.summarize(self.config.db_path, since=since, until=until, top=top)
         except ValueError as exc:
             raise BadRequest(f"bad since/until: {exc}") from None
-        except (OSError, sqlite3.Error) as exc:
-            raise ReportUnavailable(f"the usage database cannot be read now ({fault_kind(exc)})") from None
+        except StoreFault as exc:
+            raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
         return _json_response(start_response, 200, summary)
 
 
