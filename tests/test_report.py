@@ -147,7 +147,8 @@ def test_a_missing_or_empty_database_gives_the_empty_summary(tmp_path):
     summaries = {name: summarize(path, top=5) for name, path in empty_databases(tmp_path).items()}
     assert summaries["missing"] == summaries["blank"] == summaries["unused"]
     empty = summaries["missing"]
-    assert empty["totals"]["requests"] == 0 and empty["groups"] == {"by_model": 0, "by_client_key": 0}
+    assert empty["totals"]["requests"] == 0
+    assert empty["groups"] == {"by_model": 0, "by_client_key": 0}
     assert empty["by_day"] == empty["by_model"] == empty["by_client_key"] == []
     assert not (tmp_path / "missing.db").exists()  # reading never creates the database
 
