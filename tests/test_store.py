@@ -179,6 +179,27 @@ def test_a_read_only_filesystem_is_a_fault_that_clears(small_fs):
     assert stored_ids(path) == ["first", "second"]
 
 
+def test_after_a_fault_the_store_reconnects_so_a_replaced_file_is_used(tmp_path, store):
+    """An operator restores a corrupted database by putting a good file in its place: a
+    connection kept across the fault would still point at the old file, for ever."""
+    store.insert_rows([row("before")])
+    checkpoint = sqlite3.connect(store.path)  # the pages leave the WAL for the database file...
+    checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    checkpoint.close()
+    with open(store.path, "r+b") as f:  # ...which is then scribbled over, all but its header
+        f.seek(100)
+        f.write(b"\xa5" * (os.path.getsize(store.path) - 100))
+    with pytest.raises(StoreFault) as fault:
+        store.insert_rows([row("during")])
+    assert fault.value.kind == "corrupt"
+    good = open_store(str(tmp_path / "good.db"))
+    good.open()
+    good.close()
+    os.replace(tmp_path / "good.db", store.path)
+    assert store.insert_rows([row("after")]) == 1
+    assert stored_ids(store.path) == ["after"]
+
+
 # --- reads ---------------------------------------------------------------------------------------
 
 
