@@ -121,7 +121,7 @@ def _summary(store: UsageStore, start: float | None, stop: float | None,
                "totals": _stats(store.totals(start, stop))}
     counts = {}
     for key, label, grouping, _ in GROUPINGS:
-        limit = top if key != "by_day" else None  # days are bounded by the period already
+        limit = top if key != "by_day" else None  # every day of the period, in order
         groups = store.breakdown(grouping, start, stop, limit)
         summary[key] = _ordered(key, label, [{label: k, **_stats(c)} for k, c in groups.items()])
         if limit is not None:

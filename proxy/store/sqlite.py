@@ -12,12 +12,13 @@ for now) or RowRejected (the row, for ever) here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from ..text import loggable
 from ..usage import RECORD_FIELDS
@@ -272,17 +273,12 @@ def migrate(conn: sqlite3.Connection) -> int:
     if found >= SCHEMA_VERSION:
         _warn_if_newer(found)
         return found
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_transaction(conn):
         found = _user_version(conn)  # another worker may have migrated while we waited
         for statements in MIGRATIONS[found:]:
             for statement in statements:
                 conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
     return found
 
 
@@ -298,21 +294,25 @@ def _warn_if_newer(found: int) -> None:
 
 def _insert(conn: sqlite3.Connection, rows: list[dict], only_new: bool) -> int:
     """Insert ``rows`` in one transaction (all of them are stored, or none); how many were."""
+    with _write_transaction(conn):
+        return conn.executemany(_INSERT_NEW if only_new else _INSERT, rows).rowcount
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """All or nothing.  ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred
+    transaction that upgrades from reading to writing can fail with "locked" at once,
+    where busy_timeout would have let it wait its turn."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        stored = conn.executemany(_INSERT_NEW if only_new else _INSERT, rows).rowcount
+        yield
         conn.execute("COMMIT")
     except BaseException:
-        _rollback(conn)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing was open, or the connection is gone: either way nothing was written
         raise
-    return stored
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass  # nothing was open, or the connection is gone: either way nothing was written
 
 
 # ---------------------------------------------------------------------------------------------
