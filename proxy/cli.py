@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -11,7 +12,8 @@ from .config import ConfigError, load_config
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"llm-proxy {version()}")
+    sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the proxy under gunicorn (gthread workers)")
     serve.add_argument("--config", help="TOML config file (default: $LLM_PROXY_CONFIG or none)")
     serve.add_argument("--bind", help="address to listen on (default 127.0.0.1:8080)")
@@ -24,8 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed package's version: the one pip and bug reports speak of."""
+    try:
+        return importlib.metadata.version("llm-stream-proxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
+        return "(version unknown: not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a newcomer's first try: show what there is, not an error
+        parser.print_help()
+        return 0
     if args.config:
         os.environ["LLM_PROXY_CONFIG"] = os.path.abspath(args.config)
     try:

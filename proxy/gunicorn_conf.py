@@ -59,7 +59,7 @@ def on_starting(server):
     unusable database path stops start-up with one clear line instead of failing requests."""
     from proxy.config import ConfigError, load_config
     from proxy.redact import installation_secret
-    from proxy.tracker import TrackerPathError, check_database
+    from proxy.store import TrackerPathError, open_store
 
     try:
         config = load_config()
@@ -67,7 +67,7 @@ def on_starting(server):
         _stop(f"configuration error: {err.message}")
     if config.enabled:
         try:
-            warning = check_database(config.db_path)
+            warning = open_store(config.db_path, busy_timeout_ms=2000).check()
         except TrackerPathError as err:
             _stop(f"{err} (set tracker.db / LLM_PROXY_DB to a writable path)")
         if warning:

@@ -4,6 +4,10 @@ Days are UTC days of the request's start. ``since`` is inclusive and ``until`` e
 date for ``until`` means the end of that day, so ``--since 2026-11-01 --until 2026-11-30``
 covers all of November's last day too.
 
+The store (``proxy.store``) answers the sums; this module turns bounds into epoch seconds,
+the sums into figures, and the figures into a table, CSV or JSON.  A database that does not
+exist yet, or holds no rows, gives the same empty report as a period without requests.
+
 Definitions, so that every figure can be checked against the rows:
 
 - ``cache_hit_ratio`` = cache_read / (input + cache_read + cache_write), or None without input;
@@ -18,38 +22,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import sqlite3
 import sys
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from .tracker import TABLE
+from .store import TOKEN_FIELDS, Counts, StoreFault, UsageStore, open_store
 from .usage import END_REASONS
 
-TOKEN_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-)
-STAT_COLUMNS = ("requests", *TOKEN_COLUMNS, "cache_hit_ratio", "cost_usd", "unpriced_requests")
+STAT_COLUMNS = ("requests", *TOKEN_FIELDS, "cache_hit_ratio", "cost_usd", "unpriced_requests")
 
-# (summary key, label of the group column, SQL expression of the group)
+# (summary key, label of the group column, the store's grouping, which is also the CSV
+# group, title in the table)
 GROUPINGS = (
-    ("by_day", "day", "date(started_at, 'unixepoch')"),
-    ("by_model", "model", "COALESCE(upstream_model, model_requested)"),
-    ("by_client_key", "client_key_id", "client_key_id"),
-)
-
-_HAS_TOKENS = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_COLUMNS[:4]) + " > 0"
-_AGGREGATES = ", ".join(
-    ["COUNT(*)"]
-    + [f"COALESCE(SUM({c}), 0)" for c in TOKEN_COLUMNS]
-    + ["TOTAL(CASE WHEN priced THEN cost_usd END)",
-       f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)"]
+    ("by_day", "day", "day", "By day (UTC)"),
+    ("by_model", "model", "model", "By model"),
+    ("by_client_key", "client_key_id", "client_key", "By client key"),
 )
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -110,113 +98,47 @@ def _iso(epoch: float | None) -> str | None:
 # Summary.
 
 
-def summarize(db_path: str, since: Any = None, until: Any = None, top: int | None = None) -> dict:
-    """Totals and breakdowns for requests that started in [since, until).
+def summarize(db: str, since: Any = None, until: Any = None, top: int | None = None) -> dict:
+    """Totals and breakdowns for requests that started in [since, until), from the usage
+    database that `db` (the ``tracker.db`` setting) names.
 
     With `top`, the model and client-key breakdowns hold only the `top` groups with the most
     spend (then requests), and ``groups`` says how many there are in all: a report over
-    hundreds of thousands of keys stays small.  Raises FileNotFoundError for a missing
-    database and ValueError for bad bounds or a file that is not a usage database.
+    hundreds of thousands of keys stays small.  Raises ValueError for bad bounds or a
+    database of something else, StoreFault when the database cannot be read now.
     """
     start, stop = parse_when(since), parse_when(until, end=True)
-    if not os.path.exists(db_path):
-        raise FileNotFoundError(db_path)
-    conn = _open(db_path)
+    store = open_store(db)
     try:
-        clauses, params = _window(start, stop)
-        summary = {"since": _iso(start), "until": _iso(stop)}
-        summary["totals"] = _grouped(conn, "NULL", clauses, params).get(None, _empty_stats())
-        counts = {}
-        for key, label, expression in GROUPINGS:
-            limit = top if key != "by_day" else None
-            groups = _grouped(conn, expression, clauses, params, limit)
-            summary[key] = _ordered(key, [{label: k, **s} for k, s in groups.items()])
-            if limit is not None:
-                counts[key] = _group_count(conn, expression, clauses, params)
-        if top is not None:
-            summary["groups"] = counts
-        return summary
+        return _summary(store, start, stop, top)
     finally:
-        conn.close()
+        store.close()
 
 
-def _open(db_path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(db_path, timeout=5.0)
-    found = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
-    ).fetchone()
-    if not found:
-        conn.close()
-        raise ValueError(f"{db_path} is not a usage database (no {TABLE} table)")
-    return conn
-
-
-def _window(start: float | None, stop: float | None) -> tuple[list[str], list]:
-    clauses, params = [], []
-    if start is not None:
-        clauses.append("started_at >= ?")
-        params.append(start)
-    if stop is not None:
-        clauses.append("started_at < ?")
-        params.append(stop)
-    return clauses, params
-
-
-def _where(clauses: list[str]) -> str:
-    return " WHERE " + " AND ".join(clauses) if clauses else ""
-
-
-def _grouped(conn: sqlite3.Connection, expression: str, clauses: list[str], params: list,
-             top: int | None = None) -> dict:
-    """Stats per value of ``expression`` (one group, keyed None, for "NULL"); with `top`,
-    only the groups with the most spend, then requests."""
-    limit = (" ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC "
-             f"LIMIT {int(top)}") if top is not None else ""
-    rows = conn.execute(
-        f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(clauses)} GROUP BY k{limit}",
-        params,
-    ).fetchall()
-    groups = {row[0]: _stats(row[1:]) for row in rows}
-    failed_clauses = [*clauses, "end_reason != 'complete'"]
-    failed_params = list(params)
+def _summary(store: UsageStore, start: float | None, stop: float | None,
+             top: int | None) -> dict:
+    summary = {"since": _iso(start), "until": _iso(stop),
+               "totals": _stats(store.totals(start, stop))}
+    counts = {}
+    for key, label, grouping, _ in GROUPINGS:
+        limit = top if key != "by_day" else None  # every day of the period, in order
+        groups = store.breakdown(grouping, start, stop, limit)
+        summary[key] = _ordered(key, label, [{label: k, **_stats(c)} for k, c in groups.items()])
+        if limit is not None:
+            counts[key] = store.group_count(grouping, start, stop)
     if top is not None:
-        failed_clauses.append(_member_of(expression, list(groups), failed_params))
-    for key, reason, count in conn.execute(
-        f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed_clauses)} "
-        "GROUP BY k, end_reason ORDER BY k, end_reason",
-        failed_params,
-    ):
-        groups[key]["failures"][reason] = count
-    return groups
+        summary["groups"] = counts
+    return summary
 
 
-def _member_of(expression: str, keys: list, params: list) -> str:
-    """SQL for "expression is one of keys" (NULL included), appending the keys to params."""
-    values = [k for k in keys if k is not None]
-    params.extend(values)
-    parts = [f"{expression} IN ({', '.join('?' * len(values))})"] if values else []
-    if None in keys:
-        parts.append(f"{expression} IS NULL")
-    return "(" + " OR ".join(parts) + ")" if parts else "0"
-
-
-def _group_count(conn: sqlite3.Connection, expression: str, clauses: list[str], params: list) -> int:
-    return conn.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(clauses)} "
-                        f"GROUP BY {expression})", params).fetchone()[0]
-
-
-def _stats(values: tuple) -> dict:
-    requests, *tokens, cost, unpriced = values
-    stats = {"requests": requests, **dict(zip(TOKEN_COLUMNS, tokens))}
+def _stats(counts: Counts) -> dict:
+    """A group's figures from the store's sums; derived here, so every store derives alike."""
+    stats = {"requests": counts["requests"], **{c: counts[c] for c in TOKEN_FIELDS}}
     stats["cache_hit_ratio"] = _hit_ratio(stats)
-    stats["cost_usd"] = round(cost, 9)  # float sums carry noise far below a nano-dollar
-    stats["unpriced_requests"] = unpriced
-    stats["failures"] = {}
+    stats["cost_usd"] = round(counts["cost_usd"], 9)  # float sums carry noise below a nano-dollar
+    stats["unpriced_requests"] = counts["unpriced_requests"]
+    stats["failures"] = dict(counts["failures"])
     return stats
-
-
-def _empty_stats() -> dict:
-    return _stats((0, 0, 0, 0, 0, 0, 0.0, 0))
 
 
 def _hit_ratio(stats: dict) -> float | None:
@@ -225,11 +147,10 @@ def _hit_ratio(stats: dict) -> float | None:
     return read / prompt if prompt else None
 
 
-def _ordered(key: str, rows: list[dict]) -> list[dict]:
+def _ordered(key: str, label: str, rows: list[dict]) -> list[dict]:
     """Days in calendar order; models and keys by spend, then by requests."""
     if key == "by_day":
         return sorted(rows, key=lambda r: r["day"] or "")
-    label = "model" if key == "by_model" else "client_key_id"
     return sorted(rows, key=lambda r: (-r["cost_usd"], -r["requests"], r[label] or ""))
 
 
@@ -247,14 +168,12 @@ _HEADERS = {
     "cost_usd": "cost USD",
     "unpriced_requests": "unpriced",
 }
-_SECTIONS = (("by_day", "By day (UTC)", "day"), ("by_model", "By model", "model"),
-             ("by_client_key", "By client key", "client_key_id"))
 
 
 def render_table(summary: dict) -> str:
     """Readable aligned columns: totals, then each breakdown."""
     parts = [_title(summary), "", "Totals", _table("", [("all", summary["totals"])])]
-    for key, title, label in _SECTIONS:
+    for key, label, _, title in GROUPINGS:
         rows = [(row[label], row) for row in summary[key]]
         parts += ["", title, _table(label.replace("_", " "), rows) if rows else "(no requests)"]
     return "\n".join(parts) + "\n"
@@ -317,8 +236,7 @@ def render_csv(summary: dict) -> str:
 
 def _csv_rows(summary: dict):
     yield "total", None, summary["totals"]
-    for key, _, label in _SECTIONS:
-        group = {"by_day": "day", "by_model": "model", "by_client_key": "client_key"}[key]
+    for key, label, group, _ in GROUPINGS:
         for row in summary[key]:
             yield group, row[label], row
 
@@ -347,18 +265,18 @@ def add_usage_arguments(parser) -> None:
 
 
 def run_usage(args, default_db_path: str | None) -> int:
-    """Print the report chosen by ``args``; 0 on success, 1 without a database, 2 bad input."""
+    """Print the report chosen by ``args``; 0 on success (an empty report for a database that
+    does not exist yet), 1 when the database cannot be read, 2 for bad input."""
     db_path = getattr(args, "db", None) or default_db_path
-    if not db_path or not os.path.exists(db_path):
-        _complain(f"no usage database at {db_path or '(none configured)'}; the proxy creates it "
-                  "when it records its first request (use --db to read another file)")
+    if not db_path:
+        _complain("no usage database configured (use --db to name one)")
         return 1
     try:
         summary = summarize(db_path, getattr(args, "since", None), getattr(args, "until", None))
     except ValueError as exc:
         _complain(str(exc))
         return 2
-    except (OSError, sqlite3.Error) as exc:
+    except StoreFault as exc:
         _complain(f"cannot read {db_path}: {exc}")
         return 1
     sys.stdout.write(_render(summary, args))

@@ -1,9 +1,10 @@
-"""The usage tracker: request threads enqueue rows, one writer thread stores them in SQLite.
+"""The usage tracker: request threads enqueue rows, one writer thread hands them to the store.
 
 Design (design.md §5).  Request threads must never wait on a disk or a lock held by another
 process, so ``record`` only appends a row to a bounded in-memory queue.  One thread per
-process owns the database connection: it takes up to ``batch_size`` rows (waiting at most
-``flush_interval`` for more after the first) and commits each batch in one transaction.
+process owns the store (``proxy.store``: the database, its connections and its schema): it
+takes up to ``batch_size`` rows (waiting at most ``flush_interval`` for more after the
+first) and has the store commit each batch in one transaction.
 
 The store may fail at any time (disk full, read-only, locked, deleted directory), and the
 proxy must keep serving while it does.  So nothing here ever raises into a request, and a
@@ -21,25 +22,23 @@ row is only ever lost when every bound is exhausted, and then it is counted and 
   it is moved aside to ``rejected.jsonl`` with a log line instead of being retried forever;
 - ``close`` drains the queue before the worker exits; what it cannot store goes to the spill.
 
-Several processes (gunicorn workers) share one file safely: WAL mode lets readers and one
-writer work together, ``BEGIN IMMEDIATE`` takes the write lock up front, ``busy_timeout``
-makes writers queue for each other, and spill files are guarded by ``flock``.  The schema is
-versioned with ``PRAGMA user_version`` and migrated on start, under a write lock.
+The store tells the two failures apart (StoreFault: the database, for now; RowRejected: the
+row, for ever), so this module knows nothing of SQLite.  Several processes (gunicorn workers)
+share one database and one spill directory; spill files are guarded by ``flock``.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from typing import Any, Iterable, Iterator, Mapping
 
+from .store import RowRejected, StoreFault, open_store
 from .text import loggable, storable
 from .usage import DEFAULT_TEXT_LIMIT, RECORD_FIELDS, TEXT_LIMITS, UsageRecord
 
@@ -50,191 +49,15 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-TABLE = "usage_records"
-
-# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        f"""CREATE TABLE {TABLE} (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            request_id TEXT, started_at REAL, ended_at REAL, ttfb_ms REAL, ttft_ms REAL,
-            endpoint TEXT, model_requested TEXT, deployment TEXT, upstream_model TEXT,
-            attempts INTEGER, fallbacks INTEGER, status INTEGER, end_reason TEXT,
-            stop_reason TEXT, input_tokens INTEGER, output_tokens INTEGER,
-            cache_read_tokens INTEGER, cache_write_tokens INTEGER, reasoning_tokens INTEGER,
-            cost_usd REAL, priced INTEGER, usage_complete INTEGER, client_key_id TEXT,
-            bytes_in INTEGER, bytes_out INTEGER, error TEXT, stream INTEGER
-        )""",
-        f"CREATE INDEX {TABLE}_started_at ON {TABLE} (started_at)",
-        f"CREATE INDEX {TABLE}_model ON {TABLE} (upstream_model, model_requested)",
-        f"CREATE INDEX {TABLE}_client_key ON {TABLE} (client_key_id, started_at)",
-        f"CREATE INDEX {TABLE}_end_reason ON {TABLE} (end_reason, started_at)",
-        f"CREATE INDEX {TABLE}_request_id ON {TABLE} (request_id)",
-    ),
-    # v2: failed tries (deployment, why, input tokens seen) before the one that answered.
-    (f"ALTER TABLE {TABLE} ADD COLUMN attempt_log TEXT",),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-_COLUMNS = ", ".join(RECORD_FIELDS)
-_PARAMS = ", ".join(f":{name}" for name in RECORD_FIELDS)
-_INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_PARAMS})"
-# Replayed rows may already be stored (a replay cut short, a batch spilled by close() while
-# a stuck writer committed it after all): the request id decides.
-_INSERT_NEW = (f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_PARAMS} WHERE NOT EXISTS "
-               f"(SELECT 1 FROM {TABLE} WHERE request_id = :request_id)")
 _DEFAULT_ROW = UsageRecord().to_row()
-_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63 - 1  # SQLite INTEGER
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 63 - 1  # 64-bit: SQLite INTEGER, PostgreSQL BIGINT
 _IDLE_POLL = 1.0  # seconds an idle writer sleeps before looking at the spill directory again
 SPILL_CHECK_INTERVAL = 5.0  # other workers may have spilled: look this often when healthy
 # A claimed spill file untouched this long is replayed again even if a process with its
 # claimer's pid is alive (the pid may have been reused after a crash).
 STALE_CLAIM = 15 * 60
-# Errors that belong to one row (a constraint, a value SQLite cannot bind), not to the
-# database; anything else from SQLite is a fault of the store, and rows wait.
-_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
-               sqlite3.DataError, OverflowError, ValueError, TypeError)
 REPLAY_CHUNK = 500  # spilled rows inserted per transaction
 MAX_BACKOFF = 2.0
-
-
-class TrackerPathError(Exception):
-    """The usage database cannot be used at this path at all (a start-up error)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Database helpers, shared with the report.
-
-
-def connect(db_path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """Open ``db_path`` in WAL mode with a busy timeout, in autocommit (explicit BEGIN) mode."""
-    conn = sqlite3.connect(
-        db_path,
-        timeout=busy_timeout_ms / 1000.0,
-        isolation_level=None,
-        check_same_thread=False,  # opened by start(), then owned by the writer thread alone
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
-        conn.execute("PRAGMA synchronous = NORMAL")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _retry_locked(action, tries: int = 20):
-    """Switching to WAL needs a moment of exclusive access; workers starting together wait."""
-    for attempt in range(tries):
-        try:
-            return action()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc) or attempt == tries - 1:
-                raise
-            time.sleep(0.01 * (attempt + 1))
-    return None
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema to ``SCHEMA_VERSION`` under a write lock; returns the version found."""
-    found = _user_version(conn)
-    if found >= SCHEMA_VERSION:
-        _warn_if_newer(found)
-        return found
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        found = _user_version(conn)  # another worker may have migrated while we waited
-        for statements in MIGRATIONS[found:]:
-            for statement in statements:
-                conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-    return found
-
-
-def _user_version(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA user_version").fetchone()[0]
-
-
-def _warn_if_newer(found: int) -> None:
-    if found > SCHEMA_VERSION:
-        log.warning("usage database schema v%d is newer than this proxy's v%d",
-                    found, SCHEMA_VERSION)
-
-
-def insert_rows(conn: sqlite3.Connection, rows: list[dict], only_new: bool = False) -> None:
-    """Insert ``rows`` in one transaction: all of them are stored, or none."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(_INSERT_NEW if only_new else _INSERT, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass  # nothing was open, or the connection is gone: either way nothing was written
-
-
-def open_database(db_path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """Create the directory, open, migrate: a connection ready for inserts."""
-    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
-    conn = connect(db_path, busy_timeout_ms)
-    try:
-        migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def check_database(db_path: str, busy_timeout_ms: int = 2000) -> str | None:
-    """Start-up check (in gunicorn's master): can the database be used at this path?
-
-    Raises TrackerPathError when the path itself is wrong (a parent that is a file, a
-    directory that cannot be created or written, a file that is not a database).  A fault
-    that may clear (locked, disk full, I/O error) only returns a warning: the proxy serves
-    anyway, and its writers keep rows until the database takes them."""
-    try:
-        open_database(db_path, busy_timeout_ms).close()
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise TrackerPathError(f"usage database {db_path}: {exc.filename or 'a parent'} is not a "
-                               "directory") from None
-    except OSError as exc:
-        raise TrackerPathError(f"usage database {db_path}: {exc.strerror or exc}"
-                               + (f" ({exc.filename})" if exc.filename else "")) from None
-    except sqlite3.DatabaseError as exc:
-        kind = fault_kind(exc)
-        if kind in ("cannot_open", "read_only", "not_a_database"):
-            raise TrackerPathError(f"usage database {db_path}: {exc}") from None
-        return f"usage database {db_path} is not usable yet ({kind}): {exc}"
-    return None
-
-
-def fault_kind(exc: BaseException) -> str:
-    """A fixed name for a storage fault: /health shows it, never the raw text."""
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return "disk_full"
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return "read_only"
-        return "cannot_open"
-    text = str(exc).lower()
-    for marker, kind in (("locked", "locked"), ("busy", "locked"), ("full", "disk_full"),
-                         ("readonly", "read_only"), ("read-only", "read_only"),
-                         ("unable to open", "cannot_open"), ("not a database", "not_a_database"),
-                         ("malformed", "corrupt"), ("disk i/o", "io_error")):
-        if marker in text:
-            return kind
-    return "error"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +65,7 @@ def fault_kind(exc: BaseException) -> str:
 
 
 def _storable(name: str, value: Any) -> Any:
-    """A value SQLite and JSON both take, whatever the record held."""
+    """A value every store and JSON take, whatever the record held."""
     if value is None or isinstance(value, float):
         return value
     if isinstance(value, int):  # bool included: stored as 0/1
@@ -255,7 +78,8 @@ def to_storage_row(rec: UsageRecord | Mapping[str, Any]) -> dict:
     """A complete row that can always be stored, from a record (or a spilled dict).
 
     Missing fields are defaulted; text is made storable and capped (text.storable), numbers
-    out of SQLite's range are dropped.  Raises only if `rec` is not a record or a mapping."""
+    out of a 64-bit integer's range are dropped.  Raises only if `rec` is not a record or a
+    mapping."""
     row = rec.to_row() if isinstance(rec, UsageRecord) else dict(rec)
     return {name: _storable(name, row.get(name, _DEFAULT_ROW[name])) for name in RECORD_FIELDS}
 
@@ -445,17 +269,8 @@ def _read_lines(path: str, chunk: int) -> Iterator[list[str]]:
 # The tracker.
 
 
-class _Fault(Exception):
-    """The database refused a write for a reason that may clear (locked, full, read-only)."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc))
-        self.kind = fault_kind(exc)
-        self.detail = loggable(exc, 300)
-
-
 class Tracker:
-    """Stores ``UsageRecord`` rows in SQLite from one background writer thread per process.
+    """Stores ``UsageRecord`` rows in the usage store from one writer thread per process.
 
     ``record`` never raises and touches no disk while the queue has room.  ``flush`` waits
     for rows already recorded; ``close`` drains everything and stops (call it from
@@ -474,6 +289,7 @@ class Tracker:
         spill_after: float = 5.0,
     ) -> None:
         self.db_path = db_path
+        self.store = open_store(db_path, busy_timeout_ms)  # owned by the writer once started
         self.spill = SpillDir(spill_dir or default_spill_dir(db_path))
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = flush_interval
@@ -483,7 +299,6 @@ class Tracker:
         self._rows: collections.deque[dict] = collections.deque()
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._closed = False
@@ -492,7 +307,7 @@ class Tracker:
         self._replayed_at_start = False
         self._give_up_at: float | None = None
         self._held: list[dict] = []  # the batch being retried while the database refuses it
-        self._fault: _Fault | None = None
+        self._fault: StoreFault | None = None
         self._fault_since = 0.0
         self._next_spill_check = 0.0  # replay at start, then every SPILL_CHECK_INTERVAL
         # Sequence numbers: rows are numbered as they are queued; the writer handles them in
@@ -514,8 +329,8 @@ class Tracker:
             if self._thread is not None:
                 return
             try:
-                self._ensure_open()
-            except _Fault as fault:
+                self.store.open()
+            except StoreFault as fault:
                 self._note_fault(fault)
             self._thread = threading.Thread(target=self._run, name="usage-tracker", daemon=True)
             self._thread.start()
@@ -614,7 +429,7 @@ class Tracker:
             while not self._carry_on(self._work):
                 pass
         finally:
-            self._close_connection()
+            self.store.close()
             with self._cond:
                 self._writer_done = True
                 self._cond.notify_all()
@@ -672,7 +487,7 @@ class Tracker:
         while True:
             try:
                 stored = self._insert(batch, only_new=tries > 0)
-            except _Fault as fault:
+            except StoreFault as fault:
                 tries += 1
                 self._count("retries", 1)
                 self._note_fault(fault)
@@ -698,42 +513,21 @@ class Tracker:
         """Insert rows in one transaction and return how many were stored.
 
         A row the database will never take is stored alone, so it cannot fail the others,
-        and moved aside if it fails alone too.  Raises _Fault when the database refuses
+        and moved aside if it fails alone too.  Raises StoreFault when the database refuses
         writes for now.  `only_new` skips rows whose request id is stored already (replays,
         and retries after a batch that was stored row by row)."""
-        conn = self._ensure_open()
         try:
-            insert_rows(conn, rows, only_new)
-            return len(rows)
-        except _ROW_ERRORS:  # this row, not the database: it must not fail the others
+            return self.store.insert_rows(rows, only_new)
+        except RowRejected:  # this row, not the database: it must not fail the others
             if len(rows) == 1:
                 self._reject_rows(rows)
                 return 0
-        except (sqlite3.Error, OSError) as exc:  # locked, full, read-only, corrupt, replaced
-            self._close_connection()  # a remounted or replaced file needs a fresh connection
-            raise _Fault(exc) from None
         return sum(self._insert([row], only_new=True) for row in rows)
-
-    def _ensure_open(self) -> sqlite3.Connection:
-        if self._conn is None:
-            try:
-                self._conn = open_database(self.db_path, self.busy_timeout_ms)
-            except (sqlite3.Error, OSError) as exc:
-                raise _Fault(exc) from None
-        return self._conn
-
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
-            self._conn = None
 
     def _giving_up(self) -> bool:
         return self._give_up_at is not None and time.monotonic() >= self._give_up_at
 
-    def _note_fault(self, fault: _Fault) -> None:
+    def _note_fault(self, fault: StoreFault) -> None:
         with self._cond:
             first = self._fault is None
             if first:
@@ -797,7 +591,7 @@ class Tracker:
         for path in claimed:
             try:
                 count = self._replay_file(path)
-            except _Fault as fault:
+            except StoreFault as fault:
                 self._note_fault(fault)
                 return  # the claimed file stays; it is claimed again once this process is gone
             except OSError as exc:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -95,3 +96,37 @@ def test_one_start_up_line_names_the_bind_address_the_upstreams_and_the_database
     assert f"127.0.0.1:{proxy.port}" in line and proxy.db_path in line
     assert f"anthropic {fake.url} (anthropic, client keys)" in line
     assert f"openai {fake.url} (openai, client keys)" in line
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`llm-proxy` as a newcomer runs it: no LLM_PROXY_* settings from this shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_PROXY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "proxy", *args], env=env, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_llm_proxy_usage_on_a_missing_or_empty_database_prints_an_empty_report(tmp_path):
+    missing, blank = tmp_path / "missing.db", tmp_path / "blank.db"
+    sqlite3.connect(blank).close()
+    for db in (missing, blank):
+        table = run_cli("usage", "--db", str(db))
+        assert (table.returncode, table.stderr) == (0, ""), db
+        assert table.stdout.startswith("Usage: all recorded requests")
+        assert "(no requests)" in table.stdout
+        summary = json.loads(run_cli("usage", "--db", str(db), "--json").stdout)
+        assert summary["totals"]["requests"] == 0 and summary["by_model"] == []
+    assert not missing.exists()  # a report never creates the database
+
+
+def test_bare_llm_proxy_prints_the_help():
+    out = run_cli()
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.startswith("usage: llm-proxy [-h] [--version] {serve,usage}")
+
+
+def test_llm_proxy_version_names_the_installed_version():
+    from importlib.metadata import version
+
+    out = run_cli("--version")
+    assert (out.returncode, out.stdout) == (0, f"llm-proxy {version('llm-stream-proxy')}\n")

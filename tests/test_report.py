@@ -17,6 +17,7 @@ from proxy.report import (
     run_usage,
     summarize,
 )
+from proxy.store import open_store
 from proxy.tracker import Tracker
 from proxy.usage import UsageRecord
 
@@ -132,13 +133,33 @@ def test_empty_window(db):
     assert "(no requests)" in render_table(summary)
 
 
-def test_missing_or_foreign_database(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        summarize(str(tmp_path / "nope.db"))
-    other = str(tmp_path / "other.db")
-    sqlite3.connect(other).close()
+def empty_databases(tmp_path) -> dict[str, str]:
+    """A database not created yet, a file with no tables, one the proxy made but never used."""
+    blank, unused = tmp_path / "blank.db", tmp_path / "unused.db"
+    sqlite3.connect(blank).close()
+    store = open_store(str(unused))
+    store.open()
+    store.close()
+    return {"missing": str(tmp_path / "missing.db"), "blank": str(blank), "unused": str(unused)}
+
+
+def test_a_missing_or_empty_database_gives_the_empty_summary(tmp_path):
+    summaries = {name: summarize(path, top=5) for name, path in empty_databases(tmp_path).items()}
+    assert summaries["missing"] == summaries["blank"] == summaries["unused"]
+    empty = summaries["missing"]
+    assert empty["totals"]["requests"] == 0
+    assert empty["groups"] == {"by_model": 0, "by_client_key": 0}
+    assert empty["by_day"] == empty["by_model"] == empty["by_client_key"] == []
+    assert not (tmp_path / "missing.db").exists()  # reading never creates the database
+
+
+def test_a_database_of_something_else_is_refused(tmp_path):
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE notes (text)")
+    conn.close()
     with pytest.raises(ValueError, match="not a usage database"):
-        summarize(other)
+        summarize(str(other))
 
 
 # --- parse_when ----------------------------------------------------------------------------------
@@ -238,11 +259,30 @@ def test_run_usage_table(db, capsys):
     assert "By client key" in capsys.readouterr().out
 
 
-def test_run_usage_missing_database(tmp_path, capsys):
-    assert run_usage(parse([]), str(tmp_path / "usage.db")) == 1
-    err = capsys.readouterr().err
-    assert "no usage database at" in err and "usage.db" in err
-    assert run_usage(parse([]), None) == 1
+def test_run_usage_on_a_missing_database_prints_the_empty_report(tmp_path, capsys):
+    assert run_usage(parse([]), str(tmp_path / "usage.db")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: all recorded requests") and "(no requests)" in out
+    assert run_usage(parse([]), None) == 1  # nothing configured at all
+    assert "no usage database configured" in capsys.readouterr().err
+
+
+def test_the_usage_endpoint_answers_a_missing_database_like_the_report(tmp_path):
+    """/usage and `llm-proxy usage` show one shape, made in one place, for "nothing yet"."""
+    from werkzeug.test import Client
+
+    from proxy.app import App
+    from proxy.config import load_config
+
+    db = tmp_path / "usage.db"
+    app = App(load_config(env={"LLM_PROXY_DB": str(db), "LLM_PROXY_TRACKER": "false"}))
+    try:
+        response = Client(app).get("/usage", query_string={"since": "2026-11-01",
+                                                           "until": "2026-11-30"})
+    finally:
+        app.close()
+    assert response.status_code == 200 and not db.exists()
+    assert response.json == summarize(str(db), "2026-11-01", "2026-11-30", top=50)
 
 
 def test_run_usage_bad_date(db, capsys):

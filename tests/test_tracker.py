@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-import proxy.tracker as tracker_module
-from proxy.tracker import SCHEMA_VERSION, TABLE, NullTracker, Tracker
+from proxy.store import TrackerPathError, open_store
+from proxy.store.sqlite import SCHEMA_VERSION, TABLE, SqliteStore
+from proxy.tracker import NullTracker, Tracker
 from proxy.usage import UsageRecord
 
 from conftest import fill_filesystem, remount
@@ -132,13 +133,13 @@ def test_flush_with_nothing_pending(db_path, make_tracker):
 
 def test_each_batch_is_one_transaction(db_path, make_tracker, monkeypatch):
     calls = []
-    real_insert = tracker_module.insert_rows
+    real_insert = SqliteStore.insert_rows
 
-    def counting_insert(conn, rows, only_new=False):
+    def counting_insert(store, rows, only_new=False):
         calls.append(len(rows))
-        real_insert(conn, rows, only_new)
+        return real_insert(store, rows, only_new)
 
-    monkeypatch.setattr(tracker_module, "insert_rows", counting_insert)
+    monkeypatch.setattr(SqliteStore, "insert_rows", counting_insert)
     tracker = make_tracker(db_path, batch_size=50)
     for i in range(200):  # queued before the writer starts, so batches are full
         tracker.record(rec(i))
@@ -420,15 +421,15 @@ def test_spilled_poison_lines_are_replayed_or_moved_aside_never_retried(db_path,
 def test_a_path_that_cannot_hold_a_database_is_a_start_up_error(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a directory should be")
-    with pytest.raises(tracker_module.TrackerPathError, match="not-a-dir"):
-        tracker_module.check_database(str(blocker / "usage.db"))
+    with pytest.raises(TrackerPathError, match="not-a-dir"):
+        open_store(str(blocker / "usage.db")).check()
     (tmp_path / "a-dir.db").mkdir()
-    with pytest.raises(tracker_module.TrackerPathError, match="a-dir.db"):
-        tracker_module.check_database(str(tmp_path / "a-dir.db"))
+    with pytest.raises(TrackerPathError, match="a-dir.db"):
+        open_store(str(tmp_path / "a-dir.db")).check()
     (tmp_path / "junk.db").write_bytes(b"this is not a database, just sixteen+ bytes of junk" * 100)
-    with pytest.raises(tracker_module.TrackerPathError, match="junk.db"):
-        tracker_module.check_database(str(tmp_path / "junk.db"))
-    assert tracker_module.check_database(str(tmp_path / "fine" / "usage.db")) is None
+    with pytest.raises(TrackerPathError, match="junk.db"):
+        open_store(str(tmp_path / "junk.db")).check()
+    assert open_store(str(tmp_path / "fine" / "usage.db")).check() is None
 
 
 def test_a_database_that_cannot_be_opened_keeps_rows_until_it_can(tmp_path, make_tracker):
@@ -473,8 +474,8 @@ def test_a_read_only_database_directory_loses_no_row(small_fs, tmp_path, make_tr
     assert first.flush()
     first.close()
     remount(small_fs, "ro")  # (a filesystem with open writable files cannot be remounted)
-    with pytest.raises(tracker_module.TrackerPathError, match="usage2.db"):
-        tracker_module.check_database(str(small_fs / "usage2.db"))  # the master's start-up check
+    with pytest.raises(TrackerPathError, match="usage2.db"):
+        open_store(str(small_fs / "usage2.db")).check()  # the master's start-up check
     tracker = make_tracker(db, spill_dir=str(tmp_path / "spill"), spill_after=0.2)
     tracker.start()  # a worker: no exception, rows wait
     for i in range(1, 101):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from ..limits import MemoryBudget
 from ..pipeline.replies import StartResponse, reason_phrase
 from ..routing import Breakers
 from ..text import loggable
-from ..tracker import Tracker, fault_kind
+from ..store import StoreFault
+from ..tracker import Tracker
 
 log = logging.getLogger("proxy.admin")
 
@@ -92,15 +92,12 @@ class AdminApp:
         from .. import report
         since, until, top = usage_bounds(request.args)
         self._flush_unless_degraded(self.deps.tracker(), 2.0)
-        if not os.path.exists(self.deps.db_path):
-            return _json_response(start_response, 200, {"totals": {"requests": 0}, "by_day": [],
-                                                        "by_model": [], "by_client_key": []})
         try:
             summary = report.summarize(self.deps.db_path, since=since, until=until, top=top)
         except ValueError as exc:
             raise BadRequest(f"bad since/until: {exc}") from None
-        except (OSError, sqlite3.Error) as exc:
-            raise ReportUnavailable(f"the usage database cannot be read now ({fault_kind(exc)})") from None
+        except StoreFault as exc:
+            raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
         return _json_response(start_response, 200, summary)
 
     def _flush_unless_degraded(self, tracker: Tracker, timeout: float) -> None:

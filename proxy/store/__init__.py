@@ -1,0 +1,120 @@
+"""Where usage rows are kept: the ``UsageStore`` interface, its errors and the factory.
+
+The tracker (queue, batching, retries, spill and replay) and the report (time bounds,
+rendering) sit above this seam and know nothing of the database behind it: SQLite now,
+PostgreSQL later (``tracker.db = "postgresql://..."``, issue 13).  So the interface speaks
+only in plain values (row dicts, epoch seconds, counts) and in the exceptions below: each
+implementation translates its driver's errors into them, once, the way ``requests``
+translates urllib3's, and nothing above ever catches a driver's exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, TypedDict
+
+# The token counts a report sums, in the order it shows them.
+TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+)
+# What a breakdown can group rows by: the UTC day they started, the model (the upstream's,
+# else the one asked for) and the client key's id.
+GROUPINGS = ("day", "model", "client_key")
+
+
+class Counts(TypedDict):
+    """Sums over a set of rows, as a store answers them (the report derives the rest)."""
+
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    cost_usd: float  # of the priced rows only
+    unpriced_requests: int  # rows that used tokens but had no price: spend the cost misses
+    failures: dict[str, int]  # rows per end_reason, every reason except "complete"
+
+
+def empty_counts() -> Counts:
+    """The counts of no rows at all."""
+    return Counts(requests=0, **dict.fromkeys(TOKEN_FIELDS, 0), cost_usd=0.0,
+                  unpriced_requests=0, failures={})
+
+
+class TrackerPathError(Exception):
+    """The usage database cannot be used at this setting at all (a start-up error)."""
+
+
+class StoreFault(Exception):
+    """The store refuses work for a reason that may clear (locked, full, read-only, gone).
+
+    ``kind`` is a fixed name (/health shows it, never the raw text, which can quote paths
+    or data); ``detail`` is the driver's message, made safe for a log line."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+class RowRejected(Exception):
+    """The store will never take these rows as they are (a constraint, a value it cannot
+    hold): retrying cannot help, so the caller sets them aside instead."""
+
+
+class UsageStore(abc.ABC):
+    """One database of usage rows.  Creating one does no I/O; connections are made on use,
+    so a store can be built before the database is reachable.  Not thread-safe: the
+    tracker's writer thread, or one report, owns a store."""
+
+    @abc.abstractmethod
+    def check(self) -> str | None:
+        """Start-up check (in gunicorn's master): raise TrackerPathError when the setting can
+        never work; return a warning when the database is unusable for now, else None."""
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Connect and bring the schema up to date, ready for inserts; idempotent.
+        Raises StoreFault."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of every connection; never raises.  The store can be opened again."""
+
+    @abc.abstractmethod
+    def insert_rows(self, rows: list[dict], only_new: bool = False) -> int:
+        """Store ``rows`` (complete dicts of RECORD_FIELDS) in one transaction, all or none;
+        return how many were stored.  With ``only_new``, rows whose request_id is stored
+        already are skipped: replays and retries must never store a row twice.  Opens the
+        store if needed.  Raises StoreFault (nothing stored, try again later) or RowRejected
+        (nothing stored; some row can never be)."""
+
+    @abc.abstractmethod
+    def totals(self, since: float | None, until: float | None) -> Counts:
+        """Counts over the rows that started in [since, until) (epoch seconds, None for no
+        bound).  A database that does not exist yet holds no rows.  Raises StoreFault, or
+        ValueError when the database holds something other than usage rows."""
+
+    @abc.abstractmethod
+    def breakdown(self, grouping: str, since: float | None, until: float | None,
+                  top: int | None = None) -> dict[Any, Counts]:
+        """Counts per group (one of GROUPINGS; a row without a value is in the group None);
+        with ``top``, only the ``top`` groups with the most spend, then requests.  Raises as
+        ``totals`` does."""
+
+    @abc.abstractmethod
+    def group_count(self, grouping: str, since: float | None, until: float | None) -> int:
+        """How many groups ``breakdown`` would return without ``top``."""
+
+
+def open_store(db: str, busy_timeout_ms: int = 5000) -> UsageStore:
+    """The store that the ``tracker.db`` setting names (a file path: SQLite).  Nothing is
+    opened yet; ``busy_timeout_ms`` bounds how long a call waits for another writer."""
+    from .sqlite import SqliteStore
+
+    return SqliteStore(db, busy_timeout_ms)

@@ -1,0 +1,350 @@
+"""Usage rows in one SQLite file: the embedded default store.
+
+Several processes (gunicorn workers) share one file safely: WAL mode lets readers and one
+writer work together, ``BEGIN IMMEDIATE`` takes the write lock up front, and
+``busy_timeout`` makes writers queue for each other.  The schema is versioned with
+``PRAGMA user_version`` and migrated when the store is opened for writing, under a write
+lock.  Reading (the report) never creates, migrates or writes the file.
+
+This is the one module that sees ``sqlite3``: its errors become StoreFault (the database,
+for now) or RowRejected (the row, for ever) here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+import time
+from typing import Any, Iterator
+
+from ..text import loggable
+from ..usage import RECORD_FIELDS
+from . import TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError, UsageStore, \
+    empty_counts
+
+log = logging.getLogger(__name__)
+
+TABLE = "usage_records"
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE {TABLE} (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            request_id TEXT, started_at REAL, ended_at REAL, ttfb_ms REAL, ttft_ms REAL,
+            endpoint TEXT, model_requested TEXT, deployment TEXT, upstream_model TEXT,
+            attempts INTEGER, fallbacks INTEGER, status INTEGER, end_reason TEXT,
+            stop_reason TEXT, input_tokens INTEGER, output_tokens INTEGER,
+            cache_read_tokens INTEGER, cache_write_tokens INTEGER, reasoning_tokens INTEGER,
+            cost_usd REAL, priced INTEGER, usage_complete INTEGER, client_key_id TEXT,
+            bytes_in INTEGER, bytes_out INTEGER, error TEXT, stream INTEGER
+        )""",
+        f"CREATE INDEX {TABLE}_started_at ON {TABLE} (started_at)",
+        f"CREATE INDEX {TABLE}_model ON {TABLE} (upstream_model, model_requested)",
+        f"CREATE INDEX {TABLE}_client_key ON {TABLE} (client_key_id, started_at)",
+        f"CREATE INDEX {TABLE}_end_reason ON {TABLE} (end_reason, started_at)",
+        f"CREATE INDEX {TABLE}_request_id ON {TABLE} (request_id)",
+    ),
+    # v2: failed tries (deployment, why, input tokens seen) before the one that answered.
+    (f"ALTER TABLE {TABLE} ADD COLUMN attempt_log TEXT",),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = ", ".join(RECORD_FIELDS)
+_PARAMS = ", ".join(f":{name}" for name in RECORD_FIELDS)
+_INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_PARAMS})"
+# Replayed rows may already be stored (a replay cut short, a batch spilled by close() while
+# a stuck writer committed it after all): the request id decides.
+_INSERT_NEW = (f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_PARAMS} WHERE NOT EXISTS "
+               f"(SELECT 1 FROM {TABLE} WHERE request_id = :request_id)")
+# Errors that belong to one row (a constraint, a value SQLite cannot bind), not to the
+# database; anything else from SQLite is a fault of the store, and rows wait.
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
+               sqlite3.DataError, OverflowError, ValueError, TypeError)
+
+# The report's sums; the order is the order of Counts (see _counts).
+_HAS_TOKENS = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4]) + " > 0"
+_AGGREGATES = ", ".join(
+    ["COUNT(*)"]
+    + [f"COALESCE(SUM({c}), 0)" for c in TOKEN_FIELDS]
+    + ["TOTAL(CASE WHEN priced THEN cost_usd END)",
+       f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)"]
+)
+_SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
+_GROUP_EXPRESSIONS = {
+    "day": "date(started_at, 'unixepoch')",
+    "model": "COALESCE(upstream_model, model_requested)",
+    "client_key": "client_key_id",
+}
+_ALL_ROWS = "NULL"  # the "group" of the totals: every row has the same key, None
+
+
+class SqliteStore(UsageStore):
+    """Usage rows in the SQLite file at ``path``: one connection for writing (opened,
+    created and migrated by ``open``) and one for reading (the file as it is)."""
+
+    def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+
+    def check(self) -> str | None:
+        """The path itself is wrong (a parent that is a file, a directory that cannot be
+        created or written, a file that is not a database): TrackerPathError.  A fault that
+        may clear (locked, disk full, I/O error) only returns a warning: the proxy serves
+        anyway, and its writers keep rows until the database takes them."""
+        try:
+            open_database(self.path, self.busy_timeout_ms).close()
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise TrackerPathError(f"usage database {self.path}: {exc.filename or 'a parent'} "
+                                   "is not a directory") from None
+        except OSError as exc:
+            raise TrackerPathError(f"usage database {self.path}: {exc.strerror or exc}"
+                                   + (f" ({exc.filename})" if exc.filename else "")) from None
+        except sqlite3.DatabaseError as exc:
+            kind = fault_kind(exc)
+            if kind in ("cannot_open", "read_only", "not_a_database"):
+                raise TrackerPathError(f"usage database {self.path}: {exc}") from None
+            return f"usage database {self.path} is not usable yet ({kind}): {exc}"
+        return None
+
+    def open(self) -> None:
+        if self._writer is None:
+            try:
+                self._writer = open_database(self.path, self.busy_timeout_ms)
+            except (sqlite3.Error, OSError) as exc:
+                raise _fault(exc) from None
+
+    def close(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+        self._writer = self._reader = None
+
+    def insert_rows(self, rows: list[dict], only_new: bool = False) -> int:
+        self.open()
+        try:
+            return _insert(self._writer, rows, only_new)
+        except _ROW_ERRORS as exc:  # this row, not the database: the connection is fine
+            raise RowRejected(loggable(exc, 300)) from None
+        except (sqlite3.Error, OSError) as exc:  # locked, full, read-only, corrupt, replaced
+            self.close()  # a remounted or replaced file needs a fresh connection
+            raise _fault(exc) from None
+
+    # -- the report's queries ---------------------------------------------------------------
+
+    def totals(self, since: float | None, until: float | None) -> Counts:
+        return self._grouped(_ALL_ROWS, since, until).get(None) or empty_counts()
+
+    def breakdown(self, grouping: str, since: float | None, until: float | None,
+                  top: int | None = None) -> dict[Any, Counts]:
+        return self._grouped(_GROUP_EXPRESSIONS[grouping], since, until, top)
+
+    def group_count(self, grouping: str, since: float | None, until: float | None) -> int:
+        where, params = _window(since, until)
+        rows = self._query(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(where)} "
+                           f"GROUP BY {_GROUP_EXPRESSIONS[grouping]})", params)
+        return rows[0][0] if rows else 0
+
+    def _grouped(self, expression: str, since: float | None, until: float | None,
+                 top: int | None = None) -> dict[Any, Counts]:
+        """Counts per value of ``expression``, failures included; with `top`, only the
+        groups with the most spend, then requests (their failures only)."""
+        where, params = _window(since, until)
+        limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
+        groups = {row[0]: _counts(row[1:]) for row in self._query(
+            f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(where)} "
+            f"GROUP BY k{limit}", params)}
+        failed, failed_params = [*where, "end_reason != 'complete'"], list(params)
+        if top is not None:
+            failed.append(_member_of(expression, list(groups), failed_params))
+        for key, reason, count in self._query(
+                f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed)} "
+                "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
+            groups[key]["failures"][reason] = count
+        return groups
+
+    def _query(self, sql: str, params: list) -> list[tuple]:
+        """All rows of a read; none while the database does not exist or is empty."""
+        try:
+            conn = self._reading()
+            return conn.execute(sql, params).fetchall() if conn is not None else []
+        except (sqlite3.Error, OSError) as exc:
+            raise _fault(exc) from None
+
+    def _reading(self) -> sqlite3.Connection | None:
+        """The read connection; None for a file that does not exist or has no tables yet
+        (connecting would create it).  ValueError for a database of something else."""
+        if self._reader is None and os.path.exists(self.path):
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000.0)
+            try:
+                tables = {name for (name,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except BaseException:
+                conn.close()
+                raise
+            if TABLE in tables:
+                self._reader = conn
+                return conn
+            conn.close()
+            if tables:
+                raise ValueError(f"{self.path} is not a usage database (no {TABLE} table)")
+        return self._reader
+
+
+def _fault(exc: BaseException) -> StoreFault:
+    return StoreFault(fault_kind(exc), loggable(exc, 300))
+
+
+def fault_kind(exc: BaseException) -> str:
+    """A fixed name for what an OSError or sqlite3 error says of the database."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk_full"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "read_only"
+        return "cannot_open"
+    text = str(exc).lower()
+    for marker, kind in (("locked", "locked"), ("busy", "locked"), ("full", "disk_full"),
+                         ("readonly", "read_only"), ("read-only", "read_only"),
+                         ("unable to open", "cannot_open"), ("not a database", "not_a_database"),
+                         ("malformed", "corrupt"), ("disk i/o", "io_error")):
+        if marker in text:
+            return kind
+    return "error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections and the schema.
+
+
+def open_database(db_path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Create the directory, open, migrate: a connection ready for inserts."""
+    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    conn = connect(db_path, busy_timeout_ms)
+    try:
+        migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect(db_path: str, busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open ``db_path`` in WAL mode with a busy timeout, in autocommit (explicit BEGIN) mode."""
+    conn = sqlite3.connect(
+        db_path,
+        timeout=busy_timeout_ms / 1000.0,
+        isolation_level=None,
+        check_same_thread=False,  # opened by Tracker.start(), then owned by its writer thread
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone())
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _retry_locked(action, tries: int = 20):
+    """Switching to WAL needs a moment of exclusive access; workers starting together wait."""
+    for attempt in range(tries):
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    return None
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to ``SCHEMA_VERSION`` under a write lock; returns the version found."""
+    found = _user_version(conn)
+    if found >= SCHEMA_VERSION:
+        _warn_if_newer(found)
+        return found
+    with _write_transaction(conn):
+        found = _user_version(conn)  # another worker may have migrated while we waited
+        for statements in MIGRATIONS[found:]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return found
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _warn_if_newer(found: int) -> None:
+    if found > SCHEMA_VERSION:
+        log.warning("usage database schema v%d is newer than this proxy's v%d",
+                    found, SCHEMA_VERSION)
+
+
+def _insert(conn: sqlite3.Connection, rows: list[dict], only_new: bool) -> int:
+    """Insert ``rows`` in one transaction (all of them are stored, or none); how many were."""
+    with _write_transaction(conn):
+        return conn.executemany(_INSERT_NEW if only_new else _INSERT, rows).rowcount
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """All or nothing.  ``BEGIN IMMEDIATE`` takes the write lock up front: a deferred
+    transaction that upgrades from reading to writing can fail with "locked" at once,
+    where busy_timeout would have let it wait its turn."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing was open, or the connection is gone: either way nothing was written
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's SQL.
+
+
+def _window(since: float | None, until: float | None) -> tuple[list[str], list]:
+    clauses, params = [], []
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("started_at < ?")
+        params.append(until)
+    return clauses, params
+
+
+def _where(clauses: list[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _member_of(expression: str, keys: list, params: list) -> str:
+    """SQL for "expression is one of keys" (NULL included), appending the keys to params."""
+    values = [k for k in keys if k is not None]
+    params.extend(values)
+    parts = [f"{expression} IN ({', '.join('?' * len(values))})"] if values else []
+    if None in keys:
+        parts.append(f"{expression} IS NULL")
+    return "(" + " OR ".join(parts) + ")" if parts else "0"
+
+
+def _counts(values: tuple) -> Counts:
+    requests, *tokens, cost, unpriced = values
+    return Counts(requests=requests, **dict(zip(TOKEN_FIELDS, tokens)), cost_usd=cost,
+                  unpriced_requests=unpriced, failures={})
