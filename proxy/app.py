@@ -24,7 +24,7 @@ from werkzeug.wrappers import Request
 from .admin import ADMIN_PATHS, AdminApp, AdminDeps
 from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, ShuttingDown
-from .formats import Format, for_client
+from .formats import Format
 from .heartbeat import Heartbeat
 from .limits import MemoryBudget
 from .pipeline.admit import (ENDPOINTS, MODELS_PATH, Admission, AdmitDeps, Opened, format_for,
@@ -63,9 +63,7 @@ class ProxyApp:
                                          "models" if path == MODELS_PATH else "other",
                                          request.content_length or 0)
             return self._serve(request, path, fmt, opened, start_response)
-        except ProxyError as err:
-            log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(path),
-                     fmt.status_of(err), loggable(err.message))
+        except ProxyError as err:  # logged once, with the row
             return self._refuse(fmt, err, opened, start_response)
         except Exception as exc:  # a bug must cost one request, never the worker
             log.exception("internal error on %s %s", loggable(request.method, 32), loggable(path))
@@ -95,6 +93,8 @@ class ProxyApp:
     def _refuse(fmt: Format, err: ProxyError, opened: Opened | None,
                 start_response: StartResponse) -> Iterable[bytes]:
         if opened is None:  # the record itself could not be opened
+            log.warning("refused a request without a usage row: %s %s", fmt.status_of(err),
+                        loggable(err.message))
             return error_response(fmt, err, new_request_id(), start_response)
         opened.record.failed(fmt.status_of(err), err)
         return error_response(fmt, err, opened.request_id, start_response, opened.redactor)
@@ -110,7 +110,7 @@ class ProxyApp:
         are not a request to account for: they get the answer and a log line only."""
         headers = {name.lower(): value for name, value in (head.headers if head else [])}
         endpoint = ENDPOINTS.get(head.path) if head else None
-        fmt = endpoint.fmt if endpoint else for_client(headers)
+        fmt = format_for(head.path if head else None, headers)
         status = fmt.status_of(err)
         if head is None:
             request_id, redactor = new_request_id(), None
@@ -120,8 +120,7 @@ class ProxyApp:
             request_id, redactor = opened.request_id, opened.redactor
         log.info("refused %s %s %s: %s %s", request_id, loggable(head.method if head else None, 32),
                  loggable(head.target if head else None), status, loggable(err.message))
-        status, headers_out, body = error_parts(fmt, err, request_id, redactor)
-        return status, headers_out, body
+        return error_parts(fmt, err, request_id, redactor)
 
 
 class App:
@@ -156,7 +155,8 @@ class App:
             budget=self.budget))
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") in ADMIN_PATHS:
+        # The path as werkzeug reads it (`//health` is `/health`), so both apps agree.
+        if "/" + environ.get("PATH_INFO", "").lstrip("/") in ADMIN_PATHS:
             return self.admin(environ, start_response)
         return self.proxy(environ, start_response)
 

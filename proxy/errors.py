@@ -155,6 +155,15 @@ class UpstreamHTTPError(ProxyError):
         self.upstream_type = upstream_type
 
 
+class NotConfigured(ProxyError):
+    """The proxy serves no upstream for this API: the operator's configuration, not the
+    client's request, is what is missing."""
+
+    status = 500
+    code = "not_configured"
+    end_reason = EndReason.UPSTREAM_ERROR
+
+
 class NoUsableDeployment(ProxyError):
     status = 400
     code = "no_usable_deployment"

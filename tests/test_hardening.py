@@ -206,7 +206,7 @@ def test_a_worker_records_the_rows_of_its_last_requests_before_it_closes_the_tra
     def account(request_id: str) -> RequestRecord:
         record = RequestRecord(app.tracker, PriceTable({}), request_id=request_id,
                                endpoint="anthropic", client_key_id=None, bytes_in=0,
-                               deployment="d", on_finish=app.inflight.done)
+                               on_finish=app.inflight.done)
         app.inflight.add(record)
         return record
 

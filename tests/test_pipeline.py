@@ -5,6 +5,7 @@ record's one writer.  (End to end, the same code runs under gunicorn in the othe
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from werkzeug.test import Client
@@ -318,3 +319,40 @@ def test_health_says_503_while_shutting_down_so_a_balancer_stops_sending(app):
     app.begin_shutdown()
     answer = client.get("/health")
     assert (answer.status_code, answer.json["status"]) == (503, "shutting_down")
+
+
+def test_a_bug_in_an_admin_endpoint_is_a_json_500_and_no_row(tmp_path):
+    class BrokenBreakers:
+        def snapshot(self):
+            raise RuntimeError("a bug")
+
+    from proxy.admin import AdminApp, AdminDeps
+    from proxy.limits import MemoryBudget
+    admin = AdminApp(AdminDeps(db_path=str(tmp_path / "u.db"), started_tracker=lambda: None,
+                               tracker=lambda: None, shutting_down=lambda: False,
+                               live_streams=lambda: 0, breakers=BrokenBreakers(),
+                               budget=MemoryBudget(1 << 20)))
+    answer = Client(admin).get("/health", headers={"anthropic-version": "2023-06-01"})
+    assert answer.status_code == 500
+    assert answer.json["error"]["type"] == "api_error"
+    assert "x-llm-proxy-request-id" not in answer.headers  # no row to point at
+
+
+def test_a_stream_refused_before_any_try_is_recorded_as_a_stream(tmp_path):
+    config = tmp_path / "c.toml"
+    # Every provider speaks Anthropic's API: nothing serves the OpenAI endpoints.
+    config.write_text('[providers.openai]\nbase_url = "http://127.0.0.1:9"\nformat = "anthropic"\n')
+    app = App(load_config(str(config), env={"LLM_PROXY_DB": str(tmp_path / "u.db")}))
+    try:
+        answer = Client(app).post("/v1/chat/completions", json={
+            "model": "gpt-x", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        assert answer.status_code == 500
+        assert answer.json["error"]["type"] == "server_error"
+        assert "no openai provider" in answer.json["error"]["message"]
+        app.tracker.flush(5)
+        conn = sqlite3.connect(tmp_path / "u.db")
+        row = conn.execute("SELECT stream, end_reason, model_requested FROM usage_records").fetchone()
+        conn.close()
+        assert row == (1, "upstream_error", "gpt-x")
+    finally:
+        app.close(1)

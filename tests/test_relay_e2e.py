@@ -588,6 +588,26 @@ def test_crlf_stream_trickled_byte_by_byte_arrives_intact(proxy, fake, name):
     assert proxy.row(r.request_id)["end_reason"] == "complete"
 
 
+def test_the_lf_of_a_stripped_usage_chunk_does_not_reach_the_client(proxy, fake):
+    """A chat stream without `[DONE]` whose last event (the usage chunk the proxy asked for,
+    so the client never sees it) ends on a CR read apart from its LF: that LF belongs to
+    the stripped chunk, so nothing follows the last event the client got."""
+    role = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,' \
+           b'"delta":{"role":"assistant","content":""},"finish_reason":null}]}\r\n\r\n'
+    text = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,' \
+           b'"delta":{"content":"hi"},"finish_reason":"stop"}]}\r\n\r\n'
+    usage = b'data: {"id":"c","object":"chat.completion.chunk","choices":[],"usage":' \
+            b'{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\r\n\r'
+    fake.enqueue([Status(200, headers=SSE_CT), Send(role), Send(text), Send(usage), Send(b"\n"),
+                  End()])
+    body = dict(PROTOS["chat"].body)
+    body.pop("stream_options", None)  # the proxy asks for usage itself and strips the chunk
+    r = RawResponse(proxy.url, "/v1/chat/completions", body).read_head()
+    assert r.read_all().replace(KEEPALIVE, b"") == role + text
+    row = proxy.row(r.request_id)
+    assert (row["end_reason"], row["output_tokens"]) == ("complete", 1)
+
+
 # ===========================================================================
 # 11. Errors in the endpoint's own format and status
 # ===========================================================================

@@ -26,7 +26,7 @@ from ..pipeline.replies import StartResponse, reason_phrase
 from ..routing import Breakers
 from ..text import loggable
 from ..store import StoreFault
-from ..tracker import Tracker
+from ..tracker import NullTracker, Tracker
 
 log = logging.getLogger("proxy.admin")
 
@@ -41,8 +41,8 @@ USAGE_MAX_DAYS = 400
 @dataclass(frozen=True)
 class AdminDeps:
     db_path: str
-    started_tracker: Callable[[], Tracker | None]  # this process's writer, if it runs
-    tracker: Callable[[], Tracker]  # ... started on demand
+    started_tracker: Callable[[], Tracker | NullTracker | None]  # this process's, if it runs
+    tracker: Callable[[], Tracker | NullTracker]  # ... started on demand
     shutting_down: Callable[[], bool]
     live_streams: Callable[[], int]
     breakers: Breakers
@@ -65,6 +65,10 @@ class AdminApp:
             err = _as_proxy_error(exc, request)
         except ProxyError as exc:
             err = exc
+        except Exception:  # a bug must cost one request, never the worker (and never a row)
+            log.exception("internal error on %s %s", loggable(request.method, 32),
+                          loggable(request.path))
+            err = ProxyError("internal error in the proxy")
         log.info("rejected %s %s: %s %s", loggable(request.method, 32), loggable(request.path),
                  err.status, loggable(err.message))
         # No request id: these requests have no usage row for one to point at.
@@ -100,7 +104,7 @@ class AdminApp:
             raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
         return _json_response(start_response, 200, summary)
 
-    def _flush_unless_degraded(self, tracker: Tracker, timeout: float) -> None:
+    def _flush_unless_degraded(self, tracker: Tracker | NullTracker, timeout: float) -> None:
         """Wait for queued rows, one caller at a time and not while the store refuses them:
         anyone may call these endpoints, and each wait holds a thread."""
         if not self._flush_lock.acquire(blocking=False):

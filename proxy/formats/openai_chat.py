@@ -40,10 +40,10 @@ class ChatFormat(Format):
     def request_facts(self, payload: dict, may_stream: bool = True) -> RequestFacts:
         """A stream whose client did not ask for usage gets it asked for anyway (the row
         needs it); the usage chunk that brings is then kept from the client."""
+        facts = super().request_facts(payload, may_stream)
         options = payload.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise BadRequest(f"`stream_options` must be an object, not a JSON {json_type(options)}")
-        facts = super().request_facts(payload, may_stream)
         if not facts.stream or (options or {}).get("include_usage") is True:
             return facts
         payload["stream_options"] = {**(options or {}), "include_usage": True}

@@ -1,9 +1,10 @@
 """Admit: read and check a client request, open its usage record, decide its route.
 
-Everything a client can get wrong is found here and answered with a 4xx in the
-endpoint's own error shape before anything goes upstream: an unknown path or method, a
-body too large, cut short, too slow or too costly to parse, JSON that is not an object,
-a missing model, a header that cannot be forwarded.  Every request the proxy handles,
+Everything a client can get wrong in a request for a known endpoint is found here and
+answered with a 4xx in the endpoint's own error shape before anything goes upstream (the
+proxy app refuses unknown paths and methods itself): a body too large, cut short, too
+slow or too costly to parse, JSON that is not an object, a missing model, a header that
+cannot be forwarded.  Every request the proxy handles,
 refused or not, gets a usage record here, under its request id, before any check runs.
 """
 
@@ -18,8 +19,7 @@ from werkzeug.wrappers import Request
 
 from .. import formats
 from ..config import Config
-from ..errors import (BadRequest, NotFound, Overloaded, PayloadTooLarge,
-                      RequestTimeout)
+from ..errors import BadRequest, NotConfigured, Overloaded, PayloadTooLarge, RequestTimeout
 from ..formats import Format
 from ..limits import MemoryBudget, json_parse_cost
 from ..pricing import PriceTable
@@ -85,8 +85,7 @@ class Admission:
     def __init__(self, deps: AdmitDeps) -> None:
         self.deps = deps
 
-    def open(self, headers: Mapping[str, str], endpoint: str, bytes_in: int = 0,
-             deployment: str | None = None) -> Opened:
+    def open(self, headers: Mapping[str, str], endpoint: str, bytes_in: int = 0) -> Opened:
         """A request id and a usage record, counted in flight until it is finished."""
         request_id = new_request_id()
         credentials = request_credentials(headers)
@@ -94,8 +93,7 @@ class Admission:
         key_id = client_key_id(credentials[0] if credentials else None, self.deps.key_secret())
         record = RequestRecord(self.deps.rows(), self.deps.prices, request_id=request_id,
                                endpoint=endpoint, client_key_id=key_id, bytes_in=bytes_in,
-                               redactor=redactor, deployment=deployment,
-                               on_finish=self.deps.inflight.done)
+                               redactor=redactor, on_finish=self.deps.inflight.done)
         self.deps.inflight.add(record)
         return Opened(request_id, redactor, record)
 
@@ -105,18 +103,19 @@ class Admission:
         body = self._read_body(request)
         opened.record.received(len(body))
         payload, reservation = self._parse_within_budget(opened.record, body)
-        opened.record.model_named(endpoint.fmt.model_of(payload))
-        if endpoint.needs_model and not (endpoint.fmt.model_of(payload) or "").strip():
+        model = endpoint.fmt.model_of(payload)
+        opened.record.model_named(model)
+        if endpoint.needs_model and not (model or "").strip():
             raise BadRequest("`model` is required and must be a non-empty string")
         facts = endpoint.fmt.request_facts(payload, endpoint.may_stream)
+        opened.record.admitted(stream=facts.stream,
+                               usage_format=endpoint.fmt if endpoint.bills_usage else None)
         route = self._route(facts.model, endpoint.fmt)
         if facts.edited:
             body = encode_json_body(payload)
         keeps_payload = any(d.edits_body for d in route.deployments)
         if not keeps_payload:
             reservation.shrink(len(body))  # the parsed object is gone; the body stays
-        opened.record.admitted(stream=facts.stream,
-                               usage_format=endpoint.fmt if endpoint.bills_usage else None)
         return ProxyRequest(
             request_id=opened.request_id, endpoint=endpoint.name, fmt=endpoint.fmt, route=route,
             method="POST", path=path_and_query(request), body=body,
@@ -178,7 +177,7 @@ class Admission:
     def _provider(self, fmt: Format) -> str:
         provider = self.deps.config.provider_for(fmt.provider_format)
         if provider is None:
-            raise NotFound(f"this proxy has no {fmt.provider_format} provider configured")
+            raise NotConfigured(f"this proxy has no {fmt.provider_format} provider configured")
         return provider.name
 
     def _keepalive(self, route: Route) -> bool:

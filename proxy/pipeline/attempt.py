@@ -121,8 +121,7 @@ class TryLoop:
         self.plan: AttemptPlan = deps.router.plan(preq.route)
 
     def run(self, take: Take) -> Outcome:
-        last = Outcome.failed(UpstreamBroken("no deployment answered"))
-        tried = False
+        last: Outcome | None = None  # the last try's, if one was made
         while (attempt := self.plan.next_attempt()) is not None:
             if attempt.delay and self.exchange.ended.wait(attempt.delay) \
                     or self.exchange.end_error is not None:
@@ -133,11 +132,10 @@ class TryLoop:
             except BaseException:
                 self.plan.abandoned(attempt, answered=False)
                 raise
-            tried = True
             if outcome.answered or outcome.final:
                 return self._done(outcome)
             last = outcome
-        return self._done(self._exhausted(last if tried else None))
+        return self._done(self._exhausted(last))
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
         self.record.try_started(attempt.deployment.name)
@@ -235,6 +233,7 @@ class TryLoop:
             self.plan.abandoned(attempt, record)
             return
         what_next = self.plan.failed(attempt, decision, record, retry_after)
+        self._note_counts()  # the row may be sealed from outside before the loop ends
         log.info("request %s: attempt %d on %s failed (%s%s); %s", self.preq.request_id,
                  attempt.number, attempt.deployment.name, record.outcome,
                  f" {record.status}" if record.status else "", what_next)
@@ -267,9 +266,12 @@ class TryLoop:
 
     def _done(self, outcome: Outcome) -> Outcome:
         """The plan's final counts go on the record (sealed already if a stream ended it)."""
+        self._note_counts()
+        return outcome
+
+    def _note_counts(self) -> None:
         self.record.tries_so_far(max(1, self.plan.attempts), self.plan.fallbacks,
                                  attempt_log_json(self.plan))
-        return outcome
 
 
 def _is_silence(err: ProxyError) -> bool:

@@ -5,7 +5,7 @@ Three threads decide together what the client's status line will be: the server 
 (whose deployments answer or fail) and the heartbeat (a client that hangs up, a shutdown).
 Every transition happens under one lock here:
 
-    WAITING ──answer()──────────> ANSWERING   a deployment answered: its headers go out
+    WAITING ──answer_with()─────> ANSWERING   a deployment answered: its headers go out
        │  └──refuse(outcome)────> REFUSED     no answer before any header: its own status
        └─────wait() times out───> COMMITTED   200 text/event-stream before any answer
 

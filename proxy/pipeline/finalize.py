@@ -42,7 +42,6 @@ class RequestRecord:
 
     def __init__(self, sink: RowSink, prices: PriceTable, *, request_id: str, endpoint: str,
                  client_key_id: str | None, bytes_in: int, redactor: Redactor | None = None,
-                 deployment: str | None = None,
                  on_finish: Callable[["RequestRecord"], None] | None = None) -> None:
         self._sink = sink
         self._prices = prices
@@ -56,8 +55,7 @@ class RequestRecord:
         self._body = bytearray()
         self.body_bytes = 0
         self.row = UsageRecord(request_id=request_id, started_at=time.time(), endpoint=endpoint,
-                               deployment=deployment, client_key_id=client_key_id,
-                               bytes_in=bytes_in)
+                               client_key_id=client_key_id, bytes_in=bytes_in)
 
     # -- facts, as the stages learn them ---------------------------------------------
     def model_named(self, model: str | None) -> None:
@@ -115,10 +113,6 @@ class RequestRecord:
         return fmt.upstream_error_message(body) if body is not None else None
 
     # -- the end: the first of these counts --------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
     def complete(self, status: int, bytes_out: int) -> None:
         self._finish(status, EndReason.COMPLETE, None, bytes_out)
 
@@ -236,10 +230,6 @@ class InFlight:
             self._cond.notify_all()
         if reservation is not None:
             reservation.release()
-
-    def count(self) -> int:
-        with self._cond:
-            return len(self._live)
 
     def wait_until_empty(self, timeout: float) -> bool:
         with self._cond:

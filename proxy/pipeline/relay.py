@@ -163,6 +163,13 @@ class TryStream:
         self.framer = SSEFramer(max_event_bytes)
         self.held: list[Event] | None = [] if attempt.hold_preamble else None
         self.content_seen = False
+        self.last_event_sent = False  # the last event framed went to the client
+
+    def tail(self, final: bool) -> bytes | None:
+        """What completes the last event on the wire (see `SSEFramer.settle`), or None while
+        it may still arrive; nothing for an event the client never got (a stripped chunk)."""
+        tail = self.framer.finish() if final else self.framer.settle()
+        return tail if tail is None or self.last_event_sent else b""
 
     def events(self, chunk: bytes) -> list[Event]:
         try:
@@ -279,6 +286,7 @@ class StreamRelay:
         return Outcome.taken(broke=self._conclude(current, failure))
 
     def _forward(self, event: Event, current: TryStream) -> None:
+        current.last_event_sent = False
         if self._protocol_end is not None:
             return  # anything after the protocol's end is not part of the answer
         payload = decode_event_data(event)
@@ -302,6 +310,7 @@ class StreamRelay:
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
         if not self.writer.write_event(event.raw, event.has_id, last=ends):
             return
+        current.last_event_sent = True
         if ends:
             self._end_by_protocol(kind, payload, current)
 
@@ -326,7 +335,7 @@ class StreamRelay:
 
     def _end_body_once_settled(self, current: TryStream) -> None:
         """Close the body once the last event is whole on the wire (see `SSEFramer.settle`)."""
-        tail = current.framer.settle()
+        tail = current.tail(final=False)
         if tail is None:
             return  # the next read (or the end of the stream) completes it
         if tail:
@@ -343,7 +352,7 @@ class StreamRelay:
             # `data: [DONE]` (some OpenAI-compatible servers): the answer is whole.
             self._end_by_protocol(EventKind.DONE, None, current)
         if self._protocol_end is not None:
-            tail = current.framer.finish()
+            tail = current.tail(final=True)
             if tail:
                 self.writer.write_event(tail)
             self.writer.close()  # recorded when the protocol's end went out
