@@ -14,8 +14,9 @@ from pathlib import Path
 
 import requests
 
-from conftest import free_port, wait_until_healthy
-from fakeupstream import Stall, Status, anthropic_stream, Send
+from support.builders import anthropic_stream
+from support.processes import free_port, wait_until_healthy, without_proxy_variables
+from support.steps import Send, Stall, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
     config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\n'
                       f'[tracker]\ndb = "{tmp_path / "u.db"}"\n')
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_PROXY_")}
+    env = {k: v for k, v in without_proxy_variables(os.environ).items() if not k.startswith("LLM_PROXY_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config),
                              "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"],

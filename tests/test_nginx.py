@@ -19,11 +19,12 @@ import time
 
 import pytest
 
-from fakeupstream import (End, Send, Sleep, Stall, Status, WaitFor, chat_stream, json_reply)
-from nginx_server import NginxProcess
+from support.builders import chat_stream
+from support.nginx import NginxProcess
+from support.rawhttp import RID
+from support.sse import KEEPALIVE
+from support.steps import End, Send, Sleep, Stall, Status, WaitFor, json_reply
 
-RID = "x-llm-proxy-request-id"
-KEEPALIVE = b": keepalive\n\n"
 ACCEPT_GZIP = {"Accept-Encoding": "gzip, deflate"}
 READ_TIMEOUT = 5.0  # per socket read: an event that nginx holds back fails the test here
 CHAT_STREAM_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,

@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from conftest import ProxyProcess
-from fakeupstream import (DEFAULT_TEXT, DEFAULT_USAGE, Cut, FakeUpstream, Reset, Send, Stall, Status,
-                          anthropic_error_body, anthropic_message, anthropic_ping, anthropic_stream,
-                          chat_completion, chat_stream, json_reply, openai_error_body,
-                          responses_stream, sse_reply)
+from support.builders import (DEFAULT_TEXT, DEFAULT_USAGE, anthropic_error_body, anthropic_message,
+                              anthropic_ping, anthropic_stream, chat_completion, chat_stream,
+                              openai_error_body, responses_stream)
+from support.fake import FakeUpstream
+from support.processes import ProxyProcess
+from support.rawhttp import RID
+from support.sse import Event, parse, split
+from support.steps import Cut, Reset, Send, Stall, Status, json_reply, sse_reply
 
-RID = "x-llm-proxy-request-id"
 DEPLOYMENT = "x-llm-proxy-deployment"
 FIRST_TOKEN_TIMEOUT = 0.5
 IDLE_TIMEOUT = 1.0
@@ -167,19 +169,6 @@ def _clean_fakes(primary, backup, big):
 # ---------------------------------------------------------------------------
 
 @dataclass
-class Event:
-    name: str | None
-    data: str
-
-    @property
-    def json(self):
-        try:
-            return json.loads(self.data)
-        except ValueError:
-            return None
-
-
-@dataclass
 class Result:
     status: int
     headers: requests.structures.CaseInsensitiveDict
@@ -200,29 +189,6 @@ class Result:
 
     def json(self):
         return json.loads(self.body)
-
-
-def parse_sse(body: bytes) -> tuple[list[Event], int]:
-    text = body.decode("utf-8").replace("\r\n", "\n")
-    assert text == "" or text.endswith("\n\n"), f"the stream ends inside an event: {text[-200:]!r}"
-    events, comments = [], 0
-    for block in text.split("\n\n")[:-1]:
-        name, data, only_comments = None, [], True
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                continue
-            only_comments = False
-            key, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if key == "event":
-                name = value
-            elif key == "data":
-                data.append(value)
-        if only_comments:
-            comments += 1
-        elif data:
-            events.append(Event(name, "\n".join(data)))
-    return events, comments
 
 
 ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH = "/v1/messages", "/v1/chat/completions", "/v1/responses"
@@ -250,7 +216,8 @@ def call(server: ProxyProcess, path: str, model: str, stream: bool = True) -> Re
         elapsed = time.monotonic() - started
     result = Result(r.status_code, r.headers, body, elapsed)
     if r.headers.get("content-type", "").startswith("text/event-stream"):
-        result.events, result.comments = parse_sse(body)
+        result.events = parse(body)
+        result.comments = len(split(body)[1])
     return result
 
 

@@ -16,14 +16,16 @@ import httpx2
 import openai
 import pytest
 
-from conftest import ProxyProcess
-from fakeupstream import (DEFAULT_COUNT_TOKENS, DEFAULT_MODELS, DEFAULT_TEXT, DEFAULT_TEXT_PIECES,
-                          DEFAULT_TOOL_INPUT, DEFAULT_TOOL_NAME, DEFAULT_USAGE, Cut, End, Send, Sleep,
-                          Status, anthropic_error_body, anthropic_error_event, anthropic_stream,
-                          chat_error_event, chat_stream, json_reply, openai_error_body,
-                          responses_error_event, responses_stream, total_input)
+from support.builders import (DEFAULT_COUNT_TOKENS, DEFAULT_MODELS, DEFAULT_TEXT,
+                              DEFAULT_TEXT_PIECES, DEFAULT_TOOL_INPUT, DEFAULT_TOOL_NAME,
+                              DEFAULT_USAGE, anthropic_error_body, anthropic_error_event,
+                              anthropic_stream, chat_error_event, chat_stream, openai_error_body,
+                              responses_error_event, responses_stream, total_input)
+from support.processes import ProxyProcess
+from support.rawhttp import RID
+from support.sse import KEEPALIVE
+from support.steps import Cut, End, Send, Sleep, Status, json_reply
 
-RID = "x-llm-proxy-request-id"
 ANTHROPIC_MODEL = "claude-opus-4-7"
 CHAT_MODEL = "gpt-4o"
 RESPONSES_MODEL = "gpt-4.1"
@@ -36,7 +38,6 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": DEFAULT_TOOL_NAME, "para
 RESPONSES_TOOLS = [{"type": "function", "name": DEFAULT_TOOL_NAME, "parameters": WEATHER_SCHEMA,
                     "strict": False}]
 SILENCE = 0.5  # seconds of upstream silence mid-answer: about ten keepalives at 50 ms
-KEEPALIVE = b": keepalive\n\n"
 KEEPALIVE_ALONE = b": keepalive\n"
 
 # The normalised usage of every default reply, as the usage row stores it.
@@ -68,7 +69,7 @@ class Wire:
 
     def __init__(self) -> None:
         self.responses: list[tuple[httpx2.Headers, bytearray]] = []
-        self.client = httpx2.Client(timeout=httpx2.Timeout(30.0, connect=5.0),
+        self.client = httpx2.Client(timeout=httpx2.Timeout(30.0, connect=5.0), trust_env=False,
                                     event_hooks={"response": [self._hook]})
 
     def _hook(self, response: httpx2.Response) -> None:

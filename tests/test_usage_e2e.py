@@ -10,10 +10,11 @@ import threading
 import pytest
 import requests
 
-from fakeupstream import (DEFAULT_USAGE, Send, Stall, Status, WaitFor, anthropic_stream,
-                          chat_stream, responses_stream)
+from support.builders import DEFAULT_USAGE, anthropic_stream, chat_stream, responses_stream
+from support.processes import local_session
+from support.rawhttp import RID
+from support.steps import Send, Stall, Status, WaitFor
 
-RID = "x-llm-proxy-request-id"
 BODIES = {
     "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]},
     "/v1/chat/completions": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
@@ -116,7 +117,7 @@ def test_sigterm_during_50_live_streams_loses_no_row(start_proxy, fake):
         fake.enqueue([Status(200), Send(events[0]), Send(events[4]), WaitFor(release, timeout=30)])
 
     def stream_one():
-        with requests.Session() as s:
+        with local_session() as s:
             r = s.post(server.url + "/v1/responses", json=dict(BODIES["/v1/responses"], stream=True),
                        stream=True, timeout=30)
             chunks = r.iter_content(None)
@@ -150,7 +151,7 @@ def test_several_workers_under_concurrent_load_lose_no_row(start_proxy):
 
     def call(i):
         path = paths[i % 3]
-        with requests.Session() as s:
+        with local_session() as s:
             r = s.post(server.url + path, json=dict(BODIES[path], stream=bool(i % 2)), timeout=30)
             assert r.status_code == 200
             return r.headers[RID]

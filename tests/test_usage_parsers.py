@@ -14,27 +14,12 @@ from proxy.usage import (
     stream_parser,
 )
 
-
-def split_events(raw: bytes) -> list[tuple[str | None, str]]:
-    """A tiny SSE splitter for tests: events end at a blank line; keeps `event` and `data`."""
-    events = []
-    for block in raw.decode("utf-8").split("\n\n"):
-        name, data = None, []
-        for line in block.split("\n"):
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                name = value
-            elif field == "data":
-                data.append(value)
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
+from support.sse import parse
 
 
 def parse_stream(fmt: str, raw: bytes) -> Usage:
     parser = stream_parser(fmt)
-    for name, data in split_events(raw):
+    for name, data in parse(raw):
         parser.feed(name, data)
     return parser.result()
 
@@ -51,11 +36,11 @@ def cut_before(raw: bytes, marker: bytes) -> bytes:
     return raw[: raw.index(marker)]
 
 
-# Byte-exact transcripts of protocols.md 2.4, 2.5, 3.2, 3.3, 4.4 and 4.5 (kept once, in the
-# fake upstream, which checks them against the document).
-from fakeupstream import (ANTHROPIC_TEXT, ANTHROPIC_TOOL as ANTHROPIC_TOOL_USE,  # noqa: E402
-                          CHAT_TEXT, CHAT_TOOL as CHAT_TOOL_CALL, RESPONSES_TEXT,
-                          RESPONSES_TOOL as RESPONSES_FUNCTION_CALL)
+# Byte-exact transcripts of protocols.md 2.4, 2.5, 3.2, 3.3, 4.4 and 4.5 (kept once, in
+# tests/support/builders.py; tests/test_fakeupstream.py checks them against the document).
+from support.builders import (ANTHROPIC_TEXT, CHAT_TEXT, RESPONSES_TEXT,  # noqa: E402
+                              ANTHROPIC_TOOL as ANTHROPIC_TOOL_USE, CHAT_TOOL as CHAT_TOOL_CALL,
+                              RESPONSES_TOOL as RESPONSES_FUNCTION_CALL)
 
 
 # --- extra streams, built from frames ---------------------------------------------------------
@@ -364,7 +349,7 @@ def test_transcripts_are_whole_events():
 def test_result_mid_stream_then_more_events():
     """The relay may ask for a partial result (client gone) and the stream may still go on."""
     parser = stream_parser("openai-responses")
-    events = split_events(RESPONSES_TEXT)
+    events = parse(RESPONSES_TEXT)
     for name, data in events[:-1]:
         parser.feed(name, data)
     partial = parser.result()
@@ -376,7 +361,7 @@ def test_result_mid_stream_then_more_events():
 
 def test_feed_accepts_bytes():
     parser = stream_parser("anthropic")
-    for name, data in split_events(ANTHROPIC_TEXT):
+    for name, data in parse(ANTHROPIC_TEXT):
         parser.feed(name, data.encode())
     assert parser.result().output_tokens == 15
 
@@ -475,7 +460,7 @@ def test_is_usage_only_chunk(chunk, expected):
     (CHAT_USAGE_ON_LAST_CONTENT, [False, False]),
 ])
 def test_usage_only_chunks_in_streams(raw, usage_only):
-    chunks = [json.loads(data) for _, data in split_events(raw) if data != "[DONE]"]
+    chunks = [json.loads(data) for _, data in parse(raw) if data != "[DONE]"]
     assert [is_usage_only_chunk(c) for c in chunks] == usage_only
 
 
