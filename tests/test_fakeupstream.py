@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 import requests
@@ -19,7 +18,7 @@ from support.builders import (ANTHROPIC_START_OUTPUT_TOKENS, ANTHROPIC_TEXT, ANT
                               anthropic_usage, chat_error_event, chat_stream, chat_usage,
                               responses_error_event, responses_stream, responses_usage, sse)
 from support.fake import FakeUpstream, Headers
-from support.processes import local_session
+from support.processes import ROOT, local_session
 from support.rawhttp import exchange
 from support.sse import parse, split
 from support.steps import (Cut, End, Raw, Reset, Send, SendGzip, Sleep, Stall, Status, Trickle,
@@ -480,10 +479,14 @@ def test_transcripts_are_well_formed(name):
         assert events[-1] == (None, "[DONE]")
 
 
+PROTOCOLS_DOC = ROOT.parent / "shared" / "docs" / "protocols.md"  # beside the repository
+
+
 def test_transcripts_match_protocols_doc():
-    doc = Path("/work/shared/docs/protocols.md")
-    if not doc.exists():
-        pytest.skip("protocols.md not available")
+    doc = PROTOCOLS_DOC
+    if not doc.is_file():
+        pytest.fail(f"protocols.md not found at {doc} (../shared/docs/protocols.md from the "
+                    "repository root): the transcripts are checked against it")
     text = doc.read_text(encoding="utf-8")
 
     def block(heading):
