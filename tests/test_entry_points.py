@@ -35,7 +35,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, proc)
         r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
-                                                       "messages": [], "stream": True})
+                                                       "messages": [], "stream": True}, timeout=10)
         assert r.status_code == 200 and r.content.endswith(b'data: {"type":"message_stop"}\n\n')
         assert fake.requests[-1].path == "/v1/messages"
     finally:
@@ -71,17 +71,20 @@ def test_plain_wsgi_callable_in_another_server(fake, tmp_path, monkeypatch):
     try:
         events = anthropic_stream()
         fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-        sock = socket.create_connection(("127.0.0.1", server.server_port))
+        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
         body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
         while received.count(b": keepalive") < 2:
-            received += sock.recv(65536)
+            data = sock.recv(65536)
+            assert data, f"the stream ended before two keepalives: {received!r}"
+            received += data
         upstream = fake.wait_for_requests(1)[0]
         sock.close()
         assert upstream.peer_closed.wait(2.0)
-        r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": []})
+        r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": []},
+                          timeout=10)
         assert r.status_code == 200 and r.json()["type"] == "message"
     finally:
         server.shutdown()

@@ -214,6 +214,7 @@ def check_answers(server: ProxyProcess, answers: list[bytes]) -> None:
         f"{len(set(rows) - set(request_ids))} rows without an answer")
 
 
+@pytest.mark.timeout(120)  # 3,000 exchanges on one worker
 def test_fuzzed_requests_and_upstreams(fuzz_proxy, fake):
     print(f"\nfuzz seed {SEED}: {REQUESTS} requests, {UPSTREAMS} upstream answers")
     rng = random.Random(SEED)

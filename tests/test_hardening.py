@@ -150,7 +150,7 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
     server = start_proxy(LLM_PROXY_DB=str(small_fs / "usage.db"),
                          LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"), LLM_PROXY_SPILL_AFTER="0.3")
     try:
-        assert requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON).status_code == 200
+        assert requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10).status_code == 200
         server.flush()
         filler = fill_filesystem(small_fs)
         written_before = server.health()["tracker"]["written"]
@@ -189,6 +189,7 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
 # 3. Shutdown keeps its promise under load
 # ===========================================================================
 
+@pytest.mark.timeout(150)  # 200 streams to set up and a minute for the workers to exit
 def test_sigterm_with_200_streams_on_a_busy_machine_ends_each_once_and_loses_no_row(tmp_path):
     """200 streams at 10 events/s on the default 2 workers x 256 threads, one core kept busy
     by another process; the grace is 1 s here (the default 20 s is run ten times over by
@@ -541,6 +542,7 @@ def test_a_deeply_nested_upstream_error_body_is_relayed_not_a_proxy_500(proxy, f
     assert (row["status"], row["end_reason"]) == (503, "upstream_error")
 
 
+@pytest.mark.timeout(120)  # four 31 MiB uploads on a busy machine
 def test_request_bodies_cost_memory_within_the_budget(start_proxy, fake):
     """32 MiB of `{}` would take ~1.6 GB to parse: refused up front (413), four at once
     included, and the worker never swells; a body that fits waits for none of that."""
@@ -614,7 +616,7 @@ def test_the_usage_report_is_bounded(start_proxy):
     summary = r.json()
     assert len(summary["by_client_key"]) == 50 and summary["groups"]["by_client_key"] == 5001
     assert summary["totals"]["requests"] == 5001
-    assert len(requests.get(server.url + "/usage", params={"top": 5}).json()["by_client_key"]) == 5
+    assert len(requests.get(server.url + "/usage", params={"top": 5}, timeout=30).json()["by_client_key"]) == 5
     for params in ({"since": "2020-01-01"}, {"top": "0"}, {"top": "100000"}, {"since": "soon"}):
         bad = requests.get(server.url + "/usage", params=params, timeout=10)
         assert bad.status_code == 400, params
@@ -996,6 +998,7 @@ def test_a_refused_connection_and_an_unknown_host_get_their_own_messages(start_p
 # 11. No input can forge a log line; every field is capped
 # ===========================================================================
 
+@pytest.mark.timeout(120)  # a 30 MB request
 def test_no_input_can_forge_a_log_line_and_huge_fields_are_capped(start_proxy, fake):
     server = start_proxy()
     forged = "claude\n2026-11-30 00:00:00,000 INFO [1] proxy.requests: FORGED request"

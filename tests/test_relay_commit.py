@@ -5,7 +5,7 @@ import requests
 
 def test_anthropic_stream_through_gunicorn(proxy, fake):
     r = requests.post(proxy.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
-                                                         "messages": [], "stream": True})
+                                                         "messages": [], "stream": True}, timeout=10)
     assert r.status_code == 200
     assert r.headers["x-accel-buffering"] == "no"
     assert b"message_stop" in r.content

@@ -528,7 +528,8 @@ def test_json_bodies_are_asked_for_uncompressed_and_decoded_if_compressed_anyway
     # and a high-level client reads it as any client would
     fake.enqueue([Status(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
                          body_mode="length"), Send(compressed), End()])
-    resp = requests.post(proxy.url + "/v1/messages", json=dict(PROTOS["anthropic"].body, stream=False))
+    resp = requests.post(proxy.url + "/v1/messages", json=dict(PROTOS["anthropic"].body, stream=False),
+                         timeout=10)
     assert resp.status_code == 200 and resp.json() == anthropic_message()
 
 

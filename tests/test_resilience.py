@@ -48,7 +48,7 @@ RETRY_AFTER_MAX = 2.0
 BACKOFF_BASE = 0.05
 FAILURE_THRESHOLD = 3
 COOLDOWN = 1.0
-CLIENT_TIMEOUT = 15.0
+CLIENT_TIMEOUT = 8.0  # for a whole answer: the slowest scenario takes IDLE_TIMEOUT + a little
 
 # One route per scenario (see the module docstring).
 KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s09",
@@ -207,12 +207,18 @@ def body_for(path: str, model: str, stream: bool) -> dict:
 
 
 def call(server: ProxyProcess, path: str, model: str, stream: bool = True) -> Result:
+    """One request; the whole answer must arrive within CLIENT_TIMEOUT (keepalives every 50 ms
+    would keep a per-read timeout from ever firing on a stream that never ends)."""
     headers = {"x-api-key": "sk-test", "anthropic-version": "2023-06-01"} if path == ANTHROPIC_PATH \
         else {"authorization": "Bearer sk-test"}
     started = time.monotonic()
     with requests.post(server.url + path, json=body_for(path, model, stream), headers=headers,
                        stream=True, timeout=(5, CLIENT_TIMEOUT)) as r:
-        body = b"".join(r.iter_content(chunk_size=None))
+        body = b""
+        for piece in r.iter_content(chunk_size=None):
+            body += piece
+            assert time.monotonic() - started < CLIENT_TIMEOUT, \
+                f"no end of the answer within {CLIENT_TIMEOUT} s: {body[-600:]!r}\n" + diag(server)
         elapsed = time.monotonic() - started
     result = Result(r.status_code, r.headers, body, elapsed)
     if r.headers.get("content-type", "").startswith("text/event-stream"):

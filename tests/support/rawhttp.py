@@ -287,8 +287,10 @@ class RawResponse:
             self.sock.settimeout(self._left())
             data = self.sock.recv(65536)
         except (TimeoutError, socket.timeout):
-            raise AssertionError(f"no {what} within {self.timeout:g} s of the request; so far: "
-                                 f"{self.head + self.body + self.buf!r}"[:3000]) from None
+            received = self.body + self.buf
+            raise AssertionError(f"no {what} within {self.timeout:g} s of the request; so far "
+                                 f"{self.head!r} and {len(received)} bytes of body, ending "
+                                 f"{received[-300:]!r}") from None
         except ConnectionResetError:
             data = b""
         now = self.clock()
