@@ -80,14 +80,36 @@ def test_missing_file():
         load_config("/nonexistent/llm-proxy.toml", env={})
 
 
-def test_example_config_is_valid_and_complete():
+def test_the_example_config_loads_and_sets_every_setting_to_its_default_and_nothing_unknown():
+    """deploy/config.example.toml, parsed: every table and key in it is one the proxy knows
+    (proxy/config.py), and every setting is there, at its default, with its variable named."""
+    import dataclasses
+    import tomllib
     from pathlib import Path
-    from proxy.config import SETTINGS
+
+    from proxy.config import SCALAR_SECTIONS, SECTIONS, SETTINGS, Provider, default_providers
+
     example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
     load_config(str(example), env={})
     text = example.read_text()
+    data = tomllib.loads(text)
+    assert set(data) <= SECTIONS, f"unknown tables in config.example.toml: {sorted(set(data) - SECTIONS)}"
+    for section in SCALAR_SECTIONS:
+        known = {setting.attr for setting in SETTINGS if setting.key.split(".")[0] == section}
+        unknown = set(data.get(section, {})) - known
+        assert not unknown, f"unknown keys in [{section}] of config.example.toml: {sorted(unknown)}"
     for setting in SETTINGS:
-        assert setting.attr in text, f"{setting.key} is not documented in config.example.toml"
+        section, name = setting.key.split(".")
+        assert name in data.get(section, {}), f"{setting.key} is not documented in config.example.toml"
+        assert data[section][name] == setting.default, \
+            f"{setting.key} = {data[section][name]!r} in config.example.toml, default {setting.default!r}"
+        assert setting.env is None or setting.env in text, f"{setting.env} is not named in config.example.toml"
+    provider_keys = {f.name for f in dataclasses.fields(Provider)} - {"name"}
+    for name, provider in default_providers().items():
+        table = data.get("providers", {}).get(name)
+        assert table is not None, f"[providers.{name}] is not documented in config.example.toml"
+        assert set(table) <= provider_keys, f"unknown keys in [providers.{name}]: {sorted(set(table) - provider_keys)}"
+        assert (table["base_url"], table["format"]) == (provider.base_url, provider.format), table
 
 
 def test_cli_reports_a_bad_config_and_exits_2(tmp_path):
