@@ -10,9 +10,11 @@ import time
 
 import pytest
 
+from support import nginx as nginx_module
 from support.builders import anthropic_stream, chat_stream
-from support.nginx import NginxProcess, render_site
-from support.processes import PROXY_VARIABLES, ProxyProcess, free_port, group_members, local_session
+from support.nginx import INSTALL_NGINX, NginxProcess, render_site
+from support.processes import (PROXY_VARIABLES, ROOT, ProxyProcess, free_port, group_members,
+                               local_session)
 from support.rawhttp import ResponseParser, parse_response
 from support.sse import KEEPALIVE, Event, Splitter, parse, split
 
@@ -123,6 +125,14 @@ def test_an_nginx_that_fails_to_come_up_leaves_no_process_behind(tmp_path):
     with pytest.raises(RuntimeError, match="did not come up"):
         nginx.start(timeout=2.0)
     assert_group_ends(nginx.proc.pid)
+
+
+def test_without_nginx_the_nginx_tests_fail_naming_the_package_the_readme_installs(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(nginx_module, "NGINX", str(tmp_path / "no-nginx-here"))
+    with pytest.raises(pytest.fail.Exception, match=f"install it: {INSTALL_NGINX}"):
+        NginxProcess(tmp_path, "127.0.0.1:9").start()
+    assert INSTALL_NGINX in (ROOT / "README.md").read_text(), "README.md's test command installs nginx"
 
 
 # ---------------------------------------------------------------------------
