@@ -25,7 +25,7 @@ def test_no_file_passes_through_to_the_real_providers():
     assert config.db_path.endswith("usage.db")
 
 
-def test_base_url_environment_variables():
+def test_base_url_variables_point_the_providers_elsewhere():
     config = load_config(env={"LLM_PROXY_ANTHROPIC_BASE_URL": "http://gw.local:9000/anthropic/",
                               "LLM_PROXY_OPENAI_BASE_URL": "http://127.0.0.1:8000"})
     assert config.provider_for("anthropic").base_url == "http://gw.local:9000/anthropic"
@@ -41,12 +41,12 @@ def test_precedence_defaults_file_env_cli(tmp_path):
     assert config.connect_timeout == 3.0  # CLI over everything
 
 
-def test_config_path_from_environment(tmp_path):
+def test_the_config_file_can_be_named_by_the_environment(tmp_path):
     path = write(tmp_path, "[stream]\nheartbeat_interval = 2.5\n")
     assert load_config(env={"LLM_PROXY_CONFIG": path}).heartbeat_interval == 2.5
 
 
-def test_providers_and_keys(tmp_path):
+def test_provider_tables_override_a_default_provider_and_add_new_ones(tmp_path):
     path = write(tmp_path, '[providers.anthropic]\nbase_url = "http://a.local"\napi_key_env = "MY_KEY"\n'
                            '[providers.local]\nbase_url = "http://127.0.0.1:1234"\nformat = "openai"\n')
     config = load_config(path, env={})
@@ -70,12 +70,12 @@ def test_bad_config_names_the_problem(tmp_path, text, needle):
     assert needle in info.value.message
 
 
-def test_bad_environment_value():
+def test_a_bad_environment_value_is_an_error_naming_the_variable():
     with pytest.raises(ConfigError, match="LLM_PROXY_IDLE_TIMEOUT"):
         load_config(env={"LLM_PROXY_IDLE_TIMEOUT": "soon"})
 
 
-def test_missing_file():
+def test_a_config_file_that_does_not_exist_is_an_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/llm-proxy.toml", env={})
 

@@ -47,7 +47,7 @@ def json_events(data):
 
 # -- default replies -------------------------------------------------------------------
 
-def test_anthropic_default_json(fake):
+def test_the_default_anthropic_json_answer_carries_the_default_text_and_usage(fake):
     r = requests.post(fake.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
                                                        "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.headers["content-length"] == str(len(r.content))
@@ -61,7 +61,7 @@ def test_anthropic_default_json(fake):
     assert "request-id" in r.headers
 
 
-def test_anthropic_default_stream(fake):
+def test_the_default_anthropic_stream_carries_the_default_text_and_usage(fake):
     r = requests.post(fake.url + "/v1/messages", json={"model": "claude-x", "stream": True, "messages": []})
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["transfer-encoding"] == "chunked"
@@ -79,7 +79,7 @@ def test_anthropic_default_stream(fake):
     assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
 
 
-def test_anthropic_default_tool_reply(fake):
+def test_an_anthropic_request_with_tools_gets_a_tool_use_of_its_first_tool(fake):
     tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
     r = requests.post(fake.url + "/v1/messages", json={"model": "m", "stream": True, "tools": tools})
     events = json_events(r.content)
@@ -93,7 +93,7 @@ def test_anthropic_default_tool_reply(fake):
     assert body["content"][0]["type"] == "tool_use" and body["stop_reason"] == "tool_use"
 
 
-def test_count_tokens_and_models_and_404(fake):
+def test_count_tokens_models_and_unknown_paths_get_their_default_answers(fake):
     r = requests.post(fake.url + "/v1/messages/count_tokens", json={"model": "m", "messages": []})
     assert r.json() == {"input_tokens": DEFAULT_COUNT_TOKENS}
     models = requests.get(fake.url + "/v1/models").json()
@@ -127,7 +127,7 @@ def test_chat_default_json_and_stream_usage_only_when_asked(fake):
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_chat_default_tool_reply(fake):
+def test_a_chat_request_with_tools_gets_a_call_of_its_first_tool(fake):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     chunks = [o for _, o in json_events(requests.post(
         fake.url + "/v1/chat/completions", json={"model": "m", "stream": True, "tools": tools}).content)]
@@ -139,7 +139,7 @@ def test_chat_default_tool_reply(fake):
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
 
 
-def test_responses_default_json_and_stream(fake):
+def test_the_default_responses_answers_carry_the_default_text_and_usage(fake):
     url = fake.url + "/v1/responses"
     body = requests.post(url, json={"model": "gpt-r", "input": "hi"}).json()
     assert body["model"] == "gpt-r" and body["usage"] == responses_usage()
@@ -181,7 +181,7 @@ def test_keep_alive_reuses_one_connection(fake):
     assert all(r.outcome == "end" for r in reqs)
 
 
-def test_chunked_request_body_and_headers(fake):
+def test_a_chunked_request_body_and_its_headers_are_recorded(fake):
     payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo"}]}).encode()
 
     def gen():
@@ -324,7 +324,7 @@ def test_reset_gives_connection_error(fake):
     assert req.finished.wait(TIMEOUT) and req.outcome == "reset"
 
 
-def test_reset_mid_body(fake):
+def test_a_reset_mid_body_is_a_client_side_error(fake):
     fake.enqueue([Status(), Send(b"data: 1\n\n"), Reset()])
     with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
         requests.get(fake.url + "/x").content
@@ -401,7 +401,7 @@ def test_stop_is_prompt_with_stalled_connections():
         socket.create_connection((fake.host, fake.port), timeout=1)
 
 
-def test_auto_end_and_status_codes(fake):
+def test_a_script_without_end_is_ended_and_any_status_can_be_sent(fake):
     fake.enqueue([Send(b"x")], json_reply({"type": "error"}, status=529, headers={"retry-after": "1"}))
     r = requests.get(fake.url + "/x")
     assert r.status_code == 200 and r.content == b"x"
@@ -418,7 +418,7 @@ def test_sse_reply_with_builders_round_trip(fake):
 
 # -- builders ------------------------------------------------------------------------
 
-def test_sse_builder():
+def test_sse_frames_json_text_and_multiline_data():
     assert sse({"a": "é"}) == '{"a":"é"}'.join(["data: ", "\n\n"]).encode()
     assert sse("x", event="e", newline="\r\n") == b"event: e\r\ndata: x\r\n\r\n"
     assert sse("a\nb") == b"data: a\ndata: b\n\n"

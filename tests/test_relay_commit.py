@@ -3,7 +3,7 @@
 import requests
 
 
-def test_anthropic_stream_through_gunicorn(proxy, fake):
+def test_an_anthropic_stream_through_gunicorn_completes_unbuffered_with_its_row(proxy, fake):
     r = requests.post(proxy.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
                                                          "messages": [], "stream": True}, timeout=10)
     assert r.status_code == 200

@@ -94,7 +94,7 @@ def test_rejected_request_leaves_a_row(proxy):
     assert (row["status"], row["end_reason"]) == (400, "rejected")
 
 
-def test_upstream_error_event_row(proxy, fake):
+def test_an_upstream_error_event_leaves_an_upstream_error_row_with_its_message(proxy, fake):
     events = chat_stream(include_usage=False, done=False)
     error = b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n'
     fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Send(error)])

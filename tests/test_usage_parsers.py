@@ -314,7 +314,7 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("fmt, raw, expected", STREAM_CASES)
-def test_stream_usage(fmt, raw, expected):
+def test_each_stream_books_its_usage(fmt, raw, expected):
     assert parse_stream(fmt, raw) == expected
 
 
@@ -367,7 +367,7 @@ def test_feed_accepts_bytes():
 
 
 @pytest.mark.parametrize("fmt", ["gemini", "", "openai"])
-def test_unknown_format(fmt):
+def test_an_unknown_api_format_is_refused(fmt):
     with pytest.raises(ValueError, match="unknown API format"):
         stream_parser(fmt)
     with pytest.raises(ValueError, match="unknown API format"):
@@ -424,7 +424,7 @@ BODY_CASES = [
 
 
 @pytest.mark.parametrize("fmt, body, expected", BODY_CASES)
-def test_parse_body(fmt, body, expected):
+def test_each_body_books_its_usage(fmt, body, expected):
     assert parse_body(fmt, body) == expected
 
 
@@ -450,7 +450,7 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     pytest.param([], False, id="list"),
     pytest.param(None, False, id="none"),
 ])
-def test_is_usage_only_chunk(chunk, expected):
+def test_usage_only_chunks_are_told_from_content_chunks(chunk, expected):
     assert is_usage_only_chunk(chunk) is expected
 
 
@@ -474,7 +474,7 @@ def test_record_defaults_allow_incremental_building():
     assert rec.input_tokens is None and rec.cost_usd is None and rec.priced is False
 
 
-def test_apply_usage():
+def test_applying_usage_fills_the_record_and_keeps_the_upstreams_model_name():
     rec = UsageRecord(request_id="r1", upstream_model="claude-sonnet-4-5")
     rec.apply_usage(parse_stream("anthropic", ANTHROPIC_CACHE))
     assert (rec.input_tokens, rec.output_tokens, rec.cache_read_tokens, rec.cache_write_tokens) == (
@@ -485,7 +485,7 @@ def test_apply_usage():
     assert rec.upstream_model == SONNET and rec.usage_complete is False
 
 
-def test_record_row_round_trip():
+def test_a_record_survives_its_row_and_json():
     rec = UsageRecord(request_id="r1", started_at=1.5, ended_at=2.5, ttfb_ms=12.0, status=200,
                       endpoint="openai-chat", input_tokens=3, priced=True, usage_complete=True,
                       stream=True, client_key_id="k_ab12", error=None)
@@ -494,7 +494,7 @@ def test_record_row_round_trip():
     assert UsageRecord.from_row(row) == rec
 
 
-def test_record_from_stored_row():
+def test_a_record_reads_a_stored_row_with_int_bools_and_unknown_columns():
     """SQLite gives bools back as 0/1 and may carry columns the record does not know."""
     row = {**UsageRecord(request_id="r2").to_row(), "priced": 1, "usage_complete": 0,
            "stream": 1, "id": 77, "column_from_the_future": "x"}
