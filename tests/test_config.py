@@ -25,7 +25,7 @@ def test_no_file_passes_through_to_the_real_providers():
     assert config.db_path.endswith("usage.db")
 
 
-def test_base_url_environment_variables():
+def test_base_url_variables_point_the_providers_elsewhere():
     config = load_config(env={"LLM_PROXY_ANTHROPIC_BASE_URL": "http://gw.local:9000/anthropic/",
                               "LLM_PROXY_OPENAI_BASE_URL": "http://127.0.0.1:8000"})
     assert config.provider_for("anthropic").base_url == "http://gw.local:9000/anthropic"
@@ -41,12 +41,12 @@ def test_precedence_defaults_file_env_cli(tmp_path):
     assert config.connect_timeout == 3.0  # CLI over everything
 
 
-def test_config_path_from_environment(tmp_path):
+def test_the_config_file_can_be_named_by_the_environment(tmp_path):
     path = write(tmp_path, "[stream]\nheartbeat_interval = 2.5\n")
     assert load_config(env={"LLM_PROXY_CONFIG": path}).heartbeat_interval == 2.5
 
 
-def test_providers_and_keys(tmp_path):
+def test_provider_tables_override_a_default_provider_and_add_new_ones(tmp_path):
     path = write(tmp_path, '[providers.anthropic]\nbase_url = "http://a.local"\napi_key_env = "MY_KEY"\n'
                            '[providers.local]\nbase_url = "http://127.0.0.1:1234"\nformat = "openai"\n')
     config = load_config(path, env={})
@@ -70,24 +70,46 @@ def test_bad_config_names_the_problem(tmp_path, text, needle):
     assert needle in info.value.message
 
 
-def test_bad_environment_value():
+def test_a_bad_environment_value_is_an_error_naming_the_variable():
     with pytest.raises(ConfigError, match="LLM_PROXY_IDLE_TIMEOUT"):
         load_config(env={"LLM_PROXY_IDLE_TIMEOUT": "soon"})
 
 
-def test_missing_file():
+def test_a_config_file_that_does_not_exist_is_an_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/llm-proxy.toml", env={})
 
 
-def test_example_config_is_valid_and_complete():
+def test_the_example_config_loads_and_sets_every_setting_to_its_default_and_nothing_unknown():
+    """deploy/config.example.toml, parsed: every table and key in it is one the proxy knows
+    (proxy/config.py), and every setting is there, at its default, with its variable named."""
+    import dataclasses
+    import tomllib
     from pathlib import Path
-    from proxy.config import SETTINGS
+
+    from proxy.config import SCALAR_SECTIONS, SECTIONS, SETTINGS, Provider, default_providers
+
     example = Path(__file__).parent.parent / "deploy" / "config.example.toml"
     load_config(str(example), env={})
     text = example.read_text()
+    data = tomllib.loads(text)
+    assert set(data) <= SECTIONS, f"unknown tables in config.example.toml: {sorted(set(data) - SECTIONS)}"
+    for section in SCALAR_SECTIONS:
+        known = {setting.attr for setting in SETTINGS if setting.key.split(".")[0] == section}
+        unknown = set(data.get(section, {})) - known
+        assert not unknown, f"unknown keys in [{section}] of config.example.toml: {sorted(unknown)}"
     for setting in SETTINGS:
-        assert setting.attr in text, f"{setting.key} is not documented in config.example.toml"
+        section, name = setting.key.split(".")
+        assert name in data.get(section, {}), f"{setting.key} is not documented in config.example.toml"
+        assert data[section][name] == setting.default, \
+            f"{setting.key} = {data[section][name]!r} in config.example.toml, default {setting.default!r}"
+        assert setting.env is None or setting.env in text, f"{setting.env} is not named in config.example.toml"
+    provider_keys = {f.name for f in dataclasses.fields(Provider)} - {"name"}
+    for name, provider in default_providers().items():
+        table = data.get("providers", {}).get(name)
+        assert table is not None, f"[providers.{name}] is not documented in config.example.toml"
+        assert set(table) <= provider_keys, f"unknown keys in [providers.{name}]: {sorted(set(table) - provider_keys)}"
+        assert (table["base_url"], table["format"]) == (provider.base_url, provider.format), table
 
 
 def test_cli_reports_a_bad_config_and_exits_2(tmp_path):

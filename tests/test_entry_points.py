@@ -15,8 +15,9 @@ from pathlib import Path
 
 import requests
 
-from conftest import free_port, wait_until_healthy
-from fakeupstream import Stall, Status, anthropic_stream, Send
+from support.builders import anthropic_stream
+from support.processes import free_port, wait_until_healthy, without_proxy_variables
+from support.steps import Send, Stall, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
     config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\n'
                       f'[tracker]\ndb = "{tmp_path / "u.db"}"\n')
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_PROXY_")}
+    env = {k: v for k, v in without_proxy_variables(os.environ).items() if not k.startswith("LLM_PROXY_")}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config),
                              "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"],
@@ -35,7 +36,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, proc)
         r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
-                                                       "messages": [], "stream": True})
+                                                       "messages": [], "stream": True}, timeout=10)
         assert r.status_code == 200 and r.content.endswith(b'data: {"type":"message_stop"}\n\n')
         assert fake.requests[-1].path == "/v1/messages"
     finally:
@@ -71,17 +72,20 @@ def test_plain_wsgi_callable_in_another_server(fake, tmp_path, monkeypatch):
     try:
         events = anthropic_stream()
         fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-        sock = socket.create_connection(("127.0.0.1", server.server_port))
+        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
         body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
         while received.count(b": keepalive") < 2:
-            received += sock.recv(65536)
+            data = sock.recv(65536)
+            assert data, f"the stream ended before two keepalives: {received!r}"
+            received += data
         upstream = fake.wait_for_requests(1)[0]
         sock.close()
         assert upstream.peer_closed.wait(2.0)
-        r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": []})
+        r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": []},
+                          timeout=10)
         assert r.status_code == 200 and r.json()["type"] == "message"
     finally:
         server.shutdown()

@@ -6,20 +6,23 @@ import socket
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 import requests
 
-from fakeupstream import (
-    ANTHROPIC_START_OUTPUT_TOKENS, ANTHROPIC_TEXT, ANTHROPIC_TOOL, CHAT_TEXT, CHAT_TOOL,
-    DEFAULT_ANTHROPIC_MODEL, DEFAULT_COUNT_TOKENS, DEFAULT_MODELS, DEFAULT_TEXT,
-    DEFAULT_TEXT_PIECES, DEFAULT_TOOL_INPUT, DEFAULT_TOTAL_INPUT, DEFAULT_USAGE, RESPONSES_TEXT,
-    RESPONSES_TOOL, Cut, End, FakeUpstream, Headers, Raw, Reset, Send, SendGzip, Sleep, Stall,
-    Status, Trickle, WaitFor, anthropic_error_event, anthropic_message, anthropic_stream,
-    anthropic_usage, chat_error_event, chat_stream, chat_usage, json_reply, responses_error_event,
-    responses_stream, responses_usage, sse, sse_reply,
-)
+from support.builders import (ANTHROPIC_START_OUTPUT_TOKENS, ANTHROPIC_TEXT, ANTHROPIC_TOOL,
+                              CHAT_TEXT, CHAT_TOOL, DEFAULT_ANTHROPIC_MODEL, DEFAULT_COUNT_TOKENS,
+                              DEFAULT_MODELS, DEFAULT_TEXT, DEFAULT_TEXT_PIECES, DEFAULT_TOOL_INPUT,
+                              DEFAULT_TOTAL_INPUT, DEFAULT_USAGE, RESPONSES_TEXT, RESPONSES_TOOL,
+                              anthropic_error_event, anthropic_message, anthropic_stream,
+                              anthropic_usage, chat_error_event, chat_stream, chat_usage,
+                              responses_error_event, responses_stream, responses_usage, sse)
+from support.fake import FakeUpstream, Headers
+from support.processes import ROOT, local_session
+from support.rawhttp import exchange
+from support.sse import parse, split
+from support.steps import (Cut, End, Raw, Reset, Send, SendGzip, Sleep, Stall, Status, Trickle,
+                           WaitFor, json_reply, sse_reply)
 
 TIMEOUT = 5
 
@@ -34,50 +37,17 @@ def fake():
 def session():
     # Streaming needs a Session: module-level requests.get(stream=True) closes its
     # temporary Session on return, and with it the connection still being read.
-    with requests.Session() as s:
+    with local_session() as s:
         yield s
 
 
-def parse_sse(data):
-    """A minimal spec-following SSE parser: bytes -> list of (event, data-str)."""
-    text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    events = []
-    for block in text.split("\n\n"):
-        if not block:
-            continue
-        name, lines = None, []
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                continue
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                name = value
-            elif field == "data":
-                lines.append(value)
-        if lines:
-            events.append((name, "\n".join(lines)))
-    assert text.endswith("\n\n"), "the last event must end with a blank line"
-    return events
-
-
 def json_events(data):
-    return [(name, json.loads(payload)) for name, payload in parse_sse(data) if payload != "[DONE]"]
-
-
-def raw_request(fake, request_bytes):
-    """Send bytes on a fresh socket, return everything until the server closes."""
-    with socket.create_connection((fake.host, fake.port), timeout=TIMEOUT) as sock:
-        sock.sendall(request_bytes)
-        out = b""
-        while chunk := sock.recv(65536):
-            out += chunk
-    return out
+    return [(e.name, json.loads(e.data)) for e in parse(data) if e.data != "[DONE]"]
 
 
 # -- default replies -------------------------------------------------------------------
 
-def test_anthropic_default_json(fake):
+def test_the_default_anthropic_json_answer_carries_the_default_text_and_usage(fake):
     r = requests.post(fake.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
                                                        "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.headers["content-length"] == str(len(r.content))
@@ -91,7 +61,7 @@ def test_anthropic_default_json(fake):
     assert "request-id" in r.headers
 
 
-def test_anthropic_default_stream(fake):
+def test_the_default_anthropic_stream_carries_the_default_text_and_usage(fake):
     r = requests.post(fake.url + "/v1/messages", json={"model": "claude-x", "stream": True, "messages": []})
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["transfer-encoding"] == "chunked"
@@ -109,7 +79,7 @@ def test_anthropic_default_stream(fake):
     assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
 
 
-def test_anthropic_default_tool_reply(fake):
+def test_an_anthropic_request_with_tools_gets_a_tool_use_of_its_first_tool(fake):
     tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
     r = requests.post(fake.url + "/v1/messages", json={"model": "m", "stream": True, "tools": tools})
     events = json_events(r.content)
@@ -123,7 +93,7 @@ def test_anthropic_default_tool_reply(fake):
     assert body["content"][0]["type"] == "tool_use" and body["stop_reason"] == "tool_use"
 
 
-def test_count_tokens_and_models_and_404(fake):
+def test_count_tokens_models_and_unknown_paths_get_their_default_answers(fake):
     r = requests.post(fake.url + "/v1/messages/count_tokens", json={"model": "m", "messages": []})
     assert r.json() == {"input_tokens": DEFAULT_COUNT_TOKENS}
     models = requests.get(fake.url + "/v1/models").json()
@@ -157,7 +127,7 @@ def test_chat_default_json_and_stream_usage_only_when_asked(fake):
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_chat_default_tool_reply(fake):
+def test_a_chat_request_with_tools_gets_a_call_of_its_first_tool(fake):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     chunks = [o for _, o in json_events(requests.post(
         fake.url + "/v1/chat/completions", json={"model": "m", "stream": True, "tools": tools}).content)]
@@ -169,7 +139,7 @@ def test_chat_default_tool_reply(fake):
     assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
 
 
-def test_responses_default_json_and_stream(fake):
+def test_the_default_responses_answers_carry_the_default_text_and_usage(fake):
     url = fake.url + "/v1/responses"
     body = requests.post(url, json={"model": "gpt-r", "input": "hi"}).json()
     assert body["model"] == "gpt-r" and body["usage"] == responses_usage()
@@ -200,7 +170,7 @@ def test_invalid_json_body_is_400(fake):
 # -- connections and request bodies ----------------------------------------------------
 
 def test_keep_alive_reuses_one_connection(fake):
-    with requests.Session() as s:
+    with local_session() as s:
         for _ in range(3):
             assert s.post(fake.url + "/v1/messages", json={"model": "m", "stream": True}).ok
             assert s.get(fake.url + "/v1/models").ok
@@ -211,7 +181,7 @@ def test_keep_alive_reuses_one_connection(fake):
     assert all(r.outcome == "end" for r in reqs)
 
 
-def test_chunked_request_body_and_headers(fake):
+def test_a_chunked_request_body_and_its_headers_are_recorded(fake):
     payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo"}]}).encode()
 
     def gen():
@@ -229,7 +199,7 @@ def test_chunked_request_body_and_headers(fake):
 
 
 def test_raw_chunked_request_with_extension_and_trailer(fake):
-    out = raw_request(fake, b"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: x\r\n"
+    out = exchange(fake.port, b"POST /v1/messages/count_tokens HTTP/1.1\r\nHost: x\r\n"
                             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                             b"4;ext=1\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nTrailer: t\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b'{"input_tokens":42}')
@@ -296,7 +266,7 @@ def test_trickle_arrives_in_pieces(fake, session):
 
 def test_trickle_framing_on_the_wire(fake):
     fake.enqueue([Status(headers={"X-A": "1"}), Trickle("é".encode(), size=1)])
-    out = raw_request(fake, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = exchange(fake.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     head, body = out.split(b"\r\n\r\n", 1)
     assert b"Transfer-Encoding: chunked" in head and b"X-A: 1" in head
     assert b"Content-Type: text/event-stream" in head
@@ -354,7 +324,7 @@ def test_reset_gives_connection_error(fake):
     assert req.finished.wait(TIMEOUT) and req.outcome == "reset"
 
 
-def test_reset_mid_body(fake):
+def test_a_reset_mid_body_is_a_client_side_error(fake):
     fake.enqueue([Status(), Send(b"data: 1\n\n"), Reset()])
     with pytest.raises((requests.exceptions.ChunkedEncodingError, requests.ConnectionError)):
         requests.get(fake.url + "/x").content
@@ -364,7 +334,7 @@ def test_cut_gives_truncated_body_error(fake):
     fake.enqueue([Status(), Send(b"partial"), Cut()])
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         requests.get(fake.url + "/x")
-    out = raw_request(fake, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = exchange(fake.port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 404")
 
 
@@ -385,7 +355,7 @@ def test_cut_before_headers_and_raw_garbage(fake):
 def test_length_mode_computes_content_length_and_close_mode(fake):
     fake.enqueue([Status(body_mode="length"), Send(b"abc"), Trickle(b"de", size=1), End()],
                  [Status(201, body_mode="close", headers={"Content-Type": "text/plain"}), Send(b"xyz")])
-    with requests.Session() as s:
+    with local_session() as s:
         r = s.get(fake.url + "/x")
         assert r.headers["content-length"] == "5" and r.content == b"abcde"
         r = s.get(fake.url + "/x")
@@ -431,7 +401,7 @@ def test_stop_is_prompt_with_stalled_connections():
         socket.create_connection((fake.host, fake.port), timeout=1)
 
 
-def test_auto_end_and_status_codes(fake):
+def test_a_script_without_end_is_ended_and_any_status_can_be_sent(fake):
     fake.enqueue([Send(b"x")], json_reply({"type": "error"}, status=529, headers={"retry-after": "1"}))
     r = requests.get(fake.url + "/x")
     assert r.status_code == 200 and r.content == b"x"
@@ -448,7 +418,7 @@ def test_sse_reply_with_builders_round_trip(fake):
 
 # -- builders ------------------------------------------------------------------------
 
-def test_sse_builder():
+def test_sse_frames_json_text_and_multiline_data():
     assert sse({"a": "é"}) == '{"a":"é"}'.join(["data: ", "\n\n"]).encode()
     assert sse("x", event="e", newline="\r\n") == b"event: e\r\ndata: x\r\n\r\n"
     assert sse("a\nb") == b"data: a\ndata: b\n\n"
@@ -468,7 +438,7 @@ def test_crlf_builders_match_lf(builder):
     lf, crlf = b"".join(builder("\n")), b"".join(builder("\r\n"))
     assert b"\r" not in lf
     assert crlf.count(b"\n") == crlf.count(b"\r\n") and crlf.endswith(b"\r\n\r\n")
-    assert parse_sse(lf) == parse_sse(crlf)
+    assert parse(lf) == parse(crlf)
 
 
 def test_builder_usage_overrides_and_terminals():
@@ -499,7 +469,7 @@ def test_transcripts_are_well_formed(name):
     assert isinstance(data, bytes)
     assert data.endswith(b"}\n\n") or data.endswith(b"[DONE]\n\n")
     assert b"\n\n\n" not in data
-    events = parse_sse(data)
+    events = parse(data)
     assert len(events) == data.count(b"\n\n")
     for event, payload in events:
         if payload != "[DONE]":
@@ -509,10 +479,14 @@ def test_transcripts_are_well_formed(name):
         assert events[-1] == (None, "[DONE]")
 
 
+PROTOCOLS_DOC = ROOT.parent / "shared" / "docs" / "protocols.md"  # beside the repository
+
+
 def test_transcripts_match_protocols_doc():
-    doc = Path("/work/shared/docs/protocols.md")
-    if not doc.exists():
-        pytest.skip("protocols.md not available")
+    doc = PROTOCOLS_DOC
+    if not doc.is_file():
+        pytest.fail(f"protocols.md not found at {doc} (../shared/docs/protocols.md from the "
+                    "repository root): the transcripts are checked against it")
     text = doc.read_text(encoding="utf-8")
 
     def block(heading):
@@ -526,11 +500,7 @@ def test_transcripts_match_protocols_doc():
 
 
 def test_transcripts_serve_byte_exact(fake):
-    fake.enqueue(sse_reply([CHAT_TEXT]), sse_reply(parse_sse_blocks(ANTHROPIC_TEXT)))
+    fake.enqueue(sse_reply([CHAT_TEXT]), sse_reply(split(ANTHROPIC_TEXT)[0]))
     assert requests.post(fake.url + "/v1/chat/completions", json={}).content == CHAT_TEXT
     assert requests.post(fake.url + "/v1/messages", json={}).content == ANTHROPIC_TEXT
 
-
-def parse_sse_blocks(data):
-    """Split a transcript into its events' bytes (each with its blank line)."""
-    return [block + b"\n\n" for block in data.split(b"\n\n") if block]

@@ -17,20 +17,19 @@ import concurrent.futures
 import json
 import os
 import random
-import socket
 import zlib
 
 import pytest
 
-from conftest import ProxyProcess
-from fakeupstream import (Cut, End, Raw, Reset, Send, Stall, Status, anthropic_message,
-                          anthropic_stream, chat_completion, chat_stream, json_reply, responses_stream,
-                          sse_reply)
+from support.builders import (anthropic_message, anthropic_stream, chat_completion, chat_stream,
+                              responses_stream)
+from support.processes import ProxyProcess
+from support.rawhttp import RID, exchange, parse_response
+from support.steps import Cut, End, Raw, Reset, Send, Stall, Status, json_reply, sse_reply
 
 SEED = int(os.environ.get("LLM_PROXY_FUZZ_SEED", "20261130"))
 REQUESTS = int(os.environ.get("LLM_PROXY_FUZZ_REQUESTS", "2500"))
 UPSTREAMS = int(os.environ.get("LLM_PROXY_FUZZ_UPSTREAMS", "500"))
-RID = b"x-llm-proxy-request-id"
 MAX_EVENT = 64 * 1024
 
 ENDPOINTS = {
@@ -181,59 +180,6 @@ def broken_upstream(rng: random.Random, path: str, stream: bool) -> list:
 
 
 # ---------------------------------------------------------------------------
-# A client that reads whatever comes back
-# ---------------------------------------------------------------------------
-
-def exchange(port: int, raw: bytes, half_close: bool) -> bytes:
-    """Send raw bytes, read until the server closes (every request says Connection: close)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-    try:
-        try:
-            sock.sendall(raw)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server answered (and closed) before the client finished sending
-        answer = b""
-        while True:
-            try:
-                data = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not data:
-                break
-            answer += data
-        return answer
-    finally:
-        sock.close()
-
-
-def parse_answer(answer: bytes) -> tuple[int, dict, bytes, bool]:
-    """(status, headers, body, complete) of one HTTP/1.1 response."""
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    if b"chunked" in headers.get(b"transfer-encoding", b""):
-        body, complete = b"", False
-        while True:
-            size_line, sep, rest = rest.partition(b"\r\n")
-            if not sep:
-                break
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                complete = True
-                break
-            body, rest = body + rest[:size], rest[size + 2:]
-        return status, headers, body, complete
-    length = int(headers.get(b"content-length", len(rest)))
-    return status, headers, rest[:length], len(rest) >= length
-
-
-# ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def fuzz_proxy(fake, tmp_path_factory):
@@ -250,15 +196,16 @@ def check_answers(server: ProxyProcess, answers: list[bytes]) -> None:
     for answer in answers:
         if not answer:
             continue  # no request line ever arrived (or the client's bytes never formed one)
-        status, headers, body, complete = parse_answer(answer)
+        response = parse_response(answer)
+        status, body, complete = response.status, response.body, response.complete
         assert status != 500 and b"internal error" not in body, answer[:600]
         assert complete, f"the answer was cut: {answer[-300:]!r}"
-        if b"text/event-stream" in headers.get(b"content-type", b""):
+        if "text/event-stream" in (response.header("content-type") or ""):
             tail = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
             assert (b"message_stop" in tail or b"[DONE]" in tail or b"response.completed" in tail
                     or b"error" in tail or b"finish_reason" in tail), body[-400:]
-        if RID in headers:
-            request_ids.append(headers[RID].decode())
+        if response.header(RID) is not None:
+            request_ids.append(response.header(RID))
     server.flush()
     rows = [r["request_id"] for r in server.rows()]
     assert len(rows) == len(set(rows)), "a request with more than one row"
@@ -267,6 +214,7 @@ def check_answers(server: ProxyProcess, answers: list[bytes]) -> None:
         f"{len(set(rows) - set(request_ids))} rows without an answer")
 
 
+@pytest.mark.timeout(120)  # 3,000 exchanges on one worker
 def test_fuzzed_requests_and_upstreams(fuzz_proxy, fake):
     print(f"\nfuzz seed {SEED}: {REQUESTS} requests, {UPSTREAMS} upstream answers")
     rng = random.Random(SEED)
@@ -285,7 +233,8 @@ def test_fuzzed_requests_and_upstreams(fuzz_proxy, fake):
     work = requests_ + upstreams
     rng.shuffle(work)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda item: exchange(fuzz_proxy.port, *item), work))
+        answers = list(pool.map(lambda item: exchange(fuzz_proxy.port, item[0], half_close=item[1],
+                                                      timeout=15), work))
     assert fuzz_proxy.health()["pid"] == pid, "the worker died"
     assert not fake.errors, fake.errors[:3]
     check_answers(fuzz_proxy, answers)

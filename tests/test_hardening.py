@@ -34,12 +34,16 @@ from proxy.pipeline.finalize import RequestRecord
 from proxy.pipeline.request import ProxyRequest
 from proxy.pricing import PriceTable
 
-import loadtools
-from conftest import GUNICORN_CONF, ROOT, ProxyProcess, fill_filesystem, free_port, remount
-from fakeupstream import (Cut, End, Raw, Send, Stall, Status, WaitFor, anthropic_error_body,
-                          anthropic_message, anthropic_stream, json_reply, sse, sse_reply)
-from rawhttp import (PROTOS, RawResponse, assert_anthropic_error, assert_error_shape,
-                     assert_openai_error, check_terminal_error)
+from conftest import fill_filesystem, remount
+from support import load
+from support.builders import anthropic_error_body, anthropic_message, anthropic_stream, sse
+from support.checks import (PROTOS, assert_anthropic_error, assert_error_shape, assert_openai_error,
+                            check_terminal_error)
+from support.processes import (GUNICORN_CONF, ROOT, ProxyProcess, free_port,
+                               without_proxy_variables)
+from support.rawhttp import RawResponse, exchange
+from support.sse import split
+from support.steps import Cut, End, Raw, Send, Stall, Status, WaitFor, json_reply, sse_reply
 
 MiB = 1024 * 1024
 SSE_CT = {"Content-Type": "text/event-stream; charset=utf-8"}
@@ -115,7 +119,8 @@ def test_poison_text_is_stored_and_the_proxy_serves_after_a_restart(start_proxy,
 
 def run_master(env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
     """gunicorn as deployed, expected to refuse to start."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("LLM_PROXY_")}
+    full = {k: v for k, v in without_proxy_variables(os.environ).items()
+            if not k.startswith("LLM_PROXY_")}
     full.update({"PYTHONPATH": str(ROOT), "LLM_PROXY_BIND": f"127.0.0.1:{free_port()}", **env})
     return subprocess.run([sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF),
                            "proxy.wsgi:application"], env=full, cwd=str(ROOT),
@@ -146,7 +151,7 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
     server = start_proxy(LLM_PROXY_DB=str(small_fs / "usage.db"),
                          LLM_PROXY_SPILL_DIR=str(tmp_path / "spill"), LLM_PROXY_SPILL_AFTER="0.3")
     try:
-        assert requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON).status_code == 200
+        assert requests.post(server.url + "/v1/messages", json=ANTHROPIC_JSON, timeout=10).status_code == 200
         server.flush()
         filler = fill_filesystem(small_fs)
         written_before = server.health()["tracker"]["written"]
@@ -185,11 +190,12 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
 # 3. Shutdown keeps its promise under load
 # ===========================================================================
 
+@pytest.mark.timeout(150)  # 200 streams to set up and a minute for the workers to exit
 def test_sigterm_with_200_streams_on_a_busy_machine_ends_each_once_and_loses_no_row(tmp_path):
     """200 streams at 10 events/s on the default 2 workers x 256 threads, one core kept busy
     by another process; the grace is 1 s here (the default 20 s is run ten times over by
     tests/benchmarks/bench_shutdown.py), gunicorn's graceful_timeout follows from it."""
-    result = loadtools.sigterm_under_load(tmp_path, streams=200, grace=1.0, busy=True)
+    result = load.sigterm_under_load(tmp_path, streams=200, grace=1.0, busy=True)
     assert result["problems"] == [], result["problems"][:5]
     assert (result["exit_code"], result["killed"]) == (0, False)
     assert (result["rows"], result["shutdown_rows"], result["spilled"]) == (200, 200, 0)
@@ -374,8 +380,8 @@ deployments = [{{ provider = "anthropic", name = "keyed" }}]
             assert b"[REDACTED" in raw, raw
         assert [r.status for r, _ in received] == [401, 502, 200, 200, 200]
         assert fake.requests[-1].headers["x-api-key"] == PROVIDER_KEY  # the upstream got the real one
-        check_terminal_error("anthropic", parse_sse_events(received[2][1])[-1], anthropic_type="overloaded_error")
-        assert b"[REDACTED" in parse_sse_events(received[4][1])[-1]
+        check_terminal_error("anthropic", split(received[2][1])[0][-1], anthropic_type="overloaded_error")
+        assert b"[REDACTED" in split(received[4][1])[0][-1]
         deadline = time.monotonic() + 20
         spill_text = ""
         while spill_text.count('"request_id"') < 5 and time.monotonic() < deadline:
@@ -403,11 +409,6 @@ deployments = [{{ provider = "anthropic", name = "keyed" }}]
     expected = "key_" + hmac.new(secret, CLIENT_KEY.encode(), hashlib.sha256).hexdigest()[:20]
     assert {rows[i]["client_key_id"] for i in ids} == {expected}
     assert hashlib.sha256(CLIENT_KEY.encode()).hexdigest()[:16] not in json.dumps(rows)
-
-
-def parse_sse_events(body: bytes) -> list[bytes]:
-    return [block + b"\n\n" for block in body.split(b"\n\n") if block.strip()
-            and not block.startswith(b":")]
 
 
 def wait_for_rows(server: ProxyProcess, ids: list[str], timeout: float = 20) -> list[dict]:
@@ -465,7 +466,7 @@ def test_a_gzip_bomb_is_a_clear_upstream_error_and_the_worker_stays_small(start_
         assert r.status == 200
         body = r.read_all()
         assert r.complete
-        message = check_terminal_error("anthropic", parse_sse_events(body)[-1])["message"]
+        message = check_terminal_error("anthropic", split(body)[0][-1])["message"]
     assert "inflates" in message
     row = server.row(r.request_id)
     assert (row["status"], row["end_reason"]) == (r.status, "upstream_error")
@@ -483,7 +484,7 @@ def test_an_sse_line_that_never_ends_is_cut_off_and_the_worker_stays_small(start
     r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
     body = r.read_all()
     assert r.complete and time.monotonic() - started < 10
-    last = parse_sse_events(body)[-1]
+    last = split(body)[0][-1]
     error = check_terminal_error("anthropic", last, anthropic_type="api_error")
     assert "larger than" in error["message"]
     [upstream] = fake.wait_for_requests(1)
@@ -506,7 +507,7 @@ def test_a_chunk_of_gigabytes_announced_and_trickled_is_cut_at_the_event_limit(s
     r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
     body = r.read_all()
     assert r.complete and time.monotonic() - started < 4  # well before the 5 s idle timeout
-    assert "larger than" in check_terminal_error("anthropic", parse_sse_events(body)[-1])["message"]
+    assert "larger than" in check_terminal_error("anthropic", split(body)[0][-1])["message"]
     assert server.worker_peak_rss() - before < 50 * MiB
 
 
@@ -527,7 +528,7 @@ def test_an_upstream_chunk_size_line_cannot_make_the_proxy_read_without_bound(st
     body = r.read_all() if r.status == 200 else r.json()
     assert time.monotonic() - started < 4
     if r.status == 200:
-        check_terminal_error("anthropic", parse_sse_events(body)[-1])
+        check_terminal_error("anthropic", split(body)[0][-1])
     else:
         assert r.status == 502
     assert server.worker_peak_rss() - before < 50 * MiB
@@ -541,6 +542,7 @@ def test_a_deeply_nested_upstream_error_body_is_relayed_not_a_proxy_500(proxy, f
     assert (row["status"], row["end_reason"]) == (503, "upstream_error")
 
 
+@pytest.mark.timeout(120)  # four 31 MiB uploads on a busy machine
 def test_request_bodies_cost_memory_within_the_budget(start_proxy, fake):
     """32 MiB of `{}` would take ~1.6 GB to parse: refused up front (413), four at once
     included, and the worker never swells; a body that fits waits for none of that."""
@@ -614,7 +616,7 @@ def test_the_usage_report_is_bounded(start_proxy):
     summary = r.json()
     assert len(summary["by_client_key"]) == 50 and summary["groups"]["by_client_key"] == 5001
     assert summary["totals"]["requests"] == 5001
-    assert len(requests.get(server.url + "/usage", params={"top": 5}).json()["by_client_key"]) == 5
+    assert len(requests.get(server.url + "/usage", params={"top": 5}, timeout=30).json()["by_client_key"]) == 5
     for params in ({"since": "2020-01-01"}, {"top": "0"}, {"top": "100000"}, {"since": "soon"}):
         bad = requests.get(server.url + "/usage", params=params, timeout=10)
         assert bad.status_code == 400, params
@@ -629,7 +631,7 @@ def test_the_usage_report_is_bounded(start_proxy):
 def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_proxy, tmp_path, front):
     """gthread gave each connection a thread at its first byte: 1,000 clients sending a byte a
     second held every thread.  Here the worker has only 8 threads, and still answers at once."""
-    from nginx_server import NginxProcess
+    from support.nginx import NginxProcess
 
     server = start_proxy(workers=1, threads=8)
     nginx = None
@@ -639,7 +641,7 @@ def test_a_thousand_trickling_connections_do_not_delay_a_normal_request(start_pr
                              worker_connections=4096).start()
     url = nginx.url if nginx else server.url
     port = nginx.port if nginx else server.port
-    tricklers = loadtools.Tricklers(port, 1000)
+    tricklers = load.Tricklers(port, 1000)
     try:
         time.sleep(1.5)  # let the trickle start: the server has seen a byte from everyone
         for _ in range(5):
@@ -759,39 +761,15 @@ MALFORMED = {
 def test_every_malformed_request_is_a_4xx_in_its_shape_with_a_row(proxy, fake, name):
     raw, status, shape, half_close = MALFORMED[name]
     pid = proxy.health()["pid"]
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    sock.sendall(raw)
-    if half_close:
-        sock.shutdown(socket.SHUT_WR)
-    answer = b""
-    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < content_length(answer):
-        data = sock.recv(65536)
-        if not data:
-            break
-        answer += data
-    sock.close()
-    head, body = answer.split(b"\r\n\r\n", 1)
+    answer = RawResponse(proxy.url, raw=raw, half_close=half_close)
+    body = answer.read_all()
+    head = answer.head
     assert head.startswith(b"HTTP/1.1 %d " % status), head
     assert b"content-type: application/json" in head.lower(), head
     assert_error_shape(shape, json.loads(body))
-    request_id = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:]
-                      )["x-llm-proxy-request-id"]
-    row = proxy.row(request_id)
+    row = proxy.row(answer.request_id)
     assert (row["status"], row["end_reason"]) == (status, "rejected")
     assert fake.requests == [] and proxy.health()["pid"] == pid
-
-
-def exchange_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
-    """Send raw bytes, read until the server closes the connection."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(raw)
-        answer = b""
-        while data := sock.recv(65536):
-            answer += data
-        return answer
-    finally:
-        sock.close()
 
 
 @pytest.mark.parametrize("raw", [
@@ -804,7 +782,7 @@ def exchange_raw(port: int, raw: bytes, timeout: float = 10) -> bytes:
 def test_framing_values_that_once_killed_the_worker_are_answered(proxy, raw):
     pid = proxy.health()["pid"]
     started = time.monotonic()
-    answer = exchange_raw(proxy.port, raw + b"", timeout=10)
+    answer = exchange(proxy.port, raw, timeout=10)
     assert answer.startswith(b"HTTP/1.1 400 ") and time.monotonic() - started < 2, answer[:200]
     assert proxy.health()["pid"] == pid
 
@@ -841,7 +819,7 @@ def test_a_refused_request_with_an_unread_malformed_body_gets_one_answer_and_one
     broken: the connection closes; nobody answers the same request twice."""
     raw = (b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"zz\r\nabc\r\n0\r\n\r\n")
-    answer = exchange_raw(proxy.port, raw)
+    answer = exchange(proxy.port, raw)
     assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 404 "), answer
     request_id = answer.split(b"x-llm-proxy-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
     proxy.flush()
@@ -856,23 +834,12 @@ def test_a_body_of_a_hundred_thousand_tiny_chunks_is_read_in_linear_time(proxy, 
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
                        for i in range(0, len(body), 10)) + b"0\r\n\r\n"
     started = time.monotonic()
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=20)
-    sock.sendall(H + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked)
-    answer = b""
-    while data := sock.recv(65536):
-        answer += data
-    sock.close()
+    answer = exchange(proxy.port, H + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunked,
+                      timeout=20)
     took = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 200 ") and took < 6.0, f"{took:.1f} s"
     [upstream] = fake.wait_for_requests(1)
     assert json.loads(upstream.body)["pad"] == "p" * 1_000_000
-
-
-def content_length(answer: bytes) -> int:
-    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":", 1)[1])
-    return 1 << 30
 
 
 def test_garbage_that_is_not_http_gets_a_json_400_and_no_row(proxy):
@@ -922,7 +889,7 @@ def test_an_upstream_oddity_after_the_commit_is_one_terminal_error(proxy, fake, 
     release.set()
     body = r.read_all()
     assert r.complete
-    check_terminal_error("anthropic", parse_sse_events(body)[-1], anthropic_type="api_error")
+    check_terminal_error("anthropic", split(body)[0][-1], anthropic_type="api_error")
     assert proxy.row(r.request_id)["end_reason"] == "upstream_error"
 
 
@@ -991,7 +958,7 @@ def test_sigterm_while_the_preamble_is_held(start_proxy, fake, tmp_path, committ
     if committed:
         body = r.read_all()
         assert r.status == 200 and r.complete
-        check_terminal_error("anthropic", parse_sse_events(body)[-1], anthropic_type="overloaded_error")
+        check_terminal_error("anthropic", split(body)[0][-1], anthropic_type="overloaded_error")
     else:
         r.read_head()
         assert r.status == 529
@@ -1031,6 +998,7 @@ def test_a_refused_connection_and_an_unknown_host_get_their_own_messages(start_p
 # 11. No input can forge a log line; every field is capped
 # ===========================================================================
 
+@pytest.mark.timeout(120)  # a 30 MB request
 def test_no_input_can_forge_a_log_line_and_huge_fields_are_capped(start_proxy, fake):
     server = start_proxy()
     forged = "claude\n2026-11-30 00:00:00,000 INFO [1] proxy.requests: FORGED request"

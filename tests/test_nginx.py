@@ -5,27 +5,27 @@ nginx runs as a child of the test with a throw-away main config whose `http {}` 
 deliberately hostile (gzip on for event streams and JSON, as many distribution configs have it),
 and includes the site with only its listen port and upstream address rewritten.
 
-nginx is required: CI installs it (`apt-get install -y nginx`); a missing binary fails the tests.
+nginx is required: README.md's test command and CI install it (`apt-get install -y nginx-light`);
+a missing binary fails the tests.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import re
-import socket
 import threading
 import time
 
 import pytest
 
-from fakeupstream import (End, Send, Sleep, Stall, Status, WaitFor, chat_stream, json_reply)
-from nginx_server import NginxProcess
+from support.builders import chat_stream
+from support.nginx import NginxProcess
+from support.rawhttp import RID, RawResponse
+from support.sse import KEEPALIVE
+from support.steps import End, Send, Sleep, Stall, Status, WaitFor, json_reply
 
-RID = "x-llm-proxy-request-id"
-KEEPALIVE = b": keepalive\n\n"
 ACCEPT_GZIP = {"Accept-Encoding": "gzip, deflate"}
-READ_TIMEOUT = 5.0  # per socket read: an event that nginx holds back fails the test here
+READ_TIMEOUT = 5.0  # for each awaited event: one that nginx holds back fails the test here
 CHAT_STREAM_BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                     "stream_options": {"include_usage": True}}
 
@@ -56,9 +56,13 @@ def post(server: NginxProcess, path: str, body: dict | bytes, headers: dict | No
 
 
 def read_until(resp: http.client.HTTPResponse, buf: bytes, marker: bytes) -> bytes:
-    """Read what has arrived (no fixed-size reads) until `marker` is in the body."""
+    """Read what has arrived (no fixed-size reads) until `marker` is in the body, within
+    READ_TIMEOUT in all (keepalives would reset a per-read timeout forever)."""
+    deadline = time.monotonic() + READ_TIMEOUT
     while marker not in buf:
         try:
+            if time.monotonic() > deadline:
+                raise TimeoutError
             chunk = resp.read1(65536)
         except TimeoutError:
             raise AssertionError(f"no {marker[:60]!r}... within {READ_TIMEOUT}s; got so far:\n{buf!r}") from None
@@ -123,27 +127,18 @@ def test_client_hang_up_at_nginx_reaches_the_upstream(request, fake, backend):
     server = request.getfixturevalue(backend)
     events = chat_stream()
     fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-    body = json.dumps(CHAT_STREAM_BODY).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT)
+    r = RawResponse(server.url, "/v1/chat/completions", CHAT_STREAM_BODY, timeout=READ_TIMEOUT)
     try:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: llm-proxy\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        received = b""
-        while events[1] not in received:
-            chunk = sock.recv(65536)
-            assert chunk, received
-            received += chunk
+        r.read_until(lambda received: events[1] in received, "the first content event")
         upstream = fake.requests[-1]
         assert not upstream.peer_closed.is_set()
     finally:
-        sock.close()
+        r.close()
     closed_at = time.monotonic()
     assert upstream.peer_closed.wait(5.0), "the upstream never saw the hang-up"
     assert upstream.peer_closed_at - closed_at < 1.0
     if backend == "nginx_proxy":
-        head = received.split(b"\r\n\r\n", 1)[0].decode("latin-1")
-        request_id = re.search(rf"(?im)^{RID}:\s*(\S+)", head).group(1)
-        row = request.getfixturevalue("proxy").row(request_id)
+        row = request.getfixturevalue("proxy").row(r.request_id)
         assert row["end_reason"] == "client_gone" and row["usage_complete"] == 0
 
 

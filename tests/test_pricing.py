@@ -76,7 +76,7 @@ def test_explicit_model_wins_and_records_use_upstream_model():
     assert TABLE.cost(rec) == pytest.approx(2.5)
 
 
-def test_price_record():
+def test_a_record_is_priced_by_its_model_and_left_unpriced_without_price_or_usage():
     rec = UsageRecord(model_requested="gpt-4.1", input_tokens=2_000_000, output_tokens=0)
     TABLE.price_record(rec)  # no upstream model reported: falls back to the requested one
     assert rec.priced is True and rec.cost_usd == pytest.approx(4.0)
@@ -88,7 +88,7 @@ def test_price_record():
     assert rec.priced is False and rec.cost_usd is None
 
 
-def test_builtin_table_is_sane():
+def test_builtin_prices_are_lowercase_finite_and_cache_read_input_output_ordered():
     for name, price in BUILTIN_PRICES.items():
         assert name == name.lower()
         for value in (price.input, price.output, price.cache_read, price.cache_write):
@@ -117,7 +117,7 @@ def test_override_snapshot_is_more_specific_than_base():
     assert table.price_for("claude-sonnet-4-5-20251231") == BUILTIN_PRICES["claude-sonnet-4-5"]
 
 
-def test_empty_overrides():
+def test_no_overrides_and_empty_overrides_price_alike():
     assert PriceTable(None).price_for("gpt-4o") == PriceTable({}).price_for("gpt-4o")
 
 

@@ -3,9 +3,9 @@
 import requests
 
 
-def test_anthropic_stream_through_gunicorn(proxy, fake):
+def test_an_anthropic_stream_through_gunicorn_completes_unbuffered_with_its_row(proxy, fake):
     r = requests.post(proxy.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
-                                                         "messages": [], "stream": True})
+                                                         "messages": [], "stream": True}, timeout=10)
     assert r.status_code == 200
     assert r.headers["x-accel-buffering"] == "no"
     assert b"message_stop" in r.content
@@ -15,7 +15,8 @@ def test_anthropic_stream_through_gunicorn(proxy, fake):
 
 def test_non_streaming_answer_may_take_longer_than_the_idle_timeout(start_proxy, fake):
     """A JSON answer is silent until complete: it waits `plain_timeout`, not `idle_timeout`."""
-    from fakeupstream import WaitFor, anthropic_message, json_reply
+    from support.builders import anthropic_message
+    from support.steps import WaitFor, json_reply
     import threading
     server = start_proxy(LLM_PROXY_IDLE_TIMEOUT="0.2", LLM_PROXY_PLAIN_TIMEOUT="10")
     release = threading.Event()
@@ -30,7 +31,8 @@ def test_non_streaming_answer_may_take_longer_than_the_idle_timeout(start_proxy,
 
 def test_json_answer_after_the_stream_committed_becomes_a_terminal_error(proxy, fake):
     """The 200 event-stream headers went out (keepalives flowed); a JSON body cannot follow."""
-    from fakeupstream import Sleep, anthropic_message, json_reply
+    from support.builders import anthropic_message
+    from support.steps import Sleep, json_reply
     fake.enqueue([Sleep(0.3)] + json_reply(anthropic_message()))
     r = requests.post(proxy.url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5,
                                                          "messages": [], "stream": True}, timeout=10)

@@ -1,9 +1,9 @@
 """The relay end to end: real gunicorn, real loopback HTTP, a raw client that checks bytes.
 
-Every test talks to the proxy through `RawResponse` (rawhttp.py), a socket-level HTTP/1.1
+Every test talks to the proxy through `RawResponse` (support/rawhttp.py), a socket-level HTTP/1.1
 client that records the body exactly as it arrives, so the tests can see keepalive
 comments, event boundaries, the chunked terminator and header duplicates that a high-level
-client would hide.  The upstream is the scripted fake (`fakeupstream.py`); conditions are
+client would hide.  The upstream is the scripted fake (`support/fake.py`); conditions are
 waited for on events, reads and `wait_for_requests`, never by sleeping.
 """
 
@@ -22,14 +22,16 @@ import zlib
 import pytest
 import requests
 
-from conftest import ProxyProcess
-from fakeupstream import (DEFAULT_USAGE, Cut, End, Reset, Send, SendGzip, Sleep, Stall, Status, Trickle,
-                          WaitFor, anthropic_error_body, anthropic_message, anthropic_stream,
-                          chat_stream, json_reply, openai_error_body, responses_stream)
-from rawhttp import (KEEPALIVE, PROTO_NAMES, RID, PROTOS, Proto, RawResponse, assert_anthropic_error,
-                     assert_error_shape, assert_event_stream_headers, assert_nothing_fabricated,
-                     assert_openai_error, check_terminal_error, health, last_sequence, parse_sse,
-                     proxy_port, split_lf_stream)
+from support.builders import (DEFAULT_USAGE, anthropic_error_body, anthropic_message,
+                              anthropic_stream, chat_stream, openai_error_body, responses_stream)
+from support.checks import (PROTO_NAMES, PROTOS, Proto, assert_anthropic_error, assert_error_shape,
+                            assert_event_stream_headers, assert_nothing_fabricated, assert_openai_error,
+                            check_terminal_error, last_sequence)
+from support.processes import ProxyProcess
+from support.rawhttp import RID, RawResponse
+from support.sse import KEEPALIVE, parse, split
+from support.steps import (Cut, End, Reset, Send, SendGzip, Sleep, Stall, Status, Trickle, WaitFor,
+                           json_reply)
 
 SSE_CT = {"Content-Type": "text/event-stream; charset=utf-8"}
 
@@ -65,7 +67,7 @@ def test_keepalives_fill_an_upstream_silence_mid_stream(proxy, fake):
     release.set()
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert got == events, "a keepalive split an event or bytes changed"
     assert body.replace(KEEPALIVE, b"") == b"".join(events)
     assert keepalives.count(4) >= 3, keepalives  # the silence sat after the 4th event
@@ -88,7 +90,7 @@ def test_keepalives_flow_before_the_upstream_sends_its_headers(proxy, fake):
     release.set()
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert got == events
     assert keepalives.count(0) >= 3
     assert proxy.row(r.request_id)["end_reason"] == "complete"
@@ -122,7 +124,7 @@ def test_no_keepalive_ever_lands_inside_an_event_under_a_1ms_heartbeat(start_pro
     assert_event_stream_headers(r)
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert len(got) == len(events)
     assert got == events, "a keepalive landed inside an event (or bytes changed)"
     assert body.replace(KEEPALIVE, b"") == b"".join(events)
@@ -149,17 +151,11 @@ def test_large_events_reach_a_slow_client_whole_under_a_1ms_heartbeat(start_prox
               for i in range(6)]
     events = head[:2] + deltas + head[-3:]
     fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events] + [End()])
-    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=20).read_head()
-    fill = r._fill
-
-    def slowly() -> None:  # a client on a slow link: 64 KiB at a time, with a pause
-        time.sleep(0.0005)
-        fill()
-
-    r._fill = slowly
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=30,
+                    read_pause=0.0005).read_head()
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert [len(e) for e in got] == [len(e) for e in events], "a keepalive landed inside an event"
     assert got == events
     assert keepalives, "the client was not slow enough for the heartbeat to matter"
@@ -232,7 +228,7 @@ def _run_broken(server, fake, proto: Proto, tail: list) -> tuple[RawResponse, li
     assert_event_stream_headers(r)
     body = r.read_all()
     assert r.complete, f"the stream did not end cleanly (chunked terminator): {body[-300:]!r}"
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert_nothing_fabricated(proto, body)
     return r, got, keepalives
 
@@ -330,7 +326,7 @@ def test_upstream_error_after_the_commit_becomes_one_terminal_error(proxy, fake,
     release.set()
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert keepalives and keepalives[0] == 0
     assert len(got) == 1, got
     err = check_terminal_error(name, got[0], sequence_number=0 if name == "responses" else None)
@@ -346,7 +342,7 @@ def test_upstream_silent_before_headers_past_the_idle_timeout_on_a_committed_str
     assert_event_stream_headers(r)
     body = r.read_all()
     assert r.complete
-    got, keepalives = split_lf_stream(body)
+    got, keepalives = split(body)
     assert len(keepalives) >= 2 and len(got) == 1
     check_terminal_error("anthropic", got[0], anthropic_type="timeout_error")
     [upstream] = fake.wait_for_requests(1)
@@ -510,7 +506,7 @@ def test_gzip_event_stream_is_decoded_and_forwarded_as_events(proxy, fake):
     assert_event_stream_headers(r)  # no Content-Encoding: the proxy decoded the body
     body = r.read_all()
     assert r.complete
-    got, _ = split_lf_stream(body)
+    got, _ = split(body)
     assert got == proto.events
     assert proxy.row(r.request_id)["end_reason"] == "complete"
 
@@ -529,7 +525,7 @@ def test_gzip_event_stream_is_decoded_as_it_arrives(proxy, fake):
     r.read_until(lambda b: b.replace(KEEPALIVE, b"") == b"".join(events[:3]),
                  "the events of the first gzip block")
     release.set()
-    got, _ = split_lf_stream(r.read_all())
+    got, _ = split(r.read_all())
     assert r.complete and got == events
 
 
@@ -555,7 +551,8 @@ def test_json_bodies_are_asked_for_uncompressed_and_decoded_if_compressed_anyway
     # and a high-level client reads it as any client would
     fake.enqueue([Status(200, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
                          body_mode="length"), Send(compressed), End()])
-    resp = requests.post(proxy.url + "/v1/messages", json=dict(PROTOS["anthropic"].body, stream=False))
+    resp = requests.post(proxy.url + "/v1/messages", json=dict(PROTOS["anthropic"].body, stream=False),
+                         timeout=10)
     assert resp.status_code == 200 and resp.json() == anthropic_message()
 
 
@@ -580,9 +577,9 @@ def test_crlf_stream_trickled_byte_by_byte_arrives_intact(proxy, fake, name):
     assert_event_stream_headers(r)
     body = r.read_all()
     assert r.complete
-    assert parse_sse(body) == parse_sse(transcript)  # what an SDK sees, keepalives and all
+    assert parse(body) == parse(transcript)  # what an SDK sees, keepalives and all
     assert body.replace(KEEPALIVE, b"") == transcript  # and byte for byte (protocols.md §0.1)
-    text = "".join(json.dumps(json.loads(d), ensure_ascii=False) for _, d in parse_sse(body)
+    text = "".join(json.dumps(json.loads(d), ensure_ascii=False) for _, d in parse(body)
                    if d != "[DONE]")
     assert "héllo" in text and "🌍" in text
     assert proxy.row(r.request_id)["end_reason"] == "complete"
@@ -638,7 +635,7 @@ def test_unknown_path_is_404_in_the_shape_the_client_speaks(proxy, fake):
 @pytest.mark.parametrize("name", PROTO_NAMES)
 def test_body_over_the_limit_is_413(start_proxy, fake, name):
     server = start_proxy(LLM_PROXY_MAX_BODY_BYTES="1000")
-    pid = health(server)["pid"]
+    pid = server.health()["pid"]
     proto = PROTOS[name]
     big = dict(proto.body, metadata={"pad": "x" * 2000})
     r = RawResponse(server.url, proto.path, big).read_head()
@@ -652,7 +649,7 @@ def test_body_over_the_limit_is_413(start_proxy, fake, name):
     small.read_all()
     assert small.status == 200 and small.complete
     assert len(fake.requests) == 1
-    assert health(server)["pid"] == pid
+    assert server.health()["pid"] == pid
 
 
 def test_unreachable_upstream_is_502(start_proxy):
@@ -662,7 +659,7 @@ def test_unreachable_upstream_is_502(start_proxy):
         # commit rule itself is tested above with the default window)
         server = start_proxy(upstream_url=f"http://127.0.0.1:{s.getsockname()[1]}",
                              LLM_PROXY_COMMIT_AFTER="1")
-        pid = health(server)["pid"]
+        pid = server.health()["pid"]
         for name, stream in (("anthropic", True), ("anthropic", False), ("chat", True), ("responses", False)):
             proto = PROTOS[name]
             r = RawResponse(server.url, proto.path, dict(proto.body, stream=stream)).read_head()
@@ -670,13 +667,13 @@ def test_unreachable_upstream_is_502(start_proxy):
             assert_error_shape(name, r.json(), "api_error")
             row = server.row(r.request_id)
             assert (row["status"], row["end_reason"]) == (502, "connect_error")
-        assert health(server)["pid"] == pid
+        assert server.health()["pid"] == pid
 
 
 @pytest.mark.parametrize("name", PROTO_NAMES)
 def test_upstream_that_never_answers_is_504(idle_proxy, fake, name):
     proto = PROTOS[name]
-    pid = health(idle_proxy)["pid"]
+    pid = idle_proxy.health()["pid"]
     fake.enqueue([Stall()])
     r = RawResponse(idle_proxy.url, proto.path, dict(proto.body, stream=False), timeout=10).read_head()
     assert r.status == 504
@@ -685,12 +682,12 @@ def test_upstream_that_never_answers_is_504(idle_proxy, fake, name):
     assert upstream.peer_closed.wait(2.0)  # the proxy let go of the silent upstream
     row = idle_proxy.row(r.request_id)
     assert (row["status"], row["end_reason"]) == (504, "idle_timeout")
-    assert health(idle_proxy)["pid"] == pid
+    assert idle_proxy.health()["pid"] == pid
 
 
 def test_the_worker_survives_everything_a_client_can_send(proxy, fake):
-    pid = health(proxy)["pid"]
-    port = proxy_port(proxy)
+    pid = proxy.health()["pid"]
+    port = proxy.port
     for path, body in (("/v1/messages", b"{not json"), ("/v1/chat/completions", b"null"),
                        ("/v1/responses", b'{"model": 7}'), ("/v1/messages", b"\xff" * 100)):
         assert RawResponse(proxy.url, path, body).read_head().status == 400
@@ -719,7 +716,7 @@ def test_the_worker_survives_everything_a_client_can_send(proxy, fake):
     ok = RawResponse(proxy.url, "/v1/messages", PROTOS["anthropic"].body).read_head()
     ok.read_all()
     assert ok.status == 200 and ok.complete and b"message_stop" in ok.body
-    assert health(proxy)["pid"] == pid
+    assert proxy.health()["pid"] == pid
 
 
 # ===========================================================================
@@ -749,7 +746,7 @@ def test_sigterm_ends_live_streams_with_one_terminal_error_each(start_proxy, fak
         print(f"\nSIGTERM -> terminal errors after {[round(t, 3) for t in ended]} s")
         for r, body in zip(streams, bodies):
             assert r.complete, f"stream not closed cleanly: {body[-200:]!r}"
-            got, _ = split_lf_stream(body)
+            got, _ = split(body)
             assert got[:4] == events[:4] and len(got) == 5, got[4:]
             check_terminal_error("anthropic", got[4], anthropic_type="overloaded_error")
             assert b"message_stop" not in body

@@ -32,7 +32,7 @@ def test_after_an_id_field_the_keepalive_has_no_blank_line():
     assert list(writer.frames())[-1] == KEEPALIVE_AFTER_ID
 
 
-def test_disabled_keepalive():
+def test_a_writer_with_keepalives_disabled_never_sends_one():
     writer = LockedWriter(keepalive=False)
     assert not writer.write_keepalive_if_idle(writer.last_write + 100, 0.05)
 

@@ -63,7 +63,7 @@ def by(rows, label):
 # --- summary -------------------------------------------------------------------------------------
 
 
-def test_totals(db):
+def test_totals_sum_every_token_kind_the_cost_and_the_failures(db):
     totals = summarize(db)["totals"]
     assert totals == {
         "requests": 6,
@@ -79,7 +79,7 @@ def test_totals(db):
     }
 
 
-def test_by_day(db):
+def test_requests_are_grouped_by_utc_day(db):
     days = summarize(db)["by_day"]
     assert [d["day"] for d in days] == ["2026-11-20", "2026-11-21"]
     assert [d["requests"] for d in days] == [2, 4]
@@ -99,7 +99,7 @@ def test_by_model_uses_upstream_model_then_requested(db):
     assert summarize(db)["by_model"][0]["model"] == "claude-sonnet-4-5"  # biggest spend first
 
 
-def test_by_client_key(db):
+def test_requests_are_grouped_by_client_key_with_keyless_ones_apart(db):
     keys = by(summarize(db)["by_client_key"], "client_key_id")
     assert set(keys) == {"k1", "k2", None}
     assert keys["k1"]["requests"] == 2 and keys["k1"]["cost_usd"] == pytest.approx(0.03)
@@ -114,7 +114,7 @@ def test_by_client_key(db):
     ("2026-11-20T12:00:30", "2026-11-21T09:30:01", 2),  # naive means UTC: r2 and r3
     ("2026-11-22", None, 0),
 ])
-def test_time_window(db, since, until, requests):
+def test_a_time_window_counts_only_the_requests_inside_it(db, since, until, requests):
     summary = summarize(db, since=since, until=until)
     assert summary["totals"]["requests"] == requests
     assert sum(d["requests"] for d in summary["by_day"]) == requests
@@ -125,7 +125,7 @@ def test_window_is_echoed_in_utc(db):
     assert (summary["since"], summary["until"]) == ("2026-11-20T00:00:00Z", "2026-11-21T00:00:00Z")
 
 
-def test_empty_window(db):
+def test_an_empty_window_reports_zeros_and_no_cache_ratio(db):
     summary = summarize(db, since="2030-01-01")
     assert summary["totals"]["requests"] == 0 and summary["totals"]["cost_usd"] == 0.0
     assert summary["totals"]["cache_hit_ratio"] is None
@@ -181,7 +181,7 @@ MIDNIGHT_21 = datetime(2026, 11, 21, tzinfo=timezone.utc).timestamp()
     (None, False, None),
     ("", True, None),
 ])
-def test_parse_when(value, end, expected):
+def test_dates_and_times_parse_to_window_edges(value, end, expected):
     assert parse_when(value, end=end) == expected
 
 
@@ -212,7 +212,7 @@ def test_table_columns_line_up(db):
     assert "41.1%" in text  # 300 / 730
 
 
-def test_csv_shape(db):
+def test_csv_has_a_row_per_group_and_a_column_per_failure_kind(db):
     summary = summarize(db)
     rows = list(csv.DictReader(io.StringIO(render_csv(summary))))
     assert [(r["group"], r["key"]) for r in rows][:3] == [
@@ -228,7 +228,7 @@ def test_csv_shape(db):
     assert fast["cache_hit_ratio"] == ""  # None is an empty cell, not "None"
 
 
-def test_json_round_trips(db):
+def test_the_summary_survives_a_json_round_trip(db):
     summary = summarize(db)
     again = json.loads(json.dumps(summary))
     assert set(again) == {"since", "until", "totals", "by_day", "by_model", "by_client_key"}
@@ -244,17 +244,17 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def test_run_usage_json(db, capsys):
+def test_the_usage_command_prints_json_for_a_window(db, capsys):
     assert run_usage(parse(["--json", "--since", "2026-11-21"]), db) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["requests"] == 4
 
 
-def test_run_usage_csv_with_explicit_db(db, capsys):
+def test_the_usage_command_prints_csv_from_the_database_it_is_given(db, capsys):
     assert run_usage(parse(["--csv", "--db", db]), "/nonexistent/default.db") == 0
     assert capsys.readouterr().out.startswith("group,key,requests,")
 
 
-def test_run_usage_table(db, capsys):
+def test_the_usage_command_prints_the_table_by_default(db, capsys):
     assert run_usage(parse([]), db) == 0
     assert "By client key" in capsys.readouterr().out
 
@@ -285,7 +285,7 @@ def test_the_usage_endpoint_answers_a_missing_database_like_the_report(tmp_path)
     assert response.json == summarize(str(db), "2026-11-01", "2026-11-30", top=50)
 
 
-def test_run_usage_bad_date(db, capsys):
+def test_the_usage_command_with_a_bad_date_exits_2(db, capsys):
     assert run_usage(parse(["--since", "last tuesday"]), db) == 2
     assert "not a date or time" in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_whole_input(name):
+def test_each_request_given_whole_is_judged_at_once(name):
     raw, expected = CASES[name]
     assert RequestFraming(max_body=1 << 20).advance(raw) is expected
 

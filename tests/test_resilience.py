@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from conftest import ProxyProcess
-from fakeupstream import (DEFAULT_TEXT, DEFAULT_USAGE, Cut, FakeUpstream, Reset, Send, Stall, Status,
-                          anthropic_error_body, anthropic_message, anthropic_ping, anthropic_stream,
-                          chat_completion, chat_stream, json_reply, openai_error_body,
-                          responses_stream, sse_reply)
+from support.builders import (DEFAULT_TEXT, DEFAULT_USAGE, anthropic_error_body, anthropic_message,
+                              anthropic_ping, anthropic_stream, chat_completion, chat_stream,
+                              openai_error_body, responses_stream)
+from support.fake import FakeUpstream
+from support.processes import ProxyProcess
+from support.rawhttp import RID
+from support.sse import Event, parse, split
+from support.steps import Cut, Reset, Send, Stall, Status, json_reply, sse_reply
 
-RID = "x-llm-proxy-request-id"
 DEPLOYMENT = "x-llm-proxy-deployment"
 FIRST_TOKEN_TIMEOUT = 0.5
 IDLE_TIMEOUT = 1.0
@@ -46,7 +48,7 @@ RETRY_AFTER_MAX = 2.0
 BACKOFF_BASE = 0.05
 FAILURE_THRESHOLD = 3
 COOLDOWN = 1.0
-CLIENT_TIMEOUT = 15.0
+CLIENT_TIMEOUT = 8.0  # for a whole answer: the slowest scenario takes IDLE_TIMEOUT + a little
 
 # One route per scenario (see the module docstring).
 KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s09",
@@ -167,19 +169,6 @@ def _clean_fakes(primary, backup, big):
 # ---------------------------------------------------------------------------
 
 @dataclass
-class Event:
-    name: str | None
-    data: str
-
-    @property
-    def json(self):
-        try:
-            return json.loads(self.data)
-        except ValueError:
-            return None
-
-
-@dataclass
 class Result:
     status: int
     headers: requests.structures.CaseInsensitiveDict
@@ -202,29 +191,6 @@ class Result:
         return json.loads(self.body)
 
 
-def parse_sse(body: bytes) -> tuple[list[Event], int]:
-    text = body.decode("utf-8").replace("\r\n", "\n")
-    assert text == "" or text.endswith("\n\n"), f"the stream ends inside an event: {text[-200:]!r}"
-    events, comments = [], 0
-    for block in text.split("\n\n")[:-1]:
-        name, data, only_comments = None, [], True
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                continue
-            only_comments = False
-            key, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if key == "event":
-                name = value
-            elif key == "data":
-                data.append(value)
-        if only_comments:
-            comments += 1
-        elif data:
-            events.append(Event(name, "\n".join(data)))
-    return events, comments
-
-
 ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH = "/v1/messages", "/v1/chat/completions", "/v1/responses"
 
 
@@ -241,16 +207,23 @@ def body_for(path: str, model: str, stream: bool) -> dict:
 
 
 def call(server: ProxyProcess, path: str, model: str, stream: bool = True) -> Result:
+    """One request; the whole answer must arrive within CLIENT_TIMEOUT (keepalives every 50 ms
+    would keep a per-read timeout from ever firing on a stream that never ends)."""
     headers = {"x-api-key": "sk-test", "anthropic-version": "2023-06-01"} if path == ANTHROPIC_PATH \
         else {"authorization": "Bearer sk-test"}
     started = time.monotonic()
     with requests.post(server.url + path, json=body_for(path, model, stream), headers=headers,
                        stream=True, timeout=(5, CLIENT_TIMEOUT)) as r:
-        body = b"".join(r.iter_content(chunk_size=None))
+        body = b""
+        for piece in r.iter_content(chunk_size=None):
+            body += piece
+            assert time.monotonic() - started < CLIENT_TIMEOUT, \
+                f"no end of the answer within {CLIENT_TIMEOUT} s: {body[-600:]!r}\n" + diag(server)
         elapsed = time.monotonic() - started
     result = Result(r.status_code, r.headers, body, elapsed)
     if r.headers.get("content-type", "").startswith("text/event-stream"):
-        result.events, result.comments = parse_sse(body)
+        result.events = parse(body)
+        result.comments = len(split(body)[1])
     return result
 
 
@@ -399,7 +372,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
 # Waiting for upstream headers: retry, fall back, fail fast
 # ---------------------------------------------------------------------------
 
-def test_s01_429_with_retry_after_is_retried_on_the_same_deployment(proxy_for, mode, primary, backup, big):
+def test_429_with_retry_after_is_retried_on_the_same_deployment(proxy_for, mode, primary, backup, big):
     primary.enqueue(anthropic_status(429, "rate_limit_error", "Rate limited", {"retry-after": "0.3"}),
                     anthropic_ok("msg_primary"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s01"))
@@ -414,7 +387,7 @@ def test_s01_429_with_retry_after_is_retried_on_the_same_deployment(proxy_for, m
         ("primary-s01", 2, 0, "complete"), row
 
 
-def test_s02_persistent_429_moves_to_the_backup_after_max_attempts(proxy_for, mode, primary, backup, big):
+def test_persistent_429_moves_to_the_backup_after_max_attempts(proxy_for, mode, primary, backup, big):
     primary.enqueue(*[anthropic_status(429, "rate_limit_error", "Rate limited")] * 5)
     backup.enqueue(anthropic_ok("msg_backup"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s02"))
@@ -424,7 +397,7 @@ def test_s02_persistent_429_moves_to_the_backup_after_max_attempts(proxy_for, mo
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s02_persistent_429_non_streaming_names_the_backup(held_proxy, primary, backup, big):
+def test_persistent_429_non_streaming_names_the_backup(held_proxy, primary, backup, big):
     primary.enqueue(*[anthropic_status(429, "rate_limit_error", "Rate limited")] * 5)
     backup.enqueue(json_reply(anthropic_message(message_id="msg_backup_json")))
     res = call(held_proxy, ANTHROPIC_PATH, claude("s02j"), stream=False)
@@ -435,7 +408,7 @@ def test_s02_persistent_429_non_streaming_names_the_backup(held_proxy, primary, 
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s03_500_once_is_retried_on_the_primary(proxy_for, mode, primary, backup, big):
+def test_500_once_is_retried_on_the_primary(proxy_for, mode, primary, backup, big):
     primary.enqueue(anthropic_status(500, "api_error", "Internal server error"), anthropic_ok("msg_primary"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s03"))
     assert_complete_anthropic(res, "msg_primary", proxy_for)
@@ -444,7 +417,7 @@ def test_s03_500_once_is_retried_on_the_primary(proxy_for, mode, primary, backup
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s03_500_once_non_streaming_chat_is_retried(held_proxy, primary, backup, big):
+def test_500_once_non_streaming_chat_is_retried(held_proxy, primary, backup, big):
     primary.enqueue(json_reply(openai_error_body("The server had an error", "server_error"), status=500),
                     json_reply(chat_completion(completion_id="chatcmpl-primary")))
     res = call(held_proxy, CHAT_PATH, gpt("s03j"), stream=False)
@@ -456,7 +429,7 @@ def test_s03_500_once_non_streaming_chat_is_retried(held_proxy, primary, backup,
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s04_persistent_503_is_answered_by_the_backup(proxy_for, mode, primary, backup, big):
+def test_persistent_503_is_answered_by_the_backup(proxy_for, mode, primary, backup, big):
     primary.enqueue(*[anthropic_status(503, "overloaded_error", "Service unavailable")] * 5)
     backup.enqueue(anthropic_ok("msg_backup"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s04"))
@@ -466,7 +439,7 @@ def test_s04_persistent_503_is_answered_by_the_backup(proxy_for, mode, primary, 
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s04_persistent_503_non_streaming_is_answered_by_the_backup(held_proxy, primary, backup, big):
+def test_persistent_503_non_streaming_is_answered_by_the_backup(held_proxy, primary, backup, big):
     primary.enqueue(*[anthropic_status(503, "overloaded_error", "Service unavailable")] * 5)
     backup.enqueue(json_reply(anthropic_message(message_id="msg_backup_json")))
     res = call(held_proxy, ANTHROPIC_PATH, claude("s04j"), stream=False)
@@ -479,7 +452,7 @@ def test_s04_persistent_503_non_streaming_is_answered_by_the_backup(held_proxy, 
     assert_tokens(row)
 
 
-def test_s05_reset_before_headers_is_retried(proxy_for, mode, primary, backup, big):
+def test_reset_before_headers_is_retried(proxy_for, mode, primary, backup, big):
     primary.enqueue([Reset()], anthropic_ok("msg_primary"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s05"))
     assert_complete_anthropic(res, "msg_primary", proxy_for)
@@ -489,8 +462,8 @@ def test_s05_reset_before_headers_is_retried(proxy_for, mode, primary, backup, b
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s06_silent_deployment_is_left_after_first_token_timeout_not_retried(proxy_for, mode, primary,
-                                                                              backup, big):
+def test_silent_deployment_is_left_after_first_token_timeout_not_retried(proxy_for, mode, primary,
+                                                                         backup, big):
     primary.enqueue([Stall()])
     backup.enqueue(anthropic_ok("msg_backup"))
     res = call(proxy_for, ANTHROPIC_PATH, claude("s06"))
@@ -531,7 +504,7 @@ BACKUP_ID = {ANTHROPIC_PATH: "msg_backup", CHAT_PATH: "chatcmpl-backup", RESPONS
 
 @pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH],
                          ids=["anthropic", "chat", "responses"])
-def test_s07_slow_first_token_switches_to_the_backup_invisibly(proxy_for, mode, primary, backup, big, path):
+def test_slow_first_token_switches_to_the_backup_invisibly(proxy_for, mode, primary, backup, big, path):
     model = claude("s07") if path == ANTHROPIC_PATH else gpt("s07")
     primary.enqueue(PREAMBLE_THEN_STALL[path]())
     backup.enqueue(BACKUP_OK[path]())
@@ -562,7 +535,7 @@ CONTENT_THEN = {  # the upstream transcript up to and including the first conten
 
 @pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH],
                          ids=["anthropic", "chat", "responses"])
-def test_s08_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, primary, backup, big, path):
+def test_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, primary, backup, big, path):
     model = claude("s08") if path == ANTHROPIC_PATH else gpt("s08")
     primary.enqueue([Status(200, headers=SSE_HEADERS), *[Send(e) for e in CONTENT_THEN[path]()], Cut()])
     res = call(held_proxy, path, model)
@@ -576,8 +549,8 @@ def test_s08_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, prim
     assert row["usage_complete"] == 0, row
 
 
-def test_s09_stall_after_content_ends_with_a_timeout_error_after_idle_timeout(held_proxy, primary,
-                                                                              backup, big):
+def test_stall_after_content_ends_with_a_timeout_error_after_idle_timeout(held_proxy, primary,
+                                                                          backup, big):
     primary.enqueue([Status(200, headers=SSE_HEADERS),
                      *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Stall()])
     res = call(held_proxy, ANTHROPIC_PATH, claude("s09"))
@@ -592,7 +565,7 @@ def test_s09_stall_after_content_ends_with_a_timeout_error_after_idle_timeout(he
 MALFORMED = b'event: content_block_delta\ndata: {"type":"content_block_delta", not json\n\n'
 
 
-def test_s10_malformed_event_before_content_falls_back(proxy_for, mode, primary, backup, big):
+def test_malformed_event_before_content_falls_back(proxy_for, mode, primary, backup, big):
     primary.enqueue([Status(200, headers=SSE_HEADERS),
                      Send(anthropic_stream(message_id="msg_primary")[0]), Send(MALFORMED), Stall()])
     backup.enqueue(anthropic_ok("msg_backup"))
@@ -604,7 +577,7 @@ def test_s10_malformed_event_before_content_falls_back(proxy_for, mode, primary,
     assert res.elapsed < FIRST_TOKEN_TIMEOUT + 0.4, f"waited for the timeout: {res.elapsed:.3f}s"
 
 
-def test_s10_malformed_event_after_content_is_a_terminal_error(held_proxy, primary, backup, big):
+def test_malformed_event_after_content_is_a_terminal_error(held_proxy, primary, backup, big):
     primary.enqueue([Status(200, headers=SSE_HEADERS),
                      *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Send(MALFORMED), Stall()])
     res = call(held_proxy, ANTHROPIC_PATH, claude("s10b"))
@@ -615,8 +588,8 @@ def test_s10_malformed_event_after_content_is_a_terminal_error(held_proxy, prima
     assert held_proxy.row(res.request_id)["end_reason"] == "upstream_error"
 
 
-def test_s11_chat_stream_cut_before_its_finish_reason_ends_with_an_error_not_done(held_proxy, primary,
-                                                                                  backup, big):
+def test_chat_stream_cut_before_its_finish_reason_ends_with_an_error_not_done(held_proxy, primary,
+                                                                              backup, big):
     events = chat_stream(completion_id="chatcmpl-primary", done=False)
     primary.enqueue(sse_reply(events[:-2]))  # content, then EOF: no finish reason, no usage
     res = call(held_proxy, CHAT_PATH, gpt("s11"))
@@ -628,8 +601,8 @@ def test_s11_chat_stream_cut_before_its_finish_reason_ends_with_an_error_not_don
     assert row["end_reason"] == "upstream_error", row
 
 
-def test_s11b_chat_stream_finished_by_its_finish_reasons_is_complete_without_done(held_proxy, primary,
-                                                                                 backup, big):
+def test_chat_stream_finished_by_its_finish_reasons_is_complete_without_done(held_proxy, primary,
+                                                                             backup, big):
     """Some OpenAI-compatible servers end a whole answer without `data: [DONE]`: every choice
     has its finish reason and the body ends cleanly.  Nothing is appended, the row is whole."""
     events = chat_stream(completion_id="chatcmpl-primary", done=False)
@@ -646,8 +619,8 @@ def test_s11b_chat_stream_finished_by_its_finish_reasons_is_complete_without_don
 # Client errors: larger context, or fail fast with the provider's own answer
 # ---------------------------------------------------------------------------
 
-def test_s12_context_length_exceeded_goes_to_the_larger_context_deployment(proxy_for, mode, primary,
-                                                                           backup, big):
+def test_context_length_exceeded_goes_to_the_larger_context_deployment(proxy_for, mode, primary,
+                                                                       backup, big):
     primary.enqueue(anthropic_status(400, "invalid_request_error",
                                      "prompt is too long: 250000 tokens > 200000 maximum"))
     backup.enqueue(anthropic_ok("msg_backup"))  # must not be used: not marked larger_context
@@ -659,7 +632,7 @@ def test_s12_context_length_exceeded_goes_to_the_larger_context_deployment(proxy
     assert res.elapsed < 3.0, res.elapsed
 
 
-def test_s12_plain_400_fails_fast_with_the_primarys_answer(held_proxy, primary, backup, big):
+def test_plain_400_fails_fast_with_the_primarys_answer(held_proxy, primary, backup, big):
     message = "max_tokens: Field required"
     primary.enqueue(anthropic_status(400, "invalid_request_error", message))
     res = call(held_proxy, ANTHROPIC_PATH, claude("s12b"))
@@ -673,8 +646,8 @@ def test_s12_plain_400_fails_fast_with_the_primarys_answer(held_proxy, primary, 
     assert row["status"] == 400 and row["attempts"] == 1 and row["fallbacks"] == 0, row
 
 
-def test_s13_content_filter_rejection_fails_fast_with_the_providers_status(held_proxy, primary, backup,
-                                                                           big):
+def test_content_filter_rejection_fails_fast_with_the_providers_status(held_proxy, primary, backup,
+                                                                       big):
     upstream = openai_error_body("Your request was rejected by our content filter (content_policy).",
                                  type="invalid_request_error", code="content_policy_violation")
     primary.enqueue(json_reply(upstream, status=400))
@@ -696,7 +669,8 @@ def test_retry_after_longer_than_the_cap_moves_on_at_once(held_proxy, primary, b
     assert res.elapsed < RETRY_AFTER_MAX, f"waited on a Retry-After over the cap: {res.elapsed:.3f}s"
 
 
-def test_every_deployment_failing(proxy_for, mode, primary, backup, big):
+def test_every_deployment_failing_gives_the_last_error_or_one_terminal_error(proxy_for, mode, primary,
+                                                                             backup, big):
     """held: the last upstream error with its real status; early (committed): one terminal
     error event. Either way nothing that looks like an answer."""
     for upstream, name in ((primary, "primary"), (backup, "backup"), (big, "big")):
@@ -733,7 +707,7 @@ def test_unrouted_model_is_not_retried_by_the_proxy(held_proxy, primary, backup,
 # Fail-over accounting
 # ---------------------------------------------------------------------------
 
-def test_s15_usage_row_of_a_fail_over(held_proxy, primary, backup, big):
+def test_the_usage_row_of_a_fail_over_names_the_backup_and_each_failed_try(held_proxy, primary, backup, big):
     primary.enqueue(*[anthropic_status(429, "rate_limit_error", "Rate limited")] * 5)
     backup.enqueue(anthropic_ok("msg_backup"))
     res = call(held_proxy, ANTHROPIC_PATH, claude("s15"))
@@ -769,8 +743,8 @@ def flip_script(down: threading.Event):
     return script
 
 
-def test_s14_breaker_opens_skips_the_primary_then_probes_it_after_the_cooldown(held_proxy, primary,
-                                                                               backup, big):
+def test_breaker_opens_skips_the_primary_then_probes_it_after_the_cooldown(held_proxy, primary,
+                                                                           backup, big):
     server = held_proxy
     down = threading.Event()
     down.set()

@@ -33,11 +33,11 @@ class Clock:
     (401, b"", Decision.FAIL), (403, b"", Decision.FAIL), (404, b"", Decision.FAIL),
     (413, b"", Decision.FAIL), (422, b"", Decision.FAIL),
 ])
-def test_decide_status(status, body, decision):
+def test_each_upstream_status_gets_its_decision(status, body, decision):
     assert decide_status(status, body) is decision
 
 
-def test_retry_after_forms():
+def test_retry_after_is_read_in_milliseconds_seconds_and_http_date_forms():
     headers = {"retry-after-ms": "1500", "retry-after": "9"}
     assert retry_after_seconds(headers.get) == 1.5  # the precise one wins
     assert retry_after_seconds({"retry-after": "2.5"}.get) == 2.5
@@ -214,7 +214,7 @@ def test_deployment_rewrites_the_body():
     assert body == {"model": "upstream-model", "temperature": 1.0, "x": 1}
 
 
-def test_router_patterns_and_pass_through():
+def test_a_model_matching_a_pattern_gets_its_route_and_another_passes_through():
     router = Router([route("a")], Breakers(BreakerPolicy()))
     assert router.route_for("m-large", "anthropic", lambda p: True).deployments[0].name == "a"
     unrouted = router.route_for("other", "anthropic", lambda p: True)
@@ -228,7 +228,7 @@ def write(tmp_path, text):
     return str(path)
 
 
-def test_routes_from_config(tmp_path):
+def test_routes_are_read_from_the_config_file(tmp_path):
     config = load_config(write(tmp_path, '''
 [providers.backup]
 base_url = "http://127.0.0.1:9"

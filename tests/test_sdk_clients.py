@@ -16,14 +16,16 @@ import httpx2
 import openai
 import pytest
 
-from conftest import ProxyProcess
-from fakeupstream import (DEFAULT_COUNT_TOKENS, DEFAULT_MODELS, DEFAULT_TEXT, DEFAULT_TEXT_PIECES,
-                          DEFAULT_TOOL_INPUT, DEFAULT_TOOL_NAME, DEFAULT_USAGE, Cut, End, Send, Sleep,
-                          Status, anthropic_error_body, anthropic_error_event, anthropic_stream,
-                          chat_error_event, chat_stream, json_reply, openai_error_body,
-                          responses_error_event, responses_stream, total_input)
+from support.builders import (DEFAULT_COUNT_TOKENS, DEFAULT_MODELS, DEFAULT_TEXT,
+                              DEFAULT_TEXT_PIECES, DEFAULT_TOOL_INPUT, DEFAULT_TOOL_NAME,
+                              DEFAULT_USAGE, anthropic_error_body, anthropic_error_event,
+                              anthropic_stream, chat_error_event, chat_stream, openai_error_body,
+                              responses_error_event, responses_stream, total_input)
+from support.processes import ProxyProcess
+from support.rawhttp import RID
+from support.sse import KEEPALIVE
+from support.steps import Cut, End, Send, Sleep, Status, json_reply
 
-RID = "x-llm-proxy-request-id"
 ANTHROPIC_MODEL = "claude-opus-4-7"
 CHAT_MODEL = "gpt-4o"
 RESPONSES_MODEL = "gpt-4.1"
@@ -36,7 +38,6 @@ CHAT_TOOLS = [{"type": "function", "function": {"name": DEFAULT_TOOL_NAME, "para
 RESPONSES_TOOLS = [{"type": "function", "name": DEFAULT_TOOL_NAME, "parameters": WEATHER_SCHEMA,
                     "strict": False}]
 SILENCE = 0.5  # seconds of upstream silence mid-answer: about ten keepalives at 50 ms
-KEEPALIVE = b": keepalive\n\n"
 KEEPALIVE_ALONE = b": keepalive\n"
 
 # The normalised usage of every default reply, as the usage row stores it.
@@ -68,7 +69,7 @@ class Wire:
 
     def __init__(self) -> None:
         self.responses: list[tuple[httpx2.Headers, bytearray]] = []
-        self.client = httpx2.Client(timeout=httpx2.Timeout(30.0, connect=5.0),
+        self.client = httpx2.Client(timeout=httpx2.Timeout(30.0, connect=5.0), trust_env=False,
                                     event_hooks={"response": [self._hook]})
 
     def _hook(self, response: httpx2.Response) -> None:
@@ -204,7 +205,7 @@ def chat_tool_call(chunks) -> tuple[str | None, str]:
 # ---------------------------------------------------------------------------------------------
 # Anthropic Messages
 
-def test_anthropic_create_text(ant, fake):
+def test_anthropic_create_returns_the_text_and_usage(ant, fake):
     msg = ant.messages.create(model=ANTHROPIC_MODEL, max_tokens=64, messages=MESSAGES)
     assert [block.type for block in msg.content] == ["text"]
     assert msg.content[0].text == DEFAULT_TEXT
@@ -213,7 +214,7 @@ def test_anthropic_create_text(ant, fake):
     assert fake.requests[-1].json["model"] == ANTHROPIC_MODEL
 
 
-def test_anthropic_create_tool_use(ant):
+def test_anthropic_create_returns_the_tool_use(ant):
     msg = ant.messages.create(model=ANTHROPIC_MODEL, max_tokens=64, messages=MESSAGES,
                               tools=ANTHROPIC_TOOLS)
     assert msg.stop_reason == "tool_use"
@@ -234,7 +235,7 @@ def test_anthropic_stream_text_and_usage_row(ant, proxy, wire):
                endpoint="anthropic")
 
 
-def test_anthropic_stream_tool_use(ant):
+def test_anthropic_stream_assembles_the_tool_use(ant):
     with ant.messages.stream(model=ANTHROPIC_MODEL, max_tokens=64, messages=MESSAGES,
                              tools=ANTHROPIC_TOOLS) as stream:
         events = list(stream)
@@ -247,27 +248,27 @@ def test_anthropic_stream_tool_use(ant):
     assert_anthropic_usage(final.usage)
 
 
-def test_anthropic_count_tokens(ant, fake):
+def test_anthropic_count_tokens_returns_the_upstreams_count(ant, fake):
     count = ant.messages.count_tokens(model=ANTHROPIC_MODEL, messages=MESSAGES)
     assert count.input_tokens == DEFAULT_COUNT_TOKENS
     assert fake.requests[-1].route == "/v1/messages/count_tokens"
 
 
-def test_anthropic_models_list(ant):
+def test_anthropic_models_list_returns_the_upstreams_models(ant):
     assert [m.id for m in ant.models.list().data] == list(DEFAULT_MODELS)
 
 
 # ---------------------------------------------------------------------------------------------
 # OpenAI Chat Completions
 
-def test_chat_create_text(oai):
+def test_chat_create_returns_the_text_and_usage(oai):
     completion = oai.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
     assert completion.choices[0].message.content == DEFAULT_TEXT
     assert completion.choices[0].finish_reason == "stop"
     assert_chat_usage(completion.usage)
 
 
-def test_chat_create_tool_call(oai):
+def test_chat_create_returns_the_tool_call(oai):
     completion = oai.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, tools=CHAT_TOOLS)
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -278,7 +279,8 @@ def test_chat_create_tool_call(oai):
 
 @pytest.mark.parametrize("include_usage", [False, True], ids=["no_usage_asked", "include_usage"])
 @pytest.mark.parametrize("tools", [None, CHAT_TOOLS], ids=["text", "tool"])
-def test_chat_stream(oai, proxy, wire, fake, include_usage, tools):
+def test_chat_stream_yields_the_text_or_tool_call_and_one_finish_reason(oai, proxy, wire, fake, include_usage,
+                                                                        tools):
     kwargs = {"stream_options": {"include_usage": True}} if include_usage else {}
     if tools:
         kwargs["tools"] = tools
@@ -322,14 +324,14 @@ def test_chat_stream_helper_accumulates_text_and_tool_call(oai):
 # ---------------------------------------------------------------------------------------------
 # OpenAI Responses
 
-def test_responses_create_text(oai):
+def test_responses_create_returns_the_text_and_usage(oai):
     response = oai.responses.create(model=RESPONSES_MODEL, input="hi")
     assert response.output_text == DEFAULT_TEXT
     assert response.status == "completed"
     assert_responses_usage(response.usage)
 
 
-def test_responses_create_function_call(oai):
+def test_responses_create_returns_the_function_call(oai):
     response = oai.responses.create(model=RESPONSES_MODEL, input="hi", tools=RESPONSES_TOOLS)
     (item,) = response.output
     assert item.type == "function_call" and item.name == DEFAULT_TOOL_NAME
@@ -347,7 +349,7 @@ def test_responses_stream_text_and_usage_row(oai, proxy, wire):
                endpoint="openai-responses")
 
 
-def test_responses_stream_function_call(oai):
+def test_responses_stream_assembles_the_function_call_and_usage(oai):
     with oai.responses.stream(model=RESPONSES_MODEL, input="hi", tools=RESPONSES_TOOLS) as stream:
         final = stream.get_final_response()
     (item,) = final.output
@@ -356,7 +358,7 @@ def test_responses_stream_function_call(oai):
     assert_responses_usage(final.usage)
 
 
-def test_openai_models_list(oai):
+def test_openai_models_list_returns_the_upstreams_models(oai):
     assert [m.id for m in oai.models.list().data] == list(DEFAULT_MODELS)
 
 
@@ -397,7 +399,7 @@ def _assert_id_safe_keepalives(body: bytes) -> None:
     assert KEEPALIVE not in body[first_id:], body
 
 
-def test_keepalives_after_upstream_ids_chat(oai, fake, wire):
+def test_keepalives_after_upstream_ids_dispatch_no_empty_event_chat(oai, fake, wire):
     fake.enqueue(sse_script(with_ids(chat_stream()), pause_after=2))
     chunks = list(oai.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True,
                                               stream_options={"include_usage": True}))
@@ -406,7 +408,7 @@ def test_keepalives_after_upstream_ids_chat(oai, fake, wire):
     _assert_id_safe_keepalives(wire.body)
 
 
-def test_keepalives_after_upstream_ids_responses(oai, fake, wire):
+def test_keepalives_after_upstream_ids_dispatch_no_empty_event_responses(oai, fake, wire):
     fake.enqueue(sse_script(with_ids(responses_stream()), pause_after=5))
     with oai.responses.stream(model=RESPONSES_MODEL, input="hi") as stream:
         final = stream.get_final_response()

@@ -44,7 +44,7 @@ def summary(events):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_whole_input(name):
+def test_each_stream_fed_whole_gives_its_events_and_exact_bytes(name):
     data, expected = CASES[name]
     framer, events = feed_in_pieces(data, [])
     assert summary(events) == expected
@@ -53,7 +53,7 @@ def test_whole_input(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_split_at_every_byte_pair(name):
+def test_events_and_exact_bytes_survive_two_cuts_anywhere(name):
     """Two cuts anywhere: the events and the exact bytes survive every split."""
     data, expected = CASES[name]
     for first in range(len(data) + 1):
@@ -64,7 +64,7 @@ def test_split_at_every_byte_pair(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_one_byte_at_a_time(name):
+def test_events_and_exact_bytes_survive_one_byte_at_a_time(name):
     data, expected = CASES[name]
     framer, events = feed_in_pieces(data, range(1, len(data)))
     assert summary(events) == expected
@@ -102,7 +102,7 @@ def test_leading_bom_is_dropped_even_when_split():
     assert events[0].raw == b"data: x\n\n"
 
 
-def test_bom_only_at_start():
+def test_a_bom_after_the_start_of_the_stream_is_kept_as_bytes():
     framer = SSEFramer()
     events = framer.feed(b"data: x\n\n\xef\xbb\xbfdata: y\n\n")
     assert events[1].raw.startswith(b"\xef\xbb\xbf")

@@ -13,10 +13,13 @@ import threading
 import time
 
 import pytest
-import requests
 
-from fakeupstream import End, Send, Stall, Status, WaitFor, anthropic_stream
-from rawhttp import KEEPALIVE, PROTOS, RawResponse, split_lf_stream
+from support.builders import anthropic_stream
+from support.checks import PROTOS
+from support.processes import local_session
+from support.rawhttp import RawResponse
+from support.sse import KEEPALIVE, split
+from support.steps import End, Send, Stall, Status, WaitFor
 
 SSE_CT = {"Content-Type": "text/event-stream; charset=utf-8"}
 
@@ -65,7 +68,7 @@ def test_a_stream_over_tls_gets_keepalives_through_a_silence_and_completes(tls_p
     release.set()
     body = r.read_all()
     assert r.complete
-    got, _ = split_lf_stream(body)
+    got, _ = split(body)
     assert got == events
     assert tls_proxy.row(r.request_id)["end_reason"] == "complete"
 
@@ -113,7 +116,7 @@ def test_bytes_a_tls_client_sends_mid_stream_are_no_goodbye(tls_proxy, fake):
 
 def test_keep_alive_requests_over_tls(tls_proxy, fake):
     """Two requests on one TLS connection: the second is read by the thread, not lost."""
-    with requests.Session() as session:
+    with local_session() as session:
         for _ in range(2):
             fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in anthropic_stream()]
                          + [End()])

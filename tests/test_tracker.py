@@ -121,7 +121,7 @@ def test_flush_returns_once_every_earlier_row_is_committed(db_path, make_tracker
     assert stats["written"] == 1000 and stats["queued"] == 0 and stats["spilled"] == 0
 
 
-def test_flush_with_nothing_pending(db_path, make_tracker):
+def test_flush_is_true_with_nothing_pending_and_false_before_the_writer_starts(db_path, make_tracker):
     tracker = make_tracker(db_path)
     assert tracker.flush(timeout=0) is True  # not started, nothing recorded
     tracker.record(rec(1))

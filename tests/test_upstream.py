@@ -79,7 +79,7 @@ def test_upstream_cookies_are_never_replayed_to_other_clients():
     assert "Cookie" not in responses.calls[1].request.headers
 
 
-def test_broken_body_errors_translate():
+def test_broken_body_errors_become_upstream_broken_or_timeout():
     from proxy.upstream import translate_errors
     import urllib3
     for exc, kind in [(urllib3.exceptions.ProtocolError("cut"), UpstreamBroken),
@@ -94,7 +94,7 @@ def test_broken_body_errors_translate():
             raise AssertionError(f"{exc!r} not translated to {kind.__name__}")
 
 
-def test_hop_by_hop_rules():
+def test_hop_by_hop_headers_and_the_ones_connection_names_are_removed():
     assert is_hop_by_hop_header("Transfer-Encoding") and is_hop_by_hop_header("keep-alive")
     assert not is_hop_by_hop_header("anthropic-beta")
     kept = remove_hop_by_hop_headers([("Connection", "close, x-secret"), ("X-Secret", "1"),

@@ -10,10 +10,11 @@ import threading
 import pytest
 import requests
 
-from fakeupstream import (DEFAULT_USAGE, Send, Stall, Status, WaitFor, anthropic_stream,
-                          chat_stream, responses_stream)
+from support.builders import DEFAULT_USAGE, anthropic_stream, chat_stream, responses_stream
+from support.processes import local_session
+from support.rawhttp import RID, RawResponse
+from support.steps import Send, Stall, Status, WaitFor
 
-RID = "x-llm-proxy-request-id"
 BODIES = {
     "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]},
     "/v1/chat/completions": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
@@ -33,7 +34,7 @@ def expected_tokens():
 @pytest.mark.parametrize("path", sorted(BODIES))
 def test_row_matches_the_upstream_usage_exactly(proxy, path, stream):
     body = dict(BODIES[path], stream=stream)
-    r = requests.post(proxy.url + path, json=body, headers={"x-api-key": "sk-secret-123"})
+    r = requests.post(proxy.url + path, json=body, headers={"x-api-key": "sk-secret-123"}, timeout=10)
     assert r.status_code == 200
     row = proxy.row(r.headers[RID])
     assert {k: row[k] for k in expected_tokens()} == expected_tokens()
@@ -48,7 +49,8 @@ def test_row_matches_the_upstream_usage_exactly(proxy, path, stream):
 
 
 def test_unknown_model_is_unpriced_not_free(proxy):
-    r = requests.post(proxy.url + "/v1/messages", json=dict(BODIES["/v1/messages"], model="my-local-llm"))
+    r = requests.post(proxy.url + "/v1/messages", json=dict(BODIES["/v1/messages"], model="my-local-llm"),
+                      timeout=10)
     row = proxy.row(r.headers[RID])
     assert row["input_tokens"] == DEFAULT_USAGE["input"]
     assert row["cost_usd"] is None and row["priced"] == 0
@@ -57,16 +59,12 @@ def test_unknown_model_is_unpriced_not_free(proxy):
 def test_client_hang_up_mid_stream_leaves_a_partial_row(proxy, fake):
     events = anthropic_stream()
     fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-    sock = socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
     body = b'{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[],"stream":true}'
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    received = b""
-    while b"content_block_start" not in received:
-        received += sock.recv(65536)
-    request_id = received.split(RID.encode() + b": ", 1)[1].split(b"\r\n", 1)[0].decode()
+    r = RawResponse(proxy.url, "/v1/messages", body)
+    r.read_until(lambda received: b"content_block_start" in received, "the content block's start")
+    request_id = r.request_id
     upstream = fake.wait_for_requests(1)[0]
-    sock.close()
+    r.close()
     assert upstream.peer_closed.wait(2.0)
     row = proxy.row(request_id)
     assert row["end_reason"] == "client_gone"
@@ -80,7 +78,8 @@ def test_connect_failure_leaves_a_502_row(start_proxy):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
         server = start_proxy(upstream_url=dead)
-        r = requests.post(server.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True))
+        r = requests.post(server.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True),
+                          timeout=10)
     assert r.status_code == 502
     assert r.json()["error"]["type"] == "server_error"
     row = server.row(r.headers[RID])
@@ -89,17 +88,18 @@ def test_connect_failure_leaves_a_502_row(start_proxy):
 
 
 def test_rejected_request_leaves_a_row(proxy):
-    r = requests.post(proxy.url + "/v1/messages", json={"messages": []})
+    r = requests.post(proxy.url + "/v1/messages", json={"messages": []}, timeout=10)
     assert r.status_code == 400
     row = proxy.row(r.headers[RID])
     assert (row["status"], row["end_reason"]) == (400, "rejected")
 
 
-def test_upstream_error_event_row(proxy, fake):
+def test_an_upstream_error_event_leaves_an_upstream_error_row_with_its_message(proxy, fake):
     events = chat_stream(include_usage=False, done=False)
     error = b'data: {"error":{"message":"boom","type":"server_error","param":null,"code":null}}\n\n'
     fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Send(error)])
-    r = requests.post(proxy.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True))
+    r = requests.post(proxy.url + "/v1/chat/completions", json=dict(BODIES["/v1/chat/completions"], stream=True),
+                      timeout=10)
     assert r.content.endswith(error)
     row = proxy.row(r.headers[RID])
     assert row["end_reason"] == "upstream_error" and row["error"] == "boom"
@@ -116,7 +116,7 @@ def test_sigterm_during_50_live_streams_loses_no_row(start_proxy, fake):
         fake.enqueue([Status(200), Send(events[0]), Send(events[4]), WaitFor(release, timeout=30)])
 
     def stream_one():
-        with requests.Session() as s:
+        with local_session() as s:
             r = s.post(server.url + "/v1/responses", json=dict(BODIES["/v1/responses"], stream=True),
                        stream=True, timeout=30)
             chunks = r.iter_content(None)
@@ -150,7 +150,7 @@ def test_several_workers_under_concurrent_load_lose_no_row(start_proxy):
 
     def call(i):
         path = paths[i % 3]
-        with requests.Session() as s:
+        with local_session() as s:
             r = s.post(server.url + path, json=dict(BODIES[path], stream=bool(i % 2)), timeout=30)
             assert r.status_code == 200
             return r.headers[RID]

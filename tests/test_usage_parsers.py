@@ -27,27 +27,12 @@ def decoded(data: str):
     except ValueError:
         return data
 
-
-def split_events(raw: bytes) -> list[tuple[str | None, str]]:
-    """A tiny SSE splitter for tests: events end at a blank line; keeps `event` and `data`."""
-    events = []
-    for block in raw.decode("utf-8").split("\n\n"):
-        name, data = None, []
-        for line in block.split("\n"):
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                name = value
-            elif field == "data":
-                data.append(value)
-        if data:
-            events.append((name, "\n".join(data)))
-    return events
+from support.sse import parse
 
 
 def parse_stream(fmt: str, raw: bytes) -> Usage:
     parser = stream_parser(fmt)
-    for name, data in split_events(raw):
+    for name, data in parse(raw):
         parser.feed(name, decoded(data))
     return parser.result()
 
@@ -64,11 +49,11 @@ def cut_before(raw: bytes, marker: bytes) -> bytes:
     return raw[: raw.index(marker)]
 
 
-# Byte-exact transcripts of protocols.md 2.4, 2.5, 3.2, 3.3, 4.4 and 4.5 (kept once, in the
-# fake upstream, which checks them against the document).
-from fakeupstream import (ANTHROPIC_TEXT, ANTHROPIC_TOOL as ANTHROPIC_TOOL_USE,  # noqa: E402
-                          CHAT_TEXT, CHAT_TOOL as CHAT_TOOL_CALL, RESPONSES_TEXT,
-                          RESPONSES_TOOL as RESPONSES_FUNCTION_CALL)
+# Byte-exact transcripts of protocols.md 2.4, 2.5, 3.2, 3.3, 4.4 and 4.5 (kept once, in
+# tests/support/builders.py; tests/test_fakeupstream.py checks them against the document).
+from support.builders import (ANTHROPIC_TEXT, CHAT_TEXT, RESPONSES_TEXT,  # noqa: E402
+                              ANTHROPIC_TOOL as ANTHROPIC_TOOL_USE, CHAT_TOOL as CHAT_TOOL_CALL,
+                              RESPONSES_TOOL as RESPONSES_FUNCTION_CALL)
 
 
 # --- extra streams, built from frames ---------------------------------------------------------
@@ -342,7 +327,7 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("fmt, raw, expected", STREAM_CASES)
-def test_stream_usage(fmt, raw, expected):
+def test_each_stream_books_its_usage(fmt, raw, expected):
     assert parse_stream(fmt, raw) == expected
 
 
@@ -377,7 +362,7 @@ def test_transcripts_are_whole_events():
 def test_result_mid_stream_then_more_events():
     """The relay may ask for a partial result (client gone) and the stream may still go on."""
     parser = stream_parser("openai-responses")
-    events = split_events(RESPONSES_TEXT)
+    events = parse(RESPONSES_TEXT)
     for name, data in events[:-1]:
         parser.feed(name, decoded(data))
     partial = parser.result()
@@ -438,7 +423,7 @@ BODY_CASES = [
 
 
 @pytest.mark.parametrize("fmt, body, expected", BODY_CASES)
-def test_parse_body(fmt, body, expected):
+def test_each_body_books_its_usage(fmt, body, expected):
     assert parse_body(fmt, body) == expected
 
 
@@ -464,7 +449,7 @@ USAGE = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     pytest.param([], False, id="list"),
     pytest.param(None, False, id="none"),
 ])
-def test_is_usage_only_chunk(chunk, expected):
+def test_usage_only_chunks_are_told_from_content_chunks(chunk, expected):
     assert is_usage_only_chunk(chunk) is expected
 
 
@@ -474,7 +459,7 @@ def test_is_usage_only_chunk(chunk, expected):
     (CHAT_USAGE_ON_LAST_CONTENT, [False, False]),
 ])
 def test_usage_only_chunks_in_streams(raw, usage_only):
-    chunks = [json.loads(data) for _, data in split_events(raw) if data != "[DONE]"]
+    chunks = [json.loads(data) for _, data in parse(raw) if data != "[DONE]"]
     assert [is_usage_only_chunk(c) for c in chunks] == usage_only
 
 
@@ -488,7 +473,7 @@ def test_record_defaults_allow_incremental_building():
     assert rec.input_tokens is None and rec.cost_usd is None and rec.priced is False
 
 
-def test_apply_usage():
+def test_applying_usage_fills_the_record_and_keeps_the_upstreams_model_name():
     rec = UsageRecord(request_id="r1", upstream_model="claude-sonnet-4-5")
     rec.apply_usage(parse_stream("anthropic", ANTHROPIC_CACHE))
     assert (rec.input_tokens, rec.output_tokens, rec.cache_read_tokens, rec.cache_write_tokens) == (
@@ -499,7 +484,7 @@ def test_apply_usage():
     assert rec.upstream_model == SONNET and rec.usage_complete is False
 
 
-def test_record_row_round_trip():
+def test_a_record_survives_its_row_and_json():
     rec = UsageRecord(request_id="r1", started_at=1.5, ended_at=2.5, ttfb_ms=12.0, status=200,
                       endpoint="openai-chat", input_tokens=3, priced=True, usage_complete=True,
                       stream=True, client_key_id="k_ab12", error=None)
@@ -508,7 +493,7 @@ def test_record_row_round_trip():
     assert UsageRecord.from_row(row) == rec
 
 
-def test_record_from_stored_row():
+def test_a_record_reads_a_stored_row_with_int_bools_and_unknown_columns():
     """SQLite gives bools back as 0/1 and may carry columns the record does not know."""
     row = {**UsageRecord(request_id="r2").to_row(), "priced": 1, "usage_complete": 0,
            "stream": 1, "id": 77, "column_from_the_future": "x"}

@@ -1,8 +1,9 @@
 """Shared helpers for the on-demand benchmarks (not collected by pytest).
 
-- imports `ProxyProcess` (tests/conftest.py) and the fake upstream (tests/fakeupstream.py);
-- a raw-socket HTTP/1.1 client that timestamps every `recv` (no `iter_lines`, no buffering
-  between the socket and the timestamp), with an incremental chunked decoder and SSE splitter;
+- imports `ProxyProcess` and the fake upstream from tests/support/;
+- a keep-alive client on the suite's raw HTTP/1.1 client (tests/support/rawhttp.py) that
+  timestamps every `recv` (no `iter_lines`, no buffering between the socket and the
+  timestamp), the events cut by the suite's SSE splitter (tests/support/sse.py);
 - custom fake-upstream steps: `TimedDelta` (an Anthropic delta carrying the upstream's
   `time.perf_counter_ns()` taken just before the write) and `WaitForPipe` (wait for a release
   without any polling wake-ups, so 500 silent upstream connections cost nothing while idle);
@@ -11,12 +12,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
 import select
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -29,10 +28,14 @@ for p in (str(TESTS), str(ROOT)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from conftest import ProxyProcess, free_port  # noqa: E402,F401
-from fakeupstream import (  # noqa: E402,F401
-    End, FakeUpstream, Send, Sleep, Status, WaitFor, sse,
-)
+from support.builders import sse  # noqa: E402
+from support.fake import FakeUpstream  # noqa: E402,F401
+from support.processes import ProxyProcess, drop_proxy_variables, free_port  # noqa: E402,F401
+from support.rawhttp import RawConnection, RawResponse, ResponseParser, build_request  # noqa: E402,F401
+from support.sse import Splitter, is_comment  # noqa: E402,F401
+from support.steps import End, Send, Sleep, Status, WaitFor  # noqa: E402,F401
+
+drop_proxy_variables()  # loopback only: never through a proxy server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -178,120 +181,7 @@ def thread_count(pids) -> int:
 # Raw HTTP/1.1 client
 
 
-def build_request(host_port: str, path: str, body: bytes, headers: dict | None = None) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host_port}", "Content-Type: application/json",
-             f"Content-Length: {len(body)}", "x-api-key: bench-key", "anthropic-version: 2023-06-01"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-class ResponseParser:
-    """Incremental HTTP/1.1 response parser: feed bytes, get decoded body bytes back."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.state = "head"
-        self.status: int | None = None
-        self.headers: dict[str, str] = {}
-        self.remaining = 0
-
-    @property
-    def head_done(self) -> bool:
-        return self.state != "head"
-
-    @property
-    def done(self) -> bool:
-        return self.state == "done"
-
-    def feed(self, data: bytes) -> bytes:
-        self.buf += data
-        out = bytearray()
-        buf = self.buf
-        while True:
-            st = self.state
-            if st == "head":
-                i = buf.find(b"\r\n\r\n")
-                if i < 0:
-                    break
-                lines = bytes(buf[:i]).decode("latin-1").split("\r\n")
-                del buf[:i + 4]
-                self.status = int(lines[0].split()[1])
-                for line in lines[1:]:
-                    k, _, v = line.partition(":")
-                    self.headers[k.strip().lower()] = v.strip()
-                if "chunked" in self.headers.get("transfer-encoding", "").lower():
-                    self.state = "size"
-                elif "content-length" in self.headers:
-                    self.remaining = int(self.headers["content-length"])
-                    self.state = "length" if self.remaining else "done"
-                else:
-                    self.state = "close"
-            elif st == "size":
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    break
-                size = int(bytes(buf[:i]).split(b";")[0].strip(), 16)
-                del buf[:i + 2]
-                if size == 0:
-                    self.state = "trailer"
-                else:
-                    self.remaining = size
-                    self.state = "data"
-            elif st in ("data", "length"):
-                n = min(self.remaining, len(buf))
-                if n == 0:
-                    break
-                out += buf[:n]
-                del buf[:n]
-                self.remaining -= n
-                if self.remaining == 0:
-                    self.state = "crlf" if st == "data" else "done"
-            elif st == "crlf":
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                del buf[:2]
-                self.state = "size"
-            elif st == "trailer":
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    break
-                empty = i == 0
-                del buf[:i + 2]
-                if empty:
-                    self.state = "done"
-            elif st == "close":
-                out += buf
-                buf.clear()
-                break
-            else:  # done
-                break
-        return bytes(out)
-
-    def eof(self) -> None:
-        if self.state == "close":
-            self.state = "done"
-
-
-class SSESplitter:
-    """Cuts a body into blocks at blank lines (LF framing, as the fake and the proxy send)."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if not data:
-            return []
-        self.buf += data
-        if b"\n\n" not in self.buf:
-            return []
-        *blocks, self.buf = self.buf.split(b"\n\n")
-        return blocks
-
-
-def is_comment(block: bytes) -> bool:
-    return all(line.startswith(b":") for line in block.split(b"\n") if line)
+BENCH_HEADERS = {"x-api-key": "bench-key", "anthropic-version": "2023-06-01"}
 
 
 @dataclass
@@ -306,76 +196,48 @@ class Exchange:
 
 
 class RawClient:
-    """One keep-alive connection; each exchange is timed at the socket."""
+    """One keep-alive connection; each exchange is timed at the socket (perf_counter_ns)."""
 
     def __init__(self, url_or_port) -> None:
         port = url_or_port if isinstance(url_or_port, int) else int(str(url_or_port).rsplit(":", 1)[1])
-        self.host_port = f"127.0.0.1:{port}"
-        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.reconnects = 0
         self._connect()
 
     def _connect(self) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", self.port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = RawConnection(self.url, timeout=30.0, nodelay=True)
 
-    def _honour_connection_close(self, parser) -> None:
-        """gunicorn closes a kept-alive connection when its worker has too many idle ones."""
-        if parser.headers.get("connection", "").lower() == "close":
-            self.sock.close()
+    def _exchange(self, r: RawResponse) -> RawResponse:
+        r.read_all()
+        if not r.complete:
+            raise ConnectionError("connection closed mid-response")
+        if (r.header("connection") or "").lower() == "close":
+            # gunicorn closes a kept-alive connection when its worker has too many idle ones
+            self.conn.close()
             self._connect()
             self.reconnects += 1
+        return r
 
     def close(self) -> None:
-        self.sock.close()
+        self.conn.close()
 
     def get_ms(self, path: str, timeout: float = 30.0) -> float:
         """A GET on the keep-alive connection: request sent -> whole response, in ms."""
-        self.sock.settimeout(timeout)
-        parser = ResponseParser()
-        t0 = time.perf_counter_ns()
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {self.host_port}\r\n\r\n".encode())
-        while not parser.done:
-            data = self.sock.recv(262144)
-            if not data:
-                raise ConnectionError("connection closed mid-response")
-            parser.feed(data)
-        elapsed = (time.perf_counter_ns() - t0) / 1e6
-        self._honour_connection_close(parser)
-        return elapsed
+        r = self._exchange(RawResponse(self.url, path, None, method="GET", timeout=timeout,
+                                       conn=self.conn, clock=time.perf_counter_ns))
+        return (r.ended_at - r.sent_at) / 1e6
 
     def post(self, path: str, payload: dict, headers: dict | None = None, timeout: float = 30.0,
              keep_blocks: bool = True) -> Exchange:
-        req = build_request(self.host_port, path, json.dumps(payload).encode(), headers)
-        parser, sse_split = ResponseParser(), SSESplitter()
+        r = self._exchange(RawResponse(self.url, path, payload, {**BENCH_HEADERS, **(headers or {})},
+                                       timeout=timeout, conn=self.conn, clock=time.perf_counter_ns))
         blocks = []
-        t_head = t_first = None
-        body_len = 0
-        self.sock.settimeout(timeout)
-        recv = self.sock.recv
-        clock = time.perf_counter_ns
-        t_sent = clock()
-        self.sock.sendall(req)
-        while not parser.done:
-            data = recv(262144)
-            t = clock()
-            if not data:
-                parser.eof()
-                if not parser.done:
-                    raise ConnectionError("connection closed mid-response")
-                break
-            body = parser.feed(data)
-            if t_head is None and parser.head_done:
-                t_head = t
-            if body:
-                if t_first is None:
-                    t_first = t
-                body_len += len(body)
-                if keep_blocks:
-                    for b in sse_split.feed(body):
-                        blocks.append((t, b))
-        self._honour_connection_close(parser)
-        return Exchange(parser.status, t_sent, t_head, t_first, t, blocks, body_len)
+        if keep_blocks:
+            splitter = Splitter()
+            for t, piece in r.chunks:
+                blocks += [(t, block) for block in splitter.feed(piece)]
+        return Exchange(r.status, r.sent_at, r.head_at, r.chunks[0][0] if r.chunks else None,
+                        r.ended_at, blocks, len(r.body))
 
 
 # ---------------------------------------------------------------------------------------------

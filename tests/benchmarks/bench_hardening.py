@@ -32,8 +32,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _common import ProxyProcess, percentile  # noqa: E402
-from fakeupstream import FakeUpstream, Send, Stall, Status, End, anthropic_stream  # noqa: E402
-from loadtools import Tricklers  # noqa: E402
+from support.builders import anthropic_stream  # noqa: E402
+from support.steps import End, Send, Stall, Status  # noqa: E402
+from support.fake import FakeUpstream  # noqa: E402
+from support.load import Tricklers  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -68,7 +70,7 @@ def slow_clients(fake: FakeUpstream, tmp: Path, through_nginx: bool) -> None:
     try:
         url, port = server.url, server.port
         if through_nginx:
-            from nginx_server import NginxProcess
+            from support.nginx import NginxProcess
             (tmp / "nginx").mkdir()
             nginx = NginxProcess(tmp / "nginx", f"127.0.0.1:{server.port}", worker_connections=4096).start()
             url, port = nginx.url, nginx.port

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import selectors
 import socket
@@ -35,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     ANTHROPIC_BODY, BLOCK_START, BLOCK_STOP, FIRST_DELTA, MESSAGE_DELTA, MESSAGE_START,
-    MESSAGE_STOP, SSE_HEADERS, STAMP_RE, End, FakeUpstream, ProxyProcess, RawClient,
-    ResponseParser, Send, Sleep, SSESplitter, Status, TimedDelta, WaitForPipe, build_request,
+    MESSAGE_STOP, SSE_HEADERS, STAMP_RE, BENCH_HEADERS, End, FakeUpstream, ProxyProcess, RawClient,
+    ResponseParser, Send, Sleep, Splitter, Status, TimedDelta, WaitForPipe, build_request,
     cpu_seconds, machine_load, is_comment, mean, percentile, print_table, process_tree, raise_nofile, ratio,
     rss_kb, thread_count,
 )
@@ -144,7 +143,7 @@ class Stream:
         self.i = i
         self.sock: socket.socket | None = None
         self.parser = ResponseParser()
-        self.sse = SSESplitter()
+        self.sse = Splitter()
         self.status = None
         self.t_conn = 0.0
         self.t_first = None  # first event (the upstream's one-shot burst) received
@@ -180,9 +179,8 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
 
     sel = selectors.DefaultSelector()
     streams = [Stream(i) for i in range(n_streams)]
-    req = build_request(f"127.0.0.1:{proxy.port}", "/v1/messages",
-                        json.dumps(dict(ANTHROPIC_BODY, stream=True)).encode(),
-                        {"x-fake-script": "silent"})
+    req = build_request("POST", "/v1/messages", f"127.0.0.1:{proxy.port}", dict(ANTHROPIC_BODY, stream=True),
+                        {**BENCH_HEADERS, "x-fake-script": "silent"})
     clock = time.monotonic
 
     def open_stream(s: Stream) -> None:
@@ -219,9 +217,9 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
             sel.unregister(s.sock)
             s.sock.close()
             return
-        body = s.parser.feed(data)
+        blocks = [block for piece in s.parser.feed(data) for block in s.sse.feed(piece)]
         s.status = s.parser.status
-        for block in s.sse.feed(body):
+        for block in blocks:
             if is_comment(block):
                 s.keepalives.append(now)
                 continue

@@ -1,6 +1,6 @@
 """SIGTERM under load, run many times: does shutdown keep its promise with the defaults?
 
-Each run: one `TickingUpstream` (tests/loadtools.py) serving endless Anthropic streams,
+Each run: one `TickingUpstream` (tests/support/load.py) serving endless Anthropic streams,
 one event (a ~2 KB text delta) per stream every 100 ms; the proxy as deployed (2 workers x
 256 threads, the default `stream.shutdown_grace` of 20 s and the graceful_timeout that
 follows from it) carrying 200 of them, read by one thread that decodes every event as an
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _common  # noqa: E402,F401  (puts tests/ and the repository on sys.path)
-import loadtools  # noqa: E402
+from support import load  # noqa: E402
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
     failures = 0
     for run in range(1, args.runs + 1):
         with tempfile.TemporaryDirectory() as tmp:
-            r = loadtools.sigterm_under_load(Path(tmp), streams=args.streams, grace=args.grace,
+            r = load.sigterm_under_load(Path(tmp), streams=args.streams, grace=args.grace,
                                              busy=not args.no_busy)
         ended = r["ended_after"]
         ok = (not r["problems"] and r["exit_code"] == 0 and not r["killed"]

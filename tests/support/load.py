@@ -3,7 +3,8 @@
 The scripted fake upstream runs a thread per connection, which is right for exact scripts
 but heavy for hundreds of endless streams.  `TickingUpstream` serves any number of them
 from one thread: every stream gets one Anthropic content event per tick.  `StreamReader`
-reads any number of proxied streams from one thread and tells when each ended, and how.
+reads any number of proxied streams from one thread and tells when each ended, and how
+(with the suite's one HTTP response parser and SSE splitter).
 `busy_core()` keeps one core busy, as another process on a shared machine would.
 `Tricklers` are slow clients: connections that send a byte a second.
 Standard library only.
@@ -21,6 +22,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from support.processes import ProxyProcess
+from support.rawhttp import ResponseParser, build_request
+from support.sse import Splitter, is_comment, parse
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -149,12 +154,16 @@ class TickingUpstream:
 @dataclass
 class StreamState:
     sock: socket.socket
-    buf: bytes = b""
-    head: bytes | None = None
+    parser: ResponseParser = field(default_factory=ResponseParser)
+    events: Splitter = field(default_factory=Splitter)
     body: bytes = b""
     ended_at: float | None = None
-    complete: bool = False  # the chunked terminator arrived
     first_content_at: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The chunked terminator arrived."""
+        return self.parser.complete
 
 
 class StreamReader:
@@ -162,15 +171,12 @@ class StreamReader:
 
     def __init__(self, url: str, count: int, body: dict, headers: dict | None = None) -> None:
         host, port = url.split("//", 1)[1].split(":")
-        payload = json.dumps(body).encode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        request = (f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                   f"anthropic-version: 2023-06-01\r\nContent-Length: {len(payload)}\r\n{extra}\r\n"
-                   ).encode() + payload
+        request = build_request("POST", "/v1/messages", host, body,
+                                {"anthropic-version": "2023-06-01", **(headers or {})})
         self.streams: list[StreamState] = []
         self._sel = selectors.DefaultSelector()
         for _ in range(count):
-            sock = socket.create_connection((host, int(port)))
+            sock = socket.create_connection((host, int(port)), timeout=10)
             sock.sendall(request)
             sock.setblocking(False)
             state = StreamState(sock)
@@ -196,45 +202,27 @@ class StreamReader:
         now = time.monotonic()
         with self._lock:
             if not data:
+                state.parser.eof()
                 state.ended_at = state.ended_at or now
                 self._sel.unregister(state.sock)
                 state.sock.close()
                 return
-            state.buf += data
-            self._parse(state, now)
-            if state.complete:
+            for piece in state.parser.feed(data):
+                self._received(state, piece, now)
+            if state.parser.done:
                 state.ended_at = now
                 self._sel.unregister(state.sock)
                 state.sock.close()
 
     @staticmethod
-    def _parse(state: StreamState, now: float) -> None:
-        if state.head is None:
-            head, sep, rest = state.buf.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            state.head, state.buf = head, rest
-        while True:
-            line, sep, rest = state.buf.partition(b"\r\n")
-            if not sep:
-                return
-            size = int(line.split(b";")[0], 16)
-            if len(rest) < size + 2:
-                return
-            state.buf = rest[size + 2:]
-            if size == 0:
-                state.complete = True
-                return
-            piece = rest[:size]
-            state.body += piece
-            for line in piece.split(b"\n"):  # decode every event, as an SDK would
-                if line.startswith(b"data: "):
-                    try:
-                        json.loads(line[6:])
-                    except ValueError:
-                        pass
-            if state.first_content_at is None and b"content_block_delta" in piece:
-                state.first_content_at = now
+    def _received(state: StreamState, piece: bytes, now: float) -> None:
+        state.body += piece
+        for block in state.events.feed(piece):  # decode every event, as an SDK would
+            if not is_comment(block):
+                for event in parse(block):
+                    event.json
+        if state.first_content_at is None and b"content_block_delta" in piece:
+            state.first_content_at = now
 
     def wait(self, predicate, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -268,21 +256,6 @@ def busy_core():
         hog.wait()
 
 
-def sse_events(body: bytes) -> list[tuple[str | None, str]]:
-    """(event name, data) of each event in an LF-framed stream, comments skipped."""
-    out = []
-    for block in body.split(b"\n\n"):
-        name, data = None, []
-        for line in block.decode("utf-8", "replace").split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].lstrip(" "))
-        if data:
-            out.append((name, "\n".join(data)))
-    return out
-
-
 @dataclass
 class ShutdownOutcome:
     """How 200 streams ended after a SIGTERM."""
@@ -295,7 +268,7 @@ def judge_shutdown(streams: list[StreamState], signalled_at: float) -> ShutdownO
     """Each stream: content, then exactly one terminal overloaded_error, then a clean end."""
     outcome = ShutdownOutcome()
     for i, state in enumerate(streams):
-        events = sse_events(state.body)
+        events = parse(state.body, complete=False)  # a cut stream is reported below
         errors = [(n, d) for n, d in events if n == "error"]
         if not state.complete:
             outcome.problems.append(f"stream {i}: cut without the chunked end")
@@ -319,8 +292,6 @@ def sigterm_under_load(tmp, streams: int = 200, interval: float = 0.1, grace: fl
     streams at one event per `interval`, optionally with one core kept busy; report how every
     stream ended and how many usage rows were written before the workers exited."""
     import signal
-
-    from conftest import ProxyProcess
 
     env = {"LLM_PROXY_HEARTBEAT_INTERVAL": "15", "LLM_PROXY_IDLE_TIMEOUT": "120"}
     if grace is not None:

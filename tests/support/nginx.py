@@ -2,7 +2,8 @@
 
 The main config's `http {}` block is deliberately hostile (gzip on for event streams and
 JSON, as many distribution configs have it) and includes the site with only its listen port
-and upstream address rewritten.  nginx is required: CI installs it.
+and upstream address rewritten.  nginx is required: without it the nginx tests fail, naming
+the package to install (README.md's test command installs it, and so does CI).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
+from support.processes import ROOT, free_port, kill_group
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+INSTALL_NGINX = "apt-get install -y nginx-light"  # as README.md's test command says
 SITE = ROOT / "deploy" / "nginx.conf"
 MAIN_CONF = """\
 {user}daemon off;
@@ -77,21 +79,30 @@ class NginxProcess:
 
     def start(self, timeout: float = 10.0) -> "NginxProcess":
         if not os.path.exists(NGINX):
-            pytest.fail(f"nginx not found (looked for {NGINX}); install it: apt-get install -y nginx")
+            pytest.fail(f"nginx not found (looked for {NGINX}); install it: {INSTALL_NGINX}")
         self._out = open(self.dir / "stdout.log", "wb")
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # its own process group: a failed start ends the workers too
             [NGINX, "-p", f"{self.dir}/", "-c", str(self.dir / "nginx.conf"), "-e", str(self.dir / "error.log")],
-            stdout=self._out, stderr=subprocess.STDOUT)
+            stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_until_listening(timeout)
+        except BaseException:
+            kill_group(self.proc)
+            self._out.close()
+            raise
+        return self
+
+    def _wait_until_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
+                return
             except OSError:
                 time.sleep(0.02)  # waiting for a process to bind: there is no event to wait on
-        raise RuntimeError(f"nginx did not come up:\n{self.log()}")
+        raise RuntimeError(f"nginx did not come up within {timeout:g} s:\n{self.log()}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -101,5 +112,10 @@ class NginxProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:
+            try:  # a worker the master left behind
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if hasattr(self, "_out"):
             self._out.close()
