@@ -356,3 +356,71 @@ def test_a_stream_refused_before_any_try_is_recorded_as_a_stream(tmp_path):
         assert row == (1, "upstream_error", "gpt-x")
     finally:
         app.close(1)
+
+
+# -- the relay, with the stub upstream -------------------------------------------------------
+class StubStream(StubResponse):
+    """An event stream: its pieces, then its end (or the exception that ends it)."""
+
+    def __init__(self, *pieces, then: BaseException | None = None) -> None:
+        super().__init__(200, content_type="text/event-stream")
+        self.pieces, self.then = pieces, then
+
+    def decoded_chunks(self):
+        yield from self.pieces
+        if self.then is not None:
+            raise self.then
+
+
+START = b'event: message_start\ndata: {"type":"message_start","message":{"model":"m1"}}\n\n'
+DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' \
+        b'"delta":{"type":"text_delta","text":"hi"}}\n\n'
+STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+def relay_through(upstream: StubUpstream, *names: str, breakers=None):
+    """Runs one streaming request through StreamRelay; (status, body, row)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.heartbeat import Heartbeat
+    from proxy.pipeline.relay import RelayDeps, StreamRelay
+
+    loop, record = tries(upstream, *names, breakers=breakers)
+    sink = record._sink
+    loop.preq.stream = True
+    record.admitted(stream=True, usage_format=formats.ANTHROPIC)
+    pool = ThreadPoolExecutor(2)
+    deps = RelayDeps(loop.deps, Heartbeat(60.0, 60.0), pool, commit_delay=5.0,
+                     max_event_bytes=1 << 20)
+    started = []
+    body = b"".join(StreamRelay(deps, loop.preq, record).respond(
+        lambda status, headers: started.append(status)))
+    pool.shutdown(wait=True)
+    return started[0], body, sink.rows[0]
+
+
+def test_a_stream_passes_through_event_for_event():
+    status, body, row = relay_through(StubUpstream(StubStream(START, DELTA[:20], DELTA[20:], STOP)), "a")
+    assert (status, body) == ("200 OK", START + DELTA + STOP)
+    assert (row.end_reason, row.status, row.deployment, row.bytes_out) == (
+        "complete", 200, "a", len(body))
+
+
+def test_a_deployment_that_breaks_before_content_is_left_without_the_client_seeing_it():
+    upstream = StubUpstream(StubStream(START, then=UpstreamBroken("cut")),
+                            StubStream(START, DELTA, STOP))
+    status, body, row = relay_through(upstream, "a", "b")
+    assert (status, body) == ("200 OK", START + DELTA + STOP)  # one message_start: b's
+    assert (row.deployment, row.attempts, row.fallbacks) == ("b", 2, 1)
+
+
+def test_a_bug_in_the_relay_is_the_proxys_error_not_the_deployments():
+    breakers = Breakers(BreakerPolicy(failure_threshold=1))
+    upstream = StubUpstream(StubStream(START, DELTA, then=RuntimeError("a bug")))
+    status, body, row = relay_through(upstream, "a", breakers=breakers)
+    assert status == "200 OK" and body.startswith(START + DELTA)
+    assert body[len(START + DELTA):] == (
+        b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
+        b'"message":"internal error in the proxy: RuntimeError"}}\n\n')
+    assert (row.end_reason, row.error) == ("upstream_error", "internal error in the proxy: RuntimeError")
+    assert breakers.snapshot()["a"]["state"] == "closed"  # the deployment did nothing wrong

@@ -82,6 +82,8 @@ class Opened:
 
 
 class Admission:
+    """Opens each request's id and record, then checks the request and decides its route."""
+
     def __init__(self, deps: AdmitDeps) -> None:
         self.deps = deps
 

@@ -231,11 +231,13 @@ class StreamRelay:
 
     # -- stream thread ---------------------------------------------------------------
     def _run(self) -> None:
+        """The stream thread; its one error boundary (a bug ends this request with a
+        terminal error or a 500, and never leaves the server thread waiting)."""
         try:
             outcome = TryLoop(self.deps.tries, self.preq, self.record, self.exchange).run(self._take)
-        except Exception as exc:  # never leave the server thread waiting
+        except Exception as exc:
             log.exception("request %s: stream thread failed", self.preq.request_id)
-            outcome = Outcome.failed(UpstreamBroken(f"internal error: {type(exc).__name__}"))
+            outcome = Outcome.failed(ProxyError(f"internal error in the proxy: {type(exc).__name__}"))
         if not outcome.answered and not self.commit.refuse(outcome):
             self._end_with_error(outcome.as_error(self.preq.fmt), status=200)
 
@@ -274,10 +276,7 @@ class StreamRelay:
                     break
         except ProxyError as err:
             failure = err
-        except Exception as exc:
-            log.exception("request %s: relay failed", self.preq.request_id)
-            failure = UpstreamBroken(f"internal error: {type(exc).__name__}")
-        finally:
+        finally:  # a bug goes on up to `_run`: the proxy's fault, not the deployment's
             current.resp.close()
         if current.held is not None and self.exchange.end_error is None:
             # Nothing reached the client from this deployment: let the plan move on.
@@ -366,6 +365,9 @@ class StreamRelay:
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:
         try:
+            if self._protocol_end is not None:  # the answer ended in its own words already
+                self.writer.close()
+                return
             outside = self.exchange.end_error
             if outside is not None:
                 self.writer.close()  # the terminal event, if any, went out with the end
