@@ -1,1 +1,24 @@
-"""llm-stream-proxy: a WSGI reverse proxy for LLM APIs."""
+"""llm-stream-proxy: a WSGI reverse proxy for LLM APIs.
+
+For embedding (README: "Embedding"): `create_app(...)` returns the proxy as a plain WSGI
+callable, with `flush`, `rows`, `summary` and `close` for the application that runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .app import App
+from .config import Config, ConfigError, resolve_config
+
+
+def create_app(config: Any = None, /, **overrides: Any) -> App:
+    """A new proxy application, configured from a `Config`, a dict shaped like the TOML
+    file, the path of a TOML file, or (with None) the LLM_PROXY_* environment as the
+    server reads it; keyword arguments override single settings (`db="usage.db"`,
+    `heartbeat_interval=5`).  Each call makes an independent proxy: several can live in
+    one process.  Raises ConfigError for a bad setting."""
+    return App(resolve_config(config, overrides))
+
+
+__all__ = ["App", "Config", "ConfigError", "create_app"]

@@ -38,7 +38,9 @@ from .redact import Redactor, installation_secret
 from .request_framing import Head
 from .routing import Breakers, Router
 from .text import loggable
+from .store import open_store
 from .tracker import NullTracker, Tracker
+from .usage import UsageRecord
 from .upstream import UpstreamClient, UpstreamRequests
 
 log = logging.getLogger("proxy.app")
@@ -135,6 +137,7 @@ class App:
         self.inflight = InFlight()
         self.stream_threads = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="stream")
         self.shutting_down = False
+        self._closed = False
         self._tracker: Tracker | NullTracker | None = None
         self._tracker_pid: int | None = None
         self._tracker_lock = threading.Lock()
@@ -210,10 +213,39 @@ class App:
             self.config.shutdown_grace,
             lambda: ShuttingDown("the proxy is shutting down; retry the request"))
 
+    # -- the embedding API (README: "Embedding") ---------------------------------------
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the row of every request that has started is stored; True when all
+        are, False after `timeout` (a request still running, a database refusing rows).
+        Streams record their row before their last byte leaves; plain answers as their
+        body ends, so this waits for requests in flight first."""
+        deadline = time.monotonic() + timeout
+        if not self.inflight.wait_until_empty(timeout):
+            return False
+        tracker = self._started_tracker()
+        return tracker is None or tracker.flush(max(deadline - time.monotonic(), 0.0))
+
+    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[UsageRecord]:
+        """Stored usage rows, oldest first (call `flush` first to include the latest)."""
+        store = open_store(self.config.db_path)
+        try:
+            return [UsageRecord.from_row(row) for row in store.rows(request_id, limit)]
+        finally:
+            store.close()
+
+    def summary(self, since=None, until=None, top: int | None = None) -> dict:
+        """The usage report as `/usage` and `llm-proxy usage --json` give it."""
+        from .report import summarize
+        return summarize(self.config.db_path, since=since, until=until, top=top)
+
     def close(self, timeout: float = 10.0) -> None:
-        """Worker exit: wait for the usage rows of requests still finishing (stream threads
+        """Stop: wait for the usage rows of requests still finishing (stream threads
         record theirs after the client got its last byte), record the stragglers, then
-        drain the usage queue; all within `timeout`."""
+        drain the usage queue and stop the writer; all within `timeout`.  A worker calls
+        it at exit; an embedding application when it is done with the proxy."""
+        if self._closed:
+            return
+        self._closed = True
         deadline = time.monotonic() + timeout
         if not self.inflight.wait_until_empty((deadline - time.monotonic()) / 2):
             count = self.inflight.finish_remaining(
@@ -222,6 +254,8 @@ class App:
         tracker = self._started_tracker()
         if tracker is not None:
             tracker.close(max(deadline - time.monotonic(), 0.1))
+        self.heartbeat.stop()
+        self.stream_threads.shutdown(wait=False)
 
     def refuse_unread(self, err: ProxyError, head: Head | None
                       ) -> tuple[int, list[tuple[str, str]], bytes]:

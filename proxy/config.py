@@ -7,10 +7,11 @@ with a message that names the key and what is wrong with it.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 
@@ -244,18 +245,46 @@ class Config:
         return next((p for p in self.providers.values() if p.format == fmt), None)
 
 
-def load_config(path: str | None = None, env: dict[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
     """Build the Config: defaults < TOML file < LLM_PROXY_* environment < overrides (CLI)."""
     env = os.environ if env is None else env
     path = path or env.get("LLM_PROXY_CONFIG") or None
-    data = _read_file(path) if path else {}
+    return config_from_data(_read_file(path) if path else {}, env, overrides, source=path)
+
+
+def resolve_config(source: "Config | Mapping[str, Any] | str | os.PathLike | None" = None,
+                   overrides: Mapping[str, Any] | None = None) -> Config:
+    """A Config from what an embedding application has: a Config (copied), a dict shaped
+    like the TOML file, the path of a TOML file, or None for the environment (as the
+    server reads it).  A dict or a file stands alone: LLM_PROXY_* variables do not change
+    it, so an application (or a test) gets the same proxy wherever it runs.  `overrides`
+    name settings by key (`"stream.heartbeat_interval"`) or by name (`"heartbeat_interval"`,
+    `"db"`)."""
+    if source is None:
+        return load_config(overrides=overrides)
+    if isinstance(source, Config):
+        config = copy.deepcopy(source)
+        for key, value in (overrides or {}).items():
+            _assign(config, _setting(key), value, f"override {key}")
+        return config
+    if isinstance(source, Mapping):
+        return config_from_data(copy.deepcopy(dict(source)), {}, overrides, source="<dict>")
+    if isinstance(source, (str, os.PathLike)):
+        return load_config(os.fspath(source), {}, overrides)
+    raise TypeError(f"a config is a Config, a dict, a TOML path or None, not {type(source).__name__}")
+
+
+def config_from_data(data: dict, env: Mapping[str, str], overrides: Mapping[str, Any] | None,
+                     source: str | None) -> Config:
+    """The Config of a parsed TOML document (or a dict shaped like one), then `env`'s
+    LLM_PROXY_* variables, then `overrides`."""
     _reject_unknown_sections(data)
-    config = Config(source=path)
+    config = Config(source=source)
     for setting in SETTINGS:
         value = _lookup(data, setting.key)
         if value is not None:
-            _assign(config, setting, value, f"{setting.key} in {path}")
+            _assign(config, setting, value, f"{setting.key} in {source}")
         if setting.env and env.get(setting.env, "") != "":
             _assign(config, setting, _from_text(setting, env[setting.env]), setting.env)
     for key, value in (overrides or {}).items():
@@ -326,7 +355,7 @@ def _assign(config: Config, setting: Setting, value: Any, where: str) -> None:
     setattr(config, setting.attr, value)
 
 
-def _load_providers(section: Any, env: dict[str, str]) -> dict[str, Provider]:
+def _load_providers(section: Any, env: Mapping[str, str]) -> dict[str, Provider]:
     if not isinstance(section, dict):
         raise ConfigError("[providers] must be a table of provider tables")
     providers = default_providers()

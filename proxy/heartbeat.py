@@ -142,6 +142,7 @@ class Heartbeat:
         self.shutdown_deadline: float | None = None
         self._shutdown_error: Callable[[], ProxyError] | None = None
         self._shutdown_noted = False
+        self._stopped = False
 
     def register(self, exchange: Exchange) -> None:
         with self._lock:
@@ -166,8 +167,14 @@ class Heartbeat:
         self.shutdown_deadline = time.monotonic() + grace
         self._wake.set()
 
+    def stop(self) -> None:
+        """The thread ends after its current pass (an embedding application closing its
+        proxy; a server's worker just exits)."""
+        self._stopped = True
+        self._wake.set()
+
     def _run(self) -> None:
-        while True:
+        while not self._stopped:
             self._wake.wait(self.tick)
             self._wake.clear()
             try:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import atexit
 
-from .app import App
+from . import create_app
 from .logs import setup_logging
 
-application = App()
+application = create_app()
 setup_logging(application.config.level)
 atexit.register(application.close)

@@ -27,6 +27,9 @@ from support.fake import FakeUpstream  # noqa: E402
 from support.processes import ProxyProcess, drop_proxy_variables  # noqa: E402
 from support.rawhttp import close_raw_clients  # noqa: E402
 
+# `pytester` runs test files as a user's suite would (the proxy's pytest plugin among them).
+pytest_plugins = ["pytester"]
+
 drop_proxy_variables()
 
 

@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import requests
@@ -53,43 +52,29 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
     assert summary["by_model"][0]["model"] == "claude-x"
 
 
-def test_plain_wsgi_callable_in_another_server(fake, tmp_path, monkeypatch):
-    """No gunicorn: werkzeug's threaded server runs `proxy.wsgi`-style App; streams, keepalives
-    and hang-up detection (through `werkzeug.socket`) still work."""
-    from werkzeug.serving import make_server
-
-    from proxy.app import App
-    from proxy.config import load_config
-
-    config = load_config(env={"LLM_PROXY_ANTHROPIC_BASE_URL": fake.url,
-                              "LLM_PROXY_DB": str(tmp_path / "u.db"),
-                              "LLM_PROXY_HEARTBEAT_INTERVAL": "0.05"})
-    app = App(config)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_port}"
-    try:
-        events = anthropic_stream()
-        fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
-        body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        received = b""
-        while received.count(b": keepalive") < 2:
-            data = sock.recv(65536)
-            assert data, f"the stream ended before two keepalives: {received!r}"
-            received += data
-        upstream = fake.wait_for_requests(1)[0]
-        sock.close()
-        assert upstream.peer_closed.wait(2.0)
-        r = requests.post(url + "/v1/messages", json={"model": "claude-x", "max_tokens": 5, "messages": []},
-                          timeout=10)
-        assert r.status_code == 200 and r.json()["type"] == "message"
-    finally:
-        server.shutdown()
-        app.close()
+def test_plain_wsgi_callable_in_another_server(fake, llm_proxy):
+    """No gunicorn: werkzeug's threaded server (the `llm_proxy` fixture users get) runs the
+    app; streams, keepalives and hang-up detection (through `werkzeug.socket`) still work."""
+    served = llm_proxy(upstream=fake.url, heartbeat_interval=0.05)
+    events = anthropic_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+    sock = socket.create_connection(("127.0.0.1", served.server.server_port), timeout=5)
+    body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while received.count(b": keepalive") < 2:
+        data = sock.recv(65536)
+        assert data, f"the stream ended before two keepalives: {received!r}"
+        received += data
+    upstream = fake.wait_for_requests(1)[0]
+    sock.close()
+    assert upstream.peer_closed.wait(2.0)
+    r = requests.post(served.url + "/v1/messages", timeout=10,
+                      json={"model": "claude-x", "max_tokens": 5, "messages": []})
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    assert [(row.end_reason, row.stream) for row in served.rows()] == [
+        ("client_gone", True), ("complete", False)]
 
 
 def test_one_start_up_line_names_the_bind_address_the_upstreams_and_the_database(proxy, fake):

@@ -111,6 +111,12 @@ class UsageStore(abc.ABC):
     def group_count(self, grouping: str, since: float | None, until: float | None) -> int:
         """How many groups ``breakdown`` would return without ``top``."""
 
+    @abc.abstractmethod
+    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[dict]:
+        """Stored rows as dicts of RECORD_FIELDS, oldest first (only ``request_id``'s when
+        given; at most ``limit``): what a test or an embedding application asserts on.
+        Raises as ``totals`` does."""
+
 
 def open_store(db: str, busy_timeout_ms: int = 5000) -> UsageStore:
     """The store that the ``tracker.db`` setting names (a file path: SQLite).  Nothing is

@@ -153,6 +153,12 @@ class SqliteStore(UsageStore):
                            f"GROUP BY {_GROUP_EXPRESSIONS[grouping]})", params)
         return rows[0][0] if rows else 0
 
+    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[dict]:
+        where, params = ([], []) if request_id is None else (["request_id = ?"], [request_id])
+        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id LIMIT ?",
+                            [*params, int(limit)])
+        return [dict(zip(RECORD_FIELDS, values)) for values in found]
+
     def _grouped(self, expression: str, since: float | None, until: float | None,
                  top: int | None = None) -> dict[Any, Counts]:
         """Counts per value of ``expression``, failures included; with `top`, only the

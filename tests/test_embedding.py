@@ -1,0 +1,292 @@
+"""The proxy inside other Python: `create_app` with each kind of config, several apps in one
+process, mounting under a prefix beside another WSGI app (the official SDKs pointed at the
+prefix), `wsgiref.validate` on every endpoint, and the pytest plugin used as a user would."""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import threading
+from pathlib import Path
+import warnings
+from wsgiref.validate import WSGIWarning, validator
+
+import anthropic
+import openai
+import pytest
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+from werkzeug.test import Client
+
+import proxy
+from proxy.config import ConfigError, load_config
+from proxy.testing import CannedUpstream, ServedProxy
+from support.builders import anthropic_stream
+from support.sse import KEEPALIVE
+from support.steps import Send, Stall, Status
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+
+def providers(url: str) -> dict:
+    return {"anthropic": {"base_url": url}, "openai": {"base_url": url}}
+
+
+@pytest.fixture
+def canned():
+    upstream = CannedUpstream(input_tokens=12, output_tokens=7)
+    yield upstream
+    upstream.stop()
+
+
+def legacy_app(environ, start_response):
+    """An application that was there first."""
+    body = f"legacy {environ['PATH_INFO']}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+# -- the factory -------------------------------------------------------------------------------
+def test_create_app_takes_a_config_a_dict_a_toml_path_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PROXY_HEARTBEAT_INTERVAL", "7")
+    monkeypatch.setenv("LLM_PROXY_DB", str(tmp_path / "env.db"))
+    toml = tmp_path / "proxy.toml"
+    toml.write_text('[stream]\nheartbeat_interval = 3.0\n[providers.anthropic]\n'
+                    'base_url = "http://toml.test"\n')
+    from_env = proxy.create_app()
+    from_dict = proxy.create_app({"stream": {"heartbeat_interval": 2.0},
+                                  "providers": {"anthropic": {"base_url": "http://dict.test"}}})
+    from_path = proxy.create_app(toml)
+    from_config = proxy.create_app(load_config(str(toml), env={}), heartbeat_interval=4)
+    overridden = proxy.create_app({}, db=str(tmp_path / "o.db"), **{"stream.idle_timeout": 9})
+    try:
+        assert (from_env.config.heartbeat_interval, from_env.config.db) == (7.0, str(tmp_path / "env.db"))
+        # a dict or a file stands alone: the environment does not change it
+        assert (from_dict.config.heartbeat_interval, from_dict.config.db) == (2.0, "")
+        assert from_dict.config.providers["anthropic"].base_url == "http://dict.test"
+        assert from_path.config.heartbeat_interval == 3.0
+        assert from_path.config.providers["anthropic"].base_url == "http://toml.test"
+        assert from_config.config.heartbeat_interval == 4.0
+        assert (overridden.config.db, overridden.config.idle_timeout) == (str(tmp_path / "o.db"), 9.0)
+    finally:
+        for app in (from_env, from_dict, from_path, from_config, overridden):
+            app.close(1)
+    with pytest.raises(ConfigError, match="unknown setting 'heartbeat'"):
+        proxy.create_app({}, heartbeat=1)
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        proxy.create_app({"stream": {"heartbeat_interval": -1}})
+    with pytest.raises(TypeError):
+        proxy.create_app(42)
+
+
+def test_two_apps_in_one_process_keep_their_own_upstreams_and_rows(tmp_path):
+    with CannedUpstream(text="one", output_tokens=3) as first_up, \
+            CannedUpstream(text="two", output_tokens=4) as second_up:
+        first = ServedProxy(proxy.create_app({"providers": providers(first_up.url),
+                                              "tracker": {"db": str(tmp_path / "1.db")}}))
+        second = ServedProxy(proxy.create_app({"providers": providers(second_up.url),
+                                               "tracker": {"db": str(tmp_path / "2.db")}}))
+        try:
+            for served, text in ((first, "one"), (second, "two"), (first, "one")):
+                client = anthropic.Anthropic(base_url=served.url, api_key="k", max_retries=0)
+                reply = client.messages.create(model="claude-sonnet-5", max_tokens=9,
+                                               messages=[{"role": "user", "content": "hi"}])
+                assert reply.content[0].text == text
+            assert [r.output_tokens for r in first.rows()] == [3, 3]
+            assert [r.output_tokens for r in second.rows()] == [4]
+            assert (first.app.summary()["totals"]["requests"],
+                    second.app.summary()["totals"]["output_tokens"]) == (2, 4)
+        finally:
+            first.stop()
+            second.stop()
+
+
+def test_flush_waits_for_a_plain_answer_whose_row_comes_as_its_body_ends(tmp_path, canned):
+    served = ServedProxy(proxy.create_app({"providers": providers(canned.url),
+                                           "tracker": {"db": str(tmp_path / "u.db")}}))
+    try:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="k", max_retries=0)
+        for _ in range(20):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+            assert served.app.flush(5)
+        assert len(served.app.rows()) == 20  # each one stored by the time flush returned
+    finally:
+        served.stop()
+
+
+def test_close_records_what_still_runs_drains_the_rows_and_stops_its_threads(tmp_path, fake):
+    before = {t.ident for t in threading.enumerate()}
+    app = proxy.create_app({"providers": providers(fake.url), "tracker": {"db": str(tmp_path / "u.db")}},
+                           heartbeat_interval=0.05)
+    served = ServedProxy(app)
+    fake.enqueue([Status(200), Send(anthropic_stream()[0]), Stall()])
+    claude = anthropic.Anthropic(base_url=served.url, api_key="k", max_retries=0)
+    stream = claude.messages.create(model="claude-sonnet-5", max_tokens=9, stream=True,
+                                    messages=[{"role": "user", "content": "hi"}])
+    next(iter(stream))  # message_start arrived; the upstream is silent now
+    mine = [t for t in threading.enumerate() if t.ident not in before
+            and t.name in ("llm-proxy-heartbeat", "usage-tracker")]
+    assert sorted(t.name for t in mine) == ["llm-proxy-heartbeat", "usage-tracker"]
+    served.stop(timeout=1)
+    stream.close()
+    [row] = app.rows()  # no flush needed: close drained the queue
+    assert (row.status, row.end_reason) == (503, "shutdown")
+    for thread in mine:
+        thread.join(2)  # each ends after its current pass
+    assert [t.name for t in mine if t.is_alive()] == []
+
+
+# -- mounted under a prefix -----------------------------------------------------------------
+@pytest.fixture
+def mounted(tmp_path, canned):
+    """The proxy at /llm inside a legacy application, served by werkzeug's threaded server."""
+    app = proxy.create_app({"providers": providers(canned.url),
+                            "tracker": {"db": str(tmp_path / "u.db")}})
+    served = ServedProxy(app, DispatcherMiddleware(legacy_app, {"/llm": app}))
+    yield served
+    served.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_sdks_work_with_base_url_at_the_prefix(mounted, canned, stream):
+    claude = anthropic.Anthropic(base_url=mounted.url + "/llm", api_key="k", max_retries=0)
+    gpt = openai.OpenAI(base_url=mounted.url + "/llm/v1", api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "hi"}]
+    if stream:
+        with claude.messages.stream(model="claude-sonnet-5", max_tokens=9,
+                                    messages=messages) as events:
+            assert events.get_final_message().content[0].text == canned.text
+        chunks = list(gpt.chat.completions.create(model="gpt-4o", messages=messages, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == canned.text
+    else:
+        reply = claude.messages.create(model="claude-sonnet-5", max_tokens=9, messages=messages)
+        assert reply.content[0].text == canned.text and reply.usage.output_tokens == 7
+        completion = gpt.chat.completions.create(model="gpt-4o", messages=messages)
+        assert completion.choices[0].message.content == canned.text
+    rows = mounted.rows()
+    assert [(r.endpoint, r.stream, r.end_reason, r.input_tokens, r.output_tokens) for r in rows] == [
+        ("anthropic", stream, "complete", 12, 7), ("openai-chat", stream, "complete", 12, 7)]
+    assert all(r.cost_usd for r in rows)
+    # the prefix is the mount's, never sent upstream; the legacy app keeps its routes
+    assert [req.get("model") for req in canned.requests] == ["claude-sonnet-5", "gpt-4o"]
+    client = Client(mounted.wsgi_app)
+    assert client.get("/other").get_data() == b"legacy /other"
+    health = client.get("/llm/health")
+    assert health.status_code == 200 and health.json["status"] == "ok"
+
+
+def _stalled_stream_under_the_prefix(fake, served) -> tuple[socket.socket, object]:
+    """A stream whose upstream goes silent after its preamble, requested at /llm: the
+    client's socket and the upstream's record of the request."""
+    events = anthropic_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+    sock = socket.create_connection(("127.0.0.1", served.server.server_port), timeout=10)
+    body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
+    sock.sendall(b"POST /llm/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    upstream = fake.wait_for_requests(1)[0]
+    assert upstream.path == "/v1/messages"  # the prefix belongs to the mount
+    return sock, upstream
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_keepalives_flow_and_a_hang_up_is_seen_in_silence_under_the_prefix(tmp_path, fake, keepalive):
+    """With keepalives off only the socket probe can see the client go during the silence."""
+    app = proxy.create_app({"providers": providers(fake.url), "tracker": {"db": str(tmp_path / "u.db")}},
+                           heartbeat_interval=0.05, keepalive=keepalive)
+    served = ServedProxy(app, DispatcherMiddleware(legacy_app, {"/llm": app}))
+    try:
+        sock, upstream = _stalled_stream_under_the_prefix(fake, served)
+        received = b""  # the preamble, then silence (filled with keepalives, if they are on)
+        while b"content_block_start" not in received or received.count(KEEPALIVE) < 2 * keepalive:
+            data = sock.recv(65536)
+            assert data, received
+            received += data
+        sock.close()
+        assert upstream.peer_closed.wait(2.0), "the upstream was not closed after the hang-up"
+        [row] = served.rows()
+        assert (row.status, row.end_reason) == (499, "client_gone")
+    finally:
+        served.stop()
+
+
+# -- PEP 3333, checked ------------------------------------------------------------------------
+ENDPOINT_CALLS = [
+    ("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": [], "stream": True}),
+    ("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": []}),
+    ("POST", "/v1/messages/count_tokens", {"model": "m", "messages": []}),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [], "stream": True}),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": []}),
+    ("POST", "/v1/responses", {"model": "m", "input": "x", "stream": True}),
+    ("POST", "/v1/responses", {"model": "m", "input": "x"}),
+    ("GET", "/v1/models", None),
+    ("GET", "/health", None),
+    ("GET", "/usage", None),
+    ("POST", "/health", None),
+    ("GET", "/nowhere", None),
+    ("GET", "/v1/messages", None),
+    ("POST", "/v1/messages", b"{not json"),
+]
+
+
+@pytest.mark.parametrize("method, path, body", ENDPOINT_CALLS,
+                         ids=[f"{m} {p} {'stream' if isinstance(b, dict) and b.get('stream') else ''}"
+                              for m, p, b in ENDPOINT_CALLS])
+def test_every_endpoint_passes_wsgiref_validate(tmp_path, canned, method, path, body):
+    app = proxy.create_app({"providers": providers(canned.url), "tracker": {"db": str(tmp_path / "u.db")}})
+    try:
+        client = Client(validator(app))  # an AssertionError or a WSGIWarning for each breach
+        kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answer = client.open(path, method=method, **kwargs)
+            answer.get_data()
+            answer.close()
+        assert [str(w.message) for w in caught if issubclass(w.category, WSGIWarning)] == []
+        assert answer.status_code in (200, 400, 404, 405)
+    finally:
+        app.close(2)
+
+
+# -- the pytest plugin, as a user's test suite runs it -------------------------------------------
+def readme_example(name: str) -> str:
+    """The code block after `<!-- example: NAME -->` in the README."""
+    text = README.read_text()
+    found = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert found, f"README has no example {name!r}"
+    return found.group(1)
+
+
+def test_the_readme_fixture_example_runs_as_a_users_test_suite(pytester):
+    pytester.makepyfile(test_users_code=readme_example("pytest"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=2)
+
+
+def test_the_fixtures_are_inert_unless_a_test_asks(pytester):
+    pytester.makepyfile(test_plain="def test_nothing():\n    import threading\n"
+                                   "    assert threading.active_count() == 1\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=1)
+
+
+def test_the_readme_mount_example_serves_both_apps(tmp_path, canned, monkeypatch):
+    monkeypatch.setenv("LLM_PROXY_ANTHROPIC_BASE_URL", canned.url)
+    monkeypatch.setenv("LLM_PROXY_OPENAI_BASE_URL", canned.url)
+    monkeypatch.setenv("LLM_PROXY_DB", str(tmp_path / "u.db"))
+    module = tmp_path / "site_app.py"
+    module.write_text(readme_example("mount"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import site_app
+    try:
+        served = ServedProxy(site_app.llm, site_app.application)
+        claude = anthropic.Anthropic(base_url=served.url + "/llm", api_key="k", max_retries=0)
+        reply = claude.messages.create(model="claude-sonnet-5", max_tokens=9,
+                                       messages=[{"role": "user", "content": "hi"}])
+        assert reply.content[0].text == canned.text
+        assert [r.output_tokens for r in served.rows()] == [7]
+        assert Client(site_app.application).get("/").status_code == 200
+        served.stop()
+    finally:
+        sys.modules.pop("site_app", None)
