@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .app import App
+from .app import App, Mounted
 from .config import Config, ConfigError, resolve_config
 
 
@@ -21,4 +21,10 @@ def create_app(config: Any = None, /, **overrides: Any) -> App:
     return App(resolve_config(config, overrides))
 
 
-__all__ = ["App", "Config", "ConfigError", "create_app"]
+def mount(app: Any, prefix: str, llm: App) -> Mounted:
+    """`app` with the proxy `llm` answering below `prefix` (`/llm/v1/messages`, ...);
+    served by the proxy's gunicorn worker, the whole site keeps the proxy's protections."""
+    return Mounted(app, prefix, llm)
+
+
+__all__ = ["App", "Config", "ConfigError", "Mounted", "create_app", "mount"]

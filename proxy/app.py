@@ -11,6 +11,7 @@ The pipeline, in stage order (proxy/pipeline/):  admit → attempt (tries) → r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.wrappers import Request
 
 from .admin import ADMIN_PATHS, AdminApp, AdminDeps
@@ -260,3 +262,38 @@ class App:
     def refuse_unread(self, err: ProxyError, head: Head | None
                       ) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.proxy.refuse_unread(err, head)
+
+
+class Mounted:
+    """Another WSGI application with the proxy mounted under `prefix` beside it: requests
+    below the prefix go to the proxy (werkzeug's DispatcherMiddleware moves the prefix from
+    PATH_INFO to SCRIPT_NAME), the rest to `app`.  It passes the proxy's server hooks on,
+    so the proxy's own gunicorn worker serves the whole site as it serves the proxy alone:
+    slow clients read in its event loop, streams drained on SIGTERM, the last rows stored
+    at exit."""
+
+    def __init__(self, app, prefix: str, llm: App) -> None:
+        self.llm = llm
+        self.prefix = "/" + prefix.strip("/")
+        self.config = llm.config
+        self._dispatch = DispatcherMiddleware(app, {self.prefix: llm})
+
+    def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
+        return self._dispatch(environ, start_response)
+
+    def start(self) -> None:
+        self.llm.start()
+
+    def begin_shutdown(self) -> None:
+        self.llm.begin_shutdown()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.llm.close(timeout)
+
+    def refuse_unread(self, err: ProxyError, head: Head | None
+                      ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The proxy answers every refusal (in the shape of the endpoint below the prefix,
+        when the request was for one)."""
+        if head is not None and head.target.startswith(self.prefix + "/"):
+            head = dataclasses.replace(head, target=head.target[len(self.prefix):])
+        return self.llm.refuse_unread(err, head)

@@ -5,6 +5,7 @@ prefix), `wsgiref.validate` on every endpoint, and the pytest plugin used as a u
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import sys
 import threading
@@ -22,6 +23,8 @@ import proxy
 from proxy.config import ConfigError, load_config
 from proxy.testing import CannedUpstream, ServedProxy
 from support.builders import anthropic_stream
+from support.processes import ProxyProcess, http_get
+from support.rawhttp import RawResponse
 from support.sse import KEEPALIVE
 from support.steps import Send, Stall, Status
 
@@ -290,3 +293,31 @@ def test_the_readme_mount_example_serves_both_apps(tmp_path, canned, monkeypatch
         served.stop()
     finally:
         sys.modules.pop("site_app", None)
+
+
+def test_the_mounted_site_under_gunicorn_keeps_what_the_proxys_worker_gives(fake, tmp_path):
+    """The README's site under `gunicorn -c deploy/gunicorn.conf.py site_app:application`:
+    the legacy route, the SDK at the prefix, keepalives, and on SIGTERM the live stream's
+    terminal error and its row stored at exit (the worker found the proxy's hooks)."""
+    (tmp_path / "site_app.py").write_text(readme_example("mount"))
+    server = ProxyProcess(fake.url, tmp_path, app="site_app:application", prefix="/llm",
+                          pythonpath=(str(tmp_path),), LLM_PROXY_SHUTDOWN_GRACE="0.5",
+                          LLM_PROXY_GRACEFUL_TIMEOUT="5").start()
+    try:
+        assert http_get(server.url + "/", timeout=5).text == "the application that was here first\n"
+        claude = anthropic.Anthropic(base_url=server.proxy_url, api_key="k", max_retries=0)
+        reply = claude.messages.create(model="claude-sonnet-5", max_tokens=9,
+                                       messages=[{"role": "user", "content": "hi"}])
+        assert reply.type == "message"
+        events = anthropic_stream()
+        fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+        stream = RawResponse(server.url, "/llm/v1/messages", dict(
+            model="claude-x", max_tokens=5, messages=[], stream=True)).read_head()
+        stream.read_until(lambda body: body.count(KEEPALIVE) >= 2, "two keepalives")
+        server.signal(signal.SIGTERM)
+        body = stream.read_all()
+        assert stream.complete and b'"overloaded_error"' in body.rsplit(b"\n\n", 2)[-2]
+        assert server.proc.wait(timeout=10) == 0
+        assert sorted(r["end_reason"] for r in server.rows()) == ["complete", "shutdown"]
+    finally:
+        server.stop()

@@ -104,13 +104,19 @@ def group_members(pgid: int) -> list[int]:
 
 
 class ProxyProcess:
-    """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port."""
+    """gunicorn -c deploy/gunicorn.conf.py proxy.wsgi:application, on a free port.
+
+    `app` serves another module's application instead (found on `pythonpath`), with the
+    proxy's own endpoints below `prefix` (the proxy mounted inside a site)."""
 
     def __init__(self, upstream_url: str, tmp: Path, workers: int = 1, threads: int = 64,
                  open_files: int | None = None, tls: tuple[Path, Path] | None = None,
-                 **env: str) -> None:
+                 app: str = "proxy.wsgi:application", prefix: str = "",
+                 pythonpath: tuple[str, ...] = (), **env: str) -> None:
         self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.app_spec = app
+        self.proxy_url = self.url + prefix  # where /health and the /v1 endpoints are
         self.verify: bool | str = str(tls[0]) if tls else True  # for requests' `verify=`
         self.db_path = str(tmp / f"usage-{self.port}.db")
         self.log_path = tmp / f"gunicorn-{self.port}.log"
@@ -124,7 +130,7 @@ class ProxyProcess:
             "LLM_PROXY_BIND": f"127.0.0.1:{self.port}",
             "LLM_PROXY_WORKERS": str(workers),
             "LLM_PROXY_THREADS": str(threads),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT)]),
         })
         if tls:  # gunicorn itself speaks TLS (the deployment leaves it to nginx)
             self.env["GUNICORN_CMD_ARGS"] = f"--certfile {tls[0]} --keyfile {tls[1]}"
@@ -145,11 +151,12 @@ class ProxyProcess:
             raise RuntimeError("this proxy was started already (a second start would leak it)")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(  # its own process group: stop() can end the workers too
-            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "proxy.wsgi:application"],
+            [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), self.app_spec],
             env=self.env, cwd=str(ROOT), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=self._limit_files if self.open_files else None)
         try:
-            wait_until_healthy(self.url, self.proc, timeout, describe=self.log, verify=self.verify)
+            wait_until_healthy(self.proxy_url, self.proc, timeout, describe=self.log,
+                               verify=self.verify)
         except BaseException:  # not up (or the test was interrupted): leave nothing behind
             kill_group(self.proc)
             self._log.close()
@@ -160,7 +167,7 @@ class ProxyProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def flush(self) -> None:
-        http_get(self.url + "/health", params={"flush": "1"}, timeout=10, verify=self.verify)
+        http_get(self.proxy_url + "/health", params={"flush": "1"}, timeout=10, verify=self.verify)
 
     def rows(self, where: str = "1=1", params: tuple = ()) -> list[dict]:
         if not os.path.exists(self.db_path):
@@ -186,7 +193,7 @@ class ProxyProcess:
                 raise AssertionError(f"no usage row for {request_id}")
 
     def health(self) -> dict:
-        return http_get(self.url + "/health", timeout=5, verify=self.verify).json()
+        return http_get(self.proxy_url + "/health", timeout=5, verify=self.verify).json()
 
     def worker_peak_rss(self) -> int:
         """The worker's peak resident memory so far, in bytes (one worker)."""
