@@ -140,6 +140,7 @@ class App:
         self.stream_threads = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="stream")
         self.shutting_down = False
         self._closed = False
+        self._close_lock = threading.Lock()
         self._tracker: Tracker | NullTracker | None = None
         self._tracker_pid: int | None = None
         self._tracker_lock = threading.Lock()
@@ -217,18 +218,16 @@ class App:
 
     # -- the embedding API (README: "Embedding") ---------------------------------------
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until the row of every request that has started is stored; True when all
-        are, False after `timeout` (a request still running, a database refusing rows).
-        Streams record their row before their last byte leaves; plain answers as their
-        body ends, so this waits for requests in flight first."""
-        deadline = time.monotonic() + timeout
-        if not self.inflight.wait_until_empty(timeout):
-            return False
+        """Wait until the row of every request answered so far is stored; True when all
+        are, False after `timeout` (a database refusing rows).  Every answer queues its
+        row before its last byte leaves, so a client that has its whole answer can flush
+        and find its row; requests still running are not waited for."""
         tracker = self._started_tracker()
-        return tracker is None or tracker.flush(max(deadline - time.monotonic(), 0.0))
+        return tracker is None or tracker.flush(timeout)
 
-    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[UsageRecord]:
-        """Stored usage rows, oldest first (call `flush` first to include the latest)."""
+    def rows(self, request_id: str | None = None, limit: int | None = None) -> list[UsageRecord]:
+        """Stored usage rows, oldest first, all of them unless `limit` says otherwise (call
+        `flush` first to include the latest)."""
         store = open_store(self.config.db_path)
         try:
             return [UsageRecord.from_row(row) for row in store.rows(request_id, limit)]
@@ -241,13 +240,20 @@ class App:
         return summarize(self.config.db_path, since=since, until=until, top=top)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop: wait for the usage rows of requests still finishing (stream threads
-        record theirs after the client got its last byte), record the stragglers, then
-        drain the usage queue and stop the writer; all within `timeout`.  A worker calls
-        it at exit; an embedding application when it is done with the proxy."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop for good, within `timeout`: refuse new requests (503), end live streams with
+        a terminal error, wait for the usage rows of requests still finishing (stream
+        threads record theirs after the client got its last byte), record the stragglers,
+        drain the usage queue and stop the writer and the threads.  A worker calls it at
+        exit, after SIGTERM's grace (`begin_shutdown`); an embedding application when it
+        is done with the proxy (`begin_shutdown` first gives live streams that grace)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.shutting_down = True
+        ended = self.heartbeat.end_now(ShuttingDown("the proxy was closed; retry the request"))
+        if ended:
+            log.info("closed with %d live streams: each ended with a terminal error", ended)
         deadline = time.monotonic() + timeout
         if not self.inflight.wait_until_empty((deadline - time.monotonic()) / 2):
             count = self.inflight.finish_remaining(
@@ -258,6 +264,7 @@ class App:
             tracker.close(max(deadline - time.monotonic(), 0.1))
         self.heartbeat.stop()
         self.stream_threads.shutdown(wait=False)
+        self.proxy.relay.tries.upstream.close()
 
     def refuse_unread(self, err: ProxyError, head: Head | None
                       ) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -273,6 +280,8 @@ class Mounted:
     at exit."""
 
     def __init__(self, app, prefix: str, llm: App) -> None:
+        if not prefix.strip("/"):
+            raise ValueError("mount the proxy below a prefix such as /llm, not at the root")
         self.llm = llm
         self.prefix = "/" + prefix.strip("/")
         self.config = llm.config
@@ -292,8 +301,10 @@ class Mounted:
 
     def refuse_unread(self, err: ProxyError, head: Head | None
                       ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """The proxy answers every refusal (in the shape of the endpoint below the prefix,
-        when the request was for one)."""
-        if head is not None and head.target.startswith(self.prefix + "/"):
-            head = dataclasses.replace(head, target=head.target[len(self.prefix):])
-        return self.llm.refuse_unread(err, head)
+        """A refused request below the prefix is the proxy's (its endpoint's error shape, a
+        usage row); any other is the site's: a plain-text answer and no row."""
+        if head is not None and head.path.startswith(self.prefix + "/"):
+            return self.llm.refuse_unread(
+                err, dataclasses.replace(head, target=head.target[len(self.prefix):]))
+        body = f"{err.message}\n".encode("utf-8")
+        return err.status, [("Content-Type", "text/plain; charset=utf-8")], body

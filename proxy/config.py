@@ -8,6 +8,7 @@ with a message that names the key and what is wrong with it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -264,15 +265,33 @@ def resolve_config(source: "Config | Mapping[str, Any] | str | os.PathLike | Non
     if source is None:
         return load_config(overrides=overrides)
     if isinstance(source, Config):
-        config = copy.deepcopy(source)
-        for key, value in (overrides or {}).items():
-            _assign(config, _setting(key), value, f"override {key}")
-        return config
+        return _checked_copy(source, overrides or {})
     if isinstance(source, Mapping):
         return config_from_data(copy.deepcopy(dict(source)), {}, overrides, source="<dict>")
     if isinstance(source, (str, os.PathLike)):
         return load_config(os.fspath(source), {}, overrides)
     raise TypeError(f"a config is a Config, a dict, a TOML path or None, not {type(source).__name__}")
+
+
+def _checked_copy(source: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of a Config built in code, checked as a file would be, with `overrides`; the
+    routes' retry policies follow the overridden global one (a route's own max_attempts
+    stays)."""
+    config = copy.deepcopy(source)
+    before = config.retry_policy
+    for setting in SETTINGS:
+        _assign(config, setting, getattr(config, setting.attr), setting.key)
+    for key, value in overrides.items():
+        _assign(config, _setting(key), value, f"override {key}")
+    for provider in config.providers.values():
+        provider.base_url = check_url(provider.base_url, f"providers.{provider.name}.base_url")
+    policy = config.retry_policy
+    if policy != before:
+        config.routes = [
+            dataclasses.replace(route, retry=policy if route.retry.max_attempts == before.max_attempts
+                                else dataclasses.replace(policy, max_attempts=route.retry.max_attempts))
+            for route in config.routes]
+    return config
 
 
 def config_from_data(data: dict, env: Mapping[str, str], overrides: Mapping[str, Any] | None,
@@ -363,7 +382,7 @@ def _load_providers(section: Any, env: Mapping[str, str]) -> dict[str, Provider]
         providers[name] = _provider_from_table(name, table, providers.get(name))
     for name, var in (("anthropic", "LLM_PROXY_ANTHROPIC_BASE_URL"), ("openai", "LLM_PROXY_OPENAI_BASE_URL")):
         if env.get(var):
-            providers[name].base_url = _check_url(env[var], var)
+            providers[name].base_url = check_url(env[var], var)
     return providers
 
 
@@ -387,10 +406,10 @@ def _provider_from_table(name: str, table: Any, base: Provider | None) -> Provid
     key_env = table.get("api_key_env")
     if key_env is not None and not isinstance(key_env, str):
         raise ConfigError(f"{where}.api_key_env must be the name of an environment variable")
-    return Provider(name, _check_url(url, f"{where}.base_url"), fmt, key_env, keepalive)
+    return Provider(name, check_url(url, f"{where}.base_url"), fmt, key_env, keepalive)
 
 
-def _check_url(url: Any, where: str) -> str:
+def check_url(url: Any, where: str) -> str:
     if not isinstance(url, str):
         raise ConfigError(f"{where} must be a URL string")
     parts = urlsplit(url)

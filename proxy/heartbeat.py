@@ -167,9 +167,21 @@ class Heartbeat:
         self.shutdown_deadline = time.monotonic() + grace
         self._wake.set()
 
+    def end_now(self, err: ProxyError) -> int:
+        """End every live exchange with `err` at once (a proxy closed without a grace);
+        returns how many there were."""
+        with self._lock:
+            live = list(self._live)
+            self._live.clear()
+        for exchange in live:
+            exchange.end(err, abort=False)
+        for exchange in live:
+            exchange.abort_upstream()
+        return len(live)
+
     def stop(self) -> None:
-        """The thread ends after its current pass (an embedding application closing its
-        proxy; a server's worker just exits)."""
+        """The thread ends after its current pass, for good: the proxy it served is closed
+        (an embedding application is done with it; a server's worker just exits)."""
         self._stopped = True
         self._wake.set()
 

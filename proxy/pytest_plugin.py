@@ -30,7 +30,7 @@ def llm_proxy(tmp_path_factory) -> Iterator[Callable[..., Any]]:
     """A factory of proxies served in-process; each is stopped (and its rows drained) at
     the end of the test."""
     from .app import App
-    from .config import resolve_config
+    from .config import check_url, resolve_config
     from .testing import ServedProxy
 
     started: list[ServedProxy] = []
@@ -40,8 +40,9 @@ def llm_proxy(tmp_path_factory) -> Iterator[Callable[..., Any]]:
         if not resolved.db:
             resolved.db = str(tmp_path_factory.mktemp("llm-proxy") / "usage.db")
         if upstream is not None:
+            url = check_url(upstream, "llm_proxy(upstream=...)")
             for provider in resolved.providers.values():
-                provider.base_url = upstream.rstrip("/")
+                provider.base_url = url
         proxy = ServedProxy(App(resolved))
         started.append(proxy)
         return proxy

@@ -62,15 +62,27 @@ class ServedProxy(_Served):
     def flush(self, timeout: float = 5.0) -> bool:
         return self.app.flush(timeout)
 
-    def rows(self, request_id: str | None = None, timeout: float = 5.0) -> list[UsageRecord]:
+    def rows(self, request_id: str | None = None, *, timeout: float = 5.0) -> list[UsageRecord]:
         """Every stored row (or `request_id`'s), once the requests so far are recorded."""
         if not self.flush(timeout):
             raise AssertionError(f"the usage rows were not all stored within {timeout:g} s "
                                  f"(a request still running, or the database refusing rows)")
         return self.app.rows(request_id)
 
-    def row(self, request_id: str, timeout: float = 5.0) -> UsageRecord:
-        found = self.rows(request_id, timeout)
+    def wait_for_rows(self, count: int, timeout: float = 5.0) -> list[UsageRecord]:
+        """The stored rows once there are at least `count`: for requests that end after
+        their client does (a hang-up is recorded when the stream thread notices it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.rows(timeout=max(deadline - time.monotonic(), 0.1))
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(found)} usage rows after {timeout:g} s, not {count}")
+            time.sleep(0.01)  # the row comes from another thread, which signals nothing
+
+    def row(self, request_id: str, *, timeout: float = 5.0) -> UsageRecord:
+        found = self.rows(request_id, timeout=timeout)
         if len(found) != 1:
             raise AssertionError(f"{len(found)} usage rows for {request_id}")
         return found[0]

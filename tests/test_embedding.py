@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import sys
+import textwrap
 import threading
 from pathlib import Path
 import warnings
@@ -16,6 +17,7 @@ from wsgiref.validate import WSGIWarning, validator
 import anthropic
 import openai
 import pytest
+import requests
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.test import Client
 
@@ -105,7 +107,7 @@ def test_two_apps_in_one_process_keep_their_own_upstreams_and_rows(tmp_path):
             second.stop()
 
 
-def test_flush_waits_for_a_plain_answer_whose_row_comes_as_its_body_ends(tmp_path, canned):
+def test_a_plain_answers_row_is_queued_before_its_last_byte_leaves(tmp_path, canned):
     served = ServedProxy(proxy.create_app({"providers": providers(canned.url),
                                            "tracker": {"db": str(tmp_path / "u.db")}}))
     try:
@@ -118,26 +120,94 @@ def test_flush_waits_for_a_plain_answer_whose_row_comes_as_its_body_ends(tmp_pat
         served.stop()
 
 
-def test_close_records_what_still_runs_drains_the_rows_and_stops_its_threads(tmp_path, fake):
+def test_close_ends_live_streams_drains_the_rows_refuses_later_requests_and_stops_its_threads(
+        tmp_path, fake):
     before = {t.ident for t in threading.enumerate()}
     app = proxy.create_app({"providers": providers(fake.url), "tracker": {"db": str(tmp_path / "u.db")}},
                            heartbeat_interval=0.05)
     served = ServedProxy(app)
     fake.enqueue([Status(200), Send(anthropic_stream()[0]), Stall()])
-    claude = anthropic.Anthropic(base_url=served.url, api_key="k", max_retries=0)
-    stream = claude.messages.create(model="claude-sonnet-5", max_tokens=9, stream=True,
-                                    messages=[{"role": "user", "content": "hi"}])
-    next(iter(stream))  # message_start arrived; the upstream is silent now
+    stream = RawResponse(served.url, "/v1/messages", dict(
+        model="claude-x", max_tokens=5, messages=[], stream=True)).read_head()
+    stream.read_until(lambda body: b"message_start" in body, "message_start")
+    upstream = fake.wait_for_requests(1)[0]
     mine = [t for t in threading.enumerate() if t.ident not in before
             and t.name in ("llm-proxy-heartbeat", "usage-tracker")]
     assert sorted(t.name for t in mine) == ["llm-proxy-heartbeat", "usage-tracker"]
-    served.stop(timeout=1)
-    stream.close()
+    served.stop(timeout=2)  # the upstream is silent: only close can end this stream
+    body = stream.read_all()
+    assert stream.complete and b'"overloaded_error"' in body.rsplit(b"\n\n", 2)[-2], body
+    assert upstream.peer_closed.wait(2.0)
     [row] = app.rows()  # no flush needed: close drained the queue
-    assert (row.status, row.end_reason) == (503, "shutdown")
+    assert (row.status, row.end_reason) == (200, "shutdown")
+    late = Client(app).post("/v1/messages", json={"model": "m", "max_tokens": 5, "messages": [],
+                                                  "stream": True})
+    assert (late.status_code, late.json["error"]["type"]) == (529, "overloaded_error")
     for thread in mine:
         thread.join(2)  # each ends after its current pass
     assert [t.name for t in mine if t.is_alive()] == []
+    assert app.heartbeat.live_count() == 0
+
+
+def test_flush_does_not_wait_for_a_request_still_running(tmp_path, fake):
+    served = ServedProxy(proxy.create_app({"providers": providers(fake.url),
+                                           "tracker": {"db": str(tmp_path / "u.db")}}))
+    try:
+        fake.enqueue([Status(200), Send(anthropic_stream()[0]), Stall()])
+        silent = RawResponse(served.url, "/v1/messages", dict(
+            model="claude-x", max_tokens=5, messages=[], stream=True)).read_head()
+        silent.read_until(lambda body: b"message_start" in body, "message_start")
+        assert served.flush(0.5)  # a stream still running is not waited for
+        done = requests.post(served.url + "/v1/messages", timeout=5,
+                             json={"model": "claude-x", "max_tokens": 5, "messages": []})
+        rid = done.headers["x-llm-proxy-request-id"]
+        assert served.row(rid, timeout=2).end_reason == "complete"  # despite the live stream
+    finally:
+        served.stop(timeout=2)
+
+
+def test_a_config_built_in_code_is_checked_and_its_overrides_reach_its_routes(tmp_path):
+    toml = tmp_path / "r.toml"
+    toml.write_text('[retry]\nmax_attempts = 2\n[routes."m-*"]\n'
+                    'deployments = [{ provider = "anthropic", name = "a" }]\n'
+                    '[routes."own-*"]\nmax_attempts = 7\n'
+                    'deployments = [{ provider = "anthropic", name = "b" }]\n')
+    config = load_config(str(toml), env={})
+    app = proxy.create_app(config, max_attempts=5, backoff_max=1)
+    try:
+        assert [r.retry.max_attempts for r in app.config.routes] == [5, 7]
+        assert {r.retry.backoff_max for r in app.config.routes} == {1.0}
+        assert [r.retry.max_attempts for r in config.routes] == [2, 7]  # the caller's is untouched
+    finally:
+        app.close(1)
+    config.heartbeat_interval = -1
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        proxy.create_app(config)
+    config.heartbeat_interval = 1.0
+    config.providers["anthropic"].base_url = "localhost:8080"
+    with pytest.raises(ConfigError, match="base_url"):
+        proxy.create_app(config)
+
+
+def test_a_mounted_proxy_answers_refusals_below_its_prefix_and_leaves_the_others_to_the_site(tmp_path):
+    from proxy.errors import RequestTimeout
+    from proxy.request_framing import Head
+
+    llm = proxy.create_app({"tracker": {"db": str(tmp_path / "u.db")}})
+    site = proxy.mount(legacy_app, "/llm/", llm)
+    try:
+        err = RequestTimeout("the request did not arrive in time")
+        status, headers, body = site.refuse_unread(err, Head("POST", "/upload", "HTTP/1.1"))
+        assert (status, body) == (408, b"the request did not arrive in time\n")
+        status, headers, body = site.refuse_unread(err, Head("POST", "/llm/v1/messages", "HTTP/1.1",
+                                                             [("anthropic-version", "2023-06-01")]))
+        assert status == 408 and b'"invalid_request_error"' in body
+        assert llm.flush(2)
+        assert [(r.endpoint, r.status) for r in llm.rows()] == [("anthropic", 408)]
+    finally:
+        llm.close(1)
+    with pytest.raises(ValueError, match="prefix"):
+        proxy.mount(legacy_app, "/", llm)
 
 
 # -- mounted under a prefix -----------------------------------------------------------------
@@ -208,7 +278,7 @@ def test_keepalives_flow_and_a_hang_up_is_seen_in_silence_under_the_prefix(tmp_p
             received += data
         sock.close()
         assert upstream.peer_closed.wait(2.0), "the upstream was not closed after the hang-up"
-        [row] = served.rows()
+        [row] = served.wait_for_rows(1)
         assert (row.status, row.end_reason) == (499, "client_gone")
     finally:
         served.stop()
@@ -233,13 +303,16 @@ ENDPOINT_CALLS = [
 ]
 
 
+@pytest.mark.parametrize("prefix", ["", "/llm"], ids=["alone", "mounted"])
 @pytest.mark.parametrize("method, path, body", ENDPOINT_CALLS,
                          ids=[f"{m} {p} {'stream' if isinstance(b, dict) and b.get('stream') else ''}"
                               for m, p, b in ENDPOINT_CALLS])
-def test_every_endpoint_passes_wsgiref_validate(tmp_path, canned, method, path, body):
+def test_every_endpoint_passes_wsgiref_validate(tmp_path, canned, method, path, body, prefix):
     app = proxy.create_app({"providers": providers(canned.url), "tracker": {"db": str(tmp_path / "u.db")}})
     try:
-        client = Client(validator(app))  # an AssertionError or a WSGIWarning for each breach
+        site = proxy.mount(legacy_app, prefix, app) if prefix else app
+        path = prefix + path
+        client = Client(validator(site))  # an AssertionError or a WSGIWarning for each breach
         kwargs = {"json": body} if isinstance(body, dict) else {"data": body}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -268,8 +341,17 @@ def test_the_readme_fixture_example_runs_as_a_users_test_suite(pytester):
 
 
 def test_the_fixtures_are_inert_unless_a_test_asks(pytester):
-    pytester.makepyfile(test_plain="def test_nothing():\n    import threading\n"
-                                   "    assert threading.active_count() == 1\n")
+    """Loaded in every session of a project that installs the package: nothing runs, and
+    nothing but the config module is imported, until a test asks for a fixture."""
+    pytester.makepyfile(test_plain=textwrap.dedent("""
+        import sys, threading
+
+        def test_nothing(request):
+            assert request.config.pluginmanager.has_plugin("llm_proxy")
+            assert "proxy.pytest_plugin" in sys.modules
+            assert "proxy.app" not in sys.modules and "werkzeug" not in sys.modules
+            assert threading.active_count() == 1
+    """))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
     result.assert_outcomes(passed=1)
 

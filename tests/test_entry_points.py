@@ -73,7 +73,7 @@ def test_plain_wsgi_callable_in_another_server(fake, llm_proxy):
     r = requests.post(served.url + "/v1/messages", timeout=10,
                       json={"model": "claude-x", "max_tokens": 5, "messages": []})
     assert r.status_code == 200 and r.json()["type"] == "message"
-    assert [(row.end_reason, row.stream) for row in served.rows()] == [
+    assert [(row.end_reason, row.stream) for row in served.wait_for_rows(2)] == [
         ("client_gone", True), ("complete", False)]
 
 

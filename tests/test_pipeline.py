@@ -424,3 +424,29 @@ def test_a_bug_in_the_relay_is_the_proxys_error_not_the_deployments():
         b'"message":"internal error in the proxy: RuntimeError"}}\n\n')
     assert (row.end_reason, row.error) == ("upstream_error", "internal error in the proxy: RuntimeError")
     assert breakers.snapshot()["a"]["state"] == "closed"  # the deployment did nothing wrong
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_plain_answer_queues_its_row_before_its_last_piece_is_handed_to_the_server(declared):
+    """So a client that has the whole body can flush and find its row (as with streams);
+    with a Content-Length every piece goes out as it arrives."""
+    from proxy.heartbeat import Heartbeat
+    from proxy.pipeline.commit import Answer
+    from proxy.pipeline.relay import PassThrough
+
+    answer = StubStream(b'{"type":"message","usage":', b'{"input_tokens":3,', b'"output_tokens":4}}')
+    answer.is_event_stream, answer.is_json = False, True
+    if declared:
+        answer.headers.append(("Content-Length", str(len(b"".join(answer.pieces)))))
+    loop, record = tries(StubUpstream(), "a")
+    record.admitted(stream=False, usage_format=formats.ANTHROPIC)
+    sink = record._sink
+    exchange = Exchange(None, None, lambda err: None)
+    body = PassThrough(Heartbeat(60.0, 60.0), loop.preq, record, exchange,
+                       Answer(answer, "a")).respond(lambda status, headers: None)
+    handed = [(piece, len(sink.rows)) for piece in body]
+    assert b"".join(piece for piece, _ in handed) == b"".join(answer.pieces)
+    assert handed[-1][1] == 1  # queued before the last piece left
+    if declared:
+        assert [piece for piece, _ in handed] == list(answer.pieces)  # none held back
+    assert (sink.rows[0].end_reason, sink.rows[0].output_tokens) == ("complete", 4)

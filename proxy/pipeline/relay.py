@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..errors import ClientGone, ProxyError, UpstreamBroken
+from ..errors import ClientGone, ProxyError, ShuttingDown, UpstreamBroken
 from ..formats import EventKind
 from ..heartbeat import Exchange, Heartbeat
 from ..limits import TooComplex, parse_upstream_json
@@ -119,20 +119,37 @@ class PassThrough:
         return self._body()
 
     def _body(self) -> Iterator[bytes]:
-        """The decoded body, echoed keys masked (a key split between two reads included)."""
+        """The decoded body as it arrives, echoed keys masked (a key split between two
+        reads included).
+
+        The row is queued before the last bytes leave, so a client that has the whole
+        answer can rely on its row, as it can on a stream's: with a Content-Length the last
+        piece is known when it arrives; without one, each piece waits for the next."""
         failure: ProxyError | None = None
-        sent_all = False
+        recorded = False
         masking = self.preq.redactor.stream()
+        length = self._declared_length()
+        held = b""
         try:
             for chunk in self.resp.decoded_chunks():
                 self.record.add_body_copy(chunk)
                 out = masking.feed(chunk)
-                if out:
-                    yield out
-            rest = masking.flush()
-            if rest:
-                yield rest
-            sent_all = True
+                if length is not None and self.record.body_bytes >= length:  # the last piece
+                    out += masking.flush()
+                    recorded = self._finish(sent_all=True)
+                if length is not None or recorded:
+                    if out:
+                        yield out
+                    continue
+                if held and out:
+                    yield held
+                    held = b""
+                held += out
+            if not recorded:
+                held += masking.flush()
+                recorded = self._finish(sent_all=True)
+            if held:
+                yield held
         except ProxyError as err:
             failure = self.exchange.end_error or err
             # A half-sent body must fail loudly at the client instead of ending cleanly.
@@ -140,9 +157,16 @@ class PassThrough:
         finally:
             self.resp.close()
             self.heartbeat.unregister(self.exchange)
-            self._finish(sent_all, failure)
+            if not recorded:
+                self._finish(sent_all=False, failure=failure)
 
-    def _finish(self, sent_all: bool, failure: ProxyError | None) -> None:
+    def _declared_length(self) -> int | None:
+        """The body's length as sent to the client (none when it is relayed decoded)."""
+        value = next((v for k, v in self.resp.headers if k.lower() == "content-length"), None)
+        return int(value) if value is not None and value.strip().isdigit() else None
+
+    def _finish(self, sent_all: bool, failure: ProxyError | None = None) -> bool:
+        """Record how the body ended; True, for the caller that keeps track."""
         status, sent = self.resp.status, self.record.body_bytes
         if sent_all and status < 400:
             self.record.complete(status, sent)
@@ -151,6 +175,7 @@ class PassThrough:
         else:
             err = failure or self.exchange.end_error or ClientGone("the client went away during the body")
             self.record.failed(status, err, sent)
+        return True
 
 
 # -- streams ----------------------------------------------------------------------------
@@ -192,7 +217,11 @@ class StreamRelay:
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
         self.deps.heartbeat.register(self.exchange)
-        self.deps.stream_threads.submit(self._run)
+        try:
+            self.deps.stream_threads.submit(self._run)
+        except RuntimeError:  # the pool is shut down: the proxy was closed meanwhile
+            self.deps.heartbeat.unregister(self.exchange)
+            raise ShuttingDown("the proxy is closed; retry the request") from None
         phase = self.commit.wait(self.deps.commit_delay)
         if phase is Phase.COMMITTED:
             start_response("200 OK", committed_stream_headers(self.preq.request_id))

@@ -112,9 +112,10 @@ class UsageStore(abc.ABC):
         """How many groups ``breakdown`` would return without ``top``."""
 
     @abc.abstractmethod
-    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[dict]:
+    def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
         """Stored rows as dicts of RECORD_FIELDS, oldest first (only ``request_id``'s when
-        given; at most ``limit``): what a test or an embedding application asserts on.
+        given; the first ``limit`` when given): what a test or an embedding application
+        asserts on.
         Raises as ``totals`` does."""
 
 

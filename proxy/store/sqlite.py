@@ -153,10 +153,10 @@ class SqliteStore(UsageStore):
                            f"GROUP BY {_GROUP_EXPRESSIONS[grouping]})", params)
         return rows[0][0] if rows else 0
 
-    def rows(self, request_id: str | None = None, limit: int = 1000) -> list[dict]:
+    def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
         where, params = ([], []) if request_id is None else (["request_id = ?"], [request_id])
-        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id LIMIT ?",
-                            [*params, int(limit)])
+        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id "
+                            f"LIMIT ?", [*params, -1 if limit is None else int(limit)])
         return [dict(zip(RECORD_FIELDS, values)) for values in found]
 
     def _grouped(self, expression: str, since: float | None, until: float | None,
