@@ -1,0 +1,10 @@
+"""Translation between API formats: I/O-free functions and event transducers.
+
+A client speaks its own protocol whatever its upstream speaks (issue "Any client, any
+provider"): requests are rewritten for the upstream's format, its answers (JSON bodies
+and event streams) for the client's.  Everything here takes decoded JSON and returns
+JSON or SSE event bytes; no sockets, threads or clocks.
+
+Built so far: Anthropic Messages clients on OpenAI Chat Completions upstreams
+(`anthropic_chat`): the request, the JSON answer and the event stream.
+"""
