@@ -288,3 +288,162 @@ def test_going_back_to_a_finished_tool_call_is_an_upstream_fault():
     stream.feed(chunk({"tool_calls": [tool(0, "call_a", "a", "{}"), tool(1, "call_b", "b", "{}")]}))
     with pytest.raises(UpstreamBroken, match="finished tool call"):
         stream.feed(chunk({"tool_calls": [tool(0, args='"x"')]}))
+
+
+# ===========================================================================================
+# Chat Completions clients on Anthropic upstreams
+# ===========================================================================================
+from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
+from openai.types.chat import ChatCompletionChunk  # noqa: E402
+
+from proxy.formats.translate.chat_anthropic import (AnthropicToChatStream,  # noqa: E402
+                                                    AnthropicUpstream, chat_usage,
+                                                    completion_from_message, to_messages_request)
+
+
+def chat_request(**fields) -> dict:
+    return {"model": "claude-sonnet-5", "messages": [], **fields}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    pytest.param(dict(messages=[{"role": "system", "content": "A"}, {"role": "developer", "content": "B"},
+                                {"role": "user", "content": "hi"}]),
+                 {"system": "A\n\nB", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+                 id="system-and-developer"),
+    pytest.param(dict(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "see"},
+                                     {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                                     {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}]),
+        {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "see"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+            {"type": "image", "source": {"type": "url", "url": "https://x.test/a.png"}}]}]},
+        id="images"),
+    pytest.param(dict(messages=[
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call:1", "type": "function", "function": {"name": "read", "arguments": '{"p":1}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "ls", "arguments": ""}}]},
+        {"role": "tool", "tool_call_id": "call:1", "content": "A"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "B"}]},
+        {"role": "user", "content": "and?"}]),
+        {"messages": [
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": id_for_anthropic("call:1"), "name": "read", "input": {"p": 1}},
+                {"type": "tool_use", "id": "call_2", "name": "ls", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": id_for_anthropic("call:1"), "content": "A"},
+                {"type": "tool_result", "tool_use_id": "call_2", "content": "B"},
+                {"type": "text", "text": "and?"}]}]},
+        id="tool-turn-one-user-message-no-empty-text"),
+    pytest.param(dict(max_completion_tokens=50, stop="END", user="u-1", temperature=0.1,
+                      tools=[{"type": "function", "function": {"name": "f", "description": "d",
+                                                               "parameters": {"type": "object"}}}],
+                      tool_choice="required", parallel_tool_calls=False, stream=True),
+                 {"max_tokens": 50, "stop_sequences": ["END"], "metadata": {"user_id": "u-1"},
+                  "temperature": 0.1, "stream": True,
+                  "tools": [{"name": "f", "description": "d", "input_schema": {"type": "object"}}],
+                  "tool_choice": {"type": "any", "disable_parallel_tool_use": True}},
+                 id="limits-stop-user-tools"),
+    pytest.param(dict(tool_choice={"type": "function", "function": {"name": "f"}}),
+                 {"tool_choice": {"type": "tool", "name": "f"}}, id="named-tool-choice"),
+])
+def test_a_chat_request_as_messages(fields, expected):
+    got = to_messages_request(chat_request(**fields), AnthropicUpstream(default_max_tokens=777))
+    want = {"model": "claude-sonnet-5", "messages": [], "max_tokens": 777, **expected}
+    assert got == want
+
+
+@pytest.mark.parametrize("fields, needle", [
+    (dict(n=2), "`n`"), (dict(logprobs=True), "logprobs"),
+    (dict(response_format={"type": "json_schema", "json_schema": {}}), "json_schema"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]), "not valid JSON"),
+    (dict(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input_audio"),
+])
+def test_what_anthropic_cannot_express_is_a_clear_400(fields, needle):
+    with pytest.raises(BadRequest, match=needle):
+        to_messages_request(chat_request(**fields))
+
+
+def test_anthropic_usage_in_chat_terms_counts_cached_input_once():
+    assert chat_usage({"input_tokens": 20, "output_tokens": 9, "cache_read_input_tokens": 100,
+                       "cache_creation_input_tokens": 30}) == {
+        "prompt_tokens": 150, "completion_tokens": 9, "total_tokens": 159,
+        "prompt_tokens_details": {"cached_tokens": 100}}
+
+
+def test_a_message_with_tool_use_as_a_completion():
+    message = {"id": "msg_1", "type": "message", "model": "claude-sonnet-5", "stop_reason": "tool_use",
+               "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                           {"type": "text", "text": "Reading."},
+                           {"type": "tool_use", "id": id_for_anthropic("call:9"), "name": "read",
+                            "input": {"p": 1}}],
+               "usage": {"input_tokens": 5, "output_tokens": 7}}
+    completion = completion_from_message(message, created=1700000000, reasoning=True)
+    choice = completion["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {"role": "assistant", "content": "Reading.", "reasoning_content": "hm",
+                                 "tool_calls": [{"id": "call:9", "type": "function", "function": {
+                                     "name": "read", "arguments": '{"p": 1}'}}]}
+    assert completion["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+def chat_translate(events: list[tuple[str, dict]], include_usage: bool = True):
+    """The Chat chunks for Messages `events`, and the completion the official openai SDK
+    accumulates from them."""
+    stream = AnthropicToChatStream(created=1700000000, include_usage=include_usage)
+    raw = b"".join(b"".join(stream.feed(name, data)) for name, data in events) + b"".join(stream.finish())
+    frames = [data for _, data in parse(raw)]
+    assert frames[-1] == "[DONE]" and frames.count("[DONE]") == 1
+    state = ChatCompletionStreamState()
+    chunks = [json.loads(f) for f in frames[:-1]]
+    for c in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(c))
+    return chunks, state.current_completion_snapshot
+
+
+def anthropic_events(*blocks: tuple[str, list[dict]], stop: str = "end_turn") -> list[tuple[str, dict]]:
+    """A Messages stream: (content_block_start block, its deltas) per block."""
+    events = [("message_start", {"type": "message_start", "message": {
+        "id": "msg_s", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 20, "cache_read_input_tokens": 100,
+                                       "output_tokens": 1}}}), ("ping", {"type": "ping"})]
+    for index, (block, deltas) in enumerate(blocks):
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": block}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                   for d in deltas]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop},
+                                     "usage": {"output_tokens": 11}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def test_a_messages_stream_with_text_and_parallel_tools_as_chat_chunks():
+    chunks, completion = chat_translate(anthropic_events(
+        ({"type": "thinking", "thinking": ""}, [{"type": "thinking_delta", "thinking": "hidden"}]),
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "Two "},
+                                        {"type": "text_delta", "text": "calls."}]),
+        ({"type": "tool_use", "id": "toolu_a", "name": "read", "input": {}},
+         [{"type": "input_json_delta", "partial_json": '{"p":'}, {"type": "input_json_delta", "partial_json": '1}'}]),
+        ({"type": "tool_use", "id": id_for_anthropic("call:b"), "name": "ls", "input": {}}, []),
+        stop="tool_use"))
+    choice = completion.choices[0]
+    assert choice.message.content == "Two calls." and choice.finish_reason == "tool_calls"
+    assert [(t.id, t.function.name, t.function.arguments) for t in choice.message.tool_calls] == [
+        ("toolu_a", "read", '{"p":1}'), ("call:b", "ls", "")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("reasoning_content" not in c["choices"][0]["delta"] for c in chunks if c["choices"])
+    assert chunks[-1] == {"id": "chatcmpl-msg_s", "object": "chat.completion.chunk", "created": 1700000000,
+                          "model": "claude-sonnet-5", "choices": [], "usage": {
+                              "prompt_tokens": 120, "completion_tokens": 11, "total_tokens": 131,
+                              "prompt_tokens_details": {"cached_tokens": 100}}}
+
+
+def test_no_usage_chunk_unless_the_client_asked_and_max_tokens_is_length():
+    chunks, completion = chat_translate(anthropic_events(
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "cut"}]), stop="max_tokens"),
+        include_usage=False)
+    assert all(c["choices"] for c in chunks)
+    assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == ("cut", "length")
