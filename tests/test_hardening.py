@@ -1019,3 +1019,46 @@ def test_no_input_can_forge_a_log_line_and_huge_fields_are_capped(start_proxy, f
     rows = server.rows()
     assert max(len(r["model_requested"] or "") for r in rows) < 400
     assert any((r["model_requested"] or "").startswith("claude\n2026") for r in rows)  # stored as sent
+
+
+def test_a_body_shorter_than_its_content_length_is_refused_even_when_it_parses(proxy, fake):
+    """The client stops after a whole JSON object but had announced more: the request is
+    incomplete and goes nowhere, however valid the part that came (mutant d1)."""
+    raw = H + b"Content-Length: %d\r\n\r\n" % (len(OK_BODY) + 100) + OK_BODY
+    answer = RawResponse(proxy.url, raw=raw, half_close=True)
+    body = answer.read_all()
+    assert answer.head.startswith(b"HTTP/1.1 400 "), answer.head
+    assert_anthropic_error(json.loads(body), "invalid_request_error")
+    assert b"ended after" in body
+    assert fake.requests == []
+    row = proxy.row(answer.request_id)
+    assert (row["status"], row["end_reason"]) == (400, "rejected")
+
+
+def test_the_proxys_own_error_quoting_an_upstream_is_masked(start_proxy, fake, tmp_path):
+    """Every deployment sends an error event before any content, echoing the keys: the
+    proxy's own 502 quotes the last one's message, and masks the keys in it (mutant p4)."""
+    config = write_config(tmp_path / "quote.toml", f"""
+[providers.anthropic]
+base_url = "{fake.url}"
+api_key_env = "TEST_PROVIDER_KEY"
+[stream]
+commit_after = 5.0
+[routes."claude-quote-*"]
+deployments = [{{ provider = "anthropic", name = "one" }}, {{ provider = "anthropic", name = "two" }}]
+""")
+    server = start_proxy(LLM_PROXY_CONFIG=config, TEST_PROVIDER_KEY=PROVIDER_KEY)
+    try:
+        fake.named["error-first"] = sse_reply(
+            [anthropic_stream()[0], sse({"type": "error", "error": {
+                "type": "overloaded_error", "message": echo("overloaded")}}, "error")])
+        r = RawResponse(server.url, "/v1/messages", dict(ANTHROPIC_JSON, model="claude-quote-1", stream=True),
+                        headers={"x-api-key": CLIENT_KEY, "x-fake-script": "error-first"}).read_head()
+        body = r.read_all()
+        assert r.status == 502, (r.head, body)
+        assert len(fake.requests) >= 2  # both deployments were tried
+        assert b"error before any content" in body and b"[REDACTED" in body, body
+        raw = json.dumps(r.headers).encode() + body
+        assert PROVIDER_KEY.encode() not in raw and CLIENT_KEY.encode() not in raw, raw
+    finally:
+        server.stop()

@@ -444,9 +444,224 @@ def test_a_plain_answer_queues_its_row_before_its_last_piece_is_handed_to_the_se
     exchange = Exchange(None, None, lambda err: None)
     body = PassThrough(Heartbeat(60.0, 60.0), loop.preq, record, exchange,
                        Answer(answer, "a")).respond(lambda status, headers: None)
-    handed = [(piece, len(sink.rows)) for piece in body]
+    handed = [(piece, len(sink.rows)) for piece in body if piece]  # b"" sends the headers
     assert b"".join(piece for piece, _ in handed) == b"".join(answer.pieces)
     assert handed[-1][1] == 1  # queued before the last piece left
     if declared:
         assert [piece for piece, _ in handed] == list(answer.pieces)  # none held back
     assert (sink.rows[0].end_reason, sink.rows[0].output_tokens) == ("complete", 4)
+
+
+def test_a_streams_row_has_its_time_to_first_token():
+    status, body, row = relay_through(StubUpstream(StubStream(START, DELTA, STOP)), "a")
+    assert status == "200 OK" and row.end_reason == "complete"
+    assert row.ttft_ms is not None and row.ttfb_ms is not None and row.ttft_ms >= row.ttfb_ms
+
+
+def test_an_upstream_error_event_after_content_is_a_200_row_in_the_upstreams_words():
+    error = b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",' \
+            b'"message":"Overloaded"}}\n\n'
+    status, body, row = relay_through(StubUpstream(StubStream(START, DELTA, error)), "a")
+    assert (status, body) == ("200 OK", START + DELTA + error)
+    assert (row.status, row.end_reason, row.error, row.bytes_out) == (
+        200, "upstream_error", "Overloaded", len(body))
+
+
+def test_the_terminal_error_the_proxy_appends_is_counted_in_bytes_out():
+    upstream = StubUpstream(StubStream(START, DELTA, then=UpstreamBroken("cut")))
+    status, body, row = relay_through(upstream, "a")
+    assert body.startswith(START + DELTA) and body.count(b"event: error") == 1
+    assert (row.status, row.end_reason, row.bytes_out) == (200, "upstream_error", len(body))
+
+
+# -- the held preamble (mutants r5, r6) ---------------------------------------------------------
+UPSTREAM_COMMENT = b": upstream keepalive\n\n"
+
+
+def test_the_upstreams_comments_in_a_held_preamble_never_reach_the_client():
+    """While another deployment remains the preamble is held; the upstream's own keepalive
+    comments in it are dropped, whether this deployment answers or is left."""
+    answered = StubUpstream(StubStream(START, UPSTREAM_COMMENT, DELTA, STOP))
+    status, body, row = relay_through(answered, "a", "b")
+    assert (status, body, row.deployment) == ("200 OK", START + DELTA + STOP, "a")
+    left = StubUpstream(StubStream(START, UPSTREAM_COMMENT, then=UpstreamBroken("cut")),
+                        StubStream(START, DELTA, STOP))
+    status, body, row = relay_through(left, "a", "b")
+    assert (status, body, row.deployment) == ("200 OK", START + DELTA + STOP, "b")
+
+
+# -- the heartbeat lets go of every exchange (mutants r3, r4) -------------------------------------
+def test_every_stream_leaves_the_heartbeat_when_it_ends(monkeypatch):
+    import proxy.heartbeat
+
+    made = []
+
+    class Watched(proxy.heartbeat.Heartbeat):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(proxy.heartbeat, "Heartbeat", Watched)
+    for script in ([StubStream(START, DELTA, STOP)],
+                   [StubStream(START, DELTA, then=UpstreamBroken("cut"))],
+                   [StubResponse(401, b'{"error":{"message":"bad key"}}')]):
+        relay_through(StubUpstream(*script), "a")
+    assert [heartbeat.live_count() for heartbeat in made] == [0, 0, 0]
+
+
+def test_a_refused_plain_request_leaves_the_heartbeat():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from proxy.heartbeat import Heartbeat
+    from proxy.pipeline.relay import RelayDeps, serve_plain
+
+    loop, record = tries(StubUpstream(StubResponse(401, b'{"error":{"message":"bad key"}}')), "a")
+    heartbeat = Heartbeat(60.0, 60.0)
+    pool = ThreadPoolExecutor(1)
+    deps = RelayDeps(loop.deps, heartbeat, pool, commit_delay=5.0, max_event_bytes=1 << 20)
+    started = []
+    body = b"".join(serve_plain(deps, loop.preq, record,
+                                lambda status, headers: started.append(status)))
+    pool.shutdown(wait=True)
+    assert started[0].startswith("401") and b"bad key" in body
+    assert heartbeat.live_count() == 0
+
+
+# -- the try loop (mutant a2) ---------------------------------------------------------------------
+def test_a_failed_try_is_on_the_row_before_the_next_try_starts():
+    """The row can be sealed from outside while a later try is under way (a client that
+    hangs up: the server thread records it): the tries that failed before are on it."""
+
+    class ClientLeavesDuringTheSecondTry(StubUpstream):
+        def send(self, *args):
+            if self.sent:
+                record.failed(499, ClientGone("the client left"))
+            return super().send(*args)
+
+    loop, record = tries(ClientLeavesDuringTheSecondTry(StubResponse(500), StubResponse(200)), "a")
+    loop.run(take_it)
+    [row] = record._sink.rows
+    assert (row.status, row.end_reason) == (499, "client_gone")
+    assert row.attempt_log, "the failed try is not on the row"
+    assert [(t["deployment"], t["status"]) for t in json.loads(row.attempt_log)["failed"]] == [("a", 500)]
+
+
+# -- a 4xx the client gets is an answer from the deployment (mutant a8) ---------------------------
+def test_a_4xx_the_client_gets_is_the_answering_deployments_and_closes_its_breaker():
+    loop, record = tries(StubUpstream(StubResponse(500), StubResponse(500),
+                                      StubResponse(401, b'{"error":{"message":"bad key"}}')), "a", "b")
+    outcome = loop.run(take_it)
+    assert outcome.final and outcome.reply.status == 401
+    assert (record.row.attempts, record.row.fallbacks, record.row.deployment) == (3, 1, "b")
+    # a half-open breaker whose probe is answered with a 4xx: the deployment works again
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=0.0))
+    breakers.get("a").record_failure("down")
+    loop, _ = tries(StubUpstream(StubResponse(401, b'{"error":{"message":"bad key"}}')), "a",
+                    breakers=breakers)
+    loop.run(take_it)
+    assert breakers.snapshot()["a"]["state"] == "closed"
+
+
+# -- usage seen on a failed try is not the answer's usage (mutant f1) ------------------------------
+def test_usage_a_deployment_reported_before_it_failed_is_not_on_the_answers_row():
+    start_with_usage = b'event: message_start\ndata: {"type":"message_start","message":' \
+                       b'{"model":"m1","usage":{"input_tokens":7,"cache_creation_input_tokens":3}}}\n\n'
+    upstream = StubUpstream(StubStream(start_with_usage, then=UpstreamBroken("cut")),
+                            StubStream(START, DELTA, STOP))
+    status, body, row = relay_through(upstream, "a", "b")
+    assert (status, body, row.deployment) == ("200 OK", START + DELTA + STOP, "b")
+    assert (row.input_tokens, row.cache_write_tokens) == (None, None)
+    assert json.loads(row.attempt_log)["failed"][0]["input_tokens"] == 7  # a's, in its own entry
+
+
+# -- formats: the cases the tables leave out (mutants x3, x4, x8, x9) ----------------------------
+def test_an_upstream_status_without_an_error_type_is_typed_by_its_status():
+    """After the commit an upstream error answer becomes a terminal event; when its body
+    named no type, the status says which (Anthropic: 529 is overloaded; OpenAI: 5xx,
+    500 included, is the server's)."""
+    anthropic, chat = formats.ANTHROPIC, formats.OPENAI_CHAT
+    assert anthropic.error_type(UpstreamHTTPError(529, "x")) == "overloaded_error"
+    assert anthropic.error_type(UpstreamHTTPError(500, "x")) == "api_error"
+    assert chat.error_type(UpstreamHTTPError(500, "x")) == "server_error"
+    assert chat.error_type(UpstreamHTTPError(499, "x")) == "invalid_request_error"
+
+
+def test_a_chat_chunk_that_opens_a_tool_call_is_content_not_preamble():
+    """A tool call's first chunk often carries the role too: it is the answer (it ends the
+    first-token wait and a silent switch is no longer possible)."""
+    chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": None}]}
+    assert formats.OPENAI_CHAT.stream_view().classify(None, chunk) is EventKind.CONTENT
+
+
+def test_a_chat_stream_is_whole_without_done_only_once_a_choice_finished():
+    view = formats.OPENAI_CHAT.stream_view()
+    assert not view.complete_without_end_marker()  # nothing at all is not an answer
+    view.classify(None, {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]})
+    assert not view.complete_without_end_marker()
+    view.classify(None, {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    assert view.complete_without_end_marker()
+
+
+def test_a_responses_stream_that_ends_incomplete_ends_in_its_own_words():
+    """`response.incomplete` (max_output_tokens reached) is the protocol's end of an answer,
+    like `response.completed`: nothing is appended after it (mutant x11)."""
+    view = formats.OPENAI_RESPONSES.stream_view()
+    assert view.classify("response.incomplete", {"type": "response.incomplete"}) is EventKind.DONE
+
+
+def test_a_wrong_method_on_an_admin_endpoint_is_405_in_the_clients_shape(app):
+    """(mutant m3)"""
+    answer = Client(app).post("/health", headers={"anthropic-version": "2023-06-01"})
+    assert answer.status_code == 405
+    assert answer.json["error"]["type"] == "invalid_request_error"
+    assert "accepts GET only" in answer.json["error"]["message"]
+
+
+def test_every_breaker_busy_with_its_probe_still_says_retry_after_at_least_1():
+    """Half-open circuits whose single probe another request holds: nothing to wait for on
+    the clock, but `Retry-After: 0` would have SDKs retry at once in a loop (mutant a5)."""
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=0.0))
+    for name in ("a", "b"):
+        breakers.get(name).record_failure("down")
+        assert breakers.get(name).allow()  # another request takes the probe
+    loop, _ = tries(StubUpstream(), "a", "b", breakers=breakers)
+    outcome = loop.run(take_it)
+    assert isinstance(outcome.error, AllDeploymentsUnavailable) and not loop.deps.upstream.sent
+    assert outcome.error.retry_after == "1"
+
+
+def test_a_deployment_that_names_its_own_model_gets_a_body_with_it():
+    """(mutant q4)"""
+    built = UpstreamRequests(PROVIDERS).build(
+        "req_m", "/v1/messages", [], b'{"model":"alias","max_tokens":5}',
+        {"model": "alias", "max_tokens": 5}, Deployment("a", "a", "claude-real-1"))
+    assert json.loads(built.body) == {"model": "claude-real-1", "max_tokens": 5}
+    assert built.url == "http://a.test/v1/messages"
+
+
+def test_a_flush_asked_of_a_degraded_store_does_not_wait(tmp_path):
+    """`/health?flush=1` while the store refuses rows answers at once: anyone may call it,
+    and each wait would hold a worker thread for seconds (mutant m4)."""
+    from proxy.admin import AdminApp, AdminDeps
+    from proxy.limits import MemoryBudget
+
+    class DegradedTracker:
+        flushes = 0
+
+        def stats(self):
+            return {"state": "degraded"}
+
+        def flush(self, timeout):
+            DegradedTracker.flushes += 1
+            return False
+
+    tracker = DegradedTracker()
+    admin = AdminApp(AdminDeps(db_path=str(tmp_path / "u.db"), started_tracker=lambda: tracker,
+                               tracker=lambda: tracker, shutting_down=lambda: False,
+                               live_streams=lambda: 0, breakers=Breakers(BreakerPolicy()),
+                               budget=MemoryBudget(1 << 20)))
+    answer = Client(admin).get("/health?flush=1")
+    assert (answer.status_code, answer.json["status"]) == (200, "degraded")
+    assert DegradedTracker.flushes == 0

@@ -758,3 +758,110 @@ def test_sigterm_ends_live_streams_with_one_terminal_error_each(start_proxy, fak
         release.set()
     rows = {r["request_id"]: r for r in server.rows()}
     assert {rows[r.request_id]["end_reason"] for r in streams} == {"shutdown"}, rows
+
+
+def test_a_chat_stream_cut_inside_an_event_after_its_finish_reason_is_not_complete(proxy, fake):
+    """Every choice has its finish reason, but the stream ends in the middle of the next
+    event (the usage chunk): the answer is not whole, so it ends with one terminal error and
+    the cut event never reaches the client (mutant r17)."""
+    proto = PROTOS["chat"]
+    events = chat_stream(done=False)  # ... the finish chunk, then the usage chunk
+    cut = events[-1][:-30]  # inside the usage object
+    assert b"prompt_tokens" in cut
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:-1]] + [Send(cut), End()])
+    r = RawResponse(proxy.url, proto.path, proto.body).read_head()
+    got, _ = split(r.read_all())
+    assert r.complete
+    assert got[:-1] == events[:-1] and b"prompt_tokens" not in r.body
+    err = check_terminal_error("chat", got[-1])
+    assert "cut off" in err["message"]
+    row = proxy.row(r.request_id)
+    assert (row["status"], row["end_reason"]) == (200, "upstream_error"), row
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_json_answer_cut_by_the_upstream_is_cut_at_the_client_too(proxy, fake, framing):
+    """A JSON body that breaks off after its headers went out may not end cleanly at the
+    client: a clean end would hand the SDK half an answer as if it were whole (mutant r21).
+    With a Content-Length each piece goes on as it comes; without one the last piece
+    waits for the next (so the row is queued before the end), but the headers go at once."""
+    payload = json.dumps(anthropic_message()).encode()
+    half = payload[:len(payload) // 2]
+    got_half = threading.Event()
+    fake.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode=framing,
+                         content_length=len(payload) if framing == "length" else None),
+                  Send(half), WaitFor(got_half, 8), Cut()])
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False),
+                    timeout=5).read_head()
+    assert r.status == 200
+    if framing == "length":
+        r.read_until(lambda b: b == half, "the first half of the body")
+    got_half.set()
+    assert half.startswith(r.read_all())
+    assert not r.complete, "a cut body ended as if it were whole"
+    assert proxy.row(r.request_id)["end_reason"] != "complete"
+
+
+def test_a_stream_whose_end_splits_its_crlf_closes_without_waiting_for_the_upstream(proxy, fake):
+    """`data: [DONE]` ends on a CR whose LF comes in the next read, and the upstream then
+    keeps its connection open: the body closes as soon as the LF is through, not when the
+    upstream lets go (mutant r24)."""
+    proto = PROTOS["chat"]
+    transcript = b"".join(chat_stream(newline="\r\n"))
+    assert transcript.endswith(b"[DONE]\r\n\r\n")
+    lf_may_go = threading.Event()
+    fake.enqueue([Status(200, headers=SSE_CT), Send(transcript[:-1]), WaitFor(lf_may_go, 8),
+                  Send(b"\n"), Stall()])
+    r = RawResponse(proxy.url, proto.path, proto.body, timeout=3).read_head()
+    r.read_until(lambda b: b.replace(KEEPALIVE, b"").endswith(b"[DONE]\r\n\r"), "the [DONE] event")
+    lf_may_go.set()
+    body = r.read_all()  # within 3 s: the upstream's idle timeout here is 5 s
+    assert r.complete and body.replace(KEEPALIVE, b"") == transcript
+
+
+def test_count_tokens_is_never_a_stream_even_when_its_body_says_stream(proxy, fake):
+    """count_tokens answers with JSON: `"stream": true` in its body must not make the proxy
+    commit to an event stream while the upstream takes its time (mutant d3)."""
+    fake.enqueue([Sleep(0.3)] + json_reply({"input_tokens": 12}))
+    r = RawResponse(proxy.url, "/v1/messages/count_tokens",
+                    {"model": "claude-sonnet-4-5", "messages": [], "stream": True}, timeout=5).read_head()
+    body = r.read_all()
+    assert r.status == 200 and (r.header("content-type") or "").startswith("application/json")
+    assert json.loads(body) == {"input_tokens": 12}
+    row = proxy.row(r.request_id)
+    assert (row["stream"], row["end_reason"]) == (0, "complete"), row
+
+
+def test_a_provider_with_keepalive_off_gets_no_keepalive_comments(start_proxy, fake, tmp_path):
+    """`keepalive = false` on a provider (a client that cannot parse SSE comments) turns the
+    comments off for its streams, whatever the global setting (mutant d2)."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\nkeepalive = false\n')
+    server = start_proxy(LLM_PROXY_CONFIG=str(config))
+    events = anthropic_stream()
+    release = threading.Event()
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in events[:4]]
+                 + [WaitFor(release, timeout=8)] + [Send(e) for e in events[4:]] + [End()])
+    r = RawResponse(server.url, "/v1/messages", PROTOS["anthropic"].body, timeout=5).read_head()
+    r.read_until(lambda b: b.endswith(events[3]), "the first events")
+    timer = threading.Timer(0.5, release.set)  # ten heartbeats of upstream silence
+    timer.start()
+    body = r.read_all()
+    timer.join()
+    assert r.complete and body == b"".join(events), body
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_the_clients_addresses_never_reach_the_provider(proxy, fake, stream):
+    """X-Forwarded-* / Forwarded / X-Real-IP (nginx sets them) stay with the proxy (mutant q3)."""
+    headers = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-Host", "proxy.example"),
+               ("X-Forwarded-Proto", "https"), ("X-Real-IP", "203.0.113.7"),
+               ("Forwarded", "for=203.0.113.7")]
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=stream),
+                    headers=headers).read_head()
+    r.read_all()
+    assert r.status == 200 and r.complete
+    [upstream] = fake.wait_for_requests(1)
+    for name in ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded"):
+        assert name not in upstream.headers, upstream.raw_head
+    assert b"203.0.113.7" not in upstream.raw_head

@@ -7,7 +7,7 @@ import struct
 import threading
 import time
 
-from proxy.errors import ShuttingDown
+from proxy.errors import ClientGone, ShuttingDown
 from proxy.heartbeat import Exchange, Heartbeat, client_has_hung_up, clients_hung_up
 from proxy.writer import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter
 
@@ -179,7 +179,7 @@ def test_a_slow_client_holds_the_stream_thread_back_instead_of_buffering():
         writer.write_event(b"data: 2\n\n")
         second_queued.set()
 
-    thread = threading.Thread(target=stream_thread)
+    thread = threading.Thread(target=stream_thread, daemon=True)  # a stuck writer must not hang pytest
     thread.start()
     assert not second_queued.wait(0.2)  # held back while the client has not read
     assert next(frames) == b"x" * 150  # the client reads...
@@ -249,3 +249,14 @@ def test_a_keepalive_waits_for_the_event_being_written_and_never_follows_the_las
     assert wrote == [False]
     writer.close()
     assert list(writer.frames()) == [last_event]
+
+
+def test_a_try_that_starts_after_the_exchange_ended_is_aborted_from_the_start():
+    """The client can leave between the loop's last look and the next try's handle: that
+    try must not reach (or wait for) an upstream (mutant h1)."""
+    exchange = Exchange(None, None, on_end=lambda err: None)
+    first = exchange.new_attempt(None)
+    assert not first.aborted
+    assert exchange.end(ClientGone("the client left"))
+    assert first.aborted
+    assert exchange.new_attempt(None).aborted

@@ -39,7 +39,7 @@ from support.fake import FakeUpstream
 from support.processes import ProxyProcess
 from support.rawhttp import RID
 from support.sse import Event, parse, split
-from support.steps import Cut, Reset, Send, Stall, Status, json_reply, sse_reply
+from support.steps import Cut, End, Reset, Send, Sleep, Stall, Status, json_reply, sse_reply
 
 DEPLOYMENT = "x-llm-proxy-deployment"
 FIRST_TOKEN_TIMEOUT = 0.5
@@ -52,7 +52,8 @@ CLIENT_TIMEOUT = 8.0  # for a whole answer: the slowest scenario takes IDLE_TIME
 
 # One route per scenario (see the module docstring).
 KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s09",
-        "s10a", "s10b", "s11", "s11b", "s12", "s12b", "s13", "s15", "ramax", "all", "brk", "brk2")
+        "s10a", "s10b", "s11", "s11b", "s12", "s12b", "s13", "s15", "s16", "s17", "s18", "ramax",
+        "all", "brk", "brk2")
 
 
 # ---------------------------------------------------------------------------
@@ -805,3 +806,41 @@ def test_breaker_that_opens_mid_request_stops_the_retry_on_that_deployment(held_
     assert seen(primary, backup, big) == (FAILURE_THRESHOLD, 2, 0), \
         ("the primary was retried after its breaker had opened\n"
          + diag(server, second) + "\n" + json.dumps(server.row(second.request_id), default=str))
+
+
+def test_a_json_answer_slower_than_the_first_token_timeout_is_waited_for(held_proxy, primary,
+                                                                         backup, big):
+    """first_token_timeout watches streams only: a plain request's JSON answer says nothing
+    until it is whole, so a slow one is neither cut nor moved on (mutant a4)."""
+    primary.enqueue([Sleep(FIRST_TOKEN_TIMEOUT * 1.6)] + json_reply(anthropic_message(message_id="msg_slow")))
+    res = call(held_proxy, ANTHROPIC_PATH, claude("s16"), stream=False)
+    assert res.status == 200 and res.json()["id"] == "msg_slow", diag(held_proxy, res)
+    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    assert res.deployment == "primary-s16"
+
+
+def test_a_stream_request_answered_with_a_slow_json_body_is_not_cut(held_proxy, primary, backup,
+                                                                    big):
+    """A streaming request answered with JSON: its first bytes are the answer's content, so
+    the first-token deadline is over and a body that takes longer still arrives whole
+    (mutant r19)."""
+    payload = json.dumps(anthropic_message(message_id="msg_slow_body")).encode()
+    half = len(payload) // 2
+    primary.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode="length"),
+                     Send(payload[:half]), Sleep(FIRST_TOKEN_TIMEOUT * 1.6), Send(payload[half:]), End()])
+    res = call(held_proxy, ANTHROPIC_PATH, claude("s17"), stream=True)
+    assert res.status == 200 and res.body == payload, diag(held_proxy, res)
+    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    assert held_proxy.row(res.request_id)["end_reason"] == "complete"
+
+
+def test_an_upstreams_own_x_should_retry_never_reaches_the_client_after_retries(held_proxy, primary,
+                                                                                backup, big):
+    """After the proxy's retries the client's SDK is told `x-should-retry: false`, and only
+    that: the upstream's `true` would make the SDK multiply the attempts (mutant p1)."""
+    for upstream, name in ((primary, "primary"), (backup, "backup"), (big, "big")):
+        upstream.enqueue(*[anthropic_status(503, "overloaded_error", f"{name} is down",
+                                            {"x-should-retry": "true"})] * 3)
+    res = call(held_proxy, ANTHROPIC_PATH, claude("s18"))
+    assert res.status == 503 and res.json()["error"]["message"] == "big is down", diag(held_proxy, res)
+    assert res.headers.get("x-should-retry") == "false", dict(res.headers)

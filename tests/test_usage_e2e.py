@@ -162,3 +162,17 @@ def test_several_workers_under_concurrent_load_lose_no_row(start_proxy):
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     assert {r["end_reason"] for r in rows} == {"complete"}
     assert sum(r["output_tokens"] for r in rows) == 300 * DEFAULT_USAGE["output"]
+
+
+def test_a_client_that_hangs_up_mid_stream_leaves_a_499_row(proxy, fake):
+    """The row of a stream the client left says 499 (the client closed the request), not
+    the 200 that went out before it left (mutant r10)."""
+    events = anthropic_stream()
+    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+    r = RawResponse(proxy.url, "/v1/messages", dict(BODIES["/v1/messages"], stream=True))
+    r.read_until(lambda received: b"content_block_start" in received, "the content block's start")
+    upstream = fake.wait_for_requests(1)[0]
+    r.close()
+    assert upstream.peer_closed.wait(2.0)
+    row = proxy.row(r.request_id)
+    assert (row["status"], row["end_reason"]) == (499, "client_gone"), row

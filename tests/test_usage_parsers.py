@@ -500,3 +500,11 @@ def test_a_record_reads_a_stored_row_with_int_bools_and_unknown_columns():
     rec = UsageRecord.from_row(row)
     assert rec.priced is True and rec.usage_complete is False and rec.stream is True
     assert UsageRecord.from_row({"request_id": "r3"}) == UsageRecord(request_id="r3")
+
+
+def test_anthropic_final_counts_make_the_usage_complete_before_message_stop():
+    """`message_delta` carries the final counts: a stream cut after it (before
+    `message_stop`) has its whole usage, and no estimate replaces the reported output
+    (mutant x10)."""
+    usage = parse_stream("anthropic", cut_before(ANTHROPIC_TEXT, b"event: message_stop"))
+    assert usage == Usage(25, 15, 0, 0, None, "end_turn", SONNET, True)

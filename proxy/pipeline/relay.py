@@ -131,6 +131,7 @@ class PassThrough:
         length = self._declared_length()
         held = b""
         try:
+            yield b""  # the status and headers go out now, whatever the body does
             for chunk in self.resp.decoded_chunks():
                 self.record.add_body_copy(chunk)
                 out = masking.feed(chunk)
