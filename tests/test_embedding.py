@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import sys
 import textwrap
 import threading
@@ -31,6 +30,7 @@ from support.sse import KEEPALIVE
 from support.steps import Send, Stall, Status
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAM_BODY = {"model": "claude-x", "max_tokens": 5, "messages": [], "stream": True}
 README = ROOT / "README.md"
 
 
@@ -249,20 +249,6 @@ def test_the_sdks_work_with_base_url_at_the_prefix(mounted, canned, stream):
     assert health.status_code == 200 and health.json["status"] == "ok"
 
 
-def _stalled_stream_under_the_prefix(fake, served) -> tuple[socket.socket, object]:
-    """A stream whose upstream goes silent after its preamble, requested at /llm: the
-    client's socket and the upstream's record of the request."""
-    events = anthropic_stream()
-    fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-    sock = socket.create_connection(("127.0.0.1", served.server.server_port), timeout=10)
-    body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
-    sock.sendall(b"POST /llm/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    upstream = fake.wait_for_requests(1)[0]
-    assert upstream.path == "/v1/messages"  # the prefix belongs to the mount
-    return sock, upstream
-
-
 @pytest.mark.parametrize("keepalive", [True, False])
 def test_keepalives_flow_and_a_hang_up_is_seen_in_silence_under_the_prefix(tmp_path, fake, keepalive):
     """With keepalives off only the socket probe can see the client go during the silence."""
@@ -270,13 +256,15 @@ def test_keepalives_flow_and_a_hang_up_is_seen_in_silence_under_the_prefix(tmp_p
                            heartbeat_interval=0.05, keepalive=keepalive)
     served = ServedProxy(app, DispatcherMiddleware(legacy_app, {"/llm": app}))
     try:
-        sock, upstream = _stalled_stream_under_the_prefix(fake, served)
-        received = b""  # the preamble, then silence (filled with keepalives, if they are on)
-        while b"content_block_start" not in received or received.count(KEEPALIVE) < 2 * keepalive:
-            data = sock.recv(65536)
-            assert data, received
-            received += data
-        sock.close()
+        events = anthropic_stream()
+        fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
+        stream = RawResponse(served.url, "/llm/v1/messages", STREAM_BODY).read_head()
+        upstream = fake.wait_for_requests(1)[0]
+        assert upstream.path == "/v1/messages"  # the prefix belongs to the mount
+        # the preamble, then silence (filled with keepalives, if they are on)
+        stream.read_until(lambda body: b"content_block_start" in body
+                          and body.count(KEEPALIVE) >= 2 * keepalive, "the preamble")
+        stream.close()
         assert upstream.peer_closed.wait(2.0), "the upstream was not closed after the hang-up"
         [row] = served.wait_for_rows(1)
         assert (row.status, row.end_reason) == (499, "client_gone")

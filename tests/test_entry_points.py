@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import requests
 
 from support.builders import anthropic_stream
 from support.processes import free_port, wait_until_healthy, without_proxy_variables
+from support.rawhttp import RawResponse
+from support.sse import KEEPALIVE
 from support.steps import Send, Stall, Status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,17 +59,11 @@ def test_plain_wsgi_callable_in_another_server(fake, llm_proxy):
     served = llm_proxy(upstream=fake.url, heartbeat_interval=0.05)
     events = anthropic_stream()
     fake.enqueue([Status(200), Send(events[0]), Send(events[1]), Stall()])
-    sock = socket.create_connection(("127.0.0.1", served.server.server_port), timeout=5)
-    body = b'{"model":"claude-x","max_tokens":5,"messages":[],"stream":true}'
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    received = b""
-    while received.count(b": keepalive") < 2:
-        data = sock.recv(65536)
-        assert data, f"the stream ended before two keepalives: {received!r}"
-        received += data
+    stream = RawResponse(served.url, "/v1/messages", {
+        "model": "claude-x", "max_tokens": 5, "messages": [], "stream": True}).read_head()
+    stream.read_until(lambda body: body.count(KEEPALIVE) >= 2, "two keepalives")
     upstream = fake.wait_for_requests(1)[0]
-    sock.close()
+    stream.close()
     assert upstream.peer_closed.wait(2.0)
     r = requests.post(served.url + "/v1/messages", timeout=10,
                       json={"model": "claude-x", "max_tokens": 5, "messages": []})

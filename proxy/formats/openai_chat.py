@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import BadRequest, ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, RequestFacts, StreamView, compact_json, json_type
-from .openai_common import bearer, openai_error_object
+from .openai_common import bearer, openai_error_object, openai_error_type
 from .usage_fields import DeliveredOutput, count, get, text, uncached
 
 DONE_MARKER = "[DONE]"
@@ -87,7 +87,7 @@ class ChatFormat(Format):
         return usage
 
     def error_type(self, err: ProxyError) -> str:
-        return openai_error_object(err)["type"]
+        return openai_error_type(err)
 
     def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
         return {"error": openai_error_object(err)}

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, StreamView, compact_json
-from .openai_common import bearer, openai_error_object
+from .openai_common import bearer, openai_error_object, openai_error_type
 from .usage_fields import DeliveredOutput, count, get, text, uncached
 
 PREAMBLE_EVENTS = {"response.created", "response.in_progress", "response.queued"}
@@ -46,7 +46,7 @@ class ResponsesFormat(Format):
         return response_object_usage(obj) if isinstance(obj, dict) else Usage()
 
     def error_type(self, err: ProxyError) -> str:
-        return openai_error_object(err)["type"]
+        return openai_error_type(err)
 
     def error_body(self, err: ProxyError, request_id: str | None = None) -> dict:
         return {"error": openai_error_object(err)}

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...errors import BadRequest, UpstreamBroken
 from ..base import compact_json
-from .common import anthropic_stop_reason, id_for_anthropic, id_from_anthropic
+from .common import anthropic_stop_reason, chat_tool_call, id_for_anthropic, id_from_anthropic
 
 # Fields of a Messages request a Chat upstream cannot take; dropped (README lists them).
 DROPPED_FIELDS = ("top_k", "service_tier", "container", "mcp_servers", "context_management")
@@ -98,9 +98,7 @@ def _assistant_message(blocks: list[dict]) -> dict:
         if kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
-            calls.append({"id": id_from_anthropic(str(block.get("id", ""))), "type": "function",
-                          "function": {"name": block.get("name"),
-                                       "arguments": json.dumps(block.get("input") or {})}})
+            calls.append(chat_tool_call(block))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # thinking does not cross formats
         else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...errors import BadRequest
 from ..base import compact_json
-from .common import chat_finish_reason, id_for_anthropic, id_from_anthropic
+from .common import chat_finish_reason, chat_tool_call, id_for_anthropic, id_from_anthropic
 
 # Reasoning effort -> Anthropic thinking budget (tokens).
 _BUDGETS = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
@@ -211,9 +211,7 @@ def completion_from_message(message: dict, created: int, reasoning: bool = False
         elif kind == "thinking":
             thoughts.append(block.get("thinking", ""))
         elif kind == "tool_use":
-            calls.append({"id": id_from_anthropic(str(block.get("id", ""))), "type": "function",
-                          "function": {"name": block.get("name"),
-                                       "arguments": json.dumps(block.get("input") or {})}})
+            calls.append(chat_tool_call(block))
     out_message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
     if calls:
         out_message["tool_calls"] = calls

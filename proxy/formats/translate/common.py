@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from ...errors import UpstreamBroken
@@ -22,28 +23,33 @@ def anthropic_stop_reason(finish_reason: str | None, emitted_tool_use: bool) -> 
     """The Anthropic stop reason of a Chat answer.  A tool block sent wins over `end_turn`
     (servers that say "stop" after tool calls would leave the tool unrun); running out of
     tokens wins over tools (their arguments may be cut)."""
-    if finish_reason is None:
-        reason = "end_turn"
-    elif finish_reason in _TO_ANTHROPIC:
-        reason = _TO_ANTHROPIC[finish_reason]
-    else:
-        raise UpstreamBroken(f"the upstream ended with an unknown finish_reason {finish_reason!r}")
-    if emitted_tool_use and reason == "end_turn":
-        return "tool_use"
-    return reason
+    return _mapped(finish_reason, "finish_reason", _TO_ANTHROPIC, ("end_turn", "tool_use"),
+                   emitted_tool_use)
 
 
 def chat_finish_reason(stop_reason: str | None, emitted_tool_calls: bool) -> str:
     """The Chat finish reason of an Anthropic answer (the same rules, the other way)."""
-    if stop_reason is None:
-        reason = "stop"
-    elif stop_reason in _TO_CHAT:
-        reason = _TO_CHAT[stop_reason]
+    return _mapped(stop_reason, "stop_reason", _TO_CHAT, ("stop", "tool_calls"), emitted_tool_calls)
+
+
+def _mapped(reason: str | None, field: str, table: dict[str, str], ends: tuple[str, str],
+            emitted_tools: bool) -> str:
+    """`reason` in the other protocol's words; `ends` are its (plain end, tool use) reasons.
+    None is the plain end; an unknown one is the upstream's fault, never a silent end."""
+    plain, tools = ends
+    if reason is None:
+        mapped = plain
+    elif reason in table:
+        mapped = table[reason]
     else:
-        raise UpstreamBroken(f"the upstream ended with an unknown stop_reason {stop_reason!r}")
-    if emitted_tool_calls and reason == "stop":
-        return "tool_calls"
-    return reason
+        raise UpstreamBroken(f"the upstream ended with an unknown {field} {reason!r}")
+    return tools if emitted_tools and mapped == plain else mapped
+
+
+def chat_tool_call(block: dict) -> dict:
+    """An Anthropic `tool_use` block as a Chat tool call (its id mapped back)."""
+    return {"id": id_from_anthropic(str(block.get("id", ""))), "type": "function",
+            "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}}
 
 
 # Anthropic takes tool-use ids matching this; OpenAI-compatible servers send what they like.
