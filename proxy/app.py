@@ -27,13 +27,14 @@ from .admin import ADMIN_PATHS, AdminApp, AdminDeps
 from .config import Config, load_config
 from .errors import MethodNotAllowed, NotFound, ProxyError, ShuttingDown
 from .formats import Format
+from .formats.translate.bridge import Bridges, ProviderTranslation
 from .heartbeat import Heartbeat
 from .limits import MemoryBudget
 from .pipeline.admit import (ENDPOINTS, MODELS_PATH, Admission, AdmitDeps, Opened, format_for,
                              new_request_id)
 from .pipeline.attempt import TryDeps
 from .pipeline.finalize import InFlight
-from .pipeline.relay import RelayDeps, StreamRelay, serve_plain
+from .pipeline.relay import RelayDeps, StreamRelay, serve_estimate, serve_plain
 from .pipeline.replies import StartResponse, error_parts, error_response
 from .pricing import PriceTable
 from .redact import Redactor, installation_secret
@@ -89,6 +90,8 @@ class ProxyApp:
         preq = self.admission.admit(request, endpoint, opened)
         if self._shutting_down():
             raise ShuttingDown("the proxy is shutting down; retry the request")
+        if preq.estimate_locally:
+            return serve_estimate(preq, opened.record, start_response)
         if preq.stream:
             return StreamRelay(self.relay, preq, opened.record).respond(start_response)
         return serve_plain(self.relay, preq, opened.record, start_response)
@@ -145,10 +148,14 @@ class App:
         self._tracker_pid: int | None = None
         self._tracker_lock = threading.Lock()
         self._key_secret: bytes | None = None
+        bridges = Bridges({name: ProviderTranslation(
+            p.format, p.max_tokens_field, p.reasoning_effort, p.default_max_tokens,
+            p.reasoning_content) for name, p in config.providers.items()})
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout),
-                        UpstreamRequests(config.providers), self.router, config.plain_timeout)
+                        UpstreamRequests(config.providers), bridges, self.router,
+                        config.plain_timeout)
         admission = Admission(AdmitDeps(
-            config=config, router=self.router, prices=PriceTable(config.prices),
+            config=config, router=self.router, bridges=bridges, prices=PriceTable(config.prices),
             secrets=Redactor(p.api_key for p in config.providers.values()), budget=self.budget,
             inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret))
         self.proxy = ProxyApp(admission, RelayDeps(

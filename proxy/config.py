@@ -156,6 +156,11 @@ class Provider:
     format: str
     api_key_env: str | None = None
     keepalive: bool = True
+    # For clients of the other format (translation): see the README's "Any client, any provider".
+    max_tokens_field: str = "max_tokens"  # a Chat upstream's name for it ("max_completion_tokens")
+    reasoning_effort: bool = False  # a Chat upstream takes `reasoning_effort` (from `thinking`)
+    default_max_tokens: int = 4096  # an Anthropic upstream needs max_tokens; Chat clients may omit it
+    reasoning_content: bool = False  # Chat clients get an Anthropic upstream's thinking as `reasoning_content`
 
     @property
     def api_key(self) -> str | None:
@@ -386,27 +391,39 @@ def _load_providers(section: Any, env: Mapping[str, str]) -> dict[str, Provider]
     return providers
 
 
+_PROVIDER_KEYS = {"base_url", "format", "api_key_env", "keepalive", "max_tokens_field",
+                  "reasoning_effort", "default_max_tokens", "reasoning_content"}
+
+
 def _provider_from_table(name: str, table: Any, base: Provider | None) -> Provider:
     where = f"providers.{name}"
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
-    unknown = set(table) - {"base_url", "format", "api_key_env", "keepalive"}
+    unknown = set(table) - _PROVIDER_KEYS
     if unknown:
         raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]} "
-                          "(known: api_key_env, base_url, format, keepalive)")
+                          f"(known: {', '.join(sorted(_PROVIDER_KEYS))})")
     fmt = table.get("format", base.format if base else None)
     if fmt not in PROVIDER_FORMATS:
         raise ConfigError(f"{where}.format must be one of {', '.join(PROVIDER_FORMATS)} (got {fmt!r})")
     url = table.get("base_url", base.base_url if base else None)
     if url is None:
         raise ConfigError(f"{where}.base_url is required")
-    keepalive = table.get("keepalive", True)
-    if not isinstance(keepalive, bool):
-        raise ConfigError(f"{where}.keepalive must be true or false")
     key_env = table.get("api_key_env")
     if key_env is not None and not isinstance(key_env, str):
         raise ConfigError(f"{where}.api_key_env must be the name of an environment variable")
-    return Provider(name, check_url(url, f"{where}.base_url"), fmt, key_env, keepalive)
+    for flag in ("keepalive", "reasoning_effort", "reasoning_content"):
+        if not isinstance(table.get(flag, False), bool):
+            raise ConfigError(f"{where}.{flag} must be true or false")
+    field_name = table.get("max_tokens_field", "max_tokens")
+    if field_name not in ("max_tokens", "max_completion_tokens"):
+        raise ConfigError(f"{where}.max_tokens_field must be max_tokens or max_completion_tokens")
+    default_max = table.get("default_max_tokens", 4096)
+    if isinstance(default_max, bool) or not isinstance(default_max, int) or default_max < 1:
+        raise ConfigError(f"{where}.default_max_tokens must be a whole number of tokens above 0")
+    return Provider(name, check_url(url, f"{where}.base_url"), fmt, key_env,
+                    table.get("keepalive", True), field_name, table.get("reasoning_effort", False),
+                    default_max, table.get("reasoning_content", False))
 
 
 def check_url(url: Any, where: str) -> str:

@@ -27,6 +27,7 @@ from proxy.pricing import PriceTable
 from proxy.routing import (BreakerPolicy, Breakers, Deployment, RetryPolicy, Route, Router)
 from proxy.upstream import UpstreamRequests
 from proxy.config import Provider
+from proxy.formats.translate.bridge import Bridges, ProviderTranslation
 
 
 # -- a stub upstream ------------------------------------------------------------------------
@@ -81,7 +82,8 @@ def tries(upstream: StubUpstream, *names: str, attempts: int = 2, breakers=None)
     deployments = tuple(Deployment(n, n, None) for n in names)
     route = Route("m*", deployments, None, RetryPolicy(max_attempts=attempts, backoff_base=0.0))
     router = Router([route], breakers or Breakers(BreakerPolicy()))
-    deps = TryDeps(upstream, UpstreamRequests(PROVIDERS), router, plain_timeout=5.0)
+    deps = TryDeps(upstream, UpstreamRequests(PROVIDERS), Bridges({n: ProviderTranslation(p.format) for n, p in PROVIDERS.items()}),
+                   router, plain_timeout=5.0)
     preq = ProxyRequest(request_id="req_t", endpoint="anthropic", fmt=formats.ANTHROPIC,
                         route=route, method="POST", path="/v1/messages", headers=[],
                         body=b"{}", model="m1")
@@ -90,7 +92,7 @@ def tries(upstream: StubUpstream, *names: str, attempts: int = 2, breakers=None)
     return TryLoop(deps, preq, record, Exchange(None, None, lambda err: None)), record
 
 
-def take_it(resp, attempt) -> Outcome:
+def take_it(resp, attempt, bridge=None) -> Outcome:
     return Outcome.taken()
 
 
@@ -114,12 +116,12 @@ ERROR_429 = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow
                  dict(answered=True, sent=["a", "b"], attempts=2, deployment="b"),
                  id="html-200-is-broken-and-moves-on"),
     pytest.param([StubResponse(200), StubResponse(200)],
-                 lambda resp, attempt: (Outcome.failed(UpstreamBroken("cut before content"))
+                 lambda resp, attempt, bridge: (Outcome.failed(UpstreamBroken("cut before content"))
                                         if attempt.deployment.name == "a" else Outcome.taken()),
                  dict(answered=True, sent=["a", "b"], attempts=2, deployment="b"),
                  id="failed-before-content-moves-on"),
     pytest.param([StubResponse(200)],
-                 lambda resp, attempt: Outcome.taken(broke=UpstreamBroken("cut after content")),
+                 lambda resp, attempt, bridge: Outcome.taken(broke=UpstreamBroken("cut after content")),
                  dict(answered=True, sent=["a"], attempts=1, deployment="a", error=UpstreamBroken),
                  id="broke-after-content-is-not-retried"),
     pytest.param([StubResponse(429, ERROR_429)] * 4, take_it,
@@ -150,7 +152,7 @@ def test_each_way_a_try_ends(script, take, expect):
 def test_broke_after_content_counts_against_the_deployment_and_a_client_fault_does_not():
     breakers = Breakers(BreakerPolicy(failure_threshold=1))
     loop, _ = tries(StubUpstream(StubResponse(200)), "a", breakers=breakers)
-    loop.run(lambda resp, attempt: Outcome.taken(broke=UpstreamBroken("cut")))
+    loop.run(lambda resp, attempt, bridge: Outcome.taken(broke=UpstreamBroken("cut")))
     assert breakers.snapshot()["a"]["state"] == "open"
     breakers = Breakers(BreakerPolicy(failure_threshold=1))
     loop, _ = tries(StubUpstream(BadRequest("unsendable")), "a", breakers=breakers)

@@ -166,6 +166,13 @@ def test_cached_prompt_tokens_are_not_counted_twice():
         "input_tokens": 200, "output_tokens": 50, "cache_read_input_tokens": 800}
 
 
+def test_cache_writes_in_the_prompt_are_reported_beside_the_input():
+    assert anthropic_usage({"prompt_tokens": 40, "completion_tokens": 15, "prompt_tokens_details": {
+        "cached_tokens": 10, "cache_write_tokens": 5}}) == {
+        "input_tokens": 25, "output_tokens": 15, "cache_read_input_tokens": 10,
+        "cache_creation_input_tokens": 5}
+
+
 # -- the JSON answer ----------------------------------------------------------------------------
 def test_a_completion_with_reasoning_text_and_parallel_tool_calls_as_a_message():
     completion = {"id": "chatcmpl-1", "object": "chat.completion", "model": "qwen3",

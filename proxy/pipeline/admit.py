@@ -20,7 +20,8 @@ from werkzeug.wrappers import Request
 from .. import formats
 from ..config import Config
 from ..errors import BadRequest, NotConfigured, Overloaded, PayloadTooLarge, RequestTimeout
-from ..formats import Format
+from ..formats import ANTHROPIC, Format
+from ..formats.translate.bridge import Bridges
 from ..limits import MemoryBudget, json_parse_cost
 from ..pricing import PriceTable
 from ..redact import Redactor, client_key_id, request_credentials
@@ -38,14 +39,15 @@ class Endpoint:
     bills_usage: bool = True  # count_tokens answers with an estimate, not billed usage
     needs_model: bool = True
     may_stream: bool = True
+    translates: bool = True  # may be routed to a provider of another format
 
 
 ENDPOINTS: dict[str, Endpoint] = {
     "/v1/messages": Endpoint("anthropic", formats.ANTHROPIC),
     "/v1/messages/count_tokens": Endpoint("count_tokens", formats.ANTHROPIC, bills_usage=False,
-                                          may_stream=False),
+                                          may_stream=False, translates=False),
     "/v1/chat/completions": Endpoint("openai-chat", formats.OPENAI_CHAT),
-    "/v1/responses": Endpoint("openai-responses", formats.OPENAI_RESPONSES),
+    "/v1/responses": Endpoint("openai-responses", formats.OPENAI_RESPONSES, translates=False),
 }
 MODELS_PATH = "/v1/models"
 
@@ -64,6 +66,7 @@ def format_for(path: str | None, headers: Mapping[str, str]) -> Format:
 class AdmitDeps:
     config: Config
     router: Router
+    bridges: Bridges
     prices: PriceTable
     secrets: Redactor  # every configured provider key; each request adds its own credential
     budget: MemoryBudget
@@ -112,10 +115,14 @@ class Admission:
         facts = endpoint.fmt.request_facts(payload, endpoint.may_stream)
         opened.record.admitted(stream=facts.stream,
                                usage_format=endpoint.fmt if endpoint.bills_usage else None)
-        route = self._route(facts.model, endpoint.fmt)
+        route = self._any_route(facts.model) if endpoint.name == "count_tokens" else None
+        estimate = route is not None and self._cannot_count(route)
+        if not estimate:
+            route = self._route(facts.model, endpoint)
         if facts.edited:
             body = encode_json_body(payload)
-        keeps_payload = any(d.edits_body for d in route.deployments)
+        keeps_payload = estimate or any(d.edits_body or self._crosses(endpoint.fmt, d.provider)
+                                        for d in route.deployments)
         if not keeps_payload:
             reservation.shrink(len(body))  # the parsed object is gone; the body stays
         return ProxyRequest(
@@ -124,7 +131,7 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
-            redactor=opened.redactor)
+            redactor=opened.redactor, estimate_locally=estimate)
 
     def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
         """`GET /v1/models`: passed to the provider of the client's own API, untouched."""
@@ -171,10 +178,27 @@ class Admission:
         self.deps.inflight.hold(record, reservation)
         return parse_json_object(body), reservation
 
-    def _route(self, model: str | None, fmt: Format) -> Route:
-        providers = self.deps.config.providers
-        return self.deps.router.route_for(
-            model, self._provider(fmt), lambda name: providers[name].format == fmt.provider_format)
+    def _route(self, model: str | None, endpoint: Endpoint) -> Route:
+        """The route's deployments this endpoint can use: any provider a bridge reaches, or
+        only those of its own format (Responses, count_tokens)."""
+        fmt, providers = endpoint.fmt, self.deps.config.providers
+        if endpoint.translates:
+            usable = lambda name: self.deps.bridges.reaches(fmt, name)  # noqa: E731
+        else:
+            usable = lambda name: providers[name].format == fmt.provider_format  # noqa: E731
+        return self.deps.router.route_for(model, self._provider(fmt), usable)
+
+    def _crosses(self, fmt: Format, provider: str) -> bool:
+        return self.deps.bridges.between(fmt, provider) is not None
+
+    def _any_route(self, model: str | None) -> Route:
+        return self.deps.router.route_for(model, self._provider(ANTHROPIC), lambda name: True)
+
+    def _cannot_count(self, route: Route) -> bool:
+        """count_tokens for a model routed first to a provider that cannot count (a Chat
+        upstream has no such endpoint): the proxy answers with its own estimate."""
+        first = self.deps.config.providers[route.deployments[0].provider]
+        return first.format != ANTHROPIC.provider_format
 
     def _provider(self, fmt: Format) -> str:
         provider = self.deps.config.provider_for(fmt.provider_format)

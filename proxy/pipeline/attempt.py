@@ -17,6 +17,7 @@ from typing import Callable
 from ..errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, UpstreamBroken,
                       UpstreamHTTPError, UpstreamTimeout)
 from ..formats import Format
+from ..formats.translate.bridge import Bridge, Bridges, foreign_error
 from ..heartbeat import Exchange
 from ..limits import parse_upstream_json
 from ..routing import (Attempt, AttemptPlan, AttemptRecord, Decision, Router, attempt_log_json,
@@ -37,28 +38,31 @@ class TryDeps:
 
     upstream: UpstreamClient
     requests: UpstreamRequests
+    bridges: Bridges
     router: Router
     plain_timeout: float  # read timeout of a JSON answer (a stream has only the idle timeout)
 
 
 @dataclass
 class ErrorReply:
-    """An upstream's error answer, read whole so the plan could decide on it."""
+    """An upstream's error answer, read whole so the plan could decide on it; `source` is
+    the format it is written in (another than the client's when the try was bridged)."""
 
     status: int
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
     deployment: str
+    source: Format
 
     @classmethod
-    def read(cls, resp: UpstreamResponse, deployment: str) -> "ErrorReply":
+    def read(cls, resp: UpstreamResponse, deployment: str, source: Format) -> "ErrorReply":
         body = resp.read_limited(ERROR_BODY_LIMIT)
         resp.close()
         # The body was decoded, so its framing headers no longer apply.
         headers = [(k, v) for k, v in resp.headers
                    if k.lower() not in ("content-length", "content-encoding")]
-        return cls(resp.status, resp.reason, headers, body, deployment)
+        return cls(resp.status, resp.reason, headers, body, deployment, source)
 
     def _parsed(self):
         try:
@@ -66,12 +70,16 @@ class ErrorReply:
         except ValueError:  # not JSON, nested too deeply, too complex: no message to quote
             return None
 
-    def message(self, fmt: Format) -> str:
-        return fmt.upstream_error_message(self._parsed()) or f"the upstream answered HTTP {self.status}"
+    def message(self) -> str:
+        return (self.source.upstream_error_message(self._parsed())
+                or f"the upstream answered HTTP {self.status}")
 
-    def as_error(self, fmt: Format) -> UpstreamHTTPError:
-        """The same failure as one terminal event, for a stream that has already committed."""
-        return UpstreamHTTPError(self.status, self.message(fmt), fmt.upstream_error_type(self._parsed()))
+    def as_error(self, client: Format) -> UpstreamHTTPError:
+        """The same failure in the client's terms: one terminal event for a stream that has
+        already committed, or the whole answer when the upstream spoke another format."""
+        if self.source is not client:
+            return foreign_error(client, self.status, self.message())
+        return UpstreamHTTPError(self.status, self.message(), self.source.upstream_error_type(self._parsed()))
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name), None)
@@ -107,9 +115,10 @@ class Outcome:
         return self.error or UpstreamBroken("no deployment answered")
 
 
-# take(resp, attempt): relay the 2xx answer; Outcome.taken() once it is the client's answer,
-# Outcome.failed(err) when it failed before anything reached the client.
-Take = Callable[[UpstreamResponse, Attempt], Outcome]
+# take(resp, attempt, bridge): relay the 2xx answer (through the try's bridge, if it crossed
+# formats); Outcome.taken() once it is the client's answer, Outcome.failed(err) when it
+# failed before anything reached the client.
+Take = Callable[[UpstreamResponse, Attempt, "Bridge | None"], Outcome]
 
 
 class TryLoop:
@@ -138,9 +147,10 @@ class TryLoop:
         return self._done(self._exhausted(last))
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
-        self.record.try_started(attempt.deployment.name)
+        bridge = self.deps.bridges.between(self.preq.fmt, attempt.deployment.provider)
+        self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt)
         try:
-            resp = self._send(attempt)
+            resp = self._send(attempt, bridge)
         except ProxyError as err:
             if err.client_fault:
                 self.plan.abandoned(attempt, answered=False)
@@ -151,31 +161,32 @@ class TryLoop:
             return Outcome.failed(err)
         self.record.first_byte()
         if resp.status < 300:
-            return self._take_answer(resp, attempt, take)
+            return self._take_answer(resp, attempt, bridge, take)
         if resp.status < 400:
             return self._broken(resp, attempt, UpstreamBroken(
                 f"the upstream answered HTTP {resp.status} (a redirect) where an answer was expected"))
-        return self._take_error_reply(resp, attempt)
+        return self._take_error_reply(resp, attempt, bridge.upstream if bridge else self.preq.fmt)
 
-    def _send(self, attempt: Attempt) -> UpstreamResponse:
+    def _send(self, attempt: Attempt, bridge: Bridge | None) -> UpstreamResponse:
         """Send the try, with its own abort handle and first-token deadline."""
         # first_token_timeout watches streams only: a JSON answer says nothing until done.
         timeout = self.preq.route.first_token_timeout if self.preq.stream else None
         handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
         preq = self.preq
         req = self.deps.requests.build(preq.request_id, preq.path, preq.headers, preq.body,
-                                       preq.payload, attempt.deployment)
+                                       preq.payload, attempt.deployment, bridge)
         read_timeout = None if preq.stream else self.deps.plain_timeout
         return self.deps.upstream.send(preq.method, req.url, req.headers, req.body, handle,
                                        read_timeout)
 
-    def _take_answer(self, resp: UpstreamResponse, attempt: Attempt, take: Take) -> Outcome:
+    def _take_answer(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None,
+                     take: Take) -> Outcome:
         """A 2xx: the relay takes it (a stream may still fail before its first content)."""
         unexpected = self._unexpected_body(resp)
         if unexpected is not None:
             return self._broken(resp, attempt, unexpected)
         self._note_progress(attempt)  # a stream may finish its record inside take()
-        outcome = take(resp, attempt)
+        outcome = take(resp, attempt, bridge)
         if outcome.answered and outcome.error is None:
             if self.exchange.end_error is not None:
                 self.plan.abandoned(attempt)  # client gone or shutdown: no verdict
@@ -197,10 +208,11 @@ class TryLoop:
             attempt.deployment.name, err.end_reason, status=resp.status, error=err.message))
         return Outcome.failed(err)
 
-    def _take_error_reply(self, resp: UpstreamResponse, attempt: Attempt) -> Outcome:
-        """A 4xx/5xx, read whole: retried, moved on, or given to the client as it is."""
+    def _take_error_reply(self, resp: UpstreamResponse, attempt: Attempt, source: Format) -> Outcome:
+        """A 4xx/5xx, read whole: retried, moved on, or given to the client (as it is, or
+        in the client's terms when the upstream spoke another format)."""
         try:
-            reply = ErrorReply.read(resp, attempt.deployment.name)
+            reply = ErrorReply.read(resp, attempt.deployment.name, source)
         except ProxyError as err:  # the error body itself broke off
             err = self._explain(err)
             self._failed(attempt, Decision.RETRY, AttemptRecord(
@@ -212,7 +224,7 @@ class TryLoop:
             return Outcome(reply=reply, final=True)
         self._failed(attempt, decision,
                      AttemptRecord(attempt.deployment.name, "status", status=reply.status,
-                                   error=reply.message(self.preq.fmt)),
+                                   error=reply.message()),
                      retry_after=retry_after_seconds(reply.header))
         return Outcome(reply=reply)
 

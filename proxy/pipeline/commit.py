@@ -32,10 +32,12 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class Answer:
-    """The deployment whose answer the server thread sends (its status and headers)."""
+    """The deployment whose answer the server thread sends (its status and headers; only
+    the proxy's own headers for an answer translated from another format)."""
 
     response: UpstreamResponse
     deployment: str
+    translated: bool = False
 
 
 class CommitRule:
@@ -57,7 +59,8 @@ class CommitRule:
             return self.phase
 
     # -- stream thread ---------------------------------------------------------------
-    def answer_with(self, response: UpstreamResponse, deployment: str) -> bool:
+    def answer_with(self, response: UpstreamResponse, deployment: str,
+                    translated: bool = False) -> bool:
         """This deployment answers.  False when its answer cannot be the response: a JSON
         body after `200 text/event-stream` went out, or the request already ended."""
         with self._lock:
@@ -67,7 +70,7 @@ class CommitRule:
                 return False
             if self.phase is Phase.WAITING:
                 self.phase = Phase.ANSWERING
-                self.answer = Answer(response, deployment)
+                self.answer = Answer(response, deployment, translated)
                 self._decided.set()
             return True
 

@@ -28,7 +28,8 @@ from ..usage import RECORD_FIELDS, EndReason, Usage, UsageRecord
 
 log = logging.getLogger("proxy.requests")
 
-BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but not parsed
+BODY_COPY_LIMIT = 16 * 1024 * 1024
+ESTIMATE_DEPLOYMENT = "proxy-estimate"  # the row's deployment when the proxy answered itself  # larger JSON bodies are passed through but not parsed
 
 
 class RowSink(Protocol):
@@ -73,14 +74,22 @@ class RequestRecord:
         if usage_format is not None and stream:
             self._parser = usage_format.usage_parser()
 
-    def try_started(self, deployment: str) -> None:
+    def try_started(self, deployment: str, upstream: Format | None = None) -> None:
         """A new upstream try (the row names the deployment of the last one, which is the
-        one that answered, if any): usage seen on a failed try is not this answer's usage."""
+        one that answered, if any): usage seen on a failed try is not this answer's usage.
+        `upstream` is the format the try's answer comes in (another than the client's when
+        it is translated): the row keeps the upstream's own usage, in its own terms."""
         self._set(deployment=deployment)
+        if self._usage_format is not None and upstream is not None:
+            self._usage_format = upstream
         if self._parser is not None:
             self._parser = self._usage_format.usage_parser()
         self._body.clear()
         self.body_bytes = 0
+
+    def estimated_locally(self) -> None:
+        """The proxy answered with its own estimate (count_tokens): no deployment was asked."""
+        self._set(deployment=ESTIMATE_DEPLOYMENT, attempts=0)
 
     def tries_so_far(self, attempts: int, fallbacks: int, attempt_log: str | None) -> None:
         self._set(attempts=attempts, fallbacks=fallbacks, attempt_log=attempt_log)

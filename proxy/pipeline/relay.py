@@ -15,12 +15,16 @@ every failure becomes one terminal error event in the client's protocol.  Plain 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..errors import ClientGone, ProxyError, ShuttingDown, UpstreamBroken
-from ..formats import EventKind
+from ..formats import EventKind, StreamView
+from ..formats.base import compact_json
+from ..formats.translate.anthropic_chat import estimate_input_tokens
+from ..formats.translate.bridge import Bridge, EventTranslator
 from ..heartbeat import Exchange, Heartbeat
 from ..limits import TooComplex, parse_upstream_json
 from ..routing import Attempt
@@ -30,11 +34,14 @@ from ..writer import LockedWriter
 from .attempt import Outcome, TryDeps, TryLoop
 from .commit import Answer, CommitRule, Phase
 from .finalize import RequestRecord
-from .replies import (StartResponse, committed_stream_headers, error_response, proxy_headers,
-                      reason_phrase, reply_response, safe_reason, stream_headers)
+from .replies import (SSE_CONTENT_TYPE, DEPLOYMENT_HEADER, StartResponse,
+                      committed_stream_headers, error_response, proxy_headers, reason_phrase,
+                      reply_response, safe_reason, stream_headers)
 from .request import ProxyRequest
 
 log = logging.getLogger("proxy.relay")
+
+TRANSLATED_BODY_LIMIT = 16 * 1024 * 1024  # a JSON answer to translate is read whole
 
 
 @dataclass(frozen=True)
@@ -69,36 +76,98 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
     """A request whose answer is not an event stream: try deployments, then pass through."""
     exchange = Exchange(preq.client_socket, None, on_end=lambda err: None)
     deps.heartbeat.register(exchange)
-    taken: list[Answer] = []
+    taken: list[Answer | TranslatedBody] = []
 
-    def take(resp: UpstreamResponse, attempt: Attempt) -> Outcome:
+    def take(resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> Outcome:
         try:
-            resp.prefetch()  # an unreadable body fails this try, before any header goes out
+            if bridge is not None:  # read whole and rewritten, or this try fails
+                taken.append(TranslatedBody.read(resp, bridge, record, attempt.deployment.name))
+            else:
+                resp.prefetch()  # an unreadable body fails this try, before any header goes out
+                taken.append(Answer(resp, attempt.deployment.name))
         except ProxyError as err:
             resp.close()
             return Outcome.failed(err)
         exchange.content_arrived()
-        taken.append(Answer(resp, attempt.deployment.name))
         return Outcome.taken()
 
     outcome = TryLoop(deps.tries, preq, record, exchange).run(take)
-    if outcome.answered:
+    if outcome.answered and isinstance(taken[0], Answer):
         return PassThrough(deps.heartbeat, preq, record, exchange, taken[0]).respond(start_response)
     deps.heartbeat.unregister(exchange)
+    if outcome.answered:
+        return taken[0].respond(preq, record, start_response)
     return render_refusal(preq, record, outcome, start_response)
 
 
 def render_refusal(preq: ProxyRequest, record: RequestRecord, outcome: Outcome,
                    start_response: StartResponse) -> Iterable[bytes]:
     """No deployment answered: the last upstream error answer, or the proxy's own error."""
-    if outcome.reply is not None:
+    retried = record.row.attempts > 1
+    if outcome.reply is not None and outcome.reply.source is preq.fmt:
         reply = outcome.reply
-        record.upstream_error(reply.status, reply.message(preq.fmt), bytes_out=len(reply.body))
-        return reply_response(reply, preq.request_id, record.row.attempts > 1, start_response,
-                              preq.redactor)
+        record.upstream_error(reply.status, reply.message(), bytes_out=len(reply.body))
+        return reply_response(reply, preq.request_id, retried, start_response, preq.redactor)
     err = outcome.as_error(preq.fmt)
+    if outcome.reply is not None:  # an upstream of another format: told in the client's terms
+        err.retry_after = outcome.reply.header("retry-after")
+        record.upstream_error(preq.fmt.status_of(err), err.message)
+        extra = [(DEPLOYMENT_HEADER, outcome.reply.deployment)]
+        if retried:
+            extra.append(("x-should-retry", "false"))
+        return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor, extra)
     record.failed(preq.fmt.status_of(err), err)
     return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
+
+
+ESTIMATE_HEADER = "x-llm-proxy-estimate"
+
+
+def serve_estimate(preq: ProxyRequest, record: RequestRecord,
+                   start_response: StartResponse) -> list[bytes]:
+    """count_tokens answered by the proxy itself (its route's first provider cannot count):
+    an estimate, said so in a header and in the row, and never billed."""
+    body = compact_json({"input_tokens": estimate_input_tokens(preq.payload or {})})
+    record.estimated_locally()
+    record.complete(200, len(body))
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                              (ESTIMATE_HEADER, "true")] + proxy_headers(preq.request_id, None))
+    return [body]
+
+
+@dataclass(frozen=True)
+class TranslatedBody:
+    """A JSON answer from an upstream of another format, read whole and rewritten for the
+    client; the usage row reads the upstream's own body."""
+
+    body: bytes
+    status: int
+    deployment: str
+
+    @classmethod
+    def read(cls, resp: UpstreamResponse, bridge: Bridge, record: RequestRecord,
+             deployment: str) -> "TranslatedBody":
+        """Raises the ProxyError that fails the try (nothing has reached the client)."""
+        data = resp.read_limited(TRANSLATED_BODY_LIMIT + 1)
+        resp.close()
+        if len(data) > TRANSLATED_BODY_LIMIT:
+            raise UpstreamBroken(f"the upstream's answer is larger than the {TRANSLATED_BODY_LIMIT >> 20} "
+                                 "MiB the proxy translates")
+        record.add_body_copy(data)
+        try:
+            answer = parse_upstream_json(data)
+        except ValueError:
+            raise UpstreamBroken("the upstream answered with a body that is not JSON") from None
+        return cls(compact_json(bridge.answer(answer, int(time.time()))), resp.status, deployment)
+
+    def respond(self, preq: ProxyRequest, record: RequestRecord,
+                start_response: StartResponse) -> list[bytes]:
+        body = preq.redactor.data(self.body)
+        record.complete(self.status, len(body))  # queued before the client has the answer
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        start_response(f"{self.status} {reason_phrase(self.status)}",
+                       headers + proxy_headers(preq.request_id, self.deployment))
+        return [body]
 
 
 class PassThrough:
@@ -181,21 +250,44 @@ class PassThrough:
 
 # -- streams ----------------------------------------------------------------------------
 class TryStream:
-    """One deployment's event stream as the relay reads it: its framer, the preamble held
-    back while another option remains, and whether its content has begun."""
+    """One deployment's event stream as the relay reads it: its framer, the view that
+    classifies its events (in the upstream's format), the translator to the client's format
+    when they differ, the preamble held back while another option remains, and whether its
+    content has begun."""
 
-    def __init__(self, resp: UpstreamResponse, attempt: Attempt, max_event_bytes: int) -> None:
+    def __init__(self, resp: UpstreamResponse, attempt: Attempt, max_event_bytes: int,
+                 view: StreamView, bridge: Bridge | None = None,
+                 translator: EventTranslator | None = None) -> None:
         self.resp, self.attempt = resp, attempt
         self.framer = SSEFramer(max_event_bytes)
-        self.held: list[Event] | None = [] if attempt.hold_preamble else None
+        self.view, self.bridge, self.translator = view, bridge, translator
+        self.held: list[tuple[Event, object, EventKind]] | None = [] if attempt.hold_preamble else None
         self.content_seen = False
         self.last_event_sent = False  # the last event framed went to the client
 
     def tail(self, final: bool) -> bytes | None:
         """What completes the last event on the wire (see `SSEFramer.settle`), or None while
-        it may still arrive; nothing for an event the client never got (a stripped chunk)."""
+        it may still arrive; nothing for an event the client never got (a stripped chunk),
+        nor for translated events (the proxy writes those whole)."""
+        if self.translator is not None:
+            return b""
         tail = self.framer.finish() if final else self.framer.settle()
         return tail if tail is None or self.last_event_sent else b""
+
+    def client_frames(self, event: Event, payload: object, kind: EventKind,
+                      client_view: StreamView) -> list[bytes]:
+        """What the client gets for one upstream event: the event as it came, or its
+        translation (an upstream's error event becomes the client's terminal error)."""
+        if self.translator is None:
+            return [event.raw]
+        if payload is None:
+            return []  # the upstream's own comments: the proxy sends its own keepalives
+        if kind is EventKind.UPSTREAM_ERROR:
+            return [client_view.terminal_error(self.bridge.event_error(payload))]
+        frames = self.translator.feed(event.event, payload)
+        if kind is EventKind.DONE:
+            frames += self.translator.finish()
+        return frames
 
     def events(self, chunk: bytes) -> list[Event]:
         try:
@@ -232,7 +324,10 @@ class StreamRelay:
             return render_refusal(self.preq, self.record, self.commit.refusal, start_response)
         answer = self.commit.answer
         if answer.response.is_event_stream:
-            headers = self.preq.redactor.headers(answer.response.headers)
+            # A translated answer's headers are the proxy's own: the upstream's describe
+            # another API.
+            headers = [SSE_CONTENT_TYPE] if answer.translated else \
+                self.preq.redactor.headers(answer.response.headers)
             start_response("200 OK", stream_headers(headers, self.preq.request_id, answer.deployment))
             return self._frames()
         return PassThrough(self.deps.heartbeat, self.preq, self.record, self.exchange,
@@ -271,8 +366,12 @@ class StreamRelay:
         if not outcome.answered and not self.commit.refuse(outcome):
             self._end_with_error(outcome.as_error(self.preq.fmt), status=200)
 
-    def _take(self, resp: UpstreamResponse, attempt: Attempt) -> Outcome:
+    def _take(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> Outcome:
         """Relay one deployment's answer; a failure here means it failed before content."""
+        if not resp.is_event_stream and bridge is not None:
+            resp.close()
+            return Outcome.failed(UpstreamBroken(
+                "the upstream answered a streaming request with a non-stream body"))
         if not resp.is_event_stream:
             try:
                 resp.prefetch()  # an unreadable body fails this try, before the commit
@@ -287,11 +386,19 @@ class StreamRelay:
             self.exchange.content_arrived()
             return Outcome.taken()
         if not attempt.hold_preamble:
-            self._answer(resp, attempt)
-        return self._pump(TryStream(resp, attempt, self.deps.max_event_bytes))
+            self._answer(resp, attempt, translated=bridge is not None)
+        return self._pump(self._try_stream(resp, attempt, bridge))
 
-    def _answer(self, resp: UpstreamResponse, attempt: Attempt) -> bool:
-        return self.commit.answer_with(resp, attempt.deployment.name)
+    def _try_stream(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> TryStream:
+        if bridge is None:
+            return TryStream(resp, attempt, self.deps.max_event_bytes, self.view)
+        translator = bridge.events(self.preq.payload, include_usage=not self.preq.strip_usage_chunk,
+                                   created=int(time.time()))
+        return TryStream(resp, attempt, self.deps.max_event_bytes, bridge.upstream.stream_view(),
+                         bridge, translator)
+
+    def _answer(self, resp: UpstreamResponse, attempt: Attempt, translated: bool = False) -> bool:
+        return self.commit.answer_with(resp, attempt.deployment.name, translated)
 
     # -- relaying one deployment's event stream ---------------------------------------------
     def _pump(self, current: TryStream) -> Outcome:
@@ -319,7 +426,7 @@ class StreamRelay:
         if self._protocol_end is not None:
             return  # anything after the protocol's end is not part of the answer
         payload = decode_event_data(event)
-        kind = self.view.classify(event.event, payload) if payload is not None else EventKind.OTHER
+        kind = current.view.classify(event.event, payload) if payload is not None else EventKind.OTHER
         if payload is not None:
             self.record.observe_event(event.event, payload)
         if kind is EventKind.SKIP:
@@ -327,9 +434,9 @@ class StreamRelay:
         if current.held is not None:
             if kind is EventKind.UPSTREAM_ERROR:
                 raise UpstreamBroken("the upstream sent an error before any content: "
-                                     + self.preq.fmt.event_error_message(payload))
+                                     + current.view.format.event_error_message(payload))
             if kind in (EventKind.PREAMBLE, EventKind.OTHER):
-                current.held.append(event)
+                current.held.append((event, payload, kind))
                 return
             self._release_held(current)
         if kind is EventKind.CONTENT and not current.content_seen:
@@ -337,19 +444,28 @@ class StreamRelay:
             self.exchange.content_arrived()
             self.record.first_token()
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
-        if not self.writer.write_event(event.raw, event.has_id, last=ends):
+        frames = current.client_frames(event, payload, kind, self.view)
+        if not self._write(frames, event.has_id and current.translator is None, last=ends):
             return
         current.last_event_sent = True
         if ends:
             self._end_by_protocol(kind, payload, current)
 
+    def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False) -> bool:
+        """One write per client event; False once the writer is closed."""
+        for number, frame in enumerate(frames, 1):
+            if not self.writer.write_event(frame, has_id, last=last and number == len(frames)):
+                return False
+        return True
+
     def _release_held(self, current: TryStream) -> None:
         """Content arrived: this deployment answers; the held preamble goes out first."""
         held, current.held = current.held or [], None
-        self._answer(current.resp, current.attempt)
-        for event in held:
+        self._answer(current.resp, current.attempt, translated=current.translator is not None)
+        for event, payload, kind in held:
             if event.data_lines:  # comments were only the upstream's own keepalives
-                self.writer.write_event(event.raw, event.has_id)
+                self._write(current.client_frames(event, payload, kind, self.view),
+                            event.has_id and current.translator is None)
 
     def _end_by_protocol(self, kind: EventKind, payload: object, current: TryStream) -> None:
         """The upstream finished (or failed) in its own words: record it, then end the body,
@@ -358,7 +474,7 @@ class StreamRelay:
         if kind is EventKind.DONE:
             self.record.complete(200, self.writer.bytes_out)
         else:
-            self.record.upstream_error(200, self.preq.fmt.event_error_message(payload),
+            self.record.upstream_error(200, current.view.format.event_error_message(payload),
                                        self.writer.bytes_out)
         self._end_body_once_settled(current)
 
@@ -376,10 +492,12 @@ class StreamRelay:
         returns the upstream's failure, if the answer broke off."""
         leftover = current.framer.pending_bytes()
         if self._protocol_end is None and failure is None and not leftover.strip() \
-                and self.view.complete_without_end_marker():
+                and current.view.complete_without_end_marker():
             # A chat stream whose every choice has its finish reason, ended cleanly without
             # `data: [DONE]` (some OpenAI-compatible servers): the answer is whole.
-            self._end_by_protocol(EventKind.DONE, None, current)
+            failure = self._finish_translation(current)
+            if failure is None:
+                self._end_by_protocol(EventKind.DONE, None, current)
         if self._protocol_end is not None:
             tail = current.tail(final=True)
             if tail:
@@ -392,6 +510,18 @@ class StreamRelay:
             + (" (an event was cut off)" if leftover.strip() else ""))
         self._end_with_error(failure, status=200)
         return None if self.exchange.end_error is not None else failure
+
+    def _finish_translation(self, current: TryStream) -> ProxyError | None:
+        """The translated answer's own end (its stop reason, usage and end marker), for an
+        upstream that ended without its end marker; or why it cannot be ended."""
+        if current.translator is None:
+            return None
+        try:
+            frames = current.translator.finish()
+        except ProxyError as err:  # an unknown stop reason, say
+            return err
+        self._write(frames, last=True)
+        return None
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:
         try:

@@ -20,14 +20,17 @@ DEPLOYMENT_HEADER = "x-llm-proxy-deployment"
 # and intermediaries must neither buffer nor transform them.
 _STREAM_DROP = frozenset({"content-length", "content-encoding", "cache-control", "x-accel-buffering"})
 SSE_HEADERS = [("Cache-Control", "no-cache, no-transform"), ("X-Accel-Buffering", "no")]
+SSE_CONTENT_TYPE = ("Content-Type", "text/event-stream; charset=utf-8")
 
 
 def error_response(fmt: Format, err: ProxyError, request_id: str,
-                   start_response: StartResponse, redactor: Redactor | None = None) -> list[bytes]:
+                   start_response: StartResponse, redactor: Redactor | None = None,
+                   extra_headers: list[tuple[str, str]] = ()) -> list[bytes]:
     """The endpoint's own JSON error shape, with the error's status (its message may quote
     an upstream, so it is masked like anything else relayed)."""
     status, headers, body = error_parts(fmt, err, request_id, redactor)
     headers.append(("Content-Length", str(len(body))))
+    headers.extend(extra_headers)
     start_response(f"{status} {reason_phrase(status)}", headers)
     return [body]
 
@@ -72,7 +75,7 @@ def stream_headers(upstream_headers: list[tuple[str, str]], request_id: str,
 
 def committed_stream_headers(request_id: str) -> list[tuple[str, str]]:
     """A stream that commits before any deployment answered: the proxy's own headers."""
-    return stream_headers([("Content-Type", "text/event-stream; charset=utf-8")], request_id)
+    return stream_headers([SSE_CONTENT_TYPE], request_id)
 
 
 def reply_response(reply: ErrorReply, request_id: str, retried: bool,

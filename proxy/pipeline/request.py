@@ -27,3 +27,4 @@ class ProxyRequest:
     keepalive: bool = True  # keepalive comments may go to this client (the route allows)
     client_socket: socket.socket | None = None
     redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed
+    estimate_locally: bool = False  # count_tokens the proxy answers itself (see admit)

@@ -14,6 +14,7 @@ from typing import Mapping
 from .. import formats
 from ..config import Provider
 from ..errors import BadRequest
+from ..formats.translate.bridge import Bridge
 from ..routing import Deployment
 from ..text import loggable
 from .client import header_problem, is_hop_by_hop_header
@@ -42,9 +43,15 @@ class UpstreamRequests:
         self._providers = providers
 
     def build(self, request_id: str, path: str, headers: list[tuple[str, str]], body: bytes,
-              payload: dict | None, deployment: Deployment) -> UpstreamRequest:
+              payload: dict | None, deployment: Deployment,
+              bridge: Bridge | None = None) -> UpstreamRequest:
+        """The try's request; with a bridge, rewritten for a provider of another format
+        (which may refuse what it cannot express: a BadRequest, the client's fault)."""
         provider = self._providers[deployment.provider]
-        if deployment.edits_body and payload is not None:
+        if bridge is not None and payload is not None:
+            path, headers = bridge.upstream_path, bridge.headers(headers)
+            body = encode_json_body(deployment.rewrite(bridge.request(payload)))
+        elif deployment.edits_body and payload is not None:
             body = encode_json_body(deployment.rewrite(payload))
         headers = with_credentials(headers, provider) + [(REQUEST_ID_HEADER, request_id)]
         return UpstreamRequest(provider.base_url + path, headers, body)

@@ -201,15 +201,20 @@ def estimate_input_tokens(payload: dict) -> int:
 
 # -- usage and the JSON answer --------------------------------------------------------------
 def anthropic_usage(usage: Any) -> dict:
-    """Chat usage in Anthropic's terms: `prompt_tokens` counts cached tokens, Anthropic's
-    `input_tokens` does not."""
+    """Chat usage in Anthropic's terms: `prompt_tokens` counts cache reads and writes,
+    Anthropic's `input_tokens` counts neither (they are reported beside it)."""
     if not isinstance(usage, dict):
         return {"input_tokens": 0, "output_tokens": 0}
     prompt = usage.get("prompt_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    out = {"input_tokens": max(prompt - cached, 0), "output_tokens": usage.get("completion_tokens") or 0}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0
+    written = details.get("cache_write_tokens") or 0
+    out = {"input_tokens": max(prompt - cached - written, 0),
+           "output_tokens": usage.get("completion_tokens") or 0}
     if cached:
         out["cache_read_input_tokens"] = cached
+    if written:
+        out["cache_creation_input_tokens"] = written
     return out
 
 
