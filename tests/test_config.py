@@ -54,8 +54,24 @@ def test_provider_tables_override_a_default_provider_and_add_new_ones(tmp_path):
     assert config.providers["local"].format == "openai"
 
 
+def test_provider_translation_settings_have_defaults_and_can_be_set(tmp_path):
+    path = write(tmp_path, '[providers.local]\nbase_url = "http://127.0.0.1:1234"\nformat = "openai"\n'
+                           'max_tokens_field = "max_completion_tokens"\nreasoning_effort = true\n'
+                           '[providers.anthropic]\ndefault_max_tokens = 8192\nreasoning_content = true\n')
+    providers = load_config(path, env={}).providers
+    local, claude, openai = providers["local"], providers["anthropic"], providers["openai"]
+    assert (local.max_tokens_field, local.reasoning_effort) == ("max_completion_tokens", True)
+    assert (claude.default_max_tokens, claude.reasoning_content, claude.format) == (8192, True, "anthropic")
+    assert (openai.max_tokens_field, openai.reasoning_effort, openai.default_max_tokens,
+            openai.reasoning_content) == ("max_tokens", False, 4096, False)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("[stream]\nheartbeat_interval = -1\n", "stream.heartbeat_interval"),
+    ("[providers.openai]\nmax_tokens_field = \"tokens\"\n", "providers.openai.max_tokens_field"),
+    ("[providers.openai]\nreasoning_effort = \"yes\"\n", "providers.openai.reasoning_effort"),
+    ("[providers.anthropic]\ndefault_max_tokens = 0\n", "providers.anthropic.default_max_tokens"),
+    ("[providers.anthropic]\nreasoning_content = 1\n", "providers.anthropic.reasoning_content"),
     ("[stream]\nheartbeat_interval = \"fast\"\n", "expected float"),
     ("[stream]\nheartbeet_interval = 1\n", "unknown key stream.heartbeet_interval"),
     ("[nonsense]\nx = 1\n", "unknown section"),

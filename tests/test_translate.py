@@ -12,6 +12,9 @@ from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from proxy.errors import BadRequest, UpstreamBroken
+from pathlib import Path
+
+from proxy.formats.translate import anthropic_chat, chat_anthropic
 from proxy.formats.translate.anthropic_chat import (ChatToAnthropicStream, ChatUpstream,
                                                     anthropic_usage, message_from_completion,
                                                     to_chat_request)
@@ -454,3 +457,66 @@ def test_no_usage_chunk_unless_the_client_asked_and_max_tokens_is_length():
         include_usage=False)
     assert all(c["choices"] for c in chunks)
     assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == ("cut", "length")
+
+
+# ===========================================================================================
+# What is dropped is dropped, and the README says so
+# ===========================================================================================
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _dropped_row(heading: str) -> str:
+    table = README.split(heading, 1)[1]
+    return next(line for line in table.splitlines() if line.startswith("| **dropped**"))
+
+
+@pytest.mark.parametrize("module, heading, translate, base", [
+    (anthropic_chat, "Anthropic request → Chat upstream:", to_chat_request,
+     {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    (chat_anthropic, "Chat request → Anthropic upstream:", to_messages_request,
+     {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_every_dropped_field_is_dropped_and_listed_in_the_readme(module, heading, translate, base):
+    row = _dropped_row(heading)
+    for name in module.DROPPED_FIELDS:
+        assert f"`{name}`" in row, f"{name} is dropped but the README does not say so"
+        assert name not in translate(dict(base, **{name: {"x": 1}}))
+
+
+# ===========================================================================================
+# Byte-split streams: the framer hands the translators whole events, wherever the cuts fall
+# ===========================================================================================
+from proxy.formats.translate.bridge import AnthropicOnChat, ChatOnAnthropic  # noqa: E402
+from proxy.sse import SSEFramer  # noqa: E402
+from proxy.limits import parse_upstream_json  # noqa: E402
+from support.builders import anthropic_stream, chat_stream  # noqa: E402
+
+TOOL = {"name": "get_weather", "input": {"location": "Paris"}}
+
+
+def _translated(bridge, wire: bytes, cuts: list[int]) -> bytes:
+    """The client's bytes for an upstream stream delivered in pieces cut at `cuts`."""
+    framer = SSEFramer()
+    translator = bridge.events({"model": "m", "messages": []}, include_usage=True, created=7)
+    out = []
+    bounds = [0, *cuts, len(wire)]
+    for start, end in zip(bounds, bounds[1:]):
+        for event in framer.feed(wire[start:end]):
+            data = event.data
+            payload = "[DONE]" if data.strip() == "[DONE]" else parse_upstream_json(data)
+            out += translator.feed(event.event, payload)
+            if payload == "[DONE]":
+                out += translator.finish()
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("bridge, wire", [
+    (AnthropicOnChat(), b"".join(chat_stream(tool=TOOL, newline="\r\n"))),
+    (ChatOnAnthropic(), b"".join(anthropic_stream(tool=TOOL, thinking="hmm", newline="\r\n"))),
+], ids=["chat-upstream", "anthropic-upstream"])
+def test_a_stream_cut_anywhere_translates_to_the_same_bytes(bridge, wire):
+    whole = _translated(bridge, wire, [])
+    assert whole.count(b"\n\n") >= 6
+    for cut in range(1, len(wire)):  # every two-piece split, CRLF pairs and UTF-8 included
+        assert _translated(bridge, wire, [cut]) == whole, cut
+    assert _translated(bridge, wire, list(range(1, len(wire)))) == whole  # a byte at a time

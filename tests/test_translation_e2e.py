@@ -24,7 +24,7 @@ from support.builders import (DEFAULT_TEXT, DEFAULT_TEXT_PIECES, DEFAULT_TOOL_NA
 from support.fake import FakeUpstream
 from support.processes import ProxyProcess
 from support.rawhttp import RID
-from support.steps import Send, Stall, Status, default_script, json_reply, sse_reply
+from support.steps import End, Send, Stall, Status, Trickle, default_script, json_reply, sse_reply
 
 PROVIDER_KEY = "sk-local-provider-key-0123456789"  # the chat provider's own key (api_key_env)
 CLIENT_KEY = "sk-ant-client-key-abcdefghijklmnop"  # the client's key: never leaves the proxy
@@ -216,7 +216,41 @@ def test_anthropic_stream_of_text_from_a_chat_upstream(ant, upstream, server, wi
     assert body["max_tokens"] == 64
     assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-qwen"
     assert wire.headers[-1]["content-type"].startswith("text/event-stream")
+    assert "x-request-id" not in wire.headers[-1]  # the upstream's headers describe another API
     assert_row(server, wire.request_id, "local-qwen", LOCAL_MODEL)
+
+
+def test_a_chat_stream_arriving_a_few_bytes_at_a_time_translates_whole(ant, upstream, server, wire):
+    upstream.enqueue([Status(200, headers={"Content-Type": "text/event-stream"}),
+                      Trickle(b"".join(chat_stream(model=LOCAL_MODEL, newline="\r\n")), size=3), End()])
+    with ant.messages.stream(model="claude-on-local", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == DEFAULT_TEXT and final.stop_reason == "end_turn"
+    assert_row(server, wire.request_id, "local-qwen", LOCAL_MODEL)
+
+
+def test_a_chat_stream_without_done_but_finished_ends_the_anthropic_message(ant, upstream, server, wire):
+    """Some OpenAI-compatible servers end without `data: [DONE]`: every choice finished is
+    a whole answer, and the translated message gets its own end."""
+    upstream.enqueue(sse_reply(chat_stream(model=LOCAL_MODEL, done=False)))
+    with ant.messages.stream(model="claude-on-local", max_tokens=64, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert events[-1] == "message_stop" and final.stop_reason == "end_turn"
+    assert final.content[0].text == DEFAULT_TEXT
+    assert_row(server, wire.request_id, "local-qwen", LOCAL_MODEL)
+
+
+def test_a_held_translated_preamble_goes_out_translated_when_content_comes(ant, upstream, server, wire):
+    """The first of two deployments speaks Chat: its role chunk is held back (the fallback
+    remains) and becomes the client's one message_start once its content arrives."""
+    with ant.messages.stream(model="gpt-fallback", max_tokens=64, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert events.count("message_start") == 1 and events[-1] == "message_stop"
+    assert final.content[0].text == DEFAULT_TEXT and final.model == "stalls"
+    assert [r.route for r in upstream.requests] == ["/v1/chat/completions"]
+    assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-primary"
 
 
 def test_anthropic_message_start_reports_an_estimate_of_the_prompt(server, upstream):
@@ -240,9 +274,10 @@ def test_anthropic_create_with_two_parallel_tool_calls(ant, upstream, server, wi
                                                                   "arguments": json.dumps(PARIS)}},
                 {"id": "call.b/2", "type": "function", "function": {"name": "get_time",
                                                                     "arguments": json.dumps(TOKYO)}}]}}],
-        "usage": chat_usage()}))
+        "usage": chat_usage()}, headers={"x-request-id": "req_upstream", "openai-processing-ms": "5"}))
     msg = ant.messages.create(model="claude-on-local", max_tokens=64, messages=MESSAGES,
                               tools=ANTHROPIC_TOOLS, tool_choice={"type": "any"})
+    assert not {"x-request-id", "openai-processing-ms"} & set(wire.headers[-1])
     assert msg.stop_reason == "tool_use"
     assert [(b.type, b.name, b.input) for b in msg.content] == [
         ("tool_use", DEFAULT_TOOL_NAME, PARIS), ("tool_use", "get_time", TOKYO)]

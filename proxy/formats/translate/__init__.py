@@ -5,6 +5,7 @@ provider"): requests are rewritten for the upstream's format, its answers (JSON 
 and event streams) for the client's.  Everything here takes decoded JSON and returns
 JSON or SSE event bytes; no sockets, threads or clocks.
 
-Built so far: Anthropic Messages clients on OpenAI Chat Completions upstreams
-(`anthropic_chat`): the request, the JSON answer and the event stream.
+`anthropic_chat`: Anthropic Messages clients on OpenAI Chat Completions upstreams;
+`chat_anthropic`: the other way; `common`: the stop-reason table and tool-call ids;
+`bridge`: both, per (client format, provider), as the pipeline uses them for each try.
 """

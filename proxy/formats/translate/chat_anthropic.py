@@ -16,6 +16,9 @@ from ...errors import BadRequest
 from ..base import compact_json
 from .common import chat_finish_reason, chat_tool_call, id_for_anthropic, id_from_anthropic
 
+# Fields of a Chat request Anthropic has no counterpart for; dropped (the README lists them).
+DROPPED_FIELDS = ("frequency_penalty", "presence_penalty", "seed", "logit_bias", "store",
+                  "metadata", "service_tier", "stream_options")
 # Reasoning effort -> Anthropic thinking budget (tokens).
 _BUDGETS = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
 
