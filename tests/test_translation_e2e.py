@@ -253,6 +253,17 @@ def test_a_held_translated_preamble_goes_out_translated_when_content_comes(ant, 
     assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-primary"
 
 
+def test_anthropic_create_of_text_from_a_chat_upstream(ant, upstream, server, wire):
+    msg = ant.messages.create(model="claude-on-local", max_tokens=64, messages=MESSAGES)
+    assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == DEFAULT_TEXT
+    assert (msg.stop_reason, msg.model, msg.usage.input_tokens, msg.usage.output_tokens,
+            msg.usage.cache_read_input_tokens) == ("end_turn", LOCAL_MODEL, 25, 15, 10)
+    body = assert_sent_to_chat(upstream.requests[-1], stream=False)
+    assert "stream" not in body and "stream_options" not in body
+    assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-qwen"
+    assert_row(server, wire.request_id, "local-qwen", LOCAL_MODEL)
+
+
 def test_anthropic_message_start_reports_an_estimate_of_the_prompt(server, upstream):
     """Claude Code's context meter reads message_start: never a bare 0 input."""
     import requests
@@ -412,6 +423,18 @@ def test_chat_stream_of_text_with_the_usage_chunk(oai, upstream, server, wire):
         "Be brief.", [{"role": "user", "content": [{"type": "text", "text": MESSAGES[0]["content"]}]}],
         4096, True)
     assert wire.headers[-1]["x-llm-proxy-deployment"] == "claude-up"
+    assert_row(server, wire.request_id, "claude-up", CLAUDE_MODEL)
+
+
+def test_chat_create_of_text_from_anthropic(oai, upstream, server, wire):
+    completion = oai.chat.completions.create(model="gpt-on-claude", messages=MESSAGES,
+                                             max_completion_tokens=77)
+    choice = completion.choices[0]
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == (
+        "assistant", DEFAULT_TEXT, "stop")
+    assert (completion.object, completion.model, completion.usage.prompt_tokens,
+            completion.usage.completion_tokens) == ("chat.completion", CLAUDE_MODEL, total_input(), 15)
+    assert assert_sent_to_anthropic(upstream.requests[-1])["max_tokens"] == 77
     assert_row(server, wire.request_id, "claude-up", CLAUDE_MODEL)
 
 

@@ -111,11 +111,12 @@ def render_refusal(preq: ProxyRequest, record: RequestRecord, outcome: Outcome,
     err = outcome.as_error(preq.fmt)
     if outcome.reply is not None:  # an upstream of another format: told in the client's terms
         err.retry_after = outcome.reply.header("retry-after")
-        record.upstream_error(preq.fmt.status_of(err), err.message)
         extra = [(DEPLOYMENT_HEADER, outcome.reply.deployment)]
         if retried:
             extra.append(("x-should-retry", "false"))
-        return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor, extra)
+        body = error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor, extra)
+        record.upstream_error(preq.fmt.status_of(err), err.message, bytes_out=len(body[0]))
+        return body
     record.failed(preq.fmt.status_of(err), err)
     return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
 
