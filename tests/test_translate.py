@@ -520,3 +520,45 @@ def test_a_stream_cut_anywhere_translates_to_the_same_bytes(bridge, wire):
     for cut in range(1, len(wire)):  # every two-piece split, CRLF pairs and UTF-8 included
         assert _translated(bridge, wire, [cut]) == whole, cut
     assert _translated(bridge, wire, list(range(1, len(wire)))) == whole  # a byte at a time
+
+
+# -- error events and statuses across formats ---------------------------------------------------
+from proxy.formats import ANTHROPIC, OPENAI_CHAT  # noqa: E402
+from proxy.formats.translate.bridge import Bridges, ProviderTranslation, foreign_error  # noqa: E402
+
+
+@pytest.mark.parametrize("bridge, payload, status, client_type", [
+    (AnthropicOnChat(), {"error": {"type": "rate_limit_exceeded", "message": "m"}}, 429, "rate_limit_error"),
+    (AnthropicOnChat(), {"error": {"type": "server_error", "message": "m"}}, 500, "api_error"),
+    (AnthropicOnChat(), {"error": {"type": "made_up", "message": "m"}}, 500, "api_error"),
+    (AnthropicOnChat(), {"error": {"message": "m"}}, 500, "api_error"),
+    (ChatOnAnthropic(), {"type": "error", "error": {"type": "overloaded_error", "message": "m"}}, 503,
+     "server_error"),
+    (ChatOnAnthropic(), {"type": "error", "error": {"type": "invalid_request_error", "message": "m"}}, 400,
+     "invalid_request_error"),
+])
+def test_an_upstream_error_event_is_told_with_a_status_and_type_of_the_clients_protocol(
+        bridge, payload, status, client_type):
+    err = bridge.event_error(payload)
+    assert (err.status, err.message, bridge.client.error_type(err)) == (status, "m", client_type)
+
+
+def test_anthropic_clients_keep_529_and_openai_clients_get_503():
+    assert foreign_error(ANTHROPIC, 529, "busy").status == 529
+    assert ANTHROPIC.error_type(foreign_error(ANTHROPIC, 529, "busy")) == "overloaded_error"
+    assert foreign_error(OPENAI_CHAT, 529, "busy").status == 503
+
+
+def test_bridges_join_only_formats_they_can_translate():
+    bridges = Bridges({"a": ProviderTranslation("anthropic"), "o": ProviderTranslation("openai")})
+    assert isinstance(bridges.between(ANTHROPIC, "o"), AnthropicOnChat)
+    assert isinstance(bridges.between(OPENAI_CHAT, "a"), ChatOnAnthropic)
+    assert bridges.between(ANTHROPIC, "a") is None and bridges.between(OPENAI_CHAT, "o") is None
+    assert not bridges.reaches(ANTHROPIC, "unknown")
+
+
+def test_a_chat_stream_without_a_model_names_the_requested_one():
+    translator = AnthropicOnChat().events({"model": "claude-x", "messages": []}, True, 0)
+    start = parse(b"".join(translator.feed(None, {"id": "c", "choices": [
+        {"index": 0, "delta": {"content": "Hi"}}]})))[0]
+    assert json.loads(start.data)["message"]["model"] == "claude-x"

@@ -38,6 +38,7 @@ ANTHROPIC_TOOLS = [{"name": DEFAULT_TOOL_NAME, "description": "Weather", "input_
 CHAT_TOOLS = [{"type": "function", "function": {"name": n, "parameters": SCHEMA}}
               for n in (DEFAULT_TOOL_NAME, "get_time")]
 FIRST_TOKEN_TIMEOUT = 0.5
+DEFAULT_MAX_TOKENS = 777  # the claude provider's default_max_tokens
 PARIS, TOKYO = {"location": "Paris"}, {"location": "Tokyo"}
 
 # A 1x1 PNG, for the image turns.
@@ -46,9 +47,14 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAW
 
 def write_config(path, fake: FakeUpstream) -> None:
     lines = ["[retry]", "max_attempts = 1", "",
+             "[breaker]", "failure_threshold = 1000", "min_requests = 1000", "",  # not under test here
              "[providers.local]", f'base_url = "{fake.url}"', 'format = "openai"',
              'api_key_env = "LOCAL_PROVIDER_KEY"', "",
-             "[providers.claude]", f'base_url = "{fake.url}"', 'format = "anthropic"', ""]
+             # An OpenAI reasoning model's settings: its own name for max_tokens, reasoning_effort.
+             "[providers.local_o]", f'base_url = "{fake.url}"', 'format = "openai"',
+             'max_tokens_field = "max_completion_tokens"', "reasoning_effort = true", "",
+             "[providers.claude]", f'base_url = "{fake.url}"', 'format = "anthropic"',
+             f"default_max_tokens = {DEFAULT_MAX_TOKENS}", "reasoning_content = true", ""]
     for model, (inp, out, read, write) in PRICES.items():
         lines += [f'[prices."{model}"]', f"input = {inp}", f"output = {out}",
                   f"cache_read = {read}", f"cache_write = {write}", ""]
@@ -57,11 +63,17 @@ def write_config(path, fake: FakeUpstream) -> None:
         "gpt-on-claude": [("claude", CLAUDE_MODEL, "claude-up")],
         "claude-fallback": [("claude", "stalls", "claude-primary"), ("local", LOCAL_MODEL, "local-fallback")],
         "gpt-fallback": [("local", "stalls", "local-primary"), ("claude", CLAUDE_MODEL, "claude-fallback")],
+        "claude-on-o": [("local_o", "o-model", "local-o")],
+        "claude-first": [("claude", CLAUDE_MODEL, "claude-first"), ("local", LOCAL_MODEL, "local-second")],
     }
     for pattern, deployments in routes.items():
         items = ", ".join(f'{{ provider = "{p}", model = "{m}", name = "{n}" }}' for p, m, n in deployments)
         lines += [f'[routes."{pattern}"]', f"first_token_timeout = {FIRST_TOKEN_TIMEOUT}",
                   f"deployments = [{items}]", ""]
+    lines += ['[routes."claude-bare"]', 'deployments = [{ provider = "local" }]', "",  # the client's model
+              '[routes."claude-params"]', "max_attempts = 2",
+              'deployments = [{ provider = "local", model = "qwen-local", name = "local-params", '
+              "params = { frequency_penalty = 0.5 } }]", ""]
     path.write_text("\n".join(lines))
 
 
@@ -251,6 +263,7 @@ def test_a_held_translated_preamble_goes_out_translated_when_content_comes(ant, 
     assert final.content[0].text == DEFAULT_TEXT and final.model == "stalls"
     assert [r.route for r in upstream.requests] == ["/v1/chat/completions"]
     assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-primary"
+    assert "x-request-id" not in wire.headers[-1]  # the proxy's own headers, not the chat server's
 
 
 def test_anthropic_create_of_text_from_a_chat_upstream(ant, upstream, server, wire):
@@ -293,6 +306,7 @@ def test_anthropic_create_with_two_parallel_tool_calls(ant, upstream, server, wi
     assert [(b.type, b.name, b.input) for b in msg.content] == [
         ("tool_use", DEFAULT_TOOL_NAME, PARIS), ("tool_use", "get_time", TOKYO)]
     assert msg.content[0].id == "call_a"
+    assert wire.headers[-1]["x-llm-proxy-deployment"] == "local-qwen"
     assert all(c.isalnum() or c in "_-" for c in msg.content[1].id)  # Anthropic's id rule
     body = assert_sent_to_chat(upstream.requests[-1], stream=False)
     assert body["tool_choice"] == "required"
@@ -394,14 +408,25 @@ def test_anthropic_stream_with_thinking_from_reasoning_content(ant, upstream):
 
 
 def test_anthropic_count_tokens_on_a_chat_route_is_a_local_estimate(ant, upstream, server, wire):
-    count = ant.messages.count_tokens(model="claude-on-local", messages=[
+    raw = ant.messages.with_raw_response.count_tokens(model="claude-on-local", messages=[
         {"role": "user", "content": "y" * 4000}])
+    count = raw.parse()
     assert 900 <= count.input_tokens <= 1100
     assert wire.headers[-1]["x-llm-proxy-estimate"] == "true"
     assert upstream.requests == []  # nothing went upstream
     row = server.row(wire.request_id)
-    assert (row["deployment"], row["endpoint"], row["end_reason"], row["cost_usd"], row["input_tokens"]) == (
-        "proxy-estimate", "count_tokens", "complete", None, None)
+    assert (row["deployment"], row["endpoint"], row["end_reason"], row["cost_usd"], row["input_tokens"],
+            row["attempts"], row["bytes_out"]) == (
+        "proxy-estimate", "count_tokens", "complete", None, None, 0, len(raw.http_response.content))
+
+
+def test_count_tokens_on_a_route_that_starts_with_anthropic_goes_upstream_and_nowhere_else(
+        ant, upstream, wire):
+    upstream.enqueue(json_reply(anthropic_error_body("api_error", "boom"), status=500))
+    with pytest.raises(anthropic.InternalServerError):
+        ant.messages.count_tokens(model="claude-first", messages=MESSAGES)
+    assert [r.route for r in upstream.requests] == ["/v1/messages/count_tokens"]  # never to Chat
+    assert "x-llm-proxy-estimate" not in wire.headers[-1]
 
 
 # -- the openai SDK on Anthropic's API ----------------------------------------------------------
@@ -421,7 +446,7 @@ def test_chat_stream_of_text_with_the_usage_chunk(oai, upstream, server, wire):
     body = assert_sent_to_anthropic(upstream.requests[-1])
     assert (body["system"], body["messages"], body["max_tokens"], body["stream"]) == (
         "Be brief.", [{"role": "user", "content": [{"type": "text", "text": MESSAGES[0]["content"]}]}],
-        4096, True)
+        DEFAULT_MAX_TOKENS, True)
     assert wire.headers[-1]["x-llm-proxy-deployment"] == "claude-up"
     assert_row(server, wire.request_id, "claude-up", CLAUDE_MODEL)
 
@@ -611,3 +636,95 @@ def test_chat_client_falls_back_from_a_stalled_chat_primary_to_anthropic(oai, up
     assert [r.route for r in upstream.requests] == ["/v1/chat/completions", "/v1/messages"]
     row = assert_row(server, wire.request_id, "claude-fallback", CLAUDE_MODEL)
     assert (row["attempts"], row["fallbacks"]) == (2, 1)
+
+
+# -- provider settings, deployments and odd answers ----------------------------------------------
+def test_a_reasoning_models_settings_shape_the_chat_request(ant, upstream):
+    with ant.messages.stream(model="claude-on-o", max_tokens=4096, messages=MESSAGES,
+                             thinking={"type": "enabled", "budget_tokens": 2048}) as stream:
+        stream.get_final_message()
+    body = upstream.requests[-1].json
+    assert (body["model"], body["max_completion_tokens"], body["reasoning_effort"]) == ("o-model", 4096, "low")
+    assert "max_tokens" not in body and "thinking" not in body
+
+
+def test_chat_clients_get_claudes_thinking_as_reasoning_content(oai, upstream):
+    upstream.enqueue(sse_reply(anthropic_stream(thinking=["Let me ", "think."], model=CLAUDE_MODEL)))
+    chunks = list(oai.chat.completions.create(model="gpt-on-claude", messages=MESSAGES, stream=True,
+                                              reasoning_effort="medium", max_completion_tokens=8000))
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    assert reasoning == "Let me think."
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == DEFAULT_TEXT
+    assert upstream.requests[-1].json["thinking"] == {"type": "enabled", "budget_tokens": 4096}
+
+    upstream.enqueue(json_reply({
+        "id": "msg_02", "type": "message", "role": "assistant", "model": CLAUDE_MODEL,
+        "content": [{"type": "thinking", "thinking": "Hmm.", "signature": "sig"},
+                    {"type": "text", "text": "Hi"}],
+        "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}))
+    message = oai.chat.completions.create(model="gpt-on-claude", messages=MESSAGES).choices[0].message
+    assert (message.content, message.model_extra.get("reasoning_content")) == ("Hi", "Hmm.")
+
+
+def test_a_bridged_deployment_without_a_model_of_its_own_is_still_translated(ant, upstream, server, wire):
+    msg = ant.messages.create(model="claude-bare", max_tokens=64, messages=MESSAGES)
+    assert msg.content[0].text == DEFAULT_TEXT
+    request = upstream.requests[-1]
+    assert request.route == "/v1/chat/completions" and request.json["model"] == "claude-bare"
+    assert request.json["messages"] == MESSAGES
+    assert server.row(wire.request_id)["deployment"] == "local"
+
+
+def test_deployment_params_apply_to_the_translated_request_and_a_retried_refusal_says_so(
+        ant, upstream, wire):
+    for _ in range(2):
+        upstream.enqueue(json_reply(openai_error_body("slow down", type="requests"), status=429,
+                                    headers={"retry-after": "0"}))
+    with pytest.raises(anthropic.RateLimitError):
+        ant.messages.create(model="claude-params", max_tokens=64, messages=MESSAGES)
+    assert len(upstream.requests) == 2
+    assert upstream.requests[-1].json["frequency_penalty"] == 0.5
+    assert wire.headers[-1]["x-should-retry"] == "false"  # the proxy retried already
+
+
+def test_a_translated_json_answer_masks_an_echoed_key(ant, upstream):
+    upstream.enqueue(json_reply({
+        "id": "chatcmpl-x", "object": "chat.completion", "created": 1, "model": LOCAL_MODEL,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": f"your key is {PROVIDER_KEY}"}}],
+        "usage": chat_usage()}))
+    msg = ant.messages.create(model="claude-on-local", max_tokens=64, messages=MESSAGES)
+    assert msg.content[0].text.startswith("your key is ") and PROVIDER_KEY not in msg.content[0].text
+
+
+@pytest.mark.parametrize("reply, says", [
+    (json_reply([]), "not an object"),
+    (json_reply(b"{not json"), "not JSON"),
+    (json_reply({"id": "x", "object": "chat.completion", "choices": []}), "without a choice"),
+])
+def test_an_unreadable_json_answer_from_a_chat_upstream_is_a_502(ant, upstream, server, wire, reply, says):
+    upstream.enqueue(reply)
+    with pytest.raises(anthropic.APIStatusError) as info:
+        ant.messages.create(model="claude-on-local", max_tokens=64, messages=MESSAGES)
+    assert info.value.status_code == 502 and info.value.body["error"]["type"] == "api_error"
+    assert says in info.value.body["error"]["message"]
+    assert server.row(wire.request_id)["end_reason"] == "upstream_error"
+
+
+def test_a_json_answer_to_a_translated_stream_is_a_broken_upstream(ant, upstream):
+    upstream.enqueue(json_reply({"id": "x", "object": "chat.completion", "model": LOCAL_MODEL, "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "raw"}}]}))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with ant.messages.stream(model="claude-on-local", max_tokens=64, messages=MESSAGES) as stream:
+            list(stream)
+    assert "non-stream body" in info.value.body["error"]["message"]
+
+
+def test_a_chat_servers_own_comments_do_not_reach_an_anthropic_client(server, upstream):
+    import requests
+    events = chat_stream(model=LOCAL_MODEL)
+    upstream.enqueue(sse_reply(events[:2] + [b": upstream-ping\n\n"] + events[2:]))
+    resp = requests.post(server.url + "/v1/messages", json={
+        "model": "claude-on-local", "max_tokens": 64, "stream": True, "messages": MESSAGES}, timeout=30)
+    assert b"upstream-ping" not in resp.content and b"event: message_stop" in resp.content
