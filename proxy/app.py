@@ -160,7 +160,7 @@ class App:
             inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret))
         self.proxy = ProxyApp(admission, RelayDeps(
             tries, self.heartbeat, self.stream_threads, config.commit_delay,
-            config.max_event_bytes), lambda: self.shutting_down)
+            config.max_event_bytes, config.max_continuations), lambda: self.shutting_down)
         self.admin = AdminApp(AdminDeps(
             db_path=config.db_path, started_tracker=self._started_tracker,
             tracker=lambda: self.tracker, shutting_down=lambda: self.shutting_down,

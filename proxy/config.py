@@ -127,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry.retry_after_max", float, 30.0, None,
             "Honour Retry-After / retry-after-ms up to this (s); a longer wait moves to the "
             "next deployment instead.", _non_negative),
+    Setting("retry.max_continuations", int, 2, "LLM_PROXY_MAX_CONTINUATIONS",
+            "Continuations per request after a stream broke mid-answer (0: never; the client "
+            "gets the terminal error).", _non_negative),
     Setting("breaker.failure_threshold", int, 5, None,
             "Failures within the window that open a deployment's circuit.", _positive),
     Setting("breaker.failure_ratio", float, 0.5, None,
@@ -161,6 +164,16 @@ class Provider:
     reasoning_effort: bool = False  # a Chat upstream takes `reasoning_effort` (from `thinking`)
     default_max_tokens: int = 4096  # an Anthropic upstream needs max_tokens; Chat clients may omit it
     reasoning_content: bool = False  # Chat clients get an Anthropic upstream's thinking as `reasoning_content`
+    # Continuing a broken stream with an assistant prefill (see the README's "continuation").
+    continuation: bool | None = None  # None: on, except for api.openai.com (it ignores prefills)
+    prefill_params: dict = field(default_factory=dict)  # extra body params of a continuation
+
+    @property
+    def continues(self) -> bool:
+        """Does this provider continue a trailing assistant message?"""
+        if self.continuation is not None:
+            return self.continuation
+        return urlsplit(self.base_url).hostname != "api.openai.com"
 
     @property
     def api_key(self) -> str | None:
@@ -203,6 +216,7 @@ class Config:
     backoff_base: float = 0.5
     backoff_max: float = 8.0
     retry_after_max: float = 30.0
+    max_continuations: int = 2
     failure_threshold: int = 5
     failure_ratio: float = 0.5
     min_requests: int = 10
@@ -392,7 +406,8 @@ def _load_providers(section: Any, env: Mapping[str, str]) -> dict[str, Provider]
 
 
 _PROVIDER_KEYS = {"base_url", "format", "api_key_env", "keepalive", "max_tokens_field",
-                  "reasoning_effort", "default_max_tokens", "reasoning_content"}
+                  "reasoning_effort", "default_max_tokens", "reasoning_content", "continuation",
+                  "prefill_params"}
 
 
 def _provider_from_table(name: str, table: Any, base: Provider | None) -> Provider:
@@ -421,9 +436,21 @@ def _provider_from_table(name: str, table: Any, base: Provider | None) -> Provid
     default_max = table.get("default_max_tokens", 4096)
     if isinstance(default_max, bool) or not isinstance(default_max, int) or default_max < 1:
         raise ConfigError(f"{where}.default_max_tokens must be a whole number of tokens above 0")
+    continuation, prefill = _continuation_settings(where, table)
     return Provider(name, check_url(url, f"{where}.base_url"), fmt, key_env,
                     table.get("keepalive", True), field_name, table.get("reasoning_effort", False),
-                    default_max, table.get("reasoning_content", False))
+                    default_max, table.get("reasoning_content", False), continuation, prefill or {})
+
+
+def _continuation_settings(where: str, table: dict) -> tuple[bool | None, dict | None]:
+    continuation = table.get("continuation")
+    if continuation is not None and not isinstance(continuation, bool):
+        raise ConfigError(f"{where}.continuation must be true or false")
+    prefill = table.get("prefill_params")
+    if prefill is not None and not isinstance(prefill, dict):
+        raise ConfigError(f"{where}.prefill_params must be a table of body parameters, e.g. "
+                          "{ continue_final_message = true, add_generation_prompt = false }")
+    return continuation, prefill
 
 
 def check_url(url: Any, where: str) -> str:
@@ -453,7 +480,8 @@ def _load_prices(section: Any) -> dict[str, dict]:
 
 
 _ROUTE_KEYS = {"deployments", "first_token_timeout", "max_attempts"}
-_DEPLOYMENT_KEYS = {"provider", "model", "name", "params", "drop", "larger_context"}
+_DEPLOYMENT_KEYS = {"provider", "model", "name", "params", "drop", "larger_context", "continuation",
+                    "prefill_params"}
 
 
 def _load_routes(section: Any, config: Config) -> list:
@@ -525,4 +553,5 @@ def _deployment(where: str, item: Any, config: Config):
     larger = item.get("larger_context", False)
     if not isinstance(larger, bool):
         raise ConfigError(f"{where}.larger_context must be true or false")
-    return Deployment(name, provider, model, dict(params), tuple(drop), larger)
+    continuation, prefill = _continuation_settings(where, item)
+    return Deployment(name, provider, model, dict(params), tuple(drop), larger, continuation, prefill)

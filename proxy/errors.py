@@ -118,6 +118,24 @@ class UpstreamBroken(ProxyError):
     end_reason = EndReason.UPSTREAM_ERROR
 
 
+class UntranslatableAnswer(UpstreamBroken):
+    """The upstream's answer cannot be told in the client's protocol (an unknown stop
+    reason, a tool call it went back to): asking again would not help, so it is never
+    continued."""
+
+
+class UpstreamErrorEvent(UpstreamBroken):
+    """The upstream sent an error event mid-answer.  Worth a continuation when it is a
+    transient one; if none follows, the client gets it as its terminal error, with the
+    upstream's message, status and (in the client's terms) type."""
+
+    def __init__(self, message: str, status: int, upstream_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = self.upstream_status = status
+        self.upstream_type = upstream_type
+        self.client_frame: bytes | None = None  # the event as the client would have had it
+
+
 class ShuttingDown(ProxyError):
     """The proxy is stopping; the client should retry elsewhere."""
 

@@ -30,7 +30,8 @@ from typing import Any
 from .store import TOKEN_FIELDS, Counts, StoreFault, UsageStore, open_store
 from .usage import END_REASONS
 
-STAT_COLUMNS = ("requests", *TOKEN_FIELDS, "cache_hit_ratio", "cost_usd", "unpriced_requests")
+STAT_COLUMNS = ("requests", *TOKEN_FIELDS, "cache_hit_ratio", "cost_usd", "unpriced_requests",
+                "continued_requests", "continuation_cost_usd")
 
 # (summary key, label of the group column, the store's grouping, which is also the CSV
 # group, title in the table)
@@ -137,6 +138,8 @@ def _stats(counts: Counts) -> dict:
     stats["cache_hit_ratio"] = _hit_ratio(stats)
     stats["cost_usd"] = round(counts["cost_usd"], 9)  # float sums carry noise below a nano-dollar
     stats["unpriced_requests"] = counts["unpriced_requests"]
+    stats["continued_requests"] = counts["continued_requests"]
+    stats["continuation_cost_usd"] = round(counts["continuation_cost_usd"], 9)
     stats["failures"] = dict(counts["failures"])
     return stats
 
@@ -167,6 +170,8 @@ _HEADERS = {
     "cache_hit_ratio": "cache hit",
     "cost_usd": "cost USD",
     "unpriced_requests": "unpriced",
+    "continued_requests": "continued",
+    "continuation_cost_usd": "continuation USD",
 }
 
 
@@ -211,7 +216,7 @@ def _cell(column: str, value: Any) -> str:
         return "-"
     if column == "cache_hit_ratio":
         return f"{value:.1%}"
-    if column == "cost_usd":
+    if column in ("cost_usd", "continuation_cost_usd"):
         return f"{value:,.6f}"  # single requests often cost fractions of a cent
     return f"{value:,}"
 

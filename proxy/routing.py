@@ -53,6 +53,8 @@ class Deployment:
     params: dict = field(default_factory=dict, hash=False, compare=False)
     drop: tuple[str, ...] = ()
     larger_context: bool = False
+    continuation: bool | None = None  # None: as its provider says
+    prefill_params: dict | None = field(default=None, hash=False, compare=False)
 
     def rewrite(self, payload: dict) -> dict:
         """The request body for this deployment: its model name, pinned and dropped params."""
@@ -259,6 +261,7 @@ class AttemptRecord:
     status: int | None = None
     error: str | None = None
     input_tokens: int | None = None
+    continued: bool | None = None  # it broke mid-answer, and the answer was continued
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -333,6 +336,13 @@ class AttemptPlan:
             self.answered_by = attempt.deployment
         if self.breakers is not None and attempt.probe:
             self.breakers.get(attempt.deployment.name).abandon()
+
+    def pass_over(self, attempt: Attempt) -> None:
+        """The request cannot go to this deployment as it now is (a continuation it would
+        not continue): on to the next, with no verdict on the deployment."""
+        if self.breakers is not None and attempt.probe:
+            self.breakers.get(attempt.deployment.name).abandon()
+        self._advance()
 
     def client_error(self, attempt: Attempt) -> None:
         """A 4xx the client gets: the deployment worked, the request did not."""

@@ -96,6 +96,8 @@ class UsageRecord:
     error: str | None = None
     stream: bool = False
     attempt_log: str | None = None  # JSON: the failed tries before the answer (routing)
+    continuations: int = 0  # calls that continued the answer after a stream broke mid-answer
+    continuation_cost_usd: float | None = None  # what sending the prompt again cost them
 
     def apply_usage(self, usage: Usage) -> None:
         """Copy parsed usage in; the upstream's own model name wins over the routed one."""

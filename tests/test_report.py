@@ -34,7 +34,7 @@ RECORDS = [
                 cost_usd=0.00005, priced=True),
     UsageRecord(request_id="r3", started_at=DAY2, upstream_model="claude-sonnet-4-5",
                 client_key_id="k1", input_tokens=200, output_tokens=100, cost_usd=0.02,
-                priced=True, usage_complete=True),
+                priced=True, usage_complete=True, continuations=1, continuation_cost_usd=0.004),
     UsageRecord(request_id="r4", started_at=DAY2 + 1, upstream_model="mystery-model",
                 input_tokens=10, output_tokens=5, usage_complete=True),
     UsageRecord(request_id="r5", started_at=DAY2 + 2, model_requested="fast", status=429,
@@ -75,6 +75,8 @@ def test_totals_sum_every_token_kind_the_cost_and_the_failures(db):
         "cache_hit_ratio": pytest.approx(300 / 730),
         "cost_usd": pytest.approx(0.03005),
         "unpriced_requests": 1,  # r4 used tokens nobody could price; r5 and r6 used none
+        "continued_requests": 1,  # r3's stream broke and was continued...
+        "continuation_cost_usd": pytest.approx(0.004),  # ...which cost this on top
         "failures": {"client_gone": 1, "rejected": 1, "upstream_error": 1},
     }
 
@@ -85,6 +87,7 @@ def test_requests_are_grouped_by_utc_day(db):
     assert [d["requests"] for d in days] == [2, 4]
     assert days[0]["failures"] == {"client_gone": 1}
     assert days[1]["cost_usd"] == pytest.approx(0.02)
+    assert (days[0]["continued_requests"], days[1]["continued_requests"]) == (0, 1)
 
 
 def test_by_model_uses_upstream_model_then_requested(db):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from support.builders import (DEFAULT_TEXT, DEFAULT_USAGE, anthropic_error_body, anthropic_message,
+from support.builders import (DEFAULT_TEXT, DEFAULT_TEXT_PIECES, DEFAULT_USAGE, anthropic_error_body, anthropic_message,
                               anthropic_ping, anthropic_stream, chat_completion, chat_stream,
                               openai_error_body, responses_stream)
 from support.fake import FakeUpstream
@@ -51,7 +51,7 @@ COOLDOWN = 1.0
 CLIENT_TIMEOUT = 8.0  # for a whole answer: the slowest scenario takes IDLE_TIMEOUT + a little
 
 # One route per scenario (see the module docstring).
-KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s09",
+KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s08r", "s09",
         "s10a", "s10b", "s11", "s11b", "s12", "s12b", "s13", "s15", "s16", "s17", "s18", "ramax",
         "all", "brk", "brk2")
 
@@ -534,33 +534,57 @@ CONTENT_THEN = {  # the upstream transcript up to and including the first conten
 }
 
 
-@pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH],
-                         ids=["anthropic", "chat", "responses"])
-def test_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, primary, backup, big, path):
+REST_OF_ANSWER = {  # what a continuation from the prefill "Hello" answers (the rest of it)
+    ANTHROPIC_PATH: lambda: sse_reply(anthropic_stream(DEFAULT_TEXT_PIECES[1:],
+                                                       message_id="msg_continuation")),
+    CHAT_PATH: lambda: sse_reply(chat_stream(DEFAULT_TEXT_PIECES[1:], completion_id="chatcmpl-continuation")),
+}
+FIRST_ID = {ANTHROPIC_PATH: "msg_primary", CHAT_PATH: "chatcmpl-primary"}
+
+
+def assert_continued(res: Result, path: str, server: ProxyProcess, calls: int = 2) -> dict:
+    """One whole answer (the first call's id, its text once), and a row that says so."""
+    COMPLETE[path](res, FIRST_ID[path], server)
+    row = server.row(res.request_id)
+    assert (row["end_reason"], row["continuations"], row["attempts"]) == ("complete", 1, calls), row
+    return row
+
+
+@pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH], ids=["anthropic", "chat"])
+def test_stream_cut_mid_answer_is_continued_into_one_answer(held_proxy, primary, backup, big, path):
     model = claude("s08") if path == ANTHROPIC_PATH else gpt("s08")
-    primary.enqueue([Status(200, headers=SSE_HEADERS), *[Send(e) for e in CONTENT_THEN[path]()], Cut()])
+    primary.enqueue([Status(200, headers=SSE_HEADERS), *[Send(e) for e in CONTENT_THEN[path]()], Cut()],
+                    REST_OF_ANSWER[path]())
     res = call(held_proxy, path, model)
-    assert_one_terminal_error(res, path, held_proxy)
-    assert b"Hello" in res.body  # the content that did go out stays
-    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    assert_continued(res, path, held_proxy)
+    assert seen(primary, backup, big) == (2, 0, 0), diag(held_proxy, res)  # the same deployment again
     assert res.deployment == "primary-s08"
     assert res.elapsed < 3.0, res.elapsed
+
+
+def test_responses_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, primary, backup, big):
+    """Responses streams are not stitched (yet): the cut is one terminal error, as before."""
+    primary.enqueue([Status(200, headers=SSE_HEADERS),
+                     *[Send(e) for e in CONTENT_THEN[RESPONSES_PATH]()], Cut()])
+    res = call(held_proxy, RESPONSES_PATH, gpt("s08r"))
+    assert_one_terminal_error(res, RESPONSES_PATH, held_proxy)
+    assert b"Hello" in res.body  # the content that did go out stays
+    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
     row = held_proxy.row(res.request_id)
-    assert row["end_reason"] == "upstream_error" and row["deployment"] == "primary-s08", row
+    assert row["end_reason"] == "upstream_error" and row["deployment"] == "primary-s08r", row
     assert row["usage_complete"] == 0, row
 
 
-def test_stall_after_content_ends_with_a_timeout_error_after_idle_timeout(held_proxy, primary,
-                                                                          backup, big):
+def test_stall_after_content_is_continued_after_idle_timeout(held_proxy, primary, backup, big):
     primary.enqueue([Status(200, headers=SSE_HEADERS),
-                     *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Stall()])
+                     *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Stall()],
+                    REST_OF_ANSWER[ANTHROPIC_PATH]())
     res = call(held_proxy, ANTHROPIC_PATH, claude("s09"))
-    assert_one_terminal_error(res, ANTHROPIC_PATH, held_proxy, anthropic_type="timeout_error")
-    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    row = assert_continued(res, ANTHROPIC_PATH, held_proxy)
+    assert json.loads(row["attempt_log"])["failed"][0]["outcome"] == "idle_timeout", row
+    assert seen(primary, backup, big) == (2, 0, 0), diag(held_proxy, res)
     assert IDLE_TIMEOUT - 0.1 <= res.elapsed < IDLE_TIMEOUT + 3.0, res.elapsed
     assert primary.requests[0].peer_closed.wait(2.0)
-    row = held_proxy.row(res.request_id)
-    assert row["end_reason"] == "idle_timeout" and row["usage_complete"] == 0, row
 
 
 MALFORMED = b'event: content_block_delta\ndata: {"type":"content_block_delta", not json\n\n'
@@ -578,28 +602,25 @@ def test_malformed_event_before_content_falls_back(proxy_for, mode, primary, bac
     assert res.elapsed < FIRST_TOKEN_TIMEOUT + 0.4, f"waited for the timeout: {res.elapsed:.3f}s"
 
 
-def test_malformed_event_after_content_is_a_terminal_error(held_proxy, primary, backup, big):
+def test_malformed_event_after_content_is_a_break_at_the_last_good_event(held_proxy, primary, backup, big):
     primary.enqueue([Status(200, headers=SSE_HEADERS),
-                     *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Send(MALFORMED), Stall()])
+                     *[Send(e) for e in CONTENT_THEN[ANTHROPIC_PATH]()], Send(MALFORMED), Stall()],
+                    REST_OF_ANSWER[ANTHROPIC_PATH]())
     res = call(held_proxy, ANTHROPIC_PATH, claude("s10b"))
-    assert_one_terminal_error(res, ANTHROPIC_PATH, held_proxy)
+    assert_continued(res, ANTHROPIC_PATH, held_proxy)
     assert b"not json" not in res.body, diag(held_proxy, res)
-    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    assert seen(primary, backup, big) == (2, 0, 0), diag(held_proxy, res)
     assert res.elapsed < 3.0, res.elapsed
-    assert held_proxy.row(res.request_id)["end_reason"] == "upstream_error"
 
 
-def test_chat_stream_cut_before_its_finish_reason_ends_with_an_error_not_done(held_proxy, primary,
-                                                                              backup, big):
+def test_chat_stream_cut_before_its_finish_reason_is_continued(held_proxy, primary, backup, big):
     events = chat_stream(completion_id="chatcmpl-primary", done=False)
-    primary.enqueue(sse_reply(events[:-2]))  # content, then EOF: no finish reason, no usage
+    primary.enqueue(sse_reply(events[:2]),  # "Hello", then EOF: no finish reason, no usage
+                    REST_OF_ANSWER[CHAT_PATH]())
     res = call(held_proxy, CHAT_PATH, gpt("s11"))
-    err = assert_one_terminal_error(res, CHAT_PATH, held_proxy)
-    assert isinstance(err["type"], str) and "code" in err
-    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
+    assert_continued(res, CHAT_PATH, held_proxy)
+    assert seen(primary, backup, big) == (2, 0, 0), diag(held_proxy, res)
     assert res.elapsed < 3.0, res.elapsed
-    row = held_proxy.row(res.request_id)
-    assert row["end_reason"] == "upstream_error", row
 
 
 def test_chat_stream_finished_by_its_finish_reasons_is_complete_without_done(held_proxy, primary,

@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, StreamView, compact_json
+from .stitch import AnthropicStitch
 from .usage_fields import DeliveredOutput, count, get, text
 
 PREAMBLE_EVENTS = {"message_start", "ping"}
@@ -48,6 +49,12 @@ class AnthropicFormat(Format):
         if kind == "error":
             return EventKind.UPSTREAM_ERROR
         return EventKind.CONTENT
+
+    def stitch(self, payload: dict) -> AnthropicStitch | None:
+        thinking = payload.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") not in (None, "disabled"):
+            return None  # Anthropic refuses a prefill with extended thinking
+        return AnthropicStitch()
 
     def usage_parser(self) -> "AnthropicStreamUsage":
         return AnthropicStreamUsage()

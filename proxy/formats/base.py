@@ -12,10 +12,13 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import BadRequest, ProxyError
 from ..usage import Usage
+
+if TYPE_CHECKING:
+    from .stitch import Stitch
 
 
 class EventKind(enum.Enum):
@@ -29,6 +32,23 @@ class EventKind(enum.Enum):
 
 def compact_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Frame(bytes):
+    """One SSE event the proxy wrote itself, as the client gets it, that also remembers its
+    name and decoded data (so a later stage, the continuation's stitching, need not parse it
+    again)."""
+
+    name: str | None
+    data: Any
+
+    @classmethod
+    def of(cls, name: str | None, data: Any) -> "Frame":
+        body = data.encode() if isinstance(data, str) else compact_json(data)
+        head = b"event: " + name.encode() + b"\n" if name else b""
+        frame = cls(head + b"data: " + body + b"\n\n")
+        frame.name, frame.data = name, data
+        return frame
 
 
 @dataclass(frozen=True)
@@ -100,6 +120,16 @@ class Format:
 
     def complete_without_end_marker(self, view: StreamView) -> bool:
         return False
+
+    def encode_event(self, name: str | None, data: Any) -> bytes:
+        """An event the proxy writes itself (a rewritten continuation event)."""
+        return Frame.of(name, data)
+
+    def stitch(self, payload: dict) -> "Stitch | None":
+        """What splices a continuation into this request's stream, or None when its answer
+        cannot be continued (the format has no stitching, or the request asks for thinking,
+        which cannot be prefilled)."""
+        return None
 
     # -- usage -------------------------------------------------------------------------
     def usage_parser(self) -> UsageParser:

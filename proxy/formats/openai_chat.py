@@ -9,6 +9,7 @@ from ..errors import BadRequest, ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, RequestFacts, StreamView, compact_json, json_type
 from .openai_common import bearer, openai_error_object, openai_error_type
+from .stitch import ChatStitch
 from .usage_fields import DeliveredOutput, count, get, text, uncached
 
 DONE_MARKER = "[DONE]"
@@ -73,6 +74,11 @@ class ChatFormat(Format):
         if is_role_only_chunk(obj):
             return EventKind.PREAMBLE
         return EventKind.CONTENT
+
+    def stitch(self, payload: dict) -> ChatStitch | None:
+        if payload.get("reasoning_effort") or (payload.get("n") or 1) > 1:
+            return None  # thinking cannot be prefilled; several choices are not one answer
+        return ChatStitch()
 
     def usage_parser(self) -> "ChatStreamUsage":
         return ChatStreamUsage()

@@ -131,7 +131,8 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
-            redactor=opened.redactor, estimate_locally=estimate)
+            redactor=opened.redactor, estimate_locally=estimate,
+            stitch=self._stitch(endpoint, payload, facts.stream))
 
     def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
         """`GET /v1/models`: passed to the provider of the client's own API, untouched."""
@@ -187,6 +188,12 @@ class Admission:
         else:
             usable = lambda name: providers[name].format == fmt.provider_format  # noqa: E731
         return self.deps.router.route_for(model, self._provider(fmt), usable)
+
+    def _stitch(self, endpoint: Endpoint, payload: dict, stream: bool):
+        """A stream that may be continued if it breaks mid-answer gets its stitch."""
+        if not stream or self.deps.config.max_continuations <= 0:
+            return None
+        return endpoint.fmt.stitch(payload)
 
     def _crosses(self, fmt: Format, provider: str) -> bool:
         return self.deps.bridges.between(fmt, provider) is not None

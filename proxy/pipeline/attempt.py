@@ -99,6 +99,7 @@ class Outcome:
     error: ProxyError | None = None
     reply: ErrorReply | None = None
     final: bool = False
+    continuation: dict | None = None  # the answer broke mid-way: the request that continues it
 
     @classmethod
     def taken(cls, broke: ProxyError | None = None) -> "Outcome":
@@ -107,6 +108,12 @@ class Outcome:
     @classmethod
     def failed(cls, err: ProxyError) -> "Outcome":
         return cls(error=err)
+
+    @classmethod
+    def continue_with(cls, broke: ProxyError, payload: dict) -> "Outcome":
+        """The answer broke mid-way and may be continued: the client's request plus the
+        answer so far (in the client's format; each try translates it for its deployment)."""
+        return cls(error=broke, continuation=payload)
 
     def as_error(self, fmt: Format) -> ProxyError:
         """Why no answer came, as the proxy's error (a terminal event, after the commit)."""
@@ -128,10 +135,14 @@ class TryLoop:
                  exchange: Exchange) -> None:
         self.deps, self.preq, self.record, self.exchange = deps, preq, record, exchange
         self.plan: AttemptPlan = deps.router.plan(preq.route)
+        self.continuation: dict | None = None  # set once the answer broke mid-way
 
     def run(self, take: Take) -> Outcome:
         last: Outcome | None = None  # the last try's, if one was made
         while (attempt := self.plan.next_attempt()) is not None:
+            if self.continuation is not None and not self.deps.requests.continues(attempt.deployment):
+                self.plan.pass_over(attempt)  # it would restart the answer, not continue it
+                continue
             if attempt.delay and self.exchange.ended.wait(attempt.delay) \
                     or self.exchange.end_error is not None:
                 self.plan.abandoned(attempt, answered=False)  # a half-open breaker may probe again
@@ -143,6 +154,8 @@ class TryLoop:
                 raise
             if outcome.answered or outcome.final:
                 return self._done(outcome)
+            if outcome.continuation is not None:
+                self.continuation = outcome.continuation
             last = outcome
         return self._done(self._exhausted(last))
 
@@ -173,11 +186,17 @@ class TryLoop:
         timeout = self.preq.route.first_token_timeout if self.preq.stream else None
         handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
         preq = self.preq
-        req = self.deps.requests.build(preq.request_id, preq.path, preq.headers, preq.body,
-                                       preq.payload, attempt.deployment, bridge)
+        req = self._build(attempt, bridge)
         read_timeout = None if preq.stream else self.deps.plain_timeout
         return self.deps.upstream.send(preq.method, req.url, req.headers, req.body, handle,
                                        read_timeout)
+
+    def _build(self, attempt: Attempt, bridge: Bridge | None):
+        preq, continuation = self.preq, self.continuation
+        payload = continuation if continuation is not None else preq.payload
+        return self.deps.requests.build(preq.request_id, preq.path, preq.headers, preq.body,
+                                        payload, attempt.deployment, bridge,
+                                        continuation=continuation is not None)
 
     def _take_answer(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None,
                      take: Take) -> Outcome:
@@ -197,6 +216,11 @@ class TryLoop:
             self.plan.answered_then_failed(attempt, outcome.error.message)
             return outcome
         failure = self._explain(outcome.error)
+        if outcome.continuation is not None:  # broke mid-answer: the same or the next one goes on
+            self._failed(attempt, Decision.RETRY, AttemptRecord(
+                attempt.deployment.name, failure.end_reason, status=resp.status,
+                error=failure.message, continued=True))
+            return outcome
         self._failed(attempt, Decision.NEXT, AttemptRecord(
             attempt.deployment.name, failure.end_reason, status=resp.status,
             error=failure.message, input_tokens=self.record.attempt_input_tokens()))

@@ -55,6 +55,7 @@ class RequestRecord:
         self._parser: UsageParser | None = None
         self._body = bytearray()
         self.body_bytes = 0
+        self._earlier_calls: list[Usage] = []  # of an answer continued after a break
         self.row = UsageRecord(request_id=request_id, started_at=time.time(), endpoint=endpoint,
                                client_key_id=client_key_id, bytes_in=bytes_in)
 
@@ -90,6 +91,16 @@ class RequestRecord:
     def estimated_locally(self) -> None:
         """The proxy answered with its own estimate (count_tokens): no deployment was asked."""
         self._set(deployment=ESTIMATE_DEPLOYMENT, attempts=0)
+
+    def continued(self) -> None:
+        """The stream broke mid-answer and a continuation follows: the broken call's usage
+        (what it reported, and at least the output the client got) is kept, to be added to
+        the calls that complete the answer, each priced for its own model."""
+        with self._lock:
+            if self._finished or self._parser is None:
+                return
+            self._earlier_calls.append(self._parser.result())
+            self.row.continuations += 1
 
     def tries_so_far(self, attempts: int, fallbacks: int, attempt_log: str | None) -> None:
         self._set(attempts=attempts, fallbacks=fallbacks, attempt_log=attempt_log)
@@ -180,11 +191,32 @@ class RequestRecord:
         return None
 
     def _apply_usage(self, usage: Usage | None) -> None:
+        if self._earlier_calls:
+            self._apply_calls(self._earlier_calls + [usage or Usage()])
+            return
         if usage is None:
             return
         self.row.apply_usage(usage)
         if usage.bills_anything():
             self._prices.price_record(self.row)
+
+    def _apply_calls(self, calls: list[Usage]) -> None:
+        """A continued answer: every upstream call's tokens, each call priced for its own
+        model; what the continuations' prompts cost is also kept apart."""
+        total = Usage(model=next((c.model for c in reversed(calls) if c.model), None),
+                      stop_reason=calls[-1].stop_reason, complete=calls[-1].complete)
+        for field in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                      "reasoning_tokens"):
+            counts = [getattr(c, field) for c in calls if getattr(c, field) is not None]
+            setattr(total, field, sum(counts) if counts else None)
+        self.row.apply_usage(total)
+        fallback = self.row.upstream_model or self.row.model_requested
+        costs = [self._prices.cost(c, model=c.model or fallback) for c in calls]
+        self.row.cost_usd = sum(c for c in costs if c is not None) if any(
+            c is not None for c in costs) else None
+        self.row.priced = self.row.cost_usd is not None
+        prompts = [self._prices.cost(_prompt_of(c), model=c.model or fallback) for c in calls[1:]]
+        self.row.continuation_cost_usd = sum(p for p in prompts if p is not None)
 
     def _decoded_body(self):
         try:
@@ -209,6 +241,12 @@ class RequestRecord:
             log.info("%s", line)
         else:
             log.warning("%s cause=%s", line, loggable(rec.error, 1000))
+
+
+def _prompt_of(usage: Usage) -> Usage:
+    """The input side of a call's usage (what sending the prompt again costs)."""
+    return Usage(input_tokens=usage.input_tokens, cache_read_tokens=usage.cache_read_tokens,
+                 cache_write_tokens=usage.cache_write_tokens, model=usage.model)
 
 
 class InFlight:

@@ -14,17 +14,19 @@ every failure becomes one terminal error event in the client's protocol.  Plain 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..errors import ClientGone, ProxyError, ShuttingDown, UpstreamBroken
+from ..errors import (ClientGone, ProxyError, ShuttingDown, UntranslatableAnswer, UpstreamBroken,
+                      UpstreamErrorEvent, UpstreamTimeout, UpstreamUnreachable)
 from ..formats import EventKind, StreamView
 from ..formats.base import compact_json
 from ..formats.translate.anthropic_chat import estimate_input_tokens
-from ..formats.translate.bridge import Bridge, EventTranslator
+from ..formats.translate.bridge import Bridge, EventTranslator, status_of_error_type
 from ..heartbeat import Exchange, Heartbeat
 from ..limits import TooComplex, parse_upstream_json
 from ..routing import Attempt
@@ -39,6 +41,17 @@ from .replies import (SSE_CONTENT_TYPE, DEPLOYMENT_HEADER, StartResponse,
                       reply_response, safe_reason, stream_headers)
 from .request import ProxyRequest
 
+# Error events an upstream sends mid-answer that are worth a continuation (it was busy or
+# failed inside); anything else (an invalid request, a refusal) would only come back.
+TRANSIENT_ERROR_TYPES = frozenset({"overloaded_error", "api_error", "server_error",
+                                   "internal_server_error", "timeout_error", "service_unavailable"})
+
+
+def is_continuable(failure: ProxyError) -> bool:
+    """A failure of the upstream's stream itself, one another call may not repeat."""
+    return isinstance(failure, (UpstreamBroken, UpstreamTimeout, UpstreamUnreachable)) \
+        and not isinstance(failure, UntranslatableAnswer)
+
 log = logging.getLogger("proxy.relay")
 
 TRANSLATED_BODY_LIMIT = 16 * 1024 * 1024  # a JSON answer to translate is read whole
@@ -51,6 +64,7 @@ class RelayDeps:
     stream_threads: Executor  # pooled: starting a thread per request costs ~0.3 ms
     commit_delay: float
     max_event_bytes: int
+    max_continuations: int = 0  # continuations per request after a stream broke mid-answer
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -265,12 +279,13 @@ class TryStream:
         self.held: list[tuple[Event, object, EventKind]] | None = [] if attempt.hold_preamble else None
         self.content_seen = False
         self.last_event_sent = False  # the last event framed went to the client
+        self.continuing = False  # it continues an answer: its events are rewritten (stitched)
 
     def tail(self, final: bool) -> bytes | None:
         """What completes the last event on the wire (see `SSEFramer.settle`), or None while
         it may still arrive; nothing for an event the client never got (a stripped chunk),
         nor for translated events (the proxy writes those whole)."""
-        if self.translator is not None:
+        if self.translator is not None or self.continuing:
             return b""
         tail = self.framer.finish() if final else self.framer.settle()
         return tail if tail is None or self.last_event_sent else b""
@@ -307,6 +322,8 @@ class StreamRelay:
         self.exchange = Exchange(preq.client_socket, self.writer, on_end=self._ended_from_outside)
         self.commit = CommitRule()
         self._protocol_end: EventKind | None = None
+        self.stitch = preq.stitch  # None: this answer is never continued
+        self.continuations_left = deps.max_continuations
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
@@ -392,11 +409,14 @@ class StreamRelay:
 
     def _try_stream(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> TryStream:
         if bridge is None:
-            return TryStream(resp, attempt, self.deps.max_event_bytes, self.view)
-        translator = bridge.events(self.preq.payload, include_usage=not self.preq.strip_usage_chunk,
-                                   created=int(time.time()))
-        return TryStream(resp, attempt, self.deps.max_event_bytes, bridge.upstream.stream_view(),
-                         bridge, translator)
+            current = TryStream(resp, attempt, self.deps.max_event_bytes, self.view)
+        else:
+            translator = bridge.events(self.preq.payload, include_usage=not self.preq.strip_usage_chunk,
+                                       created=int(time.time()))
+            current = TryStream(resp, attempt, self.deps.max_event_bytes,
+                                bridge.upstream.stream_view(), bridge, translator)
+        current.continuing = self.stitch is not None and self.stitch.continuing
+        return current
 
     def _answer(self, resp: UpstreamResponse, attempt: Attempt, translated: bool = False) -> bool:
         return self.commit.answer_with(resp, attempt.deployment.name, translated)
@@ -420,7 +440,7 @@ class StreamRelay:
             # Nothing reached the client from this deployment: let the plan move on.
             return Outcome.failed(failure or UpstreamBroken(
                 "the upstream ended the stream before any content"))
-        return Outcome.taken(broke=self._conclude(current, failure))
+        return self._conclude(current, failure)
 
     def _forward(self, event: Event, current: TryStream) -> None:
         current.last_event_sent = False
@@ -432,6 +452,9 @@ class StreamRelay:
             self.record.observe_event(event.event, payload)
         if kind is EventKind.SKIP:
             return
+        if kind is EventKind.UPSTREAM_ERROR and current.held is None and self._error_may_be_continued(
+                current, payload):
+            raise self._error_event(current, event, payload)
         if current.held is not None:
             if kind is EventKind.UPSTREAM_ERROR:
                 raise UpstreamBroken("the upstream sent an error before any content: "
@@ -445,12 +468,45 @@ class StreamRelay:
             self.exchange.content_arrived()
             self.record.first_token()
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
-        frames = current.client_frames(event, payload, kind, self.view)
-        if not self._write(frames, event.has_id and current.translator is None, last=ends):
+        frames = self._stitched(current.client_frames(event, payload, kind, self.view), current,
+                                event, payload)
+        if not self._write(frames, self._keeps_id(event, current), last=ends):
             return
         current.last_event_sent = True
         if ends:
             self._end_by_protocol(kind, payload, current)
+
+    @staticmethod
+    def _keeps_id(event: Event, current: TryStream) -> bool:
+        """The upstream's `id:` field goes out only with its own bytes."""
+        return event.has_id and current.translator is None and not current.continuing
+
+    def _stitched(self, frames: list[bytes], current: TryStream, event: Event | None = None,
+                  payload: object = None) -> list[bytes]:
+        """The client's frames, as the stitch sees them: watched on the first call (so a
+        break knows what the client has), rewritten on a continuation (so the client gets
+        one answer)."""
+        stitch = self.stitch
+        if stitch is None:
+            return frames
+        if current.translator is None and event is not None:
+            decoded = [(event.event, payload)] * len(frames)  # the upstream's event, as it came
+        else:
+            decoded = [(getattr(f, "name", None), getattr(f, "data", None)) for f in frames]
+        if not current.continuing:
+            for name, data in decoded:
+                if data is not None:
+                    stitch.observe(name, data)
+            return frames
+        out = []
+        for frame, (name, data) in zip(frames, decoded):
+            if data is None:  # a comment, or the proxy's own terminal error
+                out.append(frame)
+                continue
+            for new_name, new_data in stitch.rewrite(name, data):
+                stitch.observe(new_name, new_data)
+                out.append(self.preq.fmt.encode_event(new_name, new_data))
+        return out
 
     def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False) -> bool:
         """One write per client event; False once the writer is closed."""
@@ -465,8 +521,9 @@ class StreamRelay:
         self._answer(current.resp, current.attempt, translated=current.translator is not None)
         for event, payload, kind in held:
             if event.data_lines:  # comments were only the upstream's own keepalives
-                self._write(current.client_frames(event, payload, kind, self.view),
-                            event.has_id and current.translator is None)
+                frames = current.client_frames(event, payload, kind, self.view)
+                self._write(self._stitched(frames, current, event, payload),
+                            self._keeps_id(event, current))
 
     def _end_by_protocol(self, kind: EventKind, payload: object, current: TryStream) -> None:
         """The upstream finished (or failed) in its own words: record it, then end the body,
@@ -488,9 +545,9 @@ class StreamRelay:
             self.writer.write_event(tail)
         self.writer.close()
 
-    def _conclude(self, current: TryStream, failure: ProxyError | None) -> ProxyError | None:
-        """End the body the one right way and finalize the record (the first end counts);
-        returns the upstream's failure, if the answer broke off."""
+    def _conclude(self, current: TryStream, failure: ProxyError | None) -> Outcome:
+        """End the body the one right way and finalize the record (the first end counts),
+        or, when the answer broke off and can be continued, ask for its continuation."""
         leftover = current.framer.pending_bytes()
         if self._protocol_end is None and failure is None and not leftover.strip() \
                 and current.view.complete_without_end_marker():
@@ -505,12 +562,53 @@ class StreamRelay:
                 self.writer.write_event(tail)
             self.writer.close()  # recorded when the protocol's end went out
             self.deps.heartbeat.unregister(self.exchange)
-            return None
+            return Outcome.taken()
         failure = failure or UpstreamBroken(
             "the upstream ended the stream before the answer was complete"
             + (" (an event was cut off)" if leftover.strip() else ""))
+        if self._may_continue(current, failure):
+            return self._continue(failure)
         self._end_with_error(failure, status=200)
-        return None if self.exchange.end_error is not None else failure
+        return Outcome.taken(broke=None if self.exchange.end_error is not None else failure)
+
+    # -- continuing a broken answer ------------------------------------------------------------
+    def _may_continue(self, current: TryStream, failure: ProxyError) -> bool:
+        """Broken mid-answer by the upstream (a cut, a stall, a malformed event, a transient
+        error event), with a continuation left and an answer whose open part is text."""
+        stitch = self.stitch
+        return (stitch is not None and self.continuations_left > 0
+                and (current.content_seen or stitch.continuing)
+                and self.exchange.end_error is None and not self.writer.closed
+                and is_continuable(failure) and stitch.continuable())
+
+    def _error_may_be_continued(self, current: TryStream, payload: object) -> bool:
+        kind = current.view.format.upstream_error_type(payload)
+        return kind in TRANSIENT_ERROR_TYPES and self._may_continue(
+            current, UpstreamBroken("an error event mid-answer"))
+
+    def _error_event(self, current: TryStream, event: Event, payload: object) -> UpstreamErrorEvent:
+        """An upstream's error event as an error; if the answer is not continued after all,
+        the client gets the event itself (or its translation) as the terminal error."""
+        if current.bridge is not None:
+            told = current.bridge.event_error(payload)
+            err = UpstreamErrorEvent(told.message, told.status)
+        else:
+            kind = current.view.format.upstream_error_type(payload)
+            err = UpstreamErrorEvent(current.view.format.event_error_message(payload),
+                                     status_of_error_type(kind), kind)
+        err.client_frame = current.client_frames(event, payload, EventKind.UPSTREAM_ERROR, self.view)[0]
+        return err
+
+    def _continue(self, failure: ProxyError) -> Outcome:
+        """The request that continues the answer: the client's own, plus the text it has."""
+        self.continuations_left -= 1
+        prefill = self.stitch.begin()
+        base = self.preq.payload if self.preq.payload is not None else json.loads(self.preq.body)
+        self.record.continued()
+        # The failure's text may quote the upstream (and so a key): its kind is enough here.
+        log.info("request %s: the stream broke mid-answer (%s); continuing after %d characters",
+                 self.preq.request_id, failure.end_reason, len(prefill))
+        return Outcome.continue_with(failure, self.stitch.request(base, prefill))
 
     def _finish_translation(self, current: TryStream) -> ProxyError | None:
         """The translated answer's own end (its stop reason, usage and end marker), for an
@@ -521,7 +619,7 @@ class StreamRelay:
             frames = current.translator.finish()
         except ProxyError as err:  # an unknown stop reason, say
             return err
-        self._write(frames, last=True)
+        self._write(self._stitched(frames, current), last=True)
         return None
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:
@@ -538,7 +636,7 @@ class StreamRelay:
                     status = self.preq.fmt.status_of(outside)
                 self.record.failed(status, outside, self.writer.bytes_out)
                 return
-            frame = self.view.terminal_error(failure)
+            frame = getattr(failure, "client_frame", None) or self.view.terminal_error(failure)
             self.record.failed(status, failure, self.writer.bytes_out + len(frame))
             self.writer.close(frame)
         finally:

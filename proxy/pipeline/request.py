@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ..formats import Format
+from ..formats.stitch import Stitch
 from ..redact import Redactor
 from ..routing import Route
 
@@ -28,3 +29,4 @@ class ProxyRequest:
     client_socket: socket.socket | None = None
     redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed
     estimate_locally: bool = False  # count_tokens the proxy answers itself (see admit)
+    stitch: Stitch | None = None  # splices a continuation in, if this answer may be continued

@@ -37,13 +37,16 @@ class Counts(TypedDict):
     reasoning_tokens: int
     cost_usd: float  # of the priced rows only
     unpriced_requests: int  # rows that used tokens but had no price: spend the cost misses
+    continued_requests: int  # answers continued after their stream broke
+    continuation_cost_usd: float  # what those continuations cost on top (the prompt again)
     failures: dict[str, int]  # rows per end_reason, every reason except "complete"
 
 
 def empty_counts() -> Counts:
     """The counts of no rows at all."""
     return Counts(requests=0, **dict.fromkeys(TOKEN_FIELDS, 0), cost_usd=0.0,
-                  unpriced_requests=0, failures={})
+                  unpriced_requests=0, continued_requests=0, continuation_cost_usd=0.0,
+                  failures={})
 
 
 class TrackerPathError(Exception):

@@ -50,6 +50,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # v2: failed tries (deployment, why, input tokens seen) before the one that answered.
     (f"ALTER TABLE {TABLE} ADD COLUMN attempt_log TEXT",),
+    # v3: continuations of an answer whose stream broke, and what they cost on top.
+    (f"ALTER TABLE {TABLE} ADD COLUMN continuations INTEGER DEFAULT 0",
+     f"ALTER TABLE {TABLE} ADD COLUMN continuation_cost_usd REAL"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -71,7 +74,9 @@ _AGGREGATES = ", ".join(
     ["COUNT(*)"]
     + [f"COALESCE(SUM({c}), 0)" for c in TOKEN_FIELDS]
     + ["TOTAL(CASE WHEN priced THEN cost_usd END)",
-       f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)"]
+       f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)",
+       "COALESCE(SUM(CASE WHEN continuations > 0 THEN 1 ELSE 0 END), 0)",
+       "TOTAL(continuation_cost_usd)"]
 )
 _SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
 _GROUP_EXPRESSIONS = {
@@ -351,6 +356,7 @@ def _member_of(expression: str, keys: list, params: list) -> str:
 
 
 def _counts(values: tuple) -> Counts:
-    requests, *tokens, cost, unpriced = values
+    requests, *tokens, cost, unpriced, continued, continuation_cost = values
     return Counts(requests=requests, **dict(zip(TOKEN_FIELDS, tokens)), cost_usd=cost,
-                  unpriced_requests=unpriced, failures={})
+                  unpriced_requests=unpriced, continued_requests=continued,
+                  continuation_cost_usd=continuation_cost, failures={})

@@ -44,17 +44,36 @@ class UpstreamRequests:
 
     def build(self, request_id: str, path: str, headers: list[tuple[str, str]], body: bytes,
               payload: dict | None, deployment: Deployment,
-              bridge: Bridge | None = None) -> UpstreamRequest:
+              bridge: Bridge | None = None, continuation: bool = False) -> UpstreamRequest:
         """The try's request; with a bridge, rewritten for a provider of another format
-        (which may refuse what it cannot express: a BadRequest, the client's fault)."""
+        (which may refuse what it cannot express: a BadRequest, the client's fault).  A
+        continuation's `payload` already ends with the prefill; the deployment's prefill
+        parameters are added to it."""
         provider = self._providers[deployment.provider]
         if bridge is not None and payload is not None:
             path, headers = bridge.upstream_path, bridge.headers(headers)
-            body = encode_json_body(deployment.rewrite(bridge.request(payload)))
-        elif deployment.edits_body and payload is not None:
-            body = encode_json_body(deployment.rewrite(payload))
+            payload = deployment.rewrite(bridge.request(payload))
+        elif (deployment.edits_body or continuation) and payload is not None:
+            payload = deployment.rewrite(payload)
+        else:
+            payload = None  # the client's body goes as it is
+        if payload is not None:
+            if continuation:
+                payload.update(self.prefill_params(deployment))
+            body = encode_json_body(payload)
         headers = with_credentials(headers, provider) + [(REQUEST_ID_HEADER, request_id)]
         return UpstreamRequest(provider.base_url + path, headers, body)
+
+    def continues(self, deployment: Deployment) -> bool:
+        """May a broken answer be continued on this deployment (an assistant prefill)?"""
+        if deployment.continuation is not None:
+            return deployment.continuation
+        return self._providers[deployment.provider].continues
+
+    def prefill_params(self, deployment: Deployment) -> dict:
+        if deployment.prefill_params is not None:
+            return deployment.prefill_params
+        return self._providers[deployment.provider].prefill_params
 
 
 def with_credentials(headers: list[tuple[str, str]], provider: Provider) -> list[tuple[str, str]]:

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import BadRequest, UpstreamBroken
-from ..base import compact_json
+from ...errors import BadRequest, UntranslatableAnswer
+from ..base import Frame
 from .common import anthropic_stop_reason, chat_tool_call, id_for_anthropic, id_from_anthropic
 
 # Fields of a Messages request a Chat upstream cannot take; dropped (README lists them).
@@ -222,7 +222,7 @@ def message_from_completion(completion: dict, model: str | None = None) -> dict:
     """A `chat.completion` as a Messages answer."""
     choices = completion.get("choices") or []
     if not choices or not isinstance(choices[0], dict):
-        raise UpstreamBroken("the upstream answered without a choice")
+        raise UntranslatableAnswer("the upstream answered without a choice")
     message = choices[0].get("message") or {}
     content: list[dict] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
@@ -247,13 +247,13 @@ def _arguments(arguments: Any) -> dict:
     try:
         value = json.loads(arguments)
     except ValueError:
-        raise UpstreamBroken("the upstream sent tool arguments that are not JSON") from None
+        raise UntranslatableAnswer("the upstream sent tool arguments that are not JSON") from None
     return value if isinstance(value, dict) else {"value": value}
 
 
 # -- the event stream -----------------------------------------------------------------------
-def _event(name: str, payload: dict) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + compact_json(payload) + b"\n\n"
+def _event(name: str, payload: dict) -> Frame:
+    return Frame.of(name, payload)
 
 
 @dataclass
@@ -280,7 +280,7 @@ class ChatToAnthropicStream:
     _usage: dict | None = None
     _ended: bool = False
 
-    def feed(self, chunk: Any) -> list[bytes]:
+    def feed(self, chunk: Any) -> list[Frame]:
         if not isinstance(chunk, dict):
             return []
         events = self._start(chunk)
@@ -301,7 +301,7 @@ class ChatToAnthropicStream:
                 self._finish_reason = choice["finish_reason"]
         return events
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[Frame]:
         """The end of the message: the open block stops, then the stop reason and usage."""
         if self._ended:
             return []
@@ -315,7 +315,7 @@ class ChatToAnthropicStream:
         events.append(_event("message_stop", {"type": "message_stop"}))
         return events
 
-    def _start(self, chunk: dict) -> list[bytes]:
+    def _start(self, chunk: dict) -> list[Frame]:
         if self._started:
             return []
         self._started = True
@@ -325,7 +325,7 @@ class ChatToAnthropicStream:
             "stop_sequence": None,
             "usage": {"input_tokens": self.input_estimate, "output_tokens": 1}}})]
 
-    def _into(self, kind: str, delta: dict) -> list[bytes]:
+    def _into(self, kind: str, delta: dict) -> list[Frame]:
         events = []
         if self._block is None or self._block.kind != kind:
             events += self._close()
@@ -336,7 +336,7 @@ class ChatToAnthropicStream:
                                                      "index": self._block.index, "delta": delta}))
         return events
 
-    def _tool_delta(self, call: Any) -> list[bytes]:
+    def _tool_delta(self, call: Any) -> list[Frame]:
         if not isinstance(call, dict):
             return []
         index = call.get("index", 0)
@@ -344,7 +344,7 @@ class ChatToAnthropicStream:
         events = []
         if self._block is None or self._block.tool_index != index:
             if index in self._tools_done:
-                raise UpstreamBroken("the upstream went back to a finished tool call")
+                raise UntranslatableAnswer("the upstream went back to a finished tool call")
             events += self._close()
             events += self._open(_Block("tool_use", self._next_index, index), {
                 "type": "tool_use", "id": id_for_anthropic(str(call.get("id") or f"call_{index}")),
@@ -357,13 +357,13 @@ class ChatToAnthropicStream:
                 "delta": {"type": "input_json_delta", "partial_json": arguments}}))
         return events
 
-    def _open(self, block: _Block, content_block: dict) -> list[bytes]:
+    def _open(self, block: _Block, content_block: dict) -> list[Frame]:
         self._block = block
         self._next_index += 1
         return [_event("content_block_start", {"type": "content_block_start", "index": block.index,
                                                "content_block": content_block})]
 
-    def _close(self) -> list[bytes]:
+    def _close(self) -> list[Frame]:
         if self._block is None:
             return []
         block, self._block = self._block, None

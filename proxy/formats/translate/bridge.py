@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ...errors import UpstreamBroken, UpstreamHTTPError
+from ...errors import UntranslatableAnswer, UpstreamHTTPError
 from .. import ANTHROPIC, BY_PROVIDER, CREDENTIAL_HEADERS, OPENAI_CHAT, Format
+from ..base import Frame
 from .anthropic_chat import (ChatToAnthropicStream, ChatUpstream, estimate_input_tokens,
                              message_from_completion, to_chat_request)
 from .chat_anthropic import (AnthropicToChatStream, AnthropicUpstream, completion_from_message,
@@ -34,9 +35,9 @@ _TYPE_STATUS = {
 class EventTranslator(Protocol):
     """Upstream events in (decoded), client events out (whole SSE frames)."""
 
-    def feed(self, name: str | None, payload: Any) -> list[bytes]: ...
+    def feed(self, name: str | None, payload: Any) -> list[Frame]: ...
 
-    def finish(self) -> list[bytes]: ...
+    def finish(self) -> list[Frame]: ...
 
 
 def foreign_error(client: Format, status: int, message: str) -> UpstreamHTTPError:
@@ -135,10 +136,10 @@ class _ChatEvents:
 
     stream: ChatToAnthropicStream
 
-    def feed(self, name: str | None, payload: Any) -> list[bytes]:
+    def feed(self, name: str | None, payload: Any) -> list[Frame]:
         return self.stream.feed(payload)
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[Frame]:
         return self.stream.finish()
 
 
@@ -191,5 +192,5 @@ def _model(payload: dict) -> str | None:
 
 def _object(body: Any) -> dict:
     if not isinstance(body, dict):
-        raise UpstreamBroken("the upstream answered with JSON that is not an object")
+        raise UntranslatableAnswer("the upstream answered with JSON that is not an object")
     return body

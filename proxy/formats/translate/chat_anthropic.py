@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import BadRequest
-from ..base import compact_json
+from ..base import Frame
 from .common import chat_finish_reason, chat_tool_call, id_for_anthropic, id_from_anthropic
 
 # Fields of a Chat request Anthropic has no counterpart for; dropped (the README lists them).
@@ -244,7 +244,7 @@ class AnthropicToChatStream:
     _stop_reason: str | None = None
     _ended: bool = False
 
-    def feed(self, name: str | None, data: Any) -> list[bytes]:
+    def feed(self, name: str | None, data: Any) -> list[Frame]:
         if not isinstance(data, dict):
             return []
         kind = data.get("type") or name
@@ -265,7 +265,7 @@ class AnthropicToChatStream:
             return self.finish()
         return []  # ping, content_block_stop
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[Frame]:
         if self._ended:
             return []
         self._ended = True
@@ -273,9 +273,9 @@ class AnthropicToChatStream:
         chunks = [self._chunk({}, finish_reason=reason)]
         if self.include_usage:
             chunks.append(self._frame({"choices": [], "usage": chat_usage(self._usage)}))
-        return chunks + [b"data: [DONE]\n\n"]
+        return chunks + [Frame.of(None, "[DONE]")]
 
-    def _block_start(self, index: int, block: dict) -> list[bytes]:
+    def _block_start(self, index: int, block: dict) -> list[Frame]:
         if block.get("type") != "tool_use":
             return []
         call_index = self._tool_index.setdefault(index, len(self._tool_index))
@@ -283,7 +283,7 @@ class AnthropicToChatStream:
             "index": call_index, "id": id_from_anthropic(str(block.get("id", ""))), "type": "function",
             "function": {"name": block.get("name"), "arguments": ""}}]})]
 
-    def _block_delta(self, index: int, delta: dict) -> list[bytes]:
+    def _block_delta(self, index: int, delta: dict) -> list[Frame]:
         kind = delta.get("type")
         if kind == "text_delta" and delta.get("text"):
             return [self._chunk({"content": delta["text"]})]
@@ -294,11 +294,10 @@ class AnthropicToChatStream:
             return [self._chunk({"reasoning_content": delta["thinking"]})]
         return []
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> Frame:
         return self._frame({"choices": [{"index": 0, "delta": delta, "logprobs": None,
                                          "finish_reason": finish_reason}]})
 
-    def _frame(self, body: dict) -> bytes:
-        chunk = {"id": "chatcmpl-" + self._id, "object": "chat.completion.chunk",
-                 "created": self.created, "model": self._model, **body}
-        return b"data: " + compact_json(chunk) + b"\n\n"
+    def _frame(self, body: dict) -> Frame:
+        return Frame.of(None, {"id": "chatcmpl-" + self._id, "object": "chat.completion.chunk",
+                               "created": self.created, "model": self._model, **body})

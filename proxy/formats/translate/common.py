@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from ...errors import UpstreamBroken
+from ...errors import UntranslatableAnswer
 
 # Chat `finish_reason` -> Anthropic `stop_reason`, and back.  One table, both directions.
 STOP_REASONS: tuple[tuple[str, str], ...] = (
@@ -42,7 +42,7 @@ def _mapped(reason: str | None, field: str, table: dict[str, str], ends: tuple[s
     elif reason in table:
         mapped = table[reason]
     else:
-        raise UpstreamBroken(f"the upstream ended with an unknown {field} {reason!r}")
+        raise UntranslatableAnswer(f"the upstream ended with an unknown {field} {reason!r}")
     return tools if emitted_tools and mapped == plain else mapped
 
 

@@ -1,0 +1,321 @@
+"""Answers that survive a broken upstream: a stream that breaks after content is continued
+(an assistant prefill of the text the client has) and stitched into the same response.
+
+Real gunicorn and one fake upstream; the official SDKs read the answers.  Each fault breaks
+the first call after "The quick brown fox "; the continuation call answers the rest, as a
+model would, from the trimmed prefill "The quick brown fox": " jumps over the lazy dog.".
+The client must see the whole sentence, each word once, in one valid answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import httpx2
+import openai
+import pytest
+import requests
+
+from support.builders import (DEFAULT_USAGE, anthropic_error_event, anthropic_stream, chat_error_event,
+                              chat_stream, anthropic_error_body, sse)
+from support.fake import FakeUpstream
+from support.processes import ProxyProcess
+from support.rawhttp import RID
+from support.sse import KEEPALIVE
+from support.steps import Cut, End, Send, Sleep, Stall, Status, json_reply, sse_reply
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+FIRST = ["The quick ", "brown fox "]  # what the client has when the first call breaks
+REST = [" jumps over", " the lazy dog."]  # the continuation, from the trimmed prefill
+PREFILL = "The quick brown fox"
+IDLE_TIMEOUT = 1.0
+SSE = {"Content-Type": "text/event-stream; charset=utf-8"}
+MALFORMED_ANTHROPIC = b'event: content_block_delta\ndata: {"type":"content_block_delta", not json\n\n'
+MALFORMED_CHAT = b'data: {"choices": [ not json\n\n'
+MESSAGES = [{"role": "user", "content": "Say the sentence."}]
+
+
+def write_config(path, fake: FakeUpstream) -> None:
+    path.write_text("\n".join([
+        "[stream]", f"idle_timeout = {IDLE_TIMEOUT}", "",
+        "[retry]", "max_attempts = 2", "backoff_base = 0.01", "",
+        "[breaker]", "failure_threshold = 1000", "min_requests = 1000", "",
+        '[prices."claude-c"]', "input = 3.0", "output = 15.0", "cache_read = 0.3", "cache_write = 3.75", "",
+        '[prices."local-c"]', "input = 1.0", "output = 2.0", "",
+        "[providers.claude]", f'base_url = "{fake.url}"', 'format = "anthropic"', "",
+        "[providers.local]", f'base_url = "{fake.url}"', 'format = "openai"',
+        "prefill_params = { continue_final_message = true, add_generation_prompt = false }", "",
+        "[providers.stubborn]", f'base_url = "{fake.url}"', 'format = "anthropic"',
+        "continuation = false", "",
+        '[routes."cont-claude"]', 'deployments = [{ provider = "claude", model = "claude-c", name = "claude-c" }]', "",
+        '[routes."cont-local"]', 'deployments = [{ provider = "local", model = "local-c", name = "local-c" }]', "",
+        '[routes."cont-three"]', "max_attempts = 4",
+        'deployments = [{ provider = "claude", model = "claude-c", name = "claude-three" }]', "",
+        '[routes."cont-next"]', "max_attempts = 1",
+        'deployments = [{ provider = "claude", model = "claude-c", name = "first" },',
+        '               { provider = "claude", model = "claude-c", name = "second" }]', "",
+        '[routes."cont-stubborn"]',
+        'deployments = [{ provider = "stubborn", model = "claude-c", name = "stubborn" }]', "",
+        '[routes."cont-across"]', "max_attempts = 1",
+        'deployments = [{ provider = "claude", model = "claude-c", name = "claude-across" },',
+        '               { provider = "local", model = "local-c", name = "local-across" }]', ""]))
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    fake = FakeUpstream()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def server(upstream, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("continuation")
+    write_config(tmp / "proxy.toml", upstream)
+    proc = ProxyProcess(upstream.url, tmp, LLM_PROXY_CONFIG=str(tmp / "proxy.toml"),
+                        LLM_PROXY_IDLE_TIMEOUT=str(IDLE_TIMEOUT)).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(upstream):
+    upstream.reset()
+
+
+@pytest.fixture
+def wire():
+    headers: list = []
+    client = httpx2.Client(timeout=httpx2.Timeout(30.0, connect=5.0), trust_env=False,
+                           event_hooks={"response": [lambda r: headers.append(r.headers)]})
+    client.headers_seen = headers
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ant(server, wire):
+    return anthropic.Anthropic(base_url=server.url, api_key="sk-ant-test", max_retries=0, http_client=wire)
+
+
+@pytest.fixture
+def oai(server, wire):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test", max_retries=0, http_client=wire)
+
+
+# -- the upstream's scripts -------------------------------------------------------------------
+def broken(events: list[bytes], fault: str, malformed: bytes, error_event: bytes) -> list:
+    """`events`, then the fault."""
+    steps = [Status(200, headers=SSE), *[Send(e) for e in events]]
+    return steps + {"cut": [Cut()], "stall": [Stall()], "malformed": [Send(malformed), Stall()],
+                    "error_event": [Send(error_event), End()]}[fault]
+
+
+def anthropic_first(fault: str, pieces=FIRST) -> list:
+    return broken(anthropic_stream(pieces, model="claude-c")[:3 + len(pieces)], fault,
+                  MALFORMED_ANTHROPIC, anthropic_error_event("overloaded_error", "Overloaded"))
+
+
+def chat_first(fault: str, pieces=FIRST) -> list:
+    return broken(chat_stream(pieces, model="local-c")[:1 + len(pieces)], fault, MALFORMED_CHAT,
+                  chat_error_event("The server had an error", type="server_error"))
+
+
+def anthropic_rest(pieces=REST) -> list:
+    return sse_reply(anthropic_stream(pieces, model="claude-c", message_id="msg_second"))
+
+
+def chat_rest(pieces=REST) -> list:
+    return sse_reply(chat_stream(pieces, model="local-c", completion_id="chatcmpl-second"))
+
+
+def last_message(request) -> dict:
+    return request.json["messages"][-1]
+
+
+FAULTS = ["cut", "stall", "malformed", "error_event"]
+
+
+# -- each client format, each fault --------------------------------------------------------------
+@pytest.mark.parametrize("fault", FAULTS)
+def test_an_anthropic_stream_broken_mid_answer_is_continued_into_one_answer(ant, upstream, server, wire,
+                                                                             fault):
+    upstream.enqueue(anthropic_first(fault), anthropic_rest())
+    with ant.messages.stream(model="cont-claude", max_tokens=64, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["text"] and final.content[0].text == SENTENCE
+    assert events.count("message_start") == 1 and events.count("content_block_start") == 1
+    assert events[-1] == "message_stop" and "error" not in events
+    assert final.stop_reason == "end_turn" and final.id == "msg_fake01"  # the first call's message
+    assert final.usage.output_tokens == 5 + DEFAULT_USAGE["output"]  # 20 characters delivered, then the rest
+    assert final.usage.input_tokens == DEFAULT_USAGE["input"]  # the prompt as first sent
+    assert len(upstream.requests) == 2
+    assert last_message(upstream.requests[1]) == {"role": "assistant", "content": PREFILL}
+    assert upstream.requests[1].json["messages"][:-1] == MESSAGES
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["end_reason"], row["continuations"], row["attempts"]) == ("complete", 1, 2), row
+    assert row["output_tokens"] == 5 + DEFAULT_USAGE["output"]
+    assert row["input_tokens"] == 2 * DEFAULT_USAGE["input"]  # the prompt went up twice
+    # Each call priced for itself ($3 / $15 / $0.30 / $3.75 per million): the broken one with
+    # the output the client got (5 tokens), the continuation with its own; and apart, what
+    # sending the prompt again cost.
+    first = (25 * 3 + 5 * 15 + 10 * 0.3 + 5 * 3.75) / 1e6
+    second = (25 * 3 + 15 * 15 + 10 * 0.3 + 5 * 3.75) / 1e6
+    assert row["cost_usd"] == pytest.approx(first + second)
+    assert row["continuation_cost_usd"] == pytest.approx((25 * 3 + 10 * 0.3 + 5 * 3.75) / 1e6)
+    log = json.loads(row["attempt_log"])["failed"]
+    assert [(a["deployment"], a.get("continued")) for a in log] == [("claude-c", True)]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_chat_stream_broken_mid_answer_is_continued_into_one_answer(oai, upstream, server, wire, fault):
+    upstream.enqueue(chat_first(fault), chat_rest())
+    chunks = list(oai.chat.completions.create(model="cont-local", messages=MESSAGES, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == SENTENCE
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert {c.id for c in chunks} == {"chatcmpl-fake01"}  # one completion, the first call's id
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 5 + DEFAULT_USAGE["output"]
+    request = upstream.requests[1]
+    assert last_message(request) == {"role": "assistant", "content": PREFILL}
+    assert (request.json["continue_final_message"], request.json["add_generation_prompt"]) == (True, False)
+    assert "continue_final_message" not in upstream.requests[0].json
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["end_reason"], row["continuations"]) == ("complete", 1), row
+
+
+def test_a_continuation_goes_to_the_next_deployment_when_the_first_has_no_retries_left(ant, upstream, server,
+                                                                                        wire):
+    upstream.enqueue(anthropic_first("cut"), anthropic_rest())
+    with ant.messages.stream(model="cont-next", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["deployment"], row["continuations"], row["fallbacks"]) == ("second", 1, 1), row
+
+
+def test_a_continuation_may_cross_formats(ant, upstream, server, wire):
+    """The first deployment speaks Anthropic, the next Chat: the prefill is translated too."""
+    upstream.enqueue(anthropic_first("cut"), chat_rest())
+    with ant.messages.stream(model="cont-across", max_tokens=64, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE and events.count("message_start") == 1
+    assert upstream.requests[1].route == "/v1/chat/completions"
+    assert last_message(upstream.requests[1]) == {"role": "assistant", "content": PREFILL}
+    assert server.row(wire.headers_seen[-1][RID])["deployment"] == "local-across"
+
+
+# -- whitespace ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("first, rest, expected", [
+    (["Dear Sir, ", "hello "], ["there."], "Dear Sir, hello there."),  # the model left the space out
+    (["Dear Sir, ", "hello "], [" there."], "Dear Sir, hello there."),  # ...or said it again
+    (["Line one.\n"], ["\n\nLine two."], "Line one.\n\nLine two."),  # part of a blank line was sent
+    (["Line one.\n\n"], ["\n\nLine two."], "Line one.\n\nLine two."),
+    (["Line one.\n\n"], ["Line two."], "Line one.\n\nLine two."),
+])
+def test_whitespace_at_the_break_is_neither_doubled_nor_lost(ant, upstream, first, rest, expected):
+    upstream.enqueue(anthropic_first("cut", first), anthropic_rest(rest))
+    with ant.messages.stream(model="cont-claude", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == expected
+    prefill = last_message(upstream.requests[1])["content"]
+    assert prefill == "".join(first).rstrip()
+
+
+# -- what is not continued -------------------------------------------------------------------------
+def tool_call_broken() -> list:
+    """Text, then a tool call whose arguments are cut."""
+    events = anthropic_stream(["Let me check."], model="claude-c", tool={"name": "get_weather",
+                                                                        "input": {"location": "Paris"}})
+    return [Status(200, headers=SSE), *[Send(e) for e in events[:8]], Cut()]  # ... first argument piece
+
+
+def thinking_broken() -> list:
+    events = anthropic_stream(["unused"], model="claude-c", thinking=["Let me think ", "about it"])
+    return [Status(200, headers=SSE), *[Send(e) for e in events[:4]], Cut()]  # inside the thinking block
+
+
+@pytest.mark.parametrize("script, kwargs", [
+    (tool_call_broken, {}),
+    (thinking_broken, {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048}),
+    (thinking_broken, {}),  # thinking came though the request did not ask (a signature cannot be forged)
+    (lambda: anthropic_first("cut"), {"thinking": {"type": "enabled", "budget_tokens": 1024},
+                                      "max_tokens": 2048}),  # Anthropic refuses a prefill with thinking
+], ids=["tool-arguments", "thinking-asked", "thinking-unasked", "text-with-thinking-on"])
+def test_a_break_that_cannot_be_continued_is_one_terminal_error_and_nothing_is_sent(ant, upstream, server,
+                                                                                      wire, script, kwargs):
+    upstream.enqueue(script())
+    params = {"max_tokens": 64, **kwargs}
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with ant.messages.stream(model="cont-claude", messages=MESSAGES, **params) as stream:
+            for event in stream:
+                assert event.type != "message_stop"
+    assert info.value.body["type"] == "error"
+    assert len(upstream.requests) == 1  # no continuation request
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["end_reason"], row["continuations"]) == ("upstream_error", 0), row
+
+
+def test_a_deployment_that_does_not_continue_is_never_asked_to(ant, upstream):
+    upstream.enqueue(anthropic_first("cut"))
+    with pytest.raises(anthropic.APIStatusError):
+        with ant.messages.stream(model="cont-stubborn", max_tokens=64, messages=MESSAGES) as stream:
+            list(stream)
+    assert len(upstream.requests) == 1
+
+
+def test_a_deployment_that_rejects_the_prefill_ends_the_answer_with_one_terminal_error(ant, upstream, server,
+                                                                                         wire):
+    upstream.enqueue(anthropic_first("cut"), json_reply(anthropic_error_body(
+        "invalid_request_error", "This model does not support assistant message prefill."), status=400))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        with ant.messages.stream(model="cont-next", max_tokens=64, messages=MESSAGES) as stream:
+            texts = [e.delta.text for e in stream if e.type == "content_block_delta"]
+    assert "prefill" in info.value.body["error"]["message"]
+    assert stream.current_message_snapshot.content[0].text == "The quick brown fox "  # never restarted
+    assert len(upstream.requests) == 2
+    assert server.row(wire.headers_seen[-1][RID])["end_reason"] == "upstream_error"
+
+
+# -- a continuation that breaks too ----------------------------------------------------------------------
+def test_a_continuation_that_breaks_is_continued_again(ant, upstream, server, wire):
+    upstream.enqueue(anthropic_first("cut"), anthropic_first("cut", [" jumps over"]),
+                     anthropic_rest([" the lazy dog."]))
+    with ant.messages.stream(model="cont-three", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE
+    assert [last_message(r)["content"] for r in upstream.requests[1:]] == [
+        PREFILL, "The quick brown fox jumps over"]
+    assert server.row(wire.headers_seen[-1][RID])["continuations"] == 2
+
+
+def test_no_more_than_max_continuations(ant, upstream, server, wire):
+    upstream.enqueue(anthropic_first("cut"), anthropic_first("cut", [" jumps"]),
+                     anthropic_first("cut", [" over"]), anthropic_rest([" the lazy dog."]))
+    with pytest.raises(anthropic.APIStatusError):
+        with ant.messages.stream(model="cont-three", max_tokens=64, messages=MESSAGES) as stream:
+            list(stream)
+    assert stream.current_message_snapshot.content[0].text == "The quick brown fox jumps over"
+    assert len(upstream.requests) == 3  # the first call and two continuations
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["continuations"], row["end_reason"]) == (2, "upstream_error"), row
+
+
+# -- keepalives while the continuation is set up ------------------------------------------------------------
+def test_keepalives_flow_between_events_while_the_continuation_is_slow_to_answer(server, upstream):
+    upstream.enqueue(anthropic_first("cut"), [Sleep(0.4)] + anthropic_rest())
+    resp = requests.post(server.url + "/v1/messages", json={
+        "model": "cont-claude", "max_tokens": 64, "stream": True, "messages": MESSAGES},
+        headers={"anthropic-version": "2023-06-01"}, timeout=30)
+    body = resp.content
+    positions = [i for i in range(len(body)) if body.startswith(KEEPALIVE, i)]
+    assert len(positions) >= 3, body
+    assert all(body[i - 2:i] == b"\n\n" for i in positions)  # never inside an event
+    assert body.count(b"event: message_start") == 1 and body.rstrip().endswith(b'{"type":"message_stop"}')
