@@ -17,8 +17,9 @@ import openai
 import pytest
 import requests
 
-from support.builders import (DEFAULT_USAGE, anthropic_error_event, anthropic_stream, chat_error_event,
-                              chat_stream, anthropic_error_body, sse)
+from support.builders import (DEFAULT_USAGE, anthropic_error_body, anthropic_error_event,
+                              anthropic_stream, chat_error_event, chat_stream, responses_error_event,
+                              responses_stream)
 from support.fake import FakeUpstream
 from support.processes import ProxyProcess
 from support.rawhttp import RID
@@ -123,6 +124,18 @@ def chat_first(fault: str, pieces=FIRST) -> list:
                   chat_error_event("The server had an error", type="server_error"))
 
 
+def responses_first(fault: str, pieces=FIRST) -> list:
+    """created, in_progress, the message item and its part, the deltas; then the fault."""
+    events = responses_stream(pieces, model="local-c", response_id="resp_first")[:4 + len(pieces)]
+    error = responses_error_event("server_error", "The server had an error",
+                                  sequence_number=4 + len(pieces))
+    return broken(events, fault, b'event: response.output_text.delta\ndata: {"type": not json\n\n', error)
+
+
+def responses_rest(pieces=REST) -> list:
+    return sse_reply(responses_stream(pieces, model="local-c", response_id="resp_second"))
+
+
 def anthropic_rest(pieces=REST) -> list:
     return sse_reply(anthropic_stream(pieces, model="claude-c", message_id="msg_second"))
 
@@ -186,6 +199,30 @@ def test_a_chat_stream_broken_mid_answer_is_continued_into_one_answer(oai, upstr
     assert last_message(request) == {"role": "assistant", "content": PREFILL}
     assert (request.json["continue_final_message"], request.json["add_generation_prompt"]) == (True, False)
     assert "continue_final_message" not in upstream.requests[0].json
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["end_reason"], row["continuations"]) == ("complete", 1), row
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_responses_stream_broken_mid_answer_is_continued_into_one_answer(oai, upstream, server, wire,
+                                                                            fault):
+    upstream.enqueue(responses_first(fault), responses_rest())
+    events = list(oai.responses.create(model="cont-local", input="Say the sentence.", stream=True))
+    types = [e.type for e in events]
+    assert types.count("response.created") == 1 and types[-1] == "response.completed", types
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == SENTENCE
+    done = [e for e in events if e.type == "response.output_text.done"]
+    assert [d.text for d in done] == [SENTENCE]
+    assert types.count("response.output_item.added") == 1 and types.count("response.content_part.added") == 1
+    final = events[-1].response
+    assert (final.id, final.output_text) == ("resp_first", SENTENCE)
+    assert [item.id for item in final.output] == ["msg_fake01"]
+    assert {e.item_id for e in events if hasattr(e, "item_id")} == {"msg_fake01"}
+    assert final.usage.output_tokens == 5 + DEFAULT_USAGE["output"]
+    request = upstream.requests[1]
+    assert request.json["input"][-1] == {"role": "assistant", "content": PREFILL}
+    assert request.json["input"][0] == {"role": "user", "content": "Say the sentence."}
     row = server.row(wire.headers_seen[-1][RID])
     assert (row["end_reason"], row["continuations"]) == ("complete", 1), row
 

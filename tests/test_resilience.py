@@ -51,7 +51,7 @@ COOLDOWN = 1.0
 CLIENT_TIMEOUT = 8.0  # for a whole answer: the slowest scenario takes IDLE_TIMEOUT + a little
 
 # One route per scenario (see the module docstring).
-KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s08r", "s09",
+KEYS = ("s01", "s02", "s02j", "s03", "s03j", "s04", "s04j", "s05", "s06", "s07", "s08", "s08c", "s08r", "s09",
         "s10a", "s10b", "s11", "s11b", "s12", "s12b", "s13", "s15", "s16", "s17", "s18", "ramax",
         "all", "brk", "brk2")
 
@@ -538,8 +538,10 @@ REST_OF_ANSWER = {  # what a continuation from the prefill "Hello" answers (the 
     ANTHROPIC_PATH: lambda: sse_reply(anthropic_stream(DEFAULT_TEXT_PIECES[1:],
                                                        message_id="msg_continuation")),
     CHAT_PATH: lambda: sse_reply(chat_stream(DEFAULT_TEXT_PIECES[1:], completion_id="chatcmpl-continuation")),
+    RESPONSES_PATH: lambda: sse_reply(responses_stream(DEFAULT_TEXT_PIECES[1:],
+                                                       response_id="resp_continuation")),
 }
-FIRST_ID = {ANTHROPIC_PATH: "msg_primary", CHAT_PATH: "chatcmpl-primary"}
+FIRST_ID = {ANTHROPIC_PATH: "msg_primary", CHAT_PATH: "chatcmpl-primary", RESPONSES_PATH: "resp_primary"}
 
 
 def assert_continued(res: Result, path: str, server: ProxyProcess, calls: int = 2) -> dict:
@@ -550,29 +552,19 @@ def assert_continued(res: Result, path: str, server: ProxyProcess, calls: int = 
     return row
 
 
-@pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH], ids=["anthropic", "chat"])
+@pytest.mark.parametrize("path", [ANTHROPIC_PATH, CHAT_PATH, RESPONSES_PATH],
+                         ids=["anthropic", "chat", "responses"])
 def test_stream_cut_mid_answer_is_continued_into_one_answer(held_proxy, primary, backup, big, path):
-    model = claude("s08") if path == ANTHROPIC_PATH else gpt("s08")
+    # Each path its own route: every broken call counts against its deployment's breaker.
+    key = {ANTHROPIC_PATH: "s08", CHAT_PATH: "s08c", RESPONSES_PATH: "s08r"}[path]
+    model = claude(key) if path == ANTHROPIC_PATH else gpt(key)
     primary.enqueue([Status(200, headers=SSE_HEADERS), *[Send(e) for e in CONTENT_THEN[path]()], Cut()],
                     REST_OF_ANSWER[path]())
     res = call(held_proxy, path, model)
     assert_continued(res, path, held_proxy)
     assert seen(primary, backup, big) == (2, 0, 0), diag(held_proxy, res)  # the same deployment again
-    assert res.deployment == "primary-s08"
+    assert res.deployment == f"primary-{key}"
     assert res.elapsed < 3.0, res.elapsed
-
-
-def test_responses_stream_cut_mid_answer_ends_with_one_terminal_error(held_proxy, primary, backup, big):
-    """Responses streams are not stitched (yet): the cut is one terminal error, as before."""
-    primary.enqueue([Status(200, headers=SSE_HEADERS),
-                     *[Send(e) for e in CONTENT_THEN[RESPONSES_PATH]()], Cut()])
-    res = call(held_proxy, RESPONSES_PATH, gpt("s08r"))
-    assert_one_terminal_error(res, RESPONSES_PATH, held_proxy)
-    assert b"Hello" in res.body  # the content that did go out stays
-    assert seen(primary, backup, big) == (1, 0, 0), diag(held_proxy, res)
-    row = held_proxy.row(res.request_id)
-    assert row["end_reason"] == "upstream_error" and row["deployment"] == "primary-s08r", row
-    assert row["usage_complete"] == 0, row
 
 
 def test_stall_after_content_is_continued_after_idle_timeout(held_proxy, primary, backup, big):

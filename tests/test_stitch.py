@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.formats import ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES
-from proxy.formats.stitch import AnthropicStitch, ChatStitch
+from proxy.formats.stitch import AnthropicStitch, ChatStitch, ResponsesStitch
 
 
 def feed(stitch, events):
@@ -46,7 +46,8 @@ def test_which_requests_may_be_continued():
     assert isinstance(OPENAI_CHAT.stitch({"messages": []}), ChatStitch)
     assert OPENAI_CHAT.stitch({"reasoning_effort": "low"}) is None
     assert OPENAI_CHAT.stitch({"n": 2}) is None
-    assert OPENAI_RESPONSES.stitch({"input": "hi"}) is None  # not stitched (yet): terminal error
+    assert isinstance(OPENAI_RESPONSES.stitch({"input": "hi"}), ResponsesStitch)
+    assert OPENAI_RESPONSES.stitch({"input": "hi", "reasoning": {"effort": "low"}}) is None
 
 
 def test_an_anthropic_answer_of_text_only_is_continuable_until_its_stop_reason():
@@ -152,3 +153,20 @@ def test_a_chat_continuation_keeps_the_first_id_drops_its_role_chunk_and_moves_t
     assert out == [chunk({"content": "ld"}), chunk(finish="stop"),
                    chunk(choices=False, usage={"prompt_tokens": 10 - 3, "completion_tokens": 1 + 3}),
                    "[DONE]"]
+
+
+def test_a_responses_prefill_is_an_assistant_input_item_after_the_users_input():
+    stitch = ResponsesStitch()
+    assert stitch.request({"model": "m", "input": "Hi"}, "Hel")["input"] == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    items = [{"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "He"}]}]
+    assert stitch.request({"input": items}, "llo")["input"][-1] == {"role": "assistant", "content": "Hello"}
+
+
+def test_a_responses_answer_with_a_function_call_or_reasoning_is_not_continuable():
+    for item in ({"type": "function_call", "id": "fc"}, {"type": "reasoning", "id": "rs"}):
+        stitch = ResponsesStitch()
+        feed(stitch, [{"type": "response.created", "sequence_number": 0, "response": {"id": "r"}},
+                      {"type": "response.output_item.added", "output_index": 0, "item": item}])
+        assert not stitch.continuable(), item

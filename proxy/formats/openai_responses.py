@@ -10,6 +10,7 @@ from ..errors import ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, StreamView, compact_json
 from .openai_common import bearer, openai_error_object, openai_error_type
+from .stitch import ResponsesStitch
 from .usage_fields import DeliveredOutput, count, get, text, uncached
 
 PREAMBLE_EVENTS = {"response.created", "response.in_progress", "response.queued"}
@@ -39,11 +40,26 @@ class ResponsesFormat(Format):
             return EventKind.UPSTREAM_ERROR
         return EventKind.CONTENT
 
+    def stitch(self, payload: dict) -> ResponsesStitch | None:
+        reasoning = payload.get("reasoning")
+        if isinstance(reasoning, dict) and reasoning.get("effort") not in (None, "none"):
+            return None  # reasoning cannot be prefilled
+        return ResponsesStitch()
+
     def usage_parser(self) -> "ResponsesStreamUsage":
         return ResponsesStreamUsage()
 
     def body_usage(self, obj: Any) -> Usage:
         return response_object_usage(obj) if isinstance(obj, dict) else Usage()
+
+    def upstream_error_type(self, body: Any) -> str | None:
+        """Under `error` (an error answer), else an `error` event's `code`, else the code
+        of a failed response."""
+        found = super().upstream_error_type(body)
+        if found or not isinstance(body, dict):
+            return found
+        code = body.get("code") if body.get("type") == "error" else get(body, "response", "error", "code")
+        return code if isinstance(code, str) else None
 
     def error_type(self, err: ProxyError) -> str:
         return openai_error_type(err)

@@ -97,7 +97,8 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict)
+                       and b.get("type") in ("text", "output_text", "input_text"))
     return ""
 
 
@@ -263,3 +264,141 @@ class ChatStitch(Stitch):
         usage["prompt_tokens"] = max(prompt - carried, 0)
         usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + carried
         return usage
+
+
+# -- OpenAI Responses ---------------------------------------------------------------------------
+class ResponsesStitch(Stitch):
+    """Responses events: numbered in sequence, items by output index, the text told again in
+    full by each `*.done` event and by the terminal response object."""
+
+    PREAMBLE = frozenset({"response.created", "response.in_progress", "response.queued"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response: dict = {}  # the first call's response object (id, created_at, model)
+        self.sequence = -1  # the last sequence number the client got
+        self.items: dict[int, dict] = {}  # output index -> the item as the client has it
+        self.open: int | None = None  # the output index of the item still being written
+        self.parts: dict[tuple[int, int], str] = {}  # (output index, content index) -> its text
+        self.other = False  # an item or part that is not text (a call, reasoning, a refusal)
+        self.ended = False
+        self._items_map: dict[int, int] = {}  # continuation output index -> the client's
+        self._ids: dict[str, str] = {}  # continuation item id -> the client's
+        self._merge_first = False
+
+    def continuable(self) -> bool:
+        return bool(self.response) and not self.other and not self.ended
+
+    def request(self, payload: dict, prefill: str) -> dict:
+        turns = payload.get("input")
+        turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else list(turns or [])
+        return dict(payload, input=_with_assistant_turn(turns, prefill))
+
+    def _begin(self) -> None:
+        self._items_map, self._ids = {}, {}
+        self._merge_first = self.open is not None and (self.open, 0) in self.parts
+
+    # -- what the client has -------------------------------------------------------------
+    def observe(self, name: str | None, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        if isinstance(data.get("sequence_number"), int):
+            self.sequence = data["sequence_number"]
+        kind = data.get("type")
+        if kind == "response.created" and isinstance(data.get("response"), dict):
+            self.response = data["response"]
+        elif kind == "response.output_item.added":
+            item = data.get("item") or {}
+            self.items[data.get("output_index")] = item
+            self.open = data.get("output_index")
+            self.other = self.other or item.get("type") != "message"
+        elif kind == "response.content_part.added":
+            part = data.get("part") or {}
+            self.other = self.other or part.get("type") != "output_text"
+            self.parts[(data.get("output_index"), data.get("content_index"))] = part.get("text") or ""
+        elif kind == "response.output_text.delta":
+            key = (data.get("output_index"), data.get("content_index"))
+            self.parts[key] = self.parts.get(key, "") + (data.get("delta") or "")
+            self.pieces.append(data.get("delta") or "")
+        elif kind == "response.output_item.done":
+            self.items[data.get("output_index")] = data.get("item") or {}
+            self.open = None
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.ended = True
+        elif kind and kind.startswith("response.") and kind not in self.PREAMBLE \
+                and not kind.startswith(("response.output_text", "response.content_part")):
+            self.other = True  # function call arguments, reasoning, refusals, tool progress
+
+    # -- the continuation, renumbered ------------------------------------------------------------
+    def rewrite(self, name: str | None, data: Any) -> list[Event]:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if kind in self.PREAMBLE:
+            return []
+        out = self._renamed(data)
+        if kind == "response.output_item.added":
+            if self._merge_first and (out.get("item") or {}).get("type") == "message":
+                self._merge_first = False
+                self._map_item(data, self.open)
+                return []
+            self._merge_first = False
+            out = self._renamed(data, self._map_item(data, max(self.items, default=-1) + 1))
+        elif kind == "response.content_part.added" and out.get("output_index") == self.open \
+                and (self.open, out.get("content_index")) in self.parts:
+            return []  # the open part goes on
+        elif kind == "response.output_text.delta":
+            out["delta"] = self._without_repeated_space(out.get("delta") or "")
+            if not out["delta"]:
+                return []
+        elif kind == "response.output_text.done":
+            out["text"] = self.parts.get((out.get("output_index"), out.get("content_index")), "")
+        elif kind == "response.content_part.done":
+            key = (out.get("output_index"), out.get("content_index"))
+            out["part"] = dict(out.get("part") or {}, text=self.parts.get(key, ""))
+        elif kind == "response.output_item.done":
+            out["item"] = self._whole_item(out.get("output_index"), out.get("item") or {})
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            out["response"] = self._whole_response(out.get("response") or {})
+        self.sequence += 1
+        out["sequence_number"] = self.sequence
+        return [(name, out)]
+
+    def _map_item(self, data: dict, index: int) -> int:
+        self._items_map[data.get("output_index")] = index
+        item_id = (data.get("item") or {}).get("id")
+        if item_id and index in self.items and self.items[index].get("id"):
+            self._ids[item_id] = self.items[index]["id"]
+        return index
+
+    def _renamed(self, data: dict, index: int | None = None) -> dict:
+        out = dict(data)
+        if "output_index" in out:
+            out["output_index"] = index if index is not None else self._items_map.get(
+                out["output_index"], out["output_index"])
+        if out.get("item_id") in self._ids:
+            out["item_id"] = self._ids[out["item_id"]]
+        if isinstance(out.get("item"), dict) and out["item"].get("id") in self._ids:
+            out["item"] = dict(out["item"], id=self._ids[out["item"]["id"]])
+        return out
+
+    def _whole_item(self, index: int, item: dict) -> dict:
+        if item.get("type") != "message":
+            return item
+        content = [dict(part, text=self.parts[(index, i)]) if (index, i) in self.parts else part
+                   for i, part in enumerate(item.get("content") or [])]
+        return dict(item, content=content)
+
+    def _whole_response(self, response: dict) -> dict:
+        """The first call's response object, with every item the client got and the whole
+        answer's usage."""
+        items = [self.items[i] for i in sorted(self.items)]
+        out = dict(response, output=items)
+        for key in ("id", "created_at"):
+            if key in self.response:
+                out[key] = self.response[key]
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            usage = copy.deepcopy(usage)
+            usage["input_tokens"] = max((usage.get("input_tokens") or 0) - self.carried, 0)
+            usage["output_tokens"] = (usage.get("output_tokens") or 0) + self.carried
+            out["usage"] = usage
+        return out

@@ -506,6 +506,8 @@ class StreamRelay:
             for new_name, new_data in stitch.rewrite(name, data):
                 stitch.observe(new_name, new_data)
                 out.append(self.preq.fmt.encode_event(new_name, new_data))
+                if isinstance(new_data, dict) and isinstance(new_data.get("sequence_number"), int):
+                    self.view.last_sequence = new_data["sequence_number"]  # for a terminal error
         return out
 
     def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False) -> bool:
