@@ -249,6 +249,20 @@ def test_a_continuation_may_cross_formats(ant, upstream, server, wire):
     assert server.row(wire.headers_seen[-1][RID])["deployment"] == "local-across"
 
 
+@pytest.mark.parametrize("fault", ["cut", "error_event"])
+def test_a_translated_answer_broken_mid_way_is_continued_too(ant, upstream, server, wire, fault):
+    """An Anthropic client on a Chat deployment: the stitch works on the translated events."""
+    upstream.enqueue(chat_first(fault), chat_rest())
+    with ant.messages.stream(model="cont-local", max_tokens=64, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE and final.stop_reason == "end_turn"
+    assert events.count("message_start") == 1 and events.count("content_block_start") == 1
+    assert [r.route for r in upstream.requests] == ["/v1/chat/completions"] * 2
+    assert last_message(upstream.requests[1]) == {"role": "assistant", "content": PREFILL}
+    assert server.row(wire.headers_seen[-1][RID])["continuations"] == 1
+
+
 # -- whitespace ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("first, rest, expected", [
     (["Dear Sir, ", "hello "], ["there."], "Dear Sir, hello there."),  # the model left the space out
