@@ -314,12 +314,15 @@ def test_a_break_that_cannot_be_continued_is_one_terminal_error_and_nothing_is_s
     assert (row["end_reason"], row["continuations"]) == ("upstream_error", 0), row
 
 
-def test_a_deployment_that_does_not_continue_is_never_asked_to(ant, upstream):
+def test_a_deployment_that_does_not_continue_is_never_asked_to(ant, upstream, server, wire):
     upstream.enqueue(anthropic_first("cut"))
     with pytest.raises(anthropic.APIStatusError):
         with ant.messages.stream(model="cont-stubborn", max_tokens=64, messages=MESSAGES) as stream:
             list(stream)
     assert len(upstream.requests) == 1
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["continuations"], row["input_tokens"], row["output_tokens"]) == (
+        0, DEFAULT_USAGE["input"], 5), row  # the one call, counted once
 
 
 def test_a_deployment_that_rejects_the_prefill_ends_the_answer_with_one_terminal_error(ant, upstream, server,

@@ -161,7 +161,8 @@ class TryLoop:
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
         bridge = self.deps.bridges.between(self.preq.fmt, attempt.deployment.provider)
-        self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt)
+        self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt,
+                                continuation=self.continuation is not None)
         try:
             resp = self._send(attempt, bridge)
         except ProxyError as err:

@@ -75,11 +75,18 @@ class RequestRecord:
         if usage_format is not None and stream:
             self._parser = usage_format.usage_parser()
 
-    def try_started(self, deployment: str, upstream: Format | None = None) -> None:
+    def try_started(self, deployment: str, upstream: Format | None = None,
+                    continuation: bool = False) -> None:
         """A new upstream try (the row names the deployment of the last one, which is the
         one that answered, if any): usage seen on a failed try is not this answer's usage.
         `upstream` is the format the try's answer comes in (another than the client's when
-        it is translated): the row keeps the upstream's own usage, in its own terms."""
+        it is translated): the row keeps the upstream's own usage, in its own terms.
+
+        A continuation is a call of its own that completes an answer the client has in
+        part: the usage of the call before it (what it reported, and at least the output
+        the client got) is kept, to be added up with it, each priced for its own model."""
+        if continuation:
+            self._keep_earlier_call()
         self._set(deployment=deployment)
         if self._usage_format is not None and upstream is not None:
             self._usage_format = upstream
@@ -92,10 +99,7 @@ class RequestRecord:
         """The proxy answered with its own estimate (count_tokens): no deployment was asked."""
         self._set(deployment=ESTIMATE_DEPLOYMENT, attempts=0)
 
-    def continued(self) -> None:
-        """The stream broke mid-answer and a continuation follows: the broken call's usage
-        (what it reported, and at least the output the client got) is kept, to be added to
-        the calls that complete the answer, each priced for its own model."""
+    def _keep_earlier_call(self) -> None:
         with self._lock:
             if self._finished or self._parser is None:
                 return

@@ -568,25 +568,24 @@ class StreamRelay:
         failure = failure or UpstreamBroken(
             "the upstream ended the stream before the answer was complete"
             + (" (an event was cut off)" if leftover.strip() else ""))
-        if self._may_continue(current, failure):
+        if is_continuable(failure) and self._may_continue(current):
             return self._continue(failure)
         self._end_with_error(failure, status=200)
         return Outcome.taken(broke=None if self.exchange.end_error is not None else failure)
 
     # -- continuing a broken answer ------------------------------------------------------------
-    def _may_continue(self, current: TryStream, failure: ProxyError) -> bool:
-        """Broken mid-answer by the upstream (a cut, a stall, a malformed event, a transient
-        error event), with a continuation left and an answer whose open part is text."""
+    def _may_continue(self, current: TryStream) -> bool:
+        """Mid-answer, with a continuation left, the client still there, and an answer
+        whose open part is text."""
         stitch = self.stitch
         return (stitch is not None and self.continuations_left > 0
                 and (current.content_seen or stitch.continuing)
                 and self.exchange.end_error is None and not self.writer.closed
-                and is_continuable(failure) and stitch.continuable())
+                and stitch.continuable())
 
     def _error_may_be_continued(self, current: TryStream, payload: object) -> bool:
         kind = current.view.format.upstream_error_type(payload)
-        return kind in TRANSIENT_ERROR_TYPES and self._may_continue(
-            current, UpstreamBroken("an error event mid-answer"))
+        return kind in TRANSIENT_ERROR_TYPES and self._may_continue(current)
 
     def _error_event(self, current: TryStream, event: Event, payload: object) -> UpstreamErrorEvent:
         """An upstream's error event as an error; if the answer is not continued after all,
@@ -598,7 +597,9 @@ class StreamRelay:
             kind = current.view.format.upstream_error_type(payload)
             err = UpstreamErrorEvent(current.view.format.event_error_message(payload),
                                      status_of_error_type(kind), kind)
-        err.client_frame = current.client_frames(event, payload, EventKind.UPSTREAM_ERROR, self.view)[0]
+        if not current.continuing:  # a continuation's own event would not fit the stitched answer
+            err.client_frame = current.client_frames(event, payload, EventKind.UPSTREAM_ERROR,
+                                                      self.view)[0]
         return err
 
     def _continue(self, failure: ProxyError) -> Outcome:
@@ -606,7 +607,6 @@ class StreamRelay:
         self.continuations_left -= 1
         prefill = self.stitch.begin()
         base = self.preq.payload if self.preq.payload is not None else json.loads(self.preq.body)
-        self.record.continued()
         # The failure's text may quote the upstream (and so a key): its kind is enough here.
         log.info("request %s: the stream broke mid-answer (%s); continuing after %d characters",
                  self.preq.request_id, failure.end_reason, len(prefill))
