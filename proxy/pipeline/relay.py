@@ -489,15 +489,21 @@ class StreamRelay:
         stitch = self.stitch
         if stitch is None:
             return frames
-        if current.translator is None and event is not None:
+        passed_through = current.translator is None and event is not None
+        if not current.continuing:  # the hot path: watch, write as they are
+            if passed_through:
+                if payload is not None:
+                    stitch.observe(event.event, payload)
+            else:
+                for frame in frames:
+                    data = getattr(frame, "data", None)
+                    if data is not None:
+                        stitch.observe(frame.name, data)
+            return frames
+        if passed_through:
             decoded = [(event.event, payload)] * len(frames)  # the upstream's event, as it came
         else:
             decoded = [(getattr(f, "name", None), getattr(f, "data", None)) for f in frames]
-        if not current.continuing:
-            for name, data in decoded:
-                if data is not None:
-                    stitch.observe(name, data)
-            return frames
         out = []
         for frame, (name, data) in zip(frames, decoded):
             if data is None:  # a comment, or the proxy's own terminal error
