@@ -134,3 +134,19 @@ def test_cli_reports_a_bad_config_and_exits_2(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "stream.idle_timeout" in result.stderr and "greater than 0" in result.stderr
+
+
+def test_continuation_is_on_by_default_except_for_openais_own_api(tmp_path):
+    config = load_config(env={})
+    assert config.provider_for("openai").continues is False  # it ignores prefills
+    assert config.provider_for("anthropic").continues is True
+    local = write(tmp_path, '[providers.local]\nbase_url = "http://127.0.0.1:8000"\nformat = "openai"\n')
+    assert load_config(local, env={}).providers["local"].continues is True
+    assert load_config(env={"LLM_PROXY_MAX_CONTINUATIONS": "0"}).max_continuations == 0
+
+
+@pytest.mark.parametrize("line", ['continuation = "yes"', 'prefill_params = "x"'])
+def test_bad_continuation_settings_name_the_provider(tmp_path, line):
+    path = write(tmp_path, f'[providers.p]\nbase_url = "http://127.0.0.1:1"\nformat = "anthropic"\n{line}\n')
+    with pytest.raises(ConfigError, match="providers.p"):
+        load_config(path, env={})

@@ -19,7 +19,7 @@ import requests
 
 from support.builders import (DEFAULT_USAGE, anthropic_error_body, anthropic_error_event,
                               anthropic_stream, chat_error_event, chat_stream, responses_error_event,
-                              responses_stream)
+                              responses_stream, sse)
 from support.fake import FakeUpstream
 from support.processes import ProxyProcess
 from support.rawhttp import RID
@@ -60,7 +60,24 @@ def write_config(path, fake: FakeUpstream) -> None:
         'deployments = [{ provider = "stubborn", model = "claude-c", name = "stubborn" }]', "",
         '[routes."cont-across"]', "max_attempts = 1",
         'deployments = [{ provider = "claude", model = "claude-c", name = "claude-across" },',
-        '               { provider = "local", model = "local-c", name = "local-across" }]', ""]))
+        '               { provider = "local", model = "local-c", name = "local-across" }]', "",
+        "[providers.stubchat]", f'base_url = "{fake.url}"', 'format = "openai"', "continuation = false", "",
+        '[routes."cont-unpriced"]', 'deployments = [{ provider = "claude", model = "nope-c", name = "unpriced" }]', "",
+        '[routes."cont-one"]', "max_attempts = 1",
+        'deployments = [{ provider = "claude", model = "claude-c", name = "one" }]', "",
+        '[routes."cont-stubchat"]', 'deployments = [{ provider = "stubchat", model = "local-c", name = "stubchat" }]', "",
+        '[routes."cont-nomodel"]', 'deployments = [{ provider = "claude", name = "nomodel" }]', "",
+        '[routes."cont-after-stubborn"]',
+        'deployments = [{ provider = "stubborn", model = "claude-c", name = "s1" },',
+        '               { provider = "claude", model = "claude-c", name = "c2" }]', "",
+        '[routes."cont-untranslatable"]', "max_attempts = 1",
+        'deployments = [{ provider = "local", model = "local-c", name = "local-u" },',
+        '               { provider = "claude", model = "claude-c", name = "claude-u" }]', "",
+        '[routes."cont-deployment-off"]',
+        'deployments = [{ provider = "claude", model = "claude-c", name = "dep-off", continuation = false }]', "",
+        '[routes."cont-deployment-params"]',
+        'deployments = [{ provider = "local", model = "local-c", name = "dep-params", '
+        "prefill_params = { continue_final_message = true } }]", ""]))
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +390,206 @@ def test_keepalives_flow_between_events_while_the_continuation_is_slow_to_answer
     assert len(positions) >= 3, body
     assert all(body[i - 2:i] == b"\n\n" for i in positions)  # never inside an event
     assert body.count(b"event: message_start") == 1 and body.rstrip().endswith(b'{"type":"message_stop"}')
+
+
+# -- edges a mutation pass found untested ---------------------------------------------------------
+def raw_messages(server, model, **extra):
+    return requests.post(server.url + "/v1/messages", json={
+        "model": model, "max_tokens": 64, "stream": True, "messages": MESSAGES, **extra},
+        headers={"anthropic-version": "2023-06-01"}, timeout=30)
+
+
+def raw_chat(server, model):
+    return requests.post(server.url + "/v1/chat/completions", json={
+        "model": model, "stream": True, "messages": MESSAGES}, timeout=30)
+
+
+# a break before any content, on the last option, is not continued
+def test_a_break_before_any_content_on_the_last_option_is_not_continued(server, upstream):
+    events = anthropic_stream(FIRST, model="claude-c")[:1]  # message_start only (preamble)
+    upstream.enqueue([Status(200, headers=SSE), *[Send(e) for e in events], Cut()], anthropic_rest())
+    resp = raw_messages(server, "cont-one")
+    assert b"event: error" in resp.content
+    assert len(upstream.requests) == 1
+    row = server.row(resp.headers[RID])
+    assert row["continuations"] == 0, row
+    assert "continued" not in (row["attempt_log"] or ""), row
+
+
+# finding: break after content with nowhere left to continue
+def test_a_break_with_no_deployment_left_is_one_call_counted_once(server, upstream):
+    upstream.enqueue(anthropic_first("cut"))
+    resp = raw_messages(server, "cont-one")
+    assert b"event: error" in resp.content and len(upstream.requests) == 1
+    row = server.row(resp.headers[RID])
+    assert row["continuations"] == 0 and row["input_tokens"] == DEFAULT_USAGE["input"], row
+
+
+def test_a_break_no_deployment_continues_is_one_call_counted_once(server, upstream):
+    upstream.enqueue(anthropic_first("cut"))
+    resp = raw_messages(server, "cont-stubborn")
+    assert len(upstream.requests) == 1
+    row = server.row(resp.headers[RID])
+    assert row["continuations"] == 0 and row["input_tokens"] == DEFAULT_USAGE["input"], row
+
+
+# a non-transient error event is not continued
+def test_an_error_event_that_is_not_transient_is_not_continued(server, upstream):
+    steps = broken(anthropic_stream(FIRST, model="claude-c")[:5], "error_event", MALFORMED_ANTHROPIC,
+                   anthropic_error_event("invalid_request_error", "Bad"))
+    upstream.enqueue(steps, anthropic_rest())
+    resp = raw_messages(server, "cont-claude")
+    assert b'"invalid_request_error"' in resp.content and b"message_stop" not in resp.content
+    assert len(upstream.requests) == 1
+    assert server.row(resp.headers[RID])["continuations"] == 0
+
+
+# every transient type is continued (api_error here)
+@pytest.mark.parametrize("kind", ["api_error", "overloaded_error"])
+def test_every_transient_error_event_is_continued(ant, server, upstream, kind):
+    steps = broken(anthropic_stream(FIRST, model="claude-c")[:5], "error_event", MALFORMED_ANTHROPIC,
+                   anthropic_error_event(kind, "Internal"))
+    upstream.enqueue(steps, anthropic_rest())
+    with ant.messages.stream(model="cont-claude", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE
+
+
+# an untranslatable answer is not continued
+def test_an_answer_that_cannot_be_translated_is_not_continued(server, upstream):
+    events = chat_stream(FIRST, model="local-c", finish_reason="mystery")
+    upstream.enqueue(sse_reply(events), anthropic_rest())
+    resp = raw_messages(server, "cont-untranslatable")
+    assert b"event: error" in resp.content, resp.content
+    assert len(upstream.requests) == 1
+    assert server.row(resp.headers[RID])["continuations"] == 0
+
+
+# a transient error event that no deployment continues reaches the client as it came
+def test_a_chat_error_event_not_continued_reaches_the_client_as_it_came(server, upstream):
+    upstream.enqueue(chat_first("error_event"))
+    resp = raw_chat(server, "cont-stubchat")
+    assert len(upstream.requests) == 1
+    assert resp.content.endswith(chat_error_event("The server had an error", type="server_error")), resp.content
+
+
+def test_an_anthropic_error_event_not_continued_reaches_the_client_as_it_came(server, upstream):
+    upstream.enqueue(anthropic_first("error_event"))
+    resp = raw_messages(server, "cont-stubborn")
+    assert resp.content.endswith(anthropic_error_event("overloaded_error", "Overloaded")), resp.content
+
+
+# a translated continuation that ends without [DONE] still gets the whole answer's usage
+def test_a_translated_continuation_without_done_still_reports_the_whole_usage(ant, server, upstream, wire):
+    upstream.enqueue(anthropic_first("cut"), sse_reply(chat_stream(REST, model="local-c", done=False)))
+    with ant.messages.stream(model="cont-across", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE
+    assert final.usage.output_tokens == 5 + DEFAULT_USAGE["output"], final.usage
+    assert final.usage.input_tokens == DEFAULT_USAGE["input"], final.usage
+
+
+# a translated continuation's non-transient error event reaches the client
+def test_a_translated_continuations_own_error_reaches_the_client(server, upstream):
+    cont = chat_stream([" jumps over"], model="local-c")[:2]
+    upstream.enqueue(anthropic_first("cut"),
+                     [Status(200, headers=SSE), *[Send(e) for e in cont],
+                      Send(chat_error_event("Nope", type="invalid_request_error")), End()])
+    resp = raw_messages(server, "cont-across")
+    assert b"event: error" in resp.content, resp.content
+    assert b"Nope" in resp.content
+
+
+# a deployment that does not edit the body still sends the continuation
+def test_a_deployment_without_a_model_still_gets_the_prefill(ant, server, upstream):
+    upstream.enqueue(anthropic_first("cut"), anthropic_rest())
+    with ant.messages.stream(model="cont-nomodel", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert last_message(upstream.requests[1]) == {"role": "assistant", "content": PREFILL}
+    assert final.content[0].text == SENTENCE
+
+
+# passing over a deployment starts the next one's retries afresh
+def test_passing_over_a_deployment_starts_the_next_ones_retries_afresh(ant, server, upstream, wire):
+    upstream.enqueue(anthropic_first("cut"),
+                     json_reply({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529),
+                     anthropic_rest())
+    with ant.messages.stream(model="cont-after-stubborn", max_tokens=64, messages=MESSAGES) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == SENTENCE
+    assert len(upstream.requests) == 3
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["deployment"], row["continuations"]) == ("c2", 1), row
+
+
+# a deployment's own `continuation = false`
+def test_a_deployments_own_continuation_setting_wins(ant, upstream):
+    upstream.enqueue(anthropic_first("cut"), anthropic_rest())
+    with pytest.raises(anthropic.APIStatusError):
+        with ant.messages.stream(model="cont-deployment-off", max_tokens=64, messages=MESSAGES) as stream:
+            list(stream)
+    assert len(upstream.requests) == 1
+
+
+# a deployment's own prefill_params replace the provider's
+def test_a_deployments_own_prefill_params_replace_the_providers(oai, upstream):
+    upstream.enqueue(chat_first("cut"), chat_rest())
+    chunks = list(oai.chat.completions.create(model="cont-deployment-params", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == SENTENCE
+    body = upstream.requests[1].json
+    assert body["continue_final_message"] is True and "add_generation_prompt" not in body, body
+
+
+# the row of a continued answer
+def test_the_row_of_an_answer_continued_across_models_prices_each_call(ant, server, upstream, wire):
+    upstream.enqueue(anthropic_first("cut"), chat_rest())
+    with ant.messages.stream(model="cont-across", max_tokens=64, messages=MESSAGES) as stream:
+        stream.get_final_message()
+    row = server.row(wire.headers_seen[-1][RID])
+    first = (25 * 3 + 5 * 15 + 10 * 0.3 + 5 * 3.75) / 1e6
+    assert row["upstream_model"] == "local-c", row
+    assert row["usage_complete"] == 1, row
+    assert row["stop_reason"] == "stop", row
+    second = (25 * 1.0 + 15 * 2.0 + (10 + 5) * 1.0) / 1e6  # local-c: cache priced at its input price
+    assert row["cost_usd"] == pytest.approx(first + second), row
+
+
+def test_the_row_of_a_continued_answer_adds_up_every_count(ant, server, upstream, wire):
+    upstream.enqueue(anthropic_first("cut"), anthropic_rest())
+    with ant.messages.stream(model="cont-claude", max_tokens=64, messages=MESSAGES) as stream:
+        stream.get_final_message()
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["usage_complete"], row["stop_reason"]) == (1, "end_turn"), row
+    assert (row["cache_read_tokens"], row["cache_write_tokens"]) == (2 * 10, 2 * 5), row
+
+
+# the continuation's re-encoded end is not followed by the upstream's split LF
+def test_a_continuations_split_crlf_end_is_not_written_after_the_stitched_end(server, upstream):
+    events = anthropic_stream(REST, model="claude-c", message_id="msg_second", newline="\r\n")
+    last = events[-1]
+    upstream.enqueue(anthropic_first("cut"),
+                     [Status(200, headers=SSE), *[Send(e) for e in events[:-1]], Send(last[:-1]), Sleep(0.3),
+                      Send(last[-1:]), End()])
+    resp = raw_messages(server, "cont-claude")
+    assert resp.content.endswith(b'data: {"type":"message_stop"}\n\n'), resp.content[-80:]
+
+
+# events with `id:` in a continuation do not change the keepalives
+def test_ids_in_a_continuation_do_not_change_the_keepalives(server, upstream):
+    events = [b"id: 7\n" + e for e in anthropic_stream(REST, model="claude-c", message_id="msg_second")]
+    upstream.enqueue(anthropic_first("cut"),
+                     [Status(200, headers=SSE), *[Send(e) for e in events[:5]], Sleep(0.5),
+                      *[Send(e) for e in events[5:]], End()])
+    resp = raw_messages(server, "cont-claude")
+    body = resp.content
+    assert body.count(b": keepalive\n") >= 2, body
+    assert body.count(b": keepalive\n") == body.count(b": keepalive\n\n"), body
+
+
+def test_an_unpriced_continued_answer_has_no_cost(ant, server, upstream, wire):
+    upstream.enqueue(broken(anthropic_stream(FIRST, model="nope-c")[:5], "cut", b"", b""),
+                     sse_reply(anthropic_stream(REST, model="nope-c", message_id="msg_second")))
+    with ant.messages.stream(model="cont-unpriced", max_tokens=64, messages=MESSAGES) as stream:
+        assert stream.get_final_message().content[0].text == SENTENCE
+    row = server.row(wire.headers_seen[-1][RID])
+    assert (row["priced"], row["cost_usd"], row["continuation_cost_usd"]) == (0, None, None), row

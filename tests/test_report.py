@@ -306,3 +306,24 @@ def test_top_keeps_the_biggest_groups_and_says_how_many_there_are(db):
     [key] = summary["by_client_key"]
     assert key == max(summarize(db)["by_client_key"], key=lambda r: (r["cost_usd"], r["requests"]))
     assert summary["totals"] == summarize(db)["totals"]  # totals still count every row
+
+
+def test_continued_answers_are_counted_as_requests_and_their_extra_cost_is_shown(tmp_path):
+    path = str(tmp_path / "usage.db")
+    tracker = Tracker(path)
+    tracker.start()
+    for record in [
+        UsageRecord(request_id="a", started_at=DAY1, upstream_model="m", input_tokens=1, cost_usd=0.01,
+                    priced=True, continuations=2, continuation_cost_usd=0.00125),
+        UsageRecord(request_id="b", started_at=DAY1 + 1, upstream_model="m", input_tokens=1, cost_usd=0.01,
+                    priced=True, continuations=1, continuation_cost_usd=0.00125),
+        UsageRecord(request_id="c", started_at=DAY1 + 2, upstream_model="x", input_tokens=1),
+    ]:
+        tracker.record(record)
+    assert tracker.flush()
+    tracker.close()
+    summary = summarize(path)
+    assert summary["totals"]["continued_requests"] == 2  # requests, not continuations
+    assert summary["totals"]["continuation_cost_usd"] == pytest.approx(0.0025)
+    table = render_table(summary)
+    assert "continuation USD" in table and "0.002500" in table

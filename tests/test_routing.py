@@ -299,3 +299,19 @@ def test_a_probe_answered_with_prompt_too_long_closes_the_circuit():
     assert probe.probe
     plan.failed(probe, Decision.LARGER_CONTEXT, AttemptRecord("d", "status", status=400))
     assert breakers.get("d").state == "closed"
+
+
+def test_passing_over_a_half_open_deployment_gives_its_probe_back():
+    clock = Clock()
+    breakers = Breakers(BreakerPolicy(failure_threshold=1, cooldown=10, min_requests=1))
+    breaker = breakers.get("a")
+    breaker._clock = clock
+    breaker.record_failure("x")
+    clock.now += 11
+    route = Route("m*", (Deployment("a", "a", "m-a"),), None, RetryPolicy(max_attempts=1))
+    plan = AttemptPlan(route, breakers)
+    attempt = plan.next_attempt()
+    assert attempt is not None and attempt.probe
+    plan.pass_over(attempt)
+    assert plan.next_attempt() is None  # on to the next deployment: there is none
+    assert breaker.allow()  # another request may probe

@@ -170,3 +170,17 @@ def test_a_responses_answer_with_a_function_call_or_reasoning_is_not_continuable
         feed(stitch, [{"type": "response.created", "sequence_number": 0, "response": {"id": "r"}},
                       {"type": "response.output_item.added", "output_index": 0, "item": item}])
         assert not stitch.continuable(), item
+
+
+def test_a_second_choice_makes_a_chat_answer_not_continuable():
+    stitch = ChatStitch()
+    feed(stitch, [{"id": "c1", "choices": [{"index": 1, "delta": {"content": "a"}}]}])
+    assert not stitch.continuable()
+
+
+def test_the_prompt_never_goes_below_zero_when_the_prefill_moves_to_output():
+    stitch = ChatStitch()
+    feed(stitch, [chunk({"content": "Hello, wor"})])
+    stitch.begin()
+    out = rewrite(stitch, [chunk(cid="c2", choices=False, usage={"prompt_tokens": 1, "completion_tokens": 1})])
+    assert out[0]["usage"] == {"prompt_tokens": 0, "completion_tokens": 4}

@@ -220,3 +220,14 @@ def test_a_corrupt_database_is_a_fault_for_the_reader_too(tmp_path):
         store.totals(None, None)
     assert fault.value.kind == "not_a_database"
     store.close()
+
+
+def test_rows_stored_before_continuations_existed_count_none(tmp_path):
+    conn = connect(str(tmp_path / "u.db"))
+    for statement in MIGRATIONS[0] + MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(f"INSERT INTO {TABLE} (request_id) VALUES ('old')")
+    conn.execute("PRAGMA user_version = 2")
+    migrate(conn)
+    assert conn.execute(f"SELECT continuations, continuation_cost_usd FROM {TABLE}").fetchone() == (0, None)
+    conn.close()

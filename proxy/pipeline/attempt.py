@@ -136,6 +136,7 @@ class TryLoop:
         self.deps, self.preq, self.record, self.exchange = deps, preq, record, exchange
         self.plan: AttemptPlan = deps.router.plan(preq.route)
         self.continuation: dict | None = None  # set once the answer broke mid-way
+        self._new_break = False  # a break no continuation try has started on yet
 
     def run(self, take: Take) -> Outcome:
         last: Outcome | None = None  # the last try's, if one was made
@@ -155,14 +156,15 @@ class TryLoop:
             if outcome.answered or outcome.final:
                 return self._done(outcome)
             if outcome.continuation is not None:
-                self.continuation = outcome.continuation
+                self.continuation, self._new_break = outcome.continuation, True
             last = outcome
         return self._done(self._exhausted(last))
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
         bridge = self.deps.bridges.between(self.preq.fmt, attempt.deployment.provider)
         self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt,
-                                continuation=self.continuation is not None)
+                                continuation=self.continuation is not None, new_break=self._new_break)
+        self._new_break = False
         try:
             resp = self._send(attempt, bridge)
         except ProxyError as err:

@@ -76,7 +76,7 @@ class RequestRecord:
             self._parser = usage_format.usage_parser()
 
     def try_started(self, deployment: str, upstream: Format | None = None,
-                    continuation: bool = False) -> None:
+                    continuation: bool = False, new_break: bool = False) -> None:
         """A new upstream try (the row names the deployment of the last one, which is the
         one that answered, if any): usage seen on a failed try is not this answer's usage.
         `upstream` is the format the try's answer comes in (another than the client's when
@@ -84,9 +84,11 @@ class RequestRecord:
 
         A continuation is a call of its own that completes an answer the client has in
         part: the usage of the call before it (what it reported, and at least the output
-        the client got) is kept, to be added up with it, each priced for its own model."""
+        the client got) is kept, to be added up with it, each priced for its own model.
+        `new_break`: the first continuation try after a break (the row counts breaks
+        continued, not the tries it took)."""
         if continuation:
-            self._keep_earlier_call()
+            self._keep_earlier_call(new_break)
         self._set(deployment=deployment)
         if self._usage_format is not None and upstream is not None:
             self._usage_format = upstream
@@ -99,12 +101,12 @@ class RequestRecord:
         """The proxy answered with its own estimate (count_tokens): no deployment was asked."""
         self._set(deployment=ESTIMATE_DEPLOYMENT, attempts=0)
 
-    def _keep_earlier_call(self) -> None:
+    def _keep_earlier_call(self, new_break: bool) -> None:
         with self._lock:
             if self._finished or self._parser is None:
                 return
             self._earlier_calls.append(self._parser.result())
-            self.row.continuations += 1
+            self.row.continuations += new_break
 
     def tries_so_far(self, attempts: int, fallbacks: int, attempt_log: str | None) -> None:
         self._set(attempts=attempts, fallbacks=fallbacks, attempt_log=attempt_log)
@@ -215,12 +217,13 @@ class RequestRecord:
             setattr(total, field, sum(counts) if counts else None)
         self.row.apply_usage(total)
         fallback = self.row.upstream_model or self.row.model_requested
-        costs = [self._prices.cost(c, model=c.model or fallback) for c in calls]
-        self.row.cost_usd = sum(c for c in costs if c is not None) if any(
-            c is not None for c in costs) else None
+        costs = [c for c in (self._prices.cost(call, model=call.model or fallback) for call in calls)
+                 if c is not None]
+        self.row.cost_usd = sum(costs) if costs else None
         self.row.priced = self.row.cost_usd is not None
-        prompts = [self._prices.cost(_prompt_of(c), model=c.model or fallback) for c in calls[1:]]
-        self.row.continuation_cost_usd = sum(p for p in prompts if p is not None)
+        prompts = [p for p in (self._prices.cost(_prompt_of(c), model=c.model or fallback)
+                               for c in calls[1:]) if p is not None]
+        self.row.continuation_cost_usd = sum(prompts) if prompts else None  # unpriced: unknown
 
     def _decoded_body(self):
         try:
