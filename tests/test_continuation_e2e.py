@@ -593,3 +593,62 @@ def test_an_unpriced_continued_answer_has_no_cost(ant, server, upstream, wire):
         assert stream.get_final_message().content[0].text == SENTENCE
     row = server.row(wire.headers_seen[-1][RID])
     assert (row["priced"], row["cost_usd"], row["continuation_cost_usd"]) == (0, None, None), row
+
+
+
+# -- what a review found --------------------------------------------------------------------------
+def test_a_continuation_answered_with_json_fails_that_try_and_the_stream_still_ends(server, upstream):
+    """A JSON body cannot continue an event stream already under way: the try fails (here,
+    nothing is left, so the stream ends with the terminal error; it never hangs)."""
+    upstream.enqueue(anthropic_first("cut"), json_reply({"type": "message", "content": []}))
+    resp = raw_messages(server, "cont-claude")
+    assert b"event: error" in resp.content and b"message_stop" not in resp.content
+    row = server.row(resp.headers[RID])
+    assert row["end_reason"] == "upstream_error", row
+
+
+def test_an_echoed_key_never_goes_to_the_next_deployment_in_the_prefill(server, upstream):
+    secret = "sk-ant-client-secret-0123456789"
+    upstream.enqueue(broken(anthropic_stream(["Your key is ", secret, " and"], model="claude-c")[:6],
+                            "cut", b"", b""), chat_rest([" that is all."]))
+    resp = requests.post(server.url + "/v1/messages", json={
+        "model": "cont-across", "max_tokens": 64, "stream": True, "messages": MESSAGES},
+        headers={"anthropic-version": "2023-06-01", "x-api-key": secret}, timeout=30)
+    assert secret.encode() not in resp.content and b"that is all." in resp.content
+    prefill = last_message(upstream.requests[1])["content"]
+    assert prefill.startswith("Your key is ") and secret not in prefill
+
+
+def test_an_event_of_an_odd_shape_neither_kills_the_stream_nor_is_continued(server, upstream):
+    odd = sse({"type": "content_block_delta", "index": 0, "delta": "oops"}, "content_block_delta")
+    upstream.enqueue([Status(200, headers=SSE), *[Send(e) for e in anthropic_stream(FIRST, model="claude-c")[:5]],
+                      Send(odd), Cut()])
+    resp = raw_messages(server, "cont-claude")
+    assert b"event: error" in resp.content and b"internal error" not in resp.content
+    assert len(upstream.requests) == 1  # the stitch gave up: no continuation
+    assert "Traceback" not in server.log()
+
+
+def test_a_responses_terminal_error_after_a_continuations_preamble_keeps_counting(oai, upstream):
+    preamble = responses_stream(REST, model="local-c", response_id="resp_second")[:2]
+    upstream.enqueue(responses_first("cut"),
+                     [Status(200, headers=SSE), *[Send(e) for e in preamble], Cut()])
+    events = list(oai.responses.create(model="cont-local", input="Say the sentence.", stream=True))
+    assert events[-1].type == "error"  # the SDK yields a Responses error event
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(numbers))) and len(numbers) >= 7, numbers
+
+
+def test_an_unpriced_call_in_a_continued_answer_leaves_the_row_unpriced(ant, server, upstream, wire):
+    upstream.enqueue(anthropic_first("cut"), sse_reply(anthropic_stream(REST, model="nope-c")))
+    with ant.messages.stream(model="cont-claude", max_tokens=64, messages=MESSAGES) as stream:
+        assert stream.get_final_message().content[0].text == SENTENCE
+    row = server.row(wire.headers_seen[-1][RID])
+    assert row["priced"] == 0 and row["cost_usd"] == pytest.approx((25 * 3 + 5 * 15 + 10 * 0.3 + 5 * 3.75) / 1e6)
+
+
+def test_a_break_with_nothing_left_to_try_is_not_logged_as_continued(server, upstream):
+    upstream.enqueue(anthropic_first("cut"))
+    resp = raw_messages(server, "cont-one")
+    row = server.row(resp.headers[RID])
+    assert (row["continuations"], json.loads(row["attempt_log"])["failed"][0].get("continued")) == (0, None)

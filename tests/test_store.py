@@ -231,3 +231,27 @@ def test_rows_stored_before_continuations_existed_count_none(tmp_path):
     migrate(conn)
     assert conn.execute(f"SELECT continuations, continuation_cost_usd FROM {TABLE}").fetchone() == (0, None)
     conn.close()
+
+
+def test_a_database_from_before_continuations_can_be_reported_without_migrating(tmp_path):
+    """The report reads, never migrates: a database the upgraded server has not written to
+    yet reads as if the new columns held nothing."""
+    path = str(tmp_path / "v2.db")
+    conn = connect(path)
+    for statement in MIGRATIONS[0] + MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(f"INSERT INTO {TABLE} (request_id, input_tokens, end_reason) VALUES ('old', 5, 'complete')")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    store = open_store(path)
+    try:
+        totals = store.totals(None, None)
+        assert (totals["requests"], totals["input_tokens"], totals["continued_requests"]) == (1, 5, 0)
+        (row,) = store.rows()
+        assert (row["request_id"], row["continuations"], row["continuation_cost_usd"]) == ("old", 0, None)
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # not migrated by reading
+    conn.close()

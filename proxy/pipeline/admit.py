@@ -121,8 +121,10 @@ class Admission:
             route = self._route(facts.model, endpoint)
         if facts.edited:
             body = encode_json_body(payload)
-        keeps_payload = estimate or any(d.edits_body or self._crosses(endpoint.fmt, d.provider)
-                                        for d in route.deployments)
+        stitch = self._stitch(endpoint, payload, facts.stream)
+        # A continuation is built from the parsed request: it stays, within the budget.
+        keeps_payload = estimate or stitch is not None or any(
+            d.edits_body or self._crosses(endpoint.fmt, d.provider) for d in route.deployments)
         if not keeps_payload:
             reservation.shrink(len(body))  # the parsed object is gone; the body stays
         return ProxyRequest(
@@ -131,8 +133,7 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
-            redactor=opened.redactor, estimate_locally=estimate,
-            stitch=self._stitch(endpoint, payload, facts.stream))
+            redactor=opened.redactor, estimate_locally=estimate, stitch=stitch)
 
     def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
         """`GET /v1/models`: passed to the provider of the client's own API, untouched."""

@@ -136,7 +136,7 @@ class TryLoop:
         self.deps, self.preq, self.record, self.exchange = deps, preq, record, exchange
         self.plan: AttemptPlan = deps.router.plan(preq.route)
         self.continuation: dict | None = None  # set once the answer broke mid-way
-        self._new_break = False  # a break no continuation try has started on yet
+        self._new_break: AttemptRecord | None = None  # a break no continuation try has started on
 
     def run(self, take: Take) -> Outcome:
         last: Outcome | None = None  # the last try's, if one was made
@@ -155,16 +155,19 @@ class TryLoop:
                 raise
             if outcome.answered or outcome.final:
                 return self._done(outcome)
-            if outcome.continuation is not None:
-                self.continuation, self._new_break = outcome.continuation, True
+            if outcome.continuation is not None:  # the try that broke is the last in the log
+                self.continuation, self._new_break = outcome.continuation, self.plan.history[-1]
             last = outcome
         return self._done(self._exhausted(last))
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
         bridge = self.deps.bridges.between(self.preq.fmt, attempt.deployment.provider)
+        if self._new_break is not None:  # the try that broke is continued now, not only asked to be
+            self._new_break.continued = True
         self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt,
-                                continuation=self.continuation is not None, new_break=self._new_break)
-        self._new_break = False
+                                continuation=self.continuation is not None,
+                                new_break=self._new_break is not None)
+        self._new_break = None
         try:
             resp = self._send(attempt, bridge)
         except ProxyError as err:
@@ -222,7 +225,7 @@ class TryLoop:
         if outcome.continuation is not None:  # broke mid-answer: the same or the next one goes on
             self._failed(attempt, Decision.RETRY, AttemptRecord(
                 attempt.deployment.name, failure.end_reason, status=resp.status,
-                error=failure.message, continued=True))
+                error=failure.message))
             return outcome
         self._failed(attempt, Decision.NEXT, AttemptRecord(
             attempt.deployment.name, failure.end_reason, status=resp.status,

@@ -66,8 +66,8 @@ class CommitRule:
         with self._lock:
             if self.phase is Phase.REFUSED:
                 return False
-            if self.phase is Phase.COMMITTED and not response.is_event_stream:
-                return False
+            if self.phase is not Phase.WAITING and not response.is_event_stream:
+                return False  # the response is (or will be) an event stream already
             if self.phase is Phase.WAITING:
                 self.phase = Phase.ANSWERING
                 self.answer = Answer(response, deployment, translated)

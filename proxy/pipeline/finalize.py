@@ -28,8 +28,8 @@ from ..usage import RECORD_FIELDS, EndReason, Usage, UsageRecord
 
 log = logging.getLogger("proxy.requests")
 
-BODY_COPY_LIMIT = 16 * 1024 * 1024
-ESTIMATE_DEPLOYMENT = "proxy-estimate"  # the row's deployment when the proxy answered itself  # larger JSON bodies are passed through but not parsed
+BODY_COPY_LIMIT = 16 * 1024 * 1024  # larger JSON bodies are passed through but not parsed
+ESTIMATE_DEPLOYMENT = "proxy-estimate"  # the row's deployment when the proxy answered itself
 
 
 class RowSink(Protocol):
@@ -217,10 +217,13 @@ class RequestRecord:
             setattr(total, field, sum(counts) if counts else None)
         self.row.apply_usage(total)
         fallback = self.row.upstream_model or self.row.model_requested
-        costs = [c for c in (self._prices.cost(call, model=call.model or fallback) for call in calls)
-                 if c is not None]
-        self.row.cost_usd = sum(costs) if costs else None
-        self.row.priced = self.row.cost_usd is not None
+        billed = [call for call in calls if call.bills_anything()]
+        costs = [self._prices.cost(call, model=call.model or fallback) for call in billed]
+        known = [c for c in costs if c is not None]
+        self.row.cost_usd = sum(known) if known else None
+        # Priced only when every call that used tokens is: a part-priced row would make the
+        # report's spend look whole (it counts the row as unpriced instead).
+        self.row.priced = bool(known) and len(known) == len(costs)
         prompts = [p for p in (self._prices.cost(_prompt_of(c), model=c.model or fallback)
                                for c in calls[1:]) if p is not None]
         self.row.continuation_cost_usd = sum(prompts) if prompts else None  # unpriced: unknown

@@ -14,7 +14,6 @@ every failure becomes one terminal error event in the client's protocol.  Plain 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import Executor
@@ -173,7 +172,12 @@ class TranslatedBody:
             answer = parse_upstream_json(data)
         except ValueError:
             raise UpstreamBroken("the upstream answered with a body that is not JSON") from None
-        return cls(compact_json(bridge.answer(answer, int(time.time()))), resp.status, deployment)
+        try:
+            translated = bridge.answer(answer, int(time.time()))
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # JSON of odd shapes
+            raise UntranslatableAnswer(f"the upstream's answer cannot be translated "
+                                       f"({type(exc).__name__})") from None
+        return cls(compact_json(translated), resp.status, deployment)
 
     def respond(self, preq: ProxyRequest, record: RequestRecord,
                 start_response: StartResponse) -> list[bytes]:
@@ -300,9 +304,13 @@ class TryStream:
             return []  # the upstream's own comments: the proxy sends its own keepalives
         if kind is EventKind.UPSTREAM_ERROR:
             return [client_view.terminal_error(self.bridge.event_error(payload))]
-        frames = self.translator.feed(event.event, payload)
-        if kind is EventKind.DONE:
-            frames += self.translator.finish()
+        try:
+            frames = self.translator.feed(event.event, payload)
+            if kind is EventKind.DONE:
+                frames += self.translator.finish()
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # JSON of odd shapes
+            raise UntranslatableAnswer(f"the upstream sent an event the proxy cannot translate "
+                                       f"({type(exc).__name__})") from None
         return frames
 
     def events(self, chunk: bytes) -> list[Event]:
@@ -408,14 +416,19 @@ class StreamRelay:
         return self._pump(self._try_stream(resp, attempt, bridge))
 
     def _try_stream(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> TryStream:
+        continuing = self.stitch is not None and self.stitch.continuing
         if bridge is None:
-            current = TryStream(resp, attempt, self.deps.max_event_bytes, self.view)
+            # A continuation's events are its own (sequence numbers from 0, its own choices):
+            # the client's view counts only what the client got.
+            view = self.preq.fmt.stream_view(strip_usage_chunk=self.preq.strip_usage_chunk) \
+                if continuing else self.view
+            current = TryStream(resp, attempt, self.deps.max_event_bytes, view)
         else:
             translator = bridge.events(self.preq.payload, include_usage=not self.preq.strip_usage_chunk,
                                        created=int(time.time()))
             current = TryStream(resp, attempt, self.deps.max_event_bytes,
                                 bridge.upstream.stream_view(), bridge, translator)
-        current.continuing = self.stitch is not None and self.stitch.continuing
+        current.continuing = continuing
         return current
 
     def _answer(self, resp: UpstreamResponse, attempt: Attempt, translated: bool = False) -> bool:
@@ -486,9 +499,22 @@ class StreamRelay:
         """The client's frames, as the stitch sees them: watched on the first call (so a
         break knows what the client has), rewritten on a continuation (so the client gets
         one answer)."""
-        stitch = self.stitch
-        if stitch is None:
+        if self.stitch is None:
             return frames
+        try:
+            return self._stitch_frames(frames, current, event, payload)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # JSON of odd shapes
+            if current.continuing:
+                raise UntranslatableAnswer("the continuation could not be joined to the answer: "
+                                           f"{type(exc).__name__}") from None
+            log.info("request %s: an event of an odd shape; this answer will not be continued",
+                     self.preq.request_id)
+            self.stitch = None
+            return frames
+
+    def _stitch_frames(self, frames: list[bytes], current: TryStream, event: Event | None,
+                       payload: object) -> list[bytes]:
+        stitch = self.stitch
         passed_through = current.translator is None and event is not None
         if not current.continuing:  # the hot path: watch, write as they are
             if passed_through:
@@ -611,10 +637,12 @@ class StreamRelay:
     def _continue(self, failure: ProxyError) -> Outcome:
         """The request that continues the answer: the client's own, plus the text it has."""
         self.continuations_left -= 1
-        prefill = self.stitch.begin()
-        base = self.preq.payload if self.preq.payload is not None else json.loads(self.preq.body)
+        # What the client saw: a key the upstream echoed never goes to the next deployment.
+        prefill = self.preq.redactor.text(self.stitch.begin())
+        base = self.preq.payload  # kept for this (see admit)
         # The failure's text may quote the upstream (and so a key): its kind is enough here.
-        log.info("request %s: the stream broke mid-answer (%s); continuing after %d characters",
+        log.info("request %s: the stream broke mid-answer (%s); asking for a continuation after "
+                 "%d characters",
                  self.preq.request_id, failure.end_reason, len(prefill))
         return Outcome.continue_with(failure, self.stitch.request(base, prefill))
 

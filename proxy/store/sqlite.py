@@ -75,9 +75,12 @@ _AGGREGATES = ", ".join(
     + [f"COALESCE(SUM({c}), 0)" for c in TOKEN_FIELDS]
     + ["TOTAL(CASE WHEN priced THEN cost_usd END)",
        f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)",
-       "COALESCE(SUM(CASE WHEN continuations > 0 THEN 1 ELSE 0 END), 0)",
-       "TOTAL(continuation_cost_usd)"]
+       "COALESCE(SUM(CASE WHEN {continuations} > 0 THEN 1 ELSE 0 END), 0)",
+       "TOTAL({continuation_cost_usd})"]
 )
+# Columns later schema versions added: a database not migrated yet (the report reads, never
+# migrates; the server migrates on its first write) reads as if they held nothing.
+_ADDED_COLUMNS = {"attempt_log": "NULL", "continuations": "0", "continuation_cost_usd": "NULL"}
 _SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
 _GROUP_EXPRESSIONS = {
     "day": "date(started_at, 'unixepoch')",
@@ -160,7 +163,8 @@ class SqliteStore(UsageStore):
 
     def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
         where, params = ([], []) if request_id is None else (["request_id = ?"], [request_id])
-        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id "
+        columns = ", ".join(self._column(name) for name in RECORD_FIELDS)
+        found = self._query(f"SELECT {columns} FROM {TABLE}{_where(where)} ORDER BY id "
                             f"LIMIT ?", [*params, -1 if limit is None else int(limit)])
         return [dict(zip(RECORD_FIELDS, values)) for values in found]
 
@@ -170,8 +174,11 @@ class SqliteStore(UsageStore):
         groups with the most spend, then requests (their failures only)."""
         where, params = _window(since, until)
         limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
+        aggregates = _AGGREGATES.format(
+            continuations=self._column("continuations", alias=False),
+            continuation_cost_usd=self._column("continuation_cost_usd", alias=False))
         groups = {row[0]: _counts(row[1:]) for row in self._query(
-            f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(where)} "
+            f"SELECT {expression} AS k, {aggregates} FROM {TABLE}{_where(where)} "
             f"GROUP BY k{limit}", params)}
         failed, failed_params = [*where, "end_reason != 'complete'"], list(params)
         if top is not None:
@@ -181,6 +188,20 @@ class SqliteStore(UsageStore):
                 "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
             groups[key]["failures"][reason] = count
         return groups
+
+    def _column(self, name: str, alias: bool = True) -> str:
+        """`name`, or what it reads as in a database from before it was added."""
+        if name not in _ADDED_COLUMNS:
+            return name
+        try:
+            conn = self._reading()
+            present = conn is None or any(
+                row[1] == name for row in conn.execute(f"PRAGMA table_info({TABLE})"))
+        except (sqlite3.Error, OSError) as exc:
+            raise _fault(exc) from None
+        if present:
+            return name
+        return f"{_ADDED_COLUMNS[name]} AS {name}" if alias else _ADDED_COLUMNS[name]
 
     def _query(self, sql: str, params: list) -> list[tuple]:
         """All rows of a read; none while the database does not exist or is empty."""

@@ -52,7 +52,7 @@ class UpstreamRequests:
         provider = self._providers[deployment.provider]
         if bridge is not None and payload is not None:
             path, headers = bridge.upstream_path, bridge.headers(headers)
-            payload = deployment.rewrite(bridge.request(payload))
+            payload = deployment.rewrite(translated_request(bridge, payload))
         elif (deployment.edits_body or continuation) and payload is not None:
             payload = deployment.rewrite(payload)
         else:
@@ -74,6 +74,16 @@ class UpstreamRequests:
         if deployment.prefill_params is not None:
             return deployment.prefill_params
         return self._providers[deployment.provider].prefill_params
+
+
+def translated_request(bridge: Bridge, payload: dict) -> dict:
+    """The request in the deployment's format; a field of an odd JSON type is the client's
+    fault (a 400), never the proxy's."""
+    try:
+        return bridge.request(payload)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        raise BadRequest(f"the request cannot be sent to this model's API: a field has an "
+                         f"unexpected JSON type ({type(exc).__name__})") from None
 
 
 def with_credentials(headers: list[tuple[str, str]], provider: Provider) -> list[tuple[str, str]]:

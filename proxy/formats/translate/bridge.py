@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ...errors import UntranslatableAnswer, UpstreamHTTPError
 from .. import ANTHROPIC, BY_PROVIDER, CREDENTIAL_HEADERS, OPENAI_CHAT, Format
 from ..base import Frame
+from ...redact import CREDENTIAL_HEADERS as REDACTED_KEY_HEADERS
 from .anthropic_chat import (ChatToAnthropicStream, ChatUpstream, estimate_input_tokens,
                              message_from_completion, to_chat_request)
 from .chat_anthropic import (AnthropicToChatStream, AnthropicUpstream, completion_from_message,
@@ -68,7 +69,7 @@ class Bridge:
         sent to another provider) and its API's own headers."""
         own = _OWN_HEADER_PREFIX[self.client.provider_format]
         return [(k, v) for k, v in headers
-                if k.lower() not in CREDENTIAL_HEADERS and not k.lower().startswith(own)]
+                if k.lower() not in _KEY_HEADERS and not k.lower().startswith(own)]
 
     def events(self, payload: dict, include_usage: bool, created: int) -> EventTranslator:
         raise NotImplementedError
@@ -85,6 +86,8 @@ class Bridge:
 
 
 _OWN_HEADER_PREFIX = {"anthropic": "anthropic-", "openai": "openai-"}
+# Every header a client may send a key in (Azure's `api-key`, Google's `x-goog-api-key` too).
+_KEY_HEADERS = CREDENTIAL_HEADERS | frozenset(REDACTED_KEY_HEADERS)
 
 
 @dataclass
