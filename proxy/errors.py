@@ -37,6 +37,11 @@ class BadRequest(ProxyError):
     client_fault = True
 
 
+class NotTranslatable(BadRequest):
+    """The request says something the deployment's API cannot express (tried on each
+    deployment of another format: another deployment of the route may still take it)."""
+
+
 class NotFound(ProxyError):
     status = 404
     code = "not_found"

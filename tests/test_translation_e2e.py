@@ -728,3 +728,33 @@ def test_a_chat_servers_own_comments_do_not_reach_an_anthropic_client(server, up
     resp = requests.post(server.url + "/v1/messages", json={
         "model": "claude-on-local", "max_tokens": 64, "stream": True, "messages": MESSAGES}, timeout=30)
     assert b"upstream-ping" not in resp.content and b"event: message_stop" in resp.content
+
+
+
+# -- a request one deployment cannot express ---------------------------------------------------------
+DOCUMENT = [{"role": "user", "content": [
+    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "A memo."}},
+    {"type": "text", "text": "Summarise it."}]}]
+
+
+def test_a_deployment_that_cannot_express_the_request_is_passed_over(ant, upstream, server, wire):
+    """A Chat deployment cannot carry a `document` block: the next deployment (Anthropic)
+    takes the request; no request goes to the Chat server."""
+    msg = ant.messages.create(model="gpt-fallback", max_tokens=64, messages=DOCUMENT)
+    assert msg.content[0].text == DEFAULT_TEXT
+    assert [r.route for r in upstream.requests] == ["/v1/messages"]
+    assert server.row(wire.request_id)["deployment"] == "claude-fallback"
+
+
+def test_when_the_only_other_deployment_cannot_express_it_the_client_gets_the_real_error(ant, upstream):
+    upstream.enqueue(json_reply(anthropic_error_body("overloaded_error", "Overloaded"), status=529))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        ant.messages.create(model="claude-first", max_tokens=64, messages=DOCUMENT)
+    assert info.value.status_code == 529  # not a 400 about the Chat deployment
+    assert [r.route for r in upstream.requests] == ["/v1/messages"]
+
+
+def test_a_request_no_deployment_can_express_is_a_400(ant, upstream):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        ant.messages.create(model="claude-on-local", max_tokens=64, messages=DOCUMENT)
+    assert "document" in info.value.body["error"]["message"] and upstream.requests == []

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import (AllDeploymentsUnavailable, FirstTokenTimeout, ProxyError, UpstreamBroken,
-                      UpstreamHTTPError, UpstreamTimeout)
+from ..errors import (AllDeploymentsUnavailable, BadRequest, FirstTokenTimeout, NotTranslatable, ProxyError,
+                      UpstreamBroken, UpstreamHTTPError, UpstreamTimeout)
 from ..formats import Format
 from ..formats.translate.bridge import Bridge, Bridges, foreign_error
 from ..heartbeat import Exchange
@@ -24,6 +24,7 @@ from ..routing import (Attempt, AttemptPlan, AttemptRecord, Decision, Router, at
                        decide_status, retry_after_seconds)
 from ..text import loggable
 from ..upstream import UpstreamClient, UpstreamRequests, UpstreamResponse
+from ..upstream.request import UpstreamRequest
 from .finalize import RequestRecord
 from .request import ProxyRequest
 
@@ -100,6 +101,7 @@ class Outcome:
     reply: ErrorReply | None = None
     final: bool = False
     continuation: dict | None = None  # the answer broke mid-way: the request that continues it
+    passed_over: bool = False  # the deployment cannot express the request: no try was made
 
     @classmethod
     def taken(cls, broke: ProxyError | None = None) -> "Outcome":
@@ -140,6 +142,7 @@ class TryLoop:
 
     def run(self, take: Take) -> Outcome:
         last: Outcome | None = None  # the last try's, if one was made
+        untranslatable: Outcome | None = None  # the 400 if no deployment can take the request
         while (attempt := self.plan.next_attempt()) is not None:
             if self.continuation is not None and not self.deps.requests.continues(attempt.deployment):
                 self.plan.pass_over(attempt)  # it would restart the answer, not continue it
@@ -155,13 +158,24 @@ class TryLoop:
                 raise
             if outcome.answered or outcome.final:
                 return self._done(outcome)
+            if outcome.passed_over:
+                untranslatable = outcome
+                continue
             if outcome.continuation is not None:  # the try that broke is the last in the log
                 self.continuation, self._new_break = outcome.continuation, self.plan.history[-1]
             last = outcome
-        return self._done(self._exhausted(last))
+        return self._done(self._exhausted(last or untranslatable))
 
     def _try(self, attempt: Attempt, take: Take) -> Outcome:
         bridge = self.deps.bridges.between(self.preq.fmt, attempt.deployment.provider)
+        try:
+            req = self._build(attempt, bridge)
+        except NotTranslatable as err:  # no try is made; another deployment may take it
+            self.plan.pass_over(attempt)
+            return Outcome(error=err, passed_over=True)
+        except BadRequest as err:  # the client's fault, whatever the deployment
+            self.plan.abandoned(attempt, answered=False)
+            return Outcome(error=err, final=True)
         if self._new_break is not None:  # the try that broke is continued now, not only asked to be
             self._new_break.continued = True
         self.record.try_started(attempt.deployment.name, bridge.upstream if bridge else self.preq.fmt,
@@ -169,7 +183,7 @@ class TryLoop:
                                 new_break=self._new_break is not None)
         self._new_break = None
         try:
-            resp = self._send(attempt, bridge)
+            resp = self._send(req)
         except ProxyError as err:
             if err.client_fault:
                 self.plan.abandoned(attempt, answered=False)
@@ -186,18 +200,18 @@ class TryLoop:
                 f"the upstream answered HTTP {resp.status} (a redirect) where an answer was expected"))
         return self._take_error_reply(resp, attempt, bridge.upstream if bridge else self.preq.fmt)
 
-    def _send(self, attempt: Attempt, bridge: Bridge | None) -> UpstreamResponse:
+    def _send(self, req: UpstreamRequest) -> UpstreamResponse:
         """Send the try, with its own abort handle and first-token deadline."""
         # first_token_timeout watches streams only: a JSON answer says nothing until done.
         timeout = self.preq.route.first_token_timeout if self.preq.stream else None
         handle = self.exchange.new_attempt(time.monotonic() + timeout if timeout else None)
         preq = self.preq
-        req = self._build(attempt, bridge)
         read_timeout = None if preq.stream else self.deps.plain_timeout
         return self.deps.upstream.send(preq.method, req.url, req.headers, req.body, handle,
                                        read_timeout)
 
-    def _build(self, attempt: Attempt, bridge: Bridge | None):
+    def _build(self, attempt: Attempt, bridge: Bridge | None) -> UpstreamRequest:
+        """The try's request (raises the client's BadRequest, or NotTranslatable)."""
         preq, continuation = self.preq, self.continuation
         payload = continuation if continuation is not None else preq.payload
         return self.deps.requests.build(preq.request_id, preq.path, preq.headers, preq.body,

@@ -13,7 +13,7 @@ from typing import Mapping
 
 from .. import formats
 from ..config import Provider
-from ..errors import BadRequest
+from ..errors import BadRequest, NotTranslatable
 from ..formats.translate.bridge import Bridge
 from ..routing import Deployment
 from ..text import loggable
@@ -81,9 +81,11 @@ def translated_request(bridge: Bridge, payload: dict) -> dict:
     fault (a 400), never the proxy's."""
     try:
         return bridge.request(payload)
+    except BadRequest as err:
+        raise NotTranslatable(err.message) from None
     except (AttributeError, TypeError, KeyError, ValueError) as exc:
-        raise BadRequest(f"the request cannot be sent to this model's API: a field has an "
-                         f"unexpected JSON type ({type(exc).__name__})") from None
+        raise NotTranslatable(f"the request cannot be sent to this model's API: a field has an "
+                              f"unexpected JSON type ({type(exc).__name__})") from None
 
 
 def with_credentials(headers: list[tuple[str, str]], provider: Provider) -> list[tuple[str, str]]:
