@@ -151,11 +151,12 @@ class App:
         bridges = Bridges({name: ProviderTranslation(
             p.format, p.max_tokens_field, p.reasoning_effort, p.default_max_tokens,
             p.reasoning_content) for name, p in config.providers.items()})
-        tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout),
-                        UpstreamRequests(config.providers), bridges, self.router,
-                        config.plain_timeout)
+        requests = UpstreamRequests(config.providers)
+        tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,
+                        bridges, self.router, config.plain_timeout)
         admission = Admission(AdmitDeps(
-            config=config, router=self.router, bridges=bridges, prices=PriceTable(config.prices),
+            config=config, router=self.router, bridges=bridges, continues=requests.continues,
+            prices=PriceTable(config.prices),
             secrets=Redactor(p.api_key for p in config.providers.values()), budget=self.budget,
             inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret))
         self.proxy = ProxyApp(admission, RelayDeps(

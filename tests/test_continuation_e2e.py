@@ -652,3 +652,17 @@ def test_a_break_with_nothing_left_to_try_is_not_logged_as_continued(server, ups
     resp = raw_messages(server, "cont-one")
     row = server.row(resp.headers[RID])
     assert (row["continuations"], json.loads(row["attempt_log"])["failed"][0].get("continued")) == (0, None)
+
+
+@pytest.mark.parametrize("model", ["claude-unrouted", "cont-stubborn"])
+def test_a_stream_that_cannot_be_continued_anywhere_is_not_watched_for_it(server, upstream, model):
+    """An unrouted model (one try) or a route whose deployments never continue: no stitch,
+    so nothing is asked for, and the break is told as it was before continuation existed."""
+    upstream.enqueue(anthropic_first("cut"))
+    resp = raw_messages(server, model)
+    assert b"event: error" in resp.content and len(upstream.requests) == 1
+    request_id = resp.headers[RID]
+    row = server.row(request_id)
+    assert (row["continuations"], row["attempt_log"]) == (0, None), row
+    assert not [line for line in server.log().splitlines()
+                if request_id in line and "continuation" in line]

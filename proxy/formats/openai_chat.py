@@ -8,9 +8,9 @@ from typing import Any
 from ..errors import BadRequest, ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, RequestFacts, StreamView, compact_json, json_type
-from .openai_common import bearer, openai_error_object, openai_error_type
+from .openai_common import bearer, openai_error_object, openai_error_type, openai_usage
 from .stitch import ChatStitch
-from .usage_fields import DeliveredOutput, count, get, text, uncached
+from .usage_fields import DeliveredOutput, get, text
 
 DONE_MARKER = "[DONE]"
 
@@ -126,17 +126,7 @@ def is_usage_only_chunk(obj: Any) -> bool:
 
 def chat_usage(u: Any) -> Usage:
     """OpenAI chat ``CompletionUsage``: ``prompt_tokens`` includes cached and cache-write."""
-    if not isinstance(u, dict):
-        return Usage()
-    cached = count(get(u, "prompt_tokens_details", "cached_tokens"))
-    written = count(get(u, "prompt_tokens_details", "cache_write_tokens"))
-    return Usage(
-        input_tokens=uncached(count(u.get("prompt_tokens")), cached, written),
-        output_tokens=count(u.get("completion_tokens")),
-        cache_read_tokens=cached,
-        cache_write_tokens=written,
-        reasoning_tokens=count(get(u, "completion_tokens_details", "reasoning_tokens")),
-    )
+    return openai_usage(u, "prompt_tokens", "completion_tokens")
 
 
 class ChatStreamUsage:

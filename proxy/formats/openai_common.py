@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import ProxyError
+from ..usage import Usage
+from .usage_fields import count, get, uncached
 
 # The proxy's own error codes OpenAI's shape leaves without a `code` (as OpenAI does for a
 # plain invalid request); every other code is sent as it is.
@@ -32,3 +36,20 @@ def openai_error_code(err: ProxyError) -> str | None:
 def openai_error_object(err: ProxyError) -> dict:
     return {"message": err.message, "type": openai_error_type(err), "param": None,
             "code": openai_error_code(err)}
+
+
+def openai_usage(u: Any, prompt: str, completion: str) -> Usage:
+    """OpenAI usage, Chat (`prompt_tokens`, `completion_tokens`) or Responses (`input_tokens`,
+    `output_tokens`): the prompt count includes cache reads and writes, subtracted once here;
+    each count's details sit beside it as `<name>_details`."""
+    if not isinstance(u, dict):
+        return Usage()
+    cached = count(get(u, f"{prompt}_details", "cached_tokens"))
+    written = count(get(u, f"{prompt}_details", "cache_write_tokens"))
+    return Usage(
+        input_tokens=uncached(count(u.get(prompt)), cached, written),
+        output_tokens=count(u.get(completion)),
+        cache_read_tokens=cached,
+        cache_write_tokens=written,
+        reasoning_tokens=count(get(u, f"{completion}_details", "reasoning_tokens")),
+    )

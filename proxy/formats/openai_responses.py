@@ -9,9 +9,9 @@ from typing import Any
 from ..errors import ProxyError
 from ..usage import Usage
 from .base import EventKind, Format, StreamView, compact_json
-from .openai_common import bearer, openai_error_object, openai_error_type
+from .openai_common import bearer, openai_error_object, openai_error_type, openai_usage
 from .stitch import ResponsesStitch
-from .usage_fields import DeliveredOutput, count, get, text, uncached
+from .usage_fields import DeliveredOutput, get, text
 
 PREAMBLE_EVENTS = {"response.created", "response.in_progress", "response.queued"}
 DONE_EVENTS = {"response.completed", "response.incomplete"}
@@ -77,17 +77,7 @@ class ResponsesFormat(Format):
 
 def responses_usage(u: Any) -> Usage:
     """OpenAI ``ResponseUsage``: ``input_tokens`` includes cached and cache-write."""
-    if not isinstance(u, dict):
-        return Usage()
-    cached = count(get(u, "input_tokens_details", "cached_tokens"))
-    written = count(get(u, "input_tokens_details", "cache_write_tokens"))
-    return Usage(
-        input_tokens=uncached(count(u.get("input_tokens")), cached, written),
-        output_tokens=count(u.get("output_tokens")),
-        cache_read_tokens=cached,
-        cache_write_tokens=written,
-        reasoning_tokens=count(get(u, "output_tokens_details", "reasoning_tokens")),
-    )
+    return openai_usage(u, "input_tokens", "output_tokens")
 
 
 def response_object_usage(response: dict, fallback_model: str | None = None) -> Usage:

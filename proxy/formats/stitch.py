@@ -289,6 +289,10 @@ class ResponsesStitch(Stitch):
     def continuable(self) -> bool:
         return bool(self.response) and not self.other and not self.ended
 
+    def text(self) -> str:
+        """Every text part, in output and content order (nothing but text, if continuable)."""
+        return "".join(self.parts[key] for key in sorted(self.parts))
+
     def request(self, payload: dict, prefill: str) -> dict:
         turns = payload.get("input")
         turns = [{"role": "user", "content": turns}] if isinstance(turns, str) else list(turns or [])
@@ -319,7 +323,6 @@ class ResponsesStitch(Stitch):
         elif kind == "response.output_text.delta":
             key = (data.get("output_index"), data.get("content_index"))
             self.parts[key] = self.parts.get(key, "") + (data.get("delta") or "")
-            self.pieces.append(data.get("delta") or "")
         elif kind == "response.output_item.done":
             self.items[data.get("output_index")] = data.get("item") or {}
             self.open = None

@@ -25,7 +25,7 @@ from ..formats.translate.bridge import Bridges
 from ..limits import MemoryBudget, json_parse_cost
 from ..pricing import PriceTable
 from ..redact import Redactor, client_key_id, request_credentials
-from ..routing import Route, Router, pass_through_route
+from ..routing import Deployment, Route, Router, pass_through_route
 from ..text import loggable
 from ..upstream import encode_json_body, forwardable_headers
 from .finalize import InFlight, RequestRecord, RowSink
@@ -67,6 +67,7 @@ class AdmitDeps:
     config: Config
     router: Router
     bridges: Bridges
+    continues: Callable[[Deployment], bool]  # may a broken answer be continued there?
     prices: PriceTable
     secrets: Redactor  # every configured provider key; each request adds its own credential
     budget: MemoryBudget
@@ -121,7 +122,7 @@ class Admission:
             route = self._route(facts.model, endpoint)
         if facts.edited:
             body = encode_json_body(payload)
-        stitch = self._stitch(endpoint, payload, facts.stream)
+        stitch = self._stitch(endpoint, payload, facts.stream, route)
         # A continuation is built from the parsed request: it stays, within the budget.
         keeps_payload = estimate or stitch is not None or any(
             d.edits_body or self._crosses(endpoint.fmt, d.provider) for d in route.deployments)
@@ -190,9 +191,13 @@ class Admission:
             usable = lambda name: providers[name].format == fmt.provider_format  # noqa: E731
         return self.deps.router.route_for(model, self._provider(fmt), usable)
 
-    def _stitch(self, endpoint: Endpoint, payload: dict, stream: bool):
-        """A stream that may be continued if it breaks mid-answer gets its stitch."""
-        if not stream or self.deps.config.max_continuations <= 0:
+    def _stitch(self, endpoint: Endpoint, payload: dict, stream: bool, route: Route):
+        """A stream that may be continued if it breaks mid-answer gets its stitch (and keeps
+        its parsed payload); an unrouted model has its one try, and a route of deployments
+        that never continue has nowhere to go."""
+        if not stream or self.deps.config.max_continuations <= 0 or not route.routed:
+            return None
+        if not any(self.deps.continues(d) for d in route.deployments):
             return None
         return endpoint.fmt.stitch(payload)
 
