@@ -32,7 +32,10 @@ from .heartbeat import Heartbeat
 from .limits import MemoryBudget
 from .pipeline.admit import (ENDPOINTS, MODELS_PATH, Admission, AdmitDeps, Opened, format_for,
                              new_request_id)
+from .dedup.answers import AnswerCache, StoredAnswers
 from .pipeline.attempt import TryDeps
+from .pipeline.dedup import DEDUP_HEADER, Dedup, DedupDeps, DedupTicket, DedupTickets
+from .pipeline.fanout import LiveCalls
 from .pipeline.finalize import InFlight
 from .pipeline.relay import RelayDeps, StreamRelay, serve_estimate, serve_plain
 from .pipeline.replies import StartResponse, error_parts, error_response
@@ -52,9 +55,11 @@ log = logging.getLogger("proxy.app")
 class ProxyApp:
     """The proxied endpoints (`/v1/...`): admit, then relay; one error boundary."""
 
-    def __init__(self, admission: Admission, relay: RelayDeps, shutting_down) -> None:
+    def __init__(self, admission: Admission, relay: RelayDeps, dedup: Dedup,
+                 shutting_down) -> None:
         self.admission = admission
         self.relay = relay
+        self.dedup = dedup
         self._shutting_down = shutting_down
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -92,6 +97,10 @@ class ProxyApp:
             raise ShuttingDown("the proxy is shutting down; retry the request")
         if preq.estimate_locally:
             return serve_estimate(preq, opened.record, start_response)
+        start_response = told_dedup(start_response, preq.dedup)
+        served = self.dedup.serve(preq, opened.record, start_response)
+        if served is not None:
+            return served
         if preq.stream:
             return StreamRelay(self.relay, preq, opened.record).respond(start_response)
         return serve_plain(self.relay, preq, opened.record, start_response)
@@ -130,6 +139,15 @@ class ProxyApp:
         return error_parts(fmt, err, request_id, redactor)
 
 
+def told_dedup(start_response: StartResponse, ticket: DedupTicket | None) -> StartResponse:
+    """Every answer of a proxied endpoint says what dedup did: miss, replay, joined (or
+    off: the request was not eligible, or opted out)."""
+    def start(status, headers, exc_info=None):
+        verdict = ticket.verdict if ticket is not None else "off"
+        return start_response(status, list(headers) + [(DEDUP_HEADER, verdict)], exc_info)
+    return start
+
+
 class App:
     """The root WSGI callable: the admin endpoints mounted beside the proxy app, and the
     worker's lifecycle (`ServerHooks`: start, begin_shutdown, close, refuse_unread)."""
@@ -154,14 +172,22 @@ class App:
         requests = UpstreamRequests(config.providers)
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,
                         bridges, self.router, config.plain_timeout)
+        live_calls = LiveCalls()
+        self.answers = AnswerCache(config.cache_bytes)
+        self.stored_answers = StoredAnswers(lambda: open_store(config.db_path))
+        dedup = Dedup(DedupDeps(self.answers, self.stored_answers, live_calls,
+                                keep=lambda answer: self.tracker.keep_answer(answer),
+                                heartbeat=self.heartbeat))
         admission = Admission(AdmitDeps(
             config=config, router=self.router, bridges=bridges, continues=requests.continues,
             prices=PriceTable(config.prices),
             secrets=Redactor(p.api_key for p in config.providers.values()), budget=self.budget,
-            inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret))
+            inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret,
+            dedup=DedupTickets(config.dedup_policy, config.cache_bytes, config.anonymous)))
         self.proxy = ProxyApp(admission, RelayDeps(
             tries, self.heartbeat, self.stream_threads, config.commit_delay,
-            config.max_event_bytes, config.max_continuations), lambda: self.shutting_down)
+            config.max_event_bytes, config.max_continuations, live_calls), dedup,
+            lambda: self.shutting_down)
         self.admin = AdminApp(AdminDeps(
             db_path=config.db_path, started_tracker=self._started_tracker,
             tracker=lambda: self.tracker, shutting_down=lambda: self.shutting_down,
@@ -271,6 +297,7 @@ class App:
         if tracker is not None:
             tracker.close(max(deadline - time.monotonic(), 0.1))
         self.heartbeat.stop()
+        self.stored_answers.close()
         self.stream_threads.shutdown(wait=False)
         self.proxy.relay.tries.upstream.close()
 

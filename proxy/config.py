@@ -130,6 +130,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retry.max_continuations", int, 2, "LLM_PROXY_MAX_CONTINUATIONS",
             "Continuations per request after a stream broke mid-answer (0: never; the client "
             "gets the terminal error).", _non_negative),
+    Setting("dedup.replay_window", float, 10.0, "LLM_PROXY_REPLAY_WINDOW",
+            "Seconds after a complete answer ended during which an identical request (same "
+            "client key) gets it replayed instead of paying again; 0 turns replay off.",
+            _non_negative),
+    Setting("dedup.join_live", bool, False, "LLM_PROXY_JOIN_LIVE",
+            "An identical request that arrives while the first is still streaming shares its "
+            "upstream call (off: identical concurrent requests may be deliberate sampling).",
+            lambda v: None),
+    Setting("dedup.orphan_grace", float, 0.0, "LLM_PROXY_ORPHAN_GRACE",
+            "Seconds an upstream call goes on after all its clients hung up, so that a retry "
+            "can join it; 0 shuts it down at once.", _non_negative),
+    Setting("dedup.cache_bytes", int, 64 * 1024 * 1024, "LLM_PROXY_DEDUP_CACHE_BYTES",
+            "Bytes of finished answers one worker keeps for replay (least recently used go "
+            "first); an answer larger than a quarter of it is never kept.", _positive),
+    Setting("dedup.anonymous", bool, False, "LLM_PROXY_DEDUP_ANONYMOUS",
+            "Dedup requests that carry no client key too (they all share one scope).",
+            lambda v: None),
     Setting("breaker.failure_threshold", int, 5, None,
             "Failures within the window that open a deployment's circuit.", _positive),
     Setting("breaker.failure_ratio", float, 0.5, None,
@@ -146,7 +163,7 @@ SETTINGS: tuple[Setting, ...] = (
             "must be DEBUG, INFO, WARNING or ERROR"),
 )
 
-SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "breaker", "log")
+SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "dedup", "breaker", "log")
 SECTIONS = set(SCALAR_SECTIONS) | {"providers", "prices", "routes"}
 
 
@@ -217,6 +234,11 @@ class Config:
     backoff_max: float = 8.0
     retry_after_max: float = 30.0
     max_continuations: int = 2
+    replay_window: float = 10.0
+    join_live: bool = False
+    orphan_grace: float = 0.0
+    cache_bytes: int = 64 * 1024 * 1024
+    anonymous: bool = False
     failure_threshold: int = 5
     failure_ratio: float = 0.5
     min_requests: int = 10
@@ -236,6 +258,11 @@ class Config:
     def retry_policy(self):
         from .routing import RetryPolicy
         return RetryPolicy(self.max_attempts, self.backoff_base, self.backoff_max, self.retry_after_max)
+
+    @property
+    def dedup_policy(self):
+        from .routing import DedupPolicy
+        return DedupPolicy(self.replay_window, self.join_live, self.orphan_grace)
 
     @property
     def breaker_policy(self):
@@ -479,7 +506,8 @@ def _load_prices(section: Any) -> dict[str, dict]:
     return section
 
 
-_ROUTE_KEYS = {"deployments", "first_token_timeout", "max_attempts"}
+_ROUTE_KEYS = {"deployments", "first_token_timeout", "max_attempts", "replay_window", "join_live",
+               "orphan_grace"}
 _DEPLOYMENT_KEYS = {"provider", "model", "name", "params", "drop", "larger_context", "continuation",
                     "prefill_params"}
 
@@ -519,8 +547,25 @@ def _load_routes(section: Any, config: Config) -> list:
             if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
                 raise ConfigError(f"{where}.max_attempts must be an integer >= 1")
             retry = replace(retry, max_attempts=attempts)
-        routes.append(Route(pattern, deployments, float(timeout) if timeout else None, retry))
+        routes.append(Route(pattern, deployments, float(timeout) if timeout else None, retry,
+                            dedup=_route_dedup(where, table, config)))
     return routes
+
+
+def _route_dedup(where: str, table: dict, config: Config):
+    """A route's own dedup settings over the global ones (None: it has none of its own)."""
+    if not any(k in table for k in ("replay_window", "join_live", "orphan_grace")):
+        return None
+    policy = config.dedup_policy
+    for name in ("replay_window", "orphan_grace"):
+        value = table.get(name, getattr(policy, name))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}.{name} must be a number of seconds >= 0")
+        policy = dataclasses.replace(policy, **{name: float(value)})
+    join = table.get("join_live", policy.join_live)
+    if not isinstance(join, bool):
+        raise ConfigError(f"{where}.join_live must be true or false")
+    return dataclasses.replace(policy, join_live=join)
 
 
 def _deployment(where: str, item: Any, config: Config):

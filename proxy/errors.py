@@ -165,6 +165,15 @@ class ClientGone(ProxyError):
     end_reason = EndReason.CLIENT_GONE
 
 
+class ClientTooSlow(ProxyError):
+    """A client sharing an upstream call fell too far behind the others (its queue is
+    bounded): its stream ends with this terminal error instead of holding everyone up."""
+
+    status = 500
+    code = "client_too_slow"
+    end_reason = EndReason.CLIENT_GONE
+
+
 class UpstreamHTTPError(ProxyError):
     """An upstream error status that arrived after the stream had committed to 200: told
     as one terminal event with the upstream's status and, if it said one, its error type."""

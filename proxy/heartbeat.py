@@ -83,6 +83,7 @@ class Exchange:
         self.ended = threading.Event()  # lets a backoff wait end early
         self._deadline: float | None = None
         self.deadline_hit = False
+        self._end_at: tuple[float, ProxyError] | None = None
 
     def new_attempt(self, deadline: float | None) -> AbortHandle:
         """A fresh handle for the next upstream try; `deadline` bounds its wait for content."""
@@ -98,15 +99,27 @@ class Exchange:
         with self._lock:
             self._deadline = None
 
-    def check_deadline(self, now: float) -> None:
-        """Called by the heartbeat: a try that is silent past its deadline is cut off."""
+    def end_at(self, when: float | None, err: ProxyError | None = None) -> None:
+        """End the exchange with `err` at `when` (monotonic) unless called again first
+        (None cancels): an upstream call whose clients all left waits for a retry to join."""
         with self._lock:
+            self._end_at = None if when is None else (when, err)
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the heartbeat: a try that is silent past its deadline is cut off; an
+        exchange past its `end_at` ends."""
+        with self._lock:
+            ending = self._end_at if self._end_at is not None and now >= self._end_at[0] else None
             if self._deadline is None or now < self._deadline:
-                return
-            self._deadline = None
-            self.deadline_hit = True
-            handle = self.handle
-        handle.abort()
+                handle = None
+            else:
+                self._deadline = None
+                self.deadline_hit = True
+                handle = self.handle
+        if ending is not None:
+            self.end(ending[1])
+        elif handle is not None:
+            handle.abort()
 
     def end(self, err: ProxyError, abort: bool = True) -> bool:
         """Stop the exchange for a reason outside the stream (client gone, shutdown).

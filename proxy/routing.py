@@ -35,6 +35,26 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class DedupPolicy:
+    """When a request may share an answer instead of paying for its own (README: "Never
+    pay twice"): a finished answer for `replay_window` seconds after it ended; a live one
+    when `join_live`; one whose clients all left for `orphan_grace` seconds."""
+
+    replay_window: float = 10.0
+    join_live: bool = False
+    orphan_grace: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.replay_window > 0 or self.join_live or self.orphan_grace > 0
+
+    @property
+    def shares_live(self) -> bool:
+        """Does a live call of this route take joiners (always, or once orphaned)?"""
+        return self.join_live or self.orphan_grace > 0
+
+
+@dataclass(frozen=True)
 class BreakerPolicy:
     failure_threshold: int = 5  # failures within `window` that open the breaker
     failure_ratio: float = 0.5  # ...or this share of failures
@@ -78,6 +98,7 @@ class Route:
     first_token_timeout: float | None = None
     retry: RetryPolicy = RetryPolicy()
     routed: bool = True  # False for the pass-through default: no breakers, no retries
+    dedup: DedupPolicy | None = None  # None: the global [dedup] settings
 
     def matches(self, model: str) -> bool:
         return self.pattern == model or fnmatch.fnmatchcase(model, self.pattern)
@@ -411,7 +432,8 @@ class Router:
                 if not usable:
                     raise NoUsableDeployment(
                         f"model {model!r} is routed only to providers that do not speak this API")
-                return Route(route.pattern, usable, route.first_token_timeout, route.retry)
+                return Route(route.pattern, usable, route.first_token_timeout, route.retry,
+                             dedup=route.dedup)
         return pass_through_route(default_provider)
 
     def plan(self, route: Route) -> AttemptPlan:

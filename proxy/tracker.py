@@ -58,6 +58,7 @@ SPILL_CHECK_INTERVAL = 5.0  # other workers may have spilled: look this often wh
 STALE_CLAIM = 15 * 60
 REPLAY_CHUNK = 500  # spilled rows inserted per transaction
 MAX_BACKOFF = 2.0
+ANSWER_QUEUE_BYTES = 64 * 1024 * 1024  # answers waiting for the store; the oldest go first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +298,8 @@ class Tracker:
         self.busy_timeout_ms = busy_timeout_ms
         self.spill_after = spill_after
         self._rows: collections.deque[dict] = collections.deque()
+        self._answers: collections.deque = collections.deque()  # StoredAnswers to keep
+        self._answer_bytes = 0
         self._cond = threading.Condition()
         self._state_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -381,6 +384,19 @@ class Tracker:
             reason = "tracker closed" if self._closed else "queue full"
         self._spill_rows([row], reason)
 
+    def keep_answer(self, answer) -> None:
+        """Queue a finished answer for the store, where every worker of the host finds it
+        (proxy/dedup).  A cache, not a record: bounded, written before the rows queued
+        after it, and dropped (never spilled) when the store refuses it."""
+        with self._cond:
+            if self._closed:
+                return
+            self._answers.append(answer)
+            self._answer_bytes += answer.size
+            while self._answer_bytes > ANSWER_QUEUE_BYTES and len(self._answers) > 1:
+                self._answer_bytes -= self._answers.popleft().size
+            self._cond.notify_all()
+
     def flush(self, timeout: float = 5.0) -> bool:
         """True once every row recorded before this call is committed to the database.
 
@@ -437,6 +453,7 @@ class Tracker:
     def _work(self) -> bool:
         """One round: a batch, then (now and then) the spill directory; True to stop."""
         batch, stop = self._next_batch()
+        self._keep_answers()  # queued before the batch's rows: stored before them
         if batch:
             self._store(batch)
         if time.monotonic() >= self._next_spill_check:
@@ -465,13 +482,28 @@ class Tracker:
         """Up to batch_size rows: wait for the first, then at most flush_interval for more
         (less when a batch is full, someone is flushing, or the tracker is closing)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._rows or self._closing.is_set(), _IDLE_POLL)
+            self._cond.wait_for(lambda: self._rows or self._answers or self._closing.is_set(),
+                                _IDLE_POLL)
             if not self._rows:
                 return [], self._closing.is_set()
             if not self._in_a_hurry():
                 self._cond.wait_for(self._in_a_hurry, self.flush_interval)
             count = min(len(self._rows), self.batch_size)
             return [self._rows.popleft() for _ in range(count)], False
+
+    def _keep_answers(self) -> None:
+        with self._cond:
+            answers = list(self._answers)
+            self._answers.clear()
+            self._answer_bytes = 0
+        if not answers:
+            return
+        try:
+            self.store.put_answers([a.to_row() for a in answers], time.time())
+        except StoreFault as fault:  # the rows' own retries will tell about the fault
+            log.debug("kept answers dropped: the store refused them (%s)", fault.kind)
+        except Exception:  # a cache: a bug here must not stall the rows
+            log.exception("kept answers dropped")
 
     def _in_a_hurry(self) -> bool:
         return len(self._rows) >= self.batch_size or self._flushing > 0 or self._closing.is_set()
@@ -678,6 +710,9 @@ class NullTracker:
         pass
 
     def record(self, rec: UsageRecord) -> None:
+        pass
+
+    def keep_answer(self, answer) -> None:
         pass
 
     def flush(self, timeout: float = 5.0) -> bool:

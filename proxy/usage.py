@@ -34,11 +34,13 @@ class EndReason(enum.StrEnum):
     FIRST_TOKEN_TIMEOUT = "first_token_timeout"
     CONNECT_ERROR = "connect_error"
     REJECTED = "rejected"
-    REPLAYED = "replayed"
+    REPLAY = "replay"  # a duplicate answered with a finished answer kept for replay
+    JOINED = "joined"  # a duplicate that shared a live upstream call
     SHUTDOWN = "shutdown"
 
 
 END_REASONS = tuple(reason.value for reason in EndReason)
+DEDUP_REASONS = (EndReason.REPLAY.value, EndReason.JOINED.value)  # served without paying
 
 
 @dataclass
@@ -98,6 +100,8 @@ class UsageRecord:
     attempt_log: str | None = None  # JSON: the failed tries before the answer (routing)
     continuations: int = 0  # calls that continued the answer after a stream broke mid-answer
     continuation_cost_usd: float | None = None  # what sending the prompt again cost them
+    paid_by: str | None = None  # a replayed or joined request: the request that paid
+    saved_cost_usd: float | None = None  # ...and what its answer cost that request
 
     def apply_usage(self, usage: Usage) -> None:
         """Copy parsed usage in; the upstream's own model name wins over the routed one."""
@@ -136,7 +140,7 @@ _BOOL_FIELDS = ("priced", "usage_complete", "stream")
 # Longest text stored per field (longer values are cut with a marker that says so): a client
 # chooses the model name and an upstream its error message, and either can be megabytes.
 TEXT_LIMITS = {
-    "request_id": 64, "endpoint": 64, "end_reason": 64, "client_key_id": 64,
+    "request_id": 64, "paid_by": 64, "endpoint": 64, "end_reason": 64, "client_key_id": 64,
     "model_requested": 256, "deployment": 256, "upstream_model": 256, "stop_reason": 128,
     "error": 2000, "attempt_log": 64 * 1024,
 }

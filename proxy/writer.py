@@ -65,6 +65,19 @@ class LockedWriter:
             self._push(frame)
             return True
 
+    def offer_event(self, frame: bytes, has_id: bool = False, last: bool = False) -> bool:
+        """Queue one event without waiting: False when the writer is closed or its client
+        has `max_buffered` bytes queued already (a shared stream never waits for one client)."""
+        if self._redactor is not None:
+            frame = self._redactor.data(frame)
+        with self._cond:
+            if self._closed or self._queued > self.max_buffered:
+                return False
+            self.saw_id = self.saw_id or has_id
+            self._ended = self._ended or last
+            self._push(frame)
+            return True
+
     def write_keepalive_if_idle(self, now: float, interval: float) -> bool:
         with self._cond:
             if self._closed or self._ended or not self.keepalive or now - self.last_write < interval:

@@ -28,6 +28,7 @@ from ..redact import Redactor, client_key_id, request_credentials
 from ..routing import Deployment, Route, Router, pass_through_route
 from ..text import loggable
 from ..upstream import encode_json_body, forwardable_headers
+from .dedup import DedupTickets
 from .finalize import InFlight, RequestRecord, RowSink
 from .request import ProxyRequest
 
@@ -74,6 +75,7 @@ class AdmitDeps:
     inflight: InFlight
     rows: Callable[[], RowSink]  # this process's usage writer (started on first use)
     key_secret: Callable[[], bytes]  # keys client key ids (read on first use)
+    dedup: DedupTickets  # which requests may share an answer, and their keys
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Admission:
         opened.record.model_named(model)
         if endpoint.needs_model and not (model or "").strip():
             raise BadRequest("`model` is required and must be a non-empty string")
+        stream_options = payload.get("stream_options")  # as the client sent them (dedup)
         facts = endpoint.fmt.request_facts(payload, endpoint.may_stream)
         opened.record.admitted(stream=facts.stream,
                                usage_format=endpoint.fmt if endpoint.bills_usage else None)
@@ -126,6 +129,10 @@ class Admission:
         # A continuation is built from the parsed request: it stays, within the budget.
         keeps_payload = estimate or stitch is not None or any(
             d.edits_body or self._crosses(endpoint.fmt, d.provider) for d in route.deployments)
+        dedup = None if estimate else self.deps.dedup.ticket(
+            endpoint.name, payload, body, keeps_payload, facts.stream, stream_options, route,
+            opened.record.row.client_key_id, request.headers, opened.redactor.data,
+            endpoint.fmt.name)
         if not keeps_payload:
             reservation.shrink(len(body))  # the parsed object is gone; the body stays
         return ProxyRequest(
@@ -134,7 +141,7 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
-            redactor=opened.redactor, estimate_locally=estimate, stitch=stitch)
+            redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup)
 
     def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
         """`GET /v1/models`: passed to the provider of the client's own API, untouched."""

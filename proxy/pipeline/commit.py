@@ -47,22 +47,43 @@ class CommitRule:
         self.phase = Phase.WAITING
         self.answer: Answer | None = None
         self.refusal: Outcome | None = None
+        self._on_settled: list = []  # called once the phase leaves WAITING
+
+    def when_settled(self, callback) -> None:
+        """Call `callback()` once the phase is no longer WAITING (now, if it is not):
+        clients that share this request's answer wait for that."""
+        with self._lock:
+            if self.phase is Phase.WAITING:
+                self._on_settled.append(callback)
+                return
+        callback()
+
+    def _settled(self) -> None:
+        """Under the lock, as the phase leaves WAITING: the callbacks, to run after it."""
+        callbacks, self._on_settled = self._on_settled, []
+        return callbacks
 
     # -- server thread -------------------------------------------------------------
     def wait(self, delay: float) -> Phase:
         """The phase the response starts in: decided by the stream thread within `delay`,
         or COMMITTED (so keepalives can flow while the deployments take their time)."""
         self._decided.wait(delay)
+        callbacks = []
         with self._lock:
             if self.phase is Phase.WAITING:
                 self.phase = Phase.COMMITTED
-            return self.phase
+                callbacks = self._settled()
+            phase = self.phase
+        for callback in callbacks:
+            callback()
+        return phase
 
     # -- stream thread ---------------------------------------------------------------
     def answer_with(self, response: UpstreamResponse, deployment: str,
                     translated: bool = False) -> bool:
         """This deployment answers.  False when its answer cannot be the response: a JSON
         body after `200 text/event-stream` went out, or the request already ended."""
+        callbacks = []
         with self._lock:
             if self.phase is Phase.REFUSED:
                 return False
@@ -72,7 +93,10 @@ class CommitRule:
                 self.phase = Phase.ANSWERING
                 self.answer = Answer(response, deployment, translated)
                 self._decided.set()
-            return True
+                callbacks = self._settled()
+        for callback in callbacks:
+            callback()
+        return True
 
     def refuse(self, outcome: Outcome) -> bool:
         """No answer: True when the server thread will send it as an error response;
@@ -83,7 +107,10 @@ class CommitRule:
             self.phase = Phase.REFUSED
             self.refusal = outcome
             self._decided.set()
-            return True
+            callbacks = self._settled()
+        for callback in callbacks:
+            callback()
+        return True
 
     @property
     def streaming(self) -> bool:

@@ -56,6 +56,8 @@ class RequestRecord:
         self._body = bytearray()
         self.body_bytes = 0
         self._earlier_calls: list[Usage] = []  # of an answer continued after a break
+        self._answer = None  # a StoredAnswer to keep for replay, if this one completes
+        self._keep: Callable | None = None
         self.row = UsageRecord(request_id=request_id, started_at=time.time(), endpoint=endpoint,
                                client_key_id=client_key_id, bytes_in=bytes_in)
 
@@ -138,6 +140,41 @@ class RequestRecord:
         body = self._decoded_body()
         return fmt.upstream_error_message(body) if body is not None else None
 
+    # -- dedup -------------------------------------------------------------------------------
+    def keep_answer(self, answer, keep: Callable) -> None:
+        """Should this request complete, `keep(answer)` (with its usage) is called before
+        the row is queued: a duplicate finds the answer as soon as the row is stored."""
+        with self._lock:
+            if not self._finished:
+                self._answer, self._keep = answer, keep
+
+    @property
+    def ended(self) -> bool:
+        with self._lock:
+            return self._finished
+
+    def deduped(self, reason: EndReason, paid_by: str, usage: dict, status: int,
+                bytes_out: int) -> None:
+        """Answered without an upstream call (replayed, or joined to another request's):
+        the paying request's tokens are kept for the report; this request cost nothing and
+        saved what the answer cost the one that paid."""
+        self._usage_format = self._parser = None
+        fields = {name: usage.get(name) for name in ("input_tokens", "output_tokens",
+                                                     "cache_read_tokens", "cache_write_tokens",
+                                                     "reasoning_tokens", "stop_reason",
+                                                     "upstream_model", "deployment")}
+        self._set(**fields, usage_complete=bool(usage.get("usage_complete")), attempts=0,
+                  paid_by=paid_by, cost_usd=0.0, priced=True,
+                  saved_cost_usd=usage.get("cost_usd") if usage.get("priced") else None)
+        self._finish(status, reason, None, bytes_out)
+
+    def shared_failure(self, source: UsageRecord, status: int, bytes_out: int) -> None:
+        """A joined request whose shared upstream call failed: it ends as that call did
+        (nothing complete was delivered, so nothing was saved)."""
+        self._usage_format = self._parser = None
+        self._set(deployment=source.deployment, attempts=0)
+        self._finish(status, EndReason(source.end_reason), source.error, bytes_out)
+
     # -- the end: the first of these counts --------------------------------------------------
     def complete(self, status: int, bytes_out: int) -> None:
         self._finish(status, EndReason.COMPLETE, None, bytes_out)
@@ -165,11 +202,20 @@ class RequestRecord:
             except Exception:  # odd usage must not cost the row
                 log.exception("request %s: usage could not be read", rec.request_id)
             self._mask_secrets(rec)
+            if self._answer is not None and reason is EndReason.COMPLETE and 200 <= status < 300:
+                self._keep_answer(rec)
             self._sink.record(rec)
             self._log(rec)
         finally:
             if self._on_finish is not None:
                 self._on_finish(self)
+
+    def _keep_answer(self, rec: UsageRecord) -> None:
+        try:
+            self._keep(self._answer.settle(rec))
+        except Exception:  # a cache: losing an entry must not cost the row
+            log.exception("request %s: its answer could not be kept for replay", rec.request_id)
+        self._answer = self._keep = None
 
     def _set(self, **fields: Any) -> None:
         with self._lock:

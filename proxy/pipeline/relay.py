@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from ..errors import (ClientGone, ProxyError, ShuttingDown, UntranslatableAnswer, UpstreamBroken,
@@ -34,6 +34,7 @@ from ..upstream import UpstreamResponse, shutdown_quietly
 from ..writer import LockedWriter
 from .attempt import Outcome, TryDeps, TryLoop
 from .commit import Answer, CommitRule, Phase
+from .fanout import LiveCall, LiveCalls, Member
 from .finalize import RequestRecord
 from .replies import (SSE_CONTENT_TYPE, DEPLOYMENT_HEADER, StartResponse,
                       committed_stream_headers, error_response, proxy_headers, reason_phrase,
@@ -64,6 +65,7 @@ class RelayDeps:
     commit_delay: float
     max_event_bytes: int
     max_continuations: int = 0  # continuations per request after a stream broke mid-answer
+    live_calls: LiveCalls = field(default_factory=LiveCalls)  # streams others may join
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -182,6 +184,10 @@ class TranslatedBody:
     def respond(self, preq: ProxyRequest, record: RequestRecord,
                 start_response: StartResponse) -> list[bytes]:
         body = preq.redactor.data(self.body)
+        pending = preq.dedup.pending if preq.dedup is not None else None
+        if pending is not None:
+            pending.status, pending.content_type = self.status, "application/json"
+            pending.add(body)
         record.complete(self.status, len(body))  # queued before the client has the answer
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         start_response(f"{self.status} {reason_phrase(self.status)}",
@@ -206,6 +212,14 @@ class PassThrough:
         start_response(f"{status} {reason}", headers)
         return self._body()
 
+    def _pending(self):
+        """The answer to keep for replay, if this request's is kept (see pipeline/dedup)."""
+        pending = self.preq.dedup.pending if self.preq.dedup is not None else None
+        if pending is not None:
+            pending.status = self.resp.status
+            pending.content_type = self.resp.header("content-type") or "application/json"
+        return pending
+
     def _body(self) -> Iterator[bytes]:
         """The decoded body as it arrives, echoed keys masked (a key split between two
         reads included).
@@ -218,10 +232,13 @@ class PassThrough:
         masking = self.preq.redactor.stream()
         length = self._declared_length()
         held = b""
+        pending = self._pending()
         try:
             yield b""  # the status and headers go out now, whatever the body does
             for chunk in self.resp.decoded_chunks():
                 self.record.add_body_copy(chunk)
+                if pending is not None:
+                    pending.add(chunk)
                 out = masking.feed(chunk)
                 if length is not None and self.record.body_bytes >= length:  # the last piece
                     out += masking.flush()
@@ -326,12 +343,35 @@ class StreamRelay:
     def __init__(self, deps: RelayDeps, preq: ProxyRequest, record: RequestRecord) -> None:
         self.deps, self.preq, self.record = deps, preq, record
         self.view = preq.fmt.stream_view(strip_usage_chunk=preq.strip_usage_chunk)
-        self.writer = LockedWriter(keepalive=preq.keepalive, redactor=preq.redactor)
-        self.exchange = Exchange(preq.client_socket, self.writer, on_end=self._ended_from_outside)
         self.commit = CommitRule()
         self._protocol_end: EventKind | None = None
         self.stitch = preq.stitch  # None: this answer is never continued
         self.continuations_left = deps.max_continuations
+        ticket = preq.dedup
+        self.pending = ticket.pending if ticket is not None else None  # kept if it completes
+        self.live: LiveCall | None = None
+        if ticket is not None and ticket.shares:
+            self._share(ticket)
+        else:
+            self.writer = LockedWriter(keepalive=preq.keepalive, redactor=preq.redactor)
+            self.exchange = Exchange(preq.client_socket, self.writer,
+                                     on_end=self._ended_from_outside)
+            self.client = self.writer
+
+    def _share(self, ticket) -> None:
+        """The upstream call is shared (README: "Never pay twice"): the stream thread writes
+        into the live call, which hands each event to every client, this one first; the
+        upstream's exchange has no client of its own."""
+        self.exchange = Exchange(None, None, on_end=self._ended_from_outside)
+        self.live = LiveCall(ticket.key, self.preq.request_id, self.commit, self.record,
+                             self.exchange, self.deps.heartbeat, ticket.policy.orphan_grace,
+                             ticket.history_limit, on_close=self.deps.live_calls.remove)
+        self.writer = self.live
+        self.client = LockedWriter(keepalive=self.preq.keepalive, redactor=self.preq.redactor)
+        self.member = Member(self.preq.request_id, None, self.client, self.preq.client_socket,
+                             self.view.terminal_error)
+        self.live.add(self.member)
+        self.deps.live_calls.add(self.live)
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
@@ -340,6 +380,7 @@ class StreamRelay:
             self.deps.stream_threads.submit(self._run)
         except RuntimeError:  # the pool is shut down: the proxy was closed meanwhile
             self.deps.heartbeat.unregister(self.exchange)
+            self.writer.close()
             raise ShuttingDown("the proxy is closed; retry the request") from None
         phase = self.commit.wait(self.deps.commit_delay)
         if phase is Phase.COMMITTED:
@@ -347,8 +388,15 @@ class StreamRelay:
             return self._frames()
         if phase is Phase.REFUSED:
             self.deps.heartbeat.unregister(self.exchange)
+            if self.live is not None:
+                self.live.drop(self.member)
             return render_refusal(self.preq, self.record, self.commit.refusal, start_response)
         answer = self.commit.answer
+        if not answer.response.is_event_stream:
+            self.record.keep_answer(None, None)  # its events were not recorded: not kept
+            if self.live is not None:  # a JSON body is read once: nobody else gets it
+                self.live.close()
+                self.exchange.client_socket = self.preq.client_socket  # probed from now on
         if answer.response.is_event_stream:
             # A translated answer's headers are the proxy's own: the upstream's describe
             # another API.
@@ -364,11 +412,12 @@ class StreamRelay:
         drained = False
         try:
             yield b""
-            yield from self.writer.frames()
+            yield from self.client.frames()
             drained = True
         finally:
             if not drained:
-                self.exchange.end(ClientGone("the client went away while the stream was written"))
+                gone = ClientGone("the client went away while the stream was written")
+                (self.member.exchange if self.live is not None else self.exchange).end(gone)
 
     def _ended_from_outside(self, err: ProxyError) -> None:
         """Client gone or shutdown.  A streaming response gets the terminal error; before
@@ -391,6 +440,8 @@ class StreamRelay:
             outcome = Outcome.failed(ProxyError(f"internal error in the proxy: {type(exc).__name__}"))
         if not outcome.answered and not self.commit.refuse(outcome):
             self._end_with_error(outcome.as_error(self.preq.fmt), status=200)
+        elif not outcome.answered and self.live is not None:
+            self.live.close()  # refused: its clients answer the refusal themselves
 
     def _take(self, resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> Outcome:
         """Relay one deployment's answer; a failure here means it failed before content."""
@@ -464,6 +515,7 @@ class StreamRelay:
         if payload is not None:
             self.record.observe_event(event.event, payload)
         if kind is EventKind.SKIP:
+            self._keep_hidden(event, current)
             return
         if kind is EventKind.UPSTREAM_ERROR and current.held is None and self._error_may_be_continued(
                 current, payload):
@@ -542,8 +594,20 @@ class StreamRelay:
                     self.view.last_sequence = new_data["sequence_number"]  # for a terminal error
         return out
 
+    def _keep_hidden(self, event: Event, current: TryStream) -> None:
+        """The usage chunk the client did not ask for: a JSON body of the answer has it."""
+        if current.translator is not None or current.continuing:
+            return
+        if self.pending is not None:
+            self.pending.add_hidden(event.raw)
+        if self.live is not None:
+            self.live.add_hidden(event.raw)
+
     def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False) -> bool:
         """One write per client event; False once the writer is closed."""
+        if self.pending is not None:
+            for frame in frames:
+                self.pending.add(frame)
         for number, frame in enumerate(frames, 1):
             if not self.writer.write_event(frame, has_id, last=last and number == len(frames)):
                 return False

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..formats import Format
 from ..formats.stitch import Stitch
 from ..redact import Redactor
 from ..routing import Route
+
+if TYPE_CHECKING:
+    from .dedup import DedupTicket
 
 
 @dataclass
@@ -30,3 +34,4 @@ class ProxyRequest:
     redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed
     estimate_locally: bool = False  # count_tokens the proxy answers itself (see admit)
     stitch: Stitch | None = None  # splices a continuation in, if this answer may be continued
+    dedup: "DedupTicket | None" = None  # may share an answer (see pipeline/dedup)

@@ -39,6 +39,9 @@ class Counts(TypedDict):
     unpriced_requests: int  # rows that used tokens but had no price: spend the cost misses
     continued_requests: int  # answers continued after their stream broke
     continuation_cost_usd: float  # what those continuations cost on top (the prompt again)
+    dedup_requests: int  # duplicates answered by replay or by joining, without paying
+    dedup_tokens: int  # the tokens those answers would have cost (not in the sums above)
+    dedup_saved_usd: float  # what they would have cost
     failures: dict[str, int]  # rows per end_reason, every reason except "complete"
 
 
@@ -46,7 +49,7 @@ def empty_counts() -> Counts:
     """The counts of no rows at all."""
     return Counts(requests=0, **dict.fromkeys(TOKEN_FIELDS, 0), cost_usd=0.0,
                   unpriced_requests=0, continued_requests=0, continuation_cost_usd=0.0,
-                  failures={})
+                  dedup_requests=0, dedup_tokens=0, dedup_saved_usd=0.0, failures={})
 
 
 class TrackerPathError(Exception):
@@ -120,6 +123,25 @@ class UsageStore(abc.ABC):
         given; the first ``limit`` when given): what a test or an embedding application
         asserts on.
         Raises as ``totals`` does."""
+
+
+    # -- finished answers kept for replay (a cache shared by the workers; see proxy/dedup) --
+
+    @abc.abstractmethod
+    def put_answers(self, answers: list[dict], now: float) -> None:
+        """Keep ``answers`` (dicts of ANSWER_FIELDS) and forget those expired before ``now``,
+        in one transaction.  Raises StoreFault (nothing kept: they are a cache, the caller
+        drops them)."""
+
+    @abc.abstractmethod
+    def find_answers(self, shape: str, now: float) -> list[dict]:
+        """The kept answers of this shape that have not expired by ``now``, newest first.
+        None kept (or no such table yet) is an empty list.  Raises StoreFault."""
+
+
+# What a kept answer is stored as (proxy/dedup/answers.py builds and reads them).
+ANSWER_FIELDS = ("shape", "digest", "stream", "variant", "fmt", "content_type", "status", "body",
+                 "hidden", "paid_by", "usage", "ended_at", "expires_at")
 
 
 def open_store(db: str, busy_timeout_ms: int = 5000) -> UsageStore:

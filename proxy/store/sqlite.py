@@ -21,13 +21,14 @@ import time
 from typing import Any, Iterator
 
 from ..text import loggable
-from ..usage import RECORD_FIELDS
-from . import TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError, UsageStore, \
+from ..usage import DEDUP_REASONS, RECORD_FIELDS
+from . import ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError, UsageStore, \
     empty_counts
 
 log = logging.getLogger(__name__)
 
 TABLE = "usage_records"
+ANSWERS = "dedup_answers"
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -53,6 +54,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v3: continuations of an answer whose stream broke, and what they cost on top.
     (f"ALTER TABLE {TABLE} ADD COLUMN continuations INTEGER DEFAULT 0",
      f"ALTER TABLE {TABLE} ADD COLUMN continuation_cost_usd REAL"),
+    # v4: dedup: who paid for a replayed or joined answer and what it saved; the finished
+    # answers kept for replay, shared by the workers (a cache: rows expire).
+    (f"ALTER TABLE {TABLE} ADD COLUMN paid_by TEXT",
+     f"ALTER TABLE {TABLE} ADD COLUMN saved_cost_usd REAL",
+     f"""CREATE TABLE {ANSWERS} (
+            shape TEXT NOT NULL, digest TEXT NOT NULL, stream INTEGER, variant TEXT, fmt TEXT,
+            content_type TEXT, status INTEGER, body BLOB, hidden BLOB, paid_by TEXT,
+            usage TEXT, ended_at REAL, expires_at REAL
+        )""",
+     f"CREATE INDEX {ANSWERS}_shape ON {ANSWERS} (shape, expires_at)",
+     f"CREATE INDEX {ANSWERS}_expires ON {ANSWERS} (expires_at)"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -63,24 +75,33 @@ _INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_PARAMS})"
 # a stuck writer committed it after all): the request id decides.
 _INSERT_NEW = (f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_PARAMS} WHERE NOT EXISTS "
                f"(SELECT 1 FROM {TABLE} WHERE request_id = :request_id)")
+_INSERT_ANSWER = (f"INSERT INTO {ANSWERS} ({', '.join(ANSWER_FIELDS)}) VALUES "
+                  f"({', '.join(':' + name for name in ANSWER_FIELDS)})")
 # Errors that belong to one row (a constraint, a value SQLite cannot bind), not to the
 # database; anything else from SQLite is a fault of the store, and rows wait.
 _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError,
                sqlite3.DataError, OverflowError, ValueError, TypeError)
 
-# The report's sums; the order is the order of Counts (see _counts).
+# The report's sums; the order is the order of Counts (see _counts).  A replayed or joined
+# request paid nothing: its tokens are counted as saved, never as used.
+_DEDUP = "('" + "', '".join(DEDUP_REASONS) + "')"
 _HAS_TOKENS = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4]) + " > 0"
 _AGGREGATES = ", ".join(
     ["COUNT(*)"]
-    + [f"COALESCE(SUM({c}), 0)" for c in TOKEN_FIELDS]
+    + [f"COALESCE(SUM(CASE WHEN {{paid_by}} IS NULL THEN {c} END), 0)" for c in TOKEN_FIELDS]
     + ["TOTAL(CASE WHEN priced THEN cost_usd END)",
        f"COALESCE(SUM(CASE WHEN NOT priced AND {_HAS_TOKENS} THEN 1 ELSE 0 END), 0)",
        "COALESCE(SUM(CASE WHEN {continuations} > 0 THEN 1 ELSE 0 END), 0)",
-       "TOTAL({continuation_cost_usd})"]
+       "TOTAL({continuation_cost_usd})",
+       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN 1 ELSE 0 END), 0)",
+       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN "
+       + " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4]) + " END), 0)",
+       f"TOTAL(CASE WHEN end_reason IN {_DEDUP} THEN {{saved_cost_usd}} END)"]
 )
 # Columns later schema versions added: a database not migrated yet (the report reads, never
 # migrates; the server migrates on its first write) reads as if they held nothing.
-_ADDED_COLUMNS = {"attempt_log": "NULL", "continuations": "0", "continuation_cost_usd": "NULL"}
+_ADDED_COLUMNS = {"attempt_log": "NULL", "continuations": "0", "continuation_cost_usd": "NULL",
+                  "paid_by": "NULL", "saved_cost_usd": "NULL"}
 _SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
 _GROUP_EXPRESSIONS = {
     "day": "date(started_at, 'unixepoch')",
@@ -146,6 +167,34 @@ class SqliteStore(UsageStore):
             self.close()  # a remounted or replaced file needs a fresh connection
             raise _fault(exc) from None
 
+    # -- answers kept for replay --------------------------------------------------------------
+
+    def put_answers(self, answers: list[dict], now: float) -> None:
+        self.open()
+        try:
+            with _write_transaction(self._writer):
+                self._writer.executemany(_INSERT_ANSWER, answers)
+                self._writer.execute(f"DELETE FROM {ANSWERS} WHERE expires_at < ?", (now,))
+        except (sqlite3.Error, OSError, ValueError, TypeError, OverflowError) as exc:
+            self.close()
+            raise _fault(exc) from None
+
+    def find_answers(self, shape: str, now: float) -> list[dict]:
+        try:
+            conn = self._reading()
+            if conn is None:
+                return []
+            found = conn.execute(f"SELECT {', '.join(ANSWER_FIELDS)} FROM {ANSWERS} WHERE shape = ? "
+                                 "AND expires_at > ? ORDER BY ended_at DESC LIMIT 8",
+                                 (shape, now)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a database from before dedup: nothing kept
+                return []
+            raise _fault(exc) from None
+        except (sqlite3.Error, OSError) as exc:
+            raise _fault(exc) from None
+        return [dict(zip(ANSWER_FIELDS, values)) for values in found]
+
     # -- the report's queries ---------------------------------------------------------------
 
     def totals(self, since: float | None, until: float | None) -> Counts:
@@ -174,13 +223,12 @@ class SqliteStore(UsageStore):
         groups with the most spend, then requests (their failures only)."""
         where, params = _window(since, until)
         limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
-        aggregates = _AGGREGATES.format(
-            continuations=self._column("continuations", alias=False),
-            continuation_cost_usd=self._column("continuation_cost_usd", alias=False))
+        aggregates = _AGGREGATES.format(**{name: self._column(name, alias=False) for name in (
+            "continuations", "continuation_cost_usd", "paid_by", "saved_cost_usd")})
         groups = {row[0]: _counts(row[1:]) for row in self._query(
             f"SELECT {expression} AS k, {aggregates} FROM {TABLE}{_where(where)} "
             f"GROUP BY k{limit}", params)}
-        failed, failed_params = [*where, "end_reason != 'complete'"], list(params)
+        failed, failed_params = [*where, f"end_reason NOT IN ('complete', {_DEDUP[1:]}"], list(params)
         if top is not None:
             failed.append(_member_of(expression, list(groups), failed_params))
         for key, reason, count in self._query(
@@ -377,7 +425,9 @@ def _member_of(expression: str, keys: list, params: list) -> str:
 
 
 def _counts(values: tuple) -> Counts:
-    requests, *tokens, cost, unpriced, continued, continuation_cost = values
+    requests, *tokens, cost, unpriced, continued, continuation_cost = values[:-3]
+    deduped, dedup_tokens, saved = values[-3:]
     return Counts(requests=requests, **dict(zip(TOKEN_FIELDS, tokens)), cost_usd=cost,
                   unpriced_requests=unpriced, continued_requests=continued,
-                  continuation_cost_usd=continuation_cost, failures={})
+                  continuation_cost_usd=continuation_cost, dedup_requests=deduped,
+                  dedup_tokens=dedup_tokens, dedup_saved_usd=saved, failures={})

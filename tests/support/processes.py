@@ -130,6 +130,8 @@ class ProxyProcess:
             "LLM_PROXY_BIND": f"127.0.0.1:{self.port}",
             "LLM_PROXY_WORKERS": str(workers),
             "LLM_PROXY_THREADS": str(threads),
+            # Tests repeat identical requests on purpose: replay is tested where it is asked for.
+            "LLM_PROXY_REPLAY_WINDOW": "0",
             "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT)]),
         })
         if tls:  # gunicorn itself speaks TLS (the deployment leaves it to nginx)

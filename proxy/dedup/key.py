@@ -1,0 +1,125 @@
+"""The dedup key of a request: which earlier or live answer it may share.  Free of I/O.
+
+Two requests share an answer only when they come from the same client key, to the same
+endpoint, with the same canonical JSON body (key order and whitespace aside) apart from
+`stream` and `stream_options`: those change only how the answer is delivered, and a
+streamed answer can be delivered again as JSON.  A streamed delivery also needs the same
+`stream_options` (they change the events: a usage chunk, obfuscation), which is the key's
+`variant`.
+
+Canonicalising a 200 KB body costs about 0.85 ms, four times the dedup budget for a whole
+request, so the hot path computes only a *shape* (the scope, the model, the body's keys,
+the number of messages and the size of the last one), a few microseconds whatever the body
+size.  The canonical digest is computed only when a shape matches something kept or live
+(and for the answer that is kept, off the request's path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any, Mapping
+
+OPT_OUT_HEADER = "x-llm-proxy-dedup"  # request: "off" opts out; response: what happened
+_DELIVERY_FIELDS = ("stream", "stream_options")
+_OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
+
+
+def opted_out(headers: Mapping[str, str]) -> bool:
+    """Did the client ask for a fresh answer (`Cache-Control: no-cache`/`no-store`, or
+    `x-llm-proxy-dedup: off`)?"""
+    control = (headers.get("cache-control") or "").lower()
+    if "no-cache" in control or "no-store" in control:
+        return True
+    return (headers.get(OPT_OUT_HEADER) or "").strip().lower() in _OFF_VALUES
+
+
+def canonical_digest(payload: Any) -> str:
+    """The digest of a request body as its meaning: sorted keys, no whitespace, and
+    without the delivery fields."""
+    if isinstance(payload, dict):
+        payload = {k: v for k, v in payload.items() if k not in _DELIVERY_FIELDS}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def stream_variant(stream_options: Any) -> str:
+    """`stream_options` as the client sent them, canonical ("" for none)."""
+    if stream_options is None:
+        return ""
+    return json.dumps(stream_options, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class DedupKey:
+    """One request's key: its shape at once, its digest on demand (computed once)."""
+
+    def __init__(self, shape: str, body: bytes, payload: dict | None, stream: bool,
+                 variant: str) -> None:
+        self.shape = shape
+        self.stream = stream
+        self.variant = variant
+        self._source: Any = payload if payload is not None else body
+        self._digest: str | None = None
+        self._lock = threading.Lock()
+
+    def digest(self) -> str:
+        """The canonical digest; a body that no longer parses digests as its bytes."""
+        with self._lock:
+            if self._digest is None:
+                self._digest = digest_of(self._source)
+                self._source = None  # the request's body is not held for this any longer
+            return self._digest
+
+    @classmethod
+    def known(cls, shape: str, digest: str, stream: bool, variant: str) -> "DedupKey":
+        """The key of a kept answer, whose digest is already known."""
+        key = cls(shape, b"", None, stream, variant)
+        key._digest = digest
+        return key
+
+
+def digest_of(source: Any) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            return canonical_digest(json.loads(source))
+        except (ValueError, RecursionError):
+            return "raw:" + hashlib.sha256(bytes(source)).hexdigest()
+    return canonical_digest(source)
+
+
+def request_key(scope: str, endpoint: str, payload: dict, body: bytes, keep_payload: bool,
+                stream: bool, stream_options: Any) -> DedupKey:
+    """The key of a parsed request (`stream_options` as the client sent them, before the
+    proxy asked for usage).  `keep_payload`: the parsed payload stays in memory anyway, so
+    the digest reads it instead of parsing the body again."""
+    shape = shape_of(scope, endpoint, payload)
+    return DedupKey(shape, body, payload if keep_payload else None, stream,
+                    stream_variant(stream_options))
+
+
+def shape_of(scope: str, endpoint: str, payload: dict) -> str:
+    """A cheap digest of what identical requests share: equal keys have equal shapes (so a
+    shape that matches nothing rules a duplicate out); different requests rarely do."""
+    keys = sorted(k for k in payload if k not in _DELIVERY_FIELDS)
+    turns = payload.get("messages", payload.get("input"))
+    parts = [scope, endpoint, repr(payload.get("model")), ",".join(keys)]
+    if isinstance(turns, list):
+        parts += [str(len(turns)), str(_size(turns[-1]) if turns else 0)]
+    else:
+        parts.append(str(_size(turns)))
+    return hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"),
+                           digest_size=16).hexdigest()
+
+
+def _size(value: Any, depth: int = 0) -> int:
+    """The text length of a message (strings in its content), bounded in depth."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 4:
+        return 0
+    if isinstance(value, dict):
+        return sum(_size(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return sum(_size(v, depth + 1) for v in value[:64]) + len(value)
+    return 1
