@@ -18,10 +18,10 @@ import openai.types.responses
 import pytest
 
 from proxy.formats.assemble import NotAssembled, assemble_stream
-from support.builders import (ANTHROPIC_TEXT, ANTHROPIC_TOOL, CHAT_TEXT, CHAT_TOOL, DEFAULT_TEXT,
-                              DEFAULT_RESPONSES_MODEL, DEFAULT_USAGE, RESPONSES_TEXT, anthropic_error_event, anthropic_stream,
-                              chat_error_event, chat_stream, chat_usage, responses_error_event,
-                              responses_stream, sse, total_input)
+from support.builders import (ANTHROPIC_TEXT, ANTHROPIC_TOOL, CHAT_TEXT, CHAT_TOOL,
+                              DEFAULT_RESPONSES_MODEL, DEFAULT_TEXT, DEFAULT_USAGE, RESPONSES_TEXT,
+                              anthropic_error_event, anthropic_stream, chat_error_event, chat_stream,
+                              chat_usage, responses_error_event, responses_stream, sse, total_input)
 
 KEEPALIVE = b": keepalive\n\n"
 
@@ -532,77 +532,93 @@ def test_a_stream_cut_at_any_event_boundary_is_refused(fmt: str) -> None:
 
 # -- garbage: refused, never another exception --------------------------------------------
 
-def replace_in(events: list[bytes], old: bytes, new: bytes) -> bytes:
-    body = joined(events)
-    assert old in body, old
-    return body.replace(old, new, 1)
-
-
 ANT = anthropic_stream(tool={})
 CHAT = chat_stream(tool={})
+RESP = responses_stream()
+
+
+def edit(fmt: str, events: list[bytes], old: bytes, new: bytes, count: int = 1) -> tuple[str, bytes]:
+    body = joined(events)
+    assert old in body, old
+    return fmt, body.replace(old, new, count)
+
+
+def ant_edit(old: bytes, new: bytes) -> tuple[str, bytes]:
+    return edit("anthropic", ANT, old, new)
+
+
+def chat_edit(old: bytes, new: bytes, count: int = 1) -> tuple[str, bytes]:
+    return edit("openai-chat", CHAT, old, new, count)
+
+
+def chat_with_last_chunk(**fields: Any) -> tuple[str, bytes]:
+    """The usage chunk replaced by one with `fields`."""
+    return "openai-chat", joined(CHAT[:-2] + [chunk(**fields), DONE])
+
+
 GARBAGE = {
-    "anthropic delta index a string": (
-        "anthropic", replace_in(ANT, b'"content_block_delta","index":0', b'"content_block_delta","index":"0"')),
-    "anthropic delta index true": (
-        "anthropic", replace_in(ANT, b'"content_block_delta","index":0', b'"content_block_delta","index":true')),
-    "anthropic delta index negative": (
-        "anthropic", replace_in(ANT, b'"content_block_start","index":0', b'"content_block_start","index":-1')),
-    "anthropic delta for a block never started": (
-        "anthropic", replace_in(ANT, b'"content_block_delta","index":0', b'"content_block_delta","index":7')),
-    "anthropic delta not an object": (
-        "anthropic", replace_in(ANT, b'"delta":{"type":"text_delta","text":"Hello"}', b'"delta":"Hello"')),
-    "anthropic text not a string": (
-        "anthropic", replace_in(ANT, b'"text":"Hello"', b'"text":5')),
-    "anthropic text delta to a tool block": (
-        "anthropic", replace_in(ANT, b'"index":1,"delta":{"type":"input_json_delta","partial_json":""}',
-                                b'"index":1,"delta":{"type":"text_delta","text":"x"}')),
-    "anthropic tool input not JSON": (
-        "anthropic", replace_in(ANT, b'"partial_json":""', b'"partial_json":"{\\"a\\""')),
-    "anthropic tool input not an object": (
-        "anthropic", replace_in(ANT, b'"partial_json":""', b'"partial_json":"[1]"')),
-    "anthropic content_block null": (
-        "anthropic", replace_in(ANT, b'"content_block":{"type":"text","text":""}', b'"content_block":null')),
+    "anthropic delta index a string": ant_edit(b'"content_block_delta","index":0',
+                                               b'"content_block_delta","index":"0"'),
+    "anthropic delta index true": ant_edit(b'"content_block_delta","index":0',
+                                           b'"content_block_delta","index":true'),
+    "anthropic block index negative": ant_edit(b'"content_block_start","index":0',
+                                               b'"content_block_start","index":-1'),
+    "anthropic delta for a block never started": ant_edit(b'"content_block_delta","index":0',
+                                                          b'"content_block_delta","index":7'),
+    "anthropic delta not an object": ant_edit(b'"delta":{"type":"text_delta","text":"Hello"}',
+                                              b'"delta":"Hello"'),
+    "anthropic delta type a list": ant_edit(b'"type":"text_delta"', b'"type":["text_delta"]'),
+    "anthropic text not a string": ant_edit(b'"text":"Hello"', b'"text":5'),
+    "anthropic text delta to a tool block": ant_edit(
+        b'"index":1,"delta":{"type":"input_json_delta","partial_json":""}',
+        b'"index":1,"delta":{"type":"text_delta","text":"x"}'),
+    "anthropic tool input not JSON": ant_edit(b'"partial_json":""', b'"partial_json":"{\\"a\\""'),
+    "anthropic tool input not an object": ant_edit(b'"partial_json":""', b'"partial_json":"[1]"'),
+    "anthropic content_block null": ant_edit(b'"content_block":{"type":"text","text":""}',
+                                             b'"content_block":null'),
     "anthropic message a list": (
         "anthropic", joined([ant({"type": "message_start", "message": [1]})] + ANT[1:])),
-    "anthropic usage a number": (
-        "anthropic", replace_in(ANT, b'"usage":{"output_tokens":15}', b'"usage":15')),
-    "anthropic event data a list": ("anthropic", replace_in(ANT, b'data: {"type":"message_stop"}', b"data: []")),
-    "anthropic event data not JSON": ("anthropic", replace_in(ANT, b'data: {"type":"message_stop"}', b"data: {")),
-    "anthropic NaN": ("anthropic", replace_in(ANT, b'"output_tokens":15', b'"output_tokens":NaN')),
-    "anthropic event without a name": ("anthropic", replace_in(ANT, b"event: message_stop\n", b"")),
-    "anthropic name and type differ": ("anthropic", replace_in(ANT, b"event: message_stop\n", b"event: ping\n")),
-    "anthropic delta after its block stopped": ("anthropic", joined(
-        ANT[:3] + [ANT[7], ANT[3]] + ANT[4:7] + ANT[8:])),
+    "anthropic usage a number": ant_edit(b'"usage":{"output_tokens":15}', b'"usage":15'),
+    "anthropic event data a list": ant_edit(b'data: {"type":"message_stop"}', b"data: []"),
+    "anthropic event data not JSON": ant_edit(b'data: {"type":"message_stop"}', b"data: {"),
+    "anthropic NaN": ant_edit(b'"output_tokens":15', b'"output_tokens":NaN'),
+    "anthropic event without a name": ant_edit(b"event: message_stop\n", b""),
+    "anthropic name and type differ": ant_edit(b"event: message_stop\n", b"event: ping\n"),
+    "anthropic delta after its block stopped": (
+        "anthropic", joined(ANT[:3] + [ANT[7], ANT[3]] + ANT[4:7] + ANT[8:])),
     "anthropic second message_start": ("anthropic", joined(ANT[:1] + ANT)),
-    "anthropic invalid UTF-8": ("anthropic", replace_in(ANT, b"Hello", b"He\xffllo")),
-    "chat choices not a list": ("openai-chat", replace_in(CHAT, b'"choices":[]', b'"choices":{}')),
-    "chat choices a string": ("openai-chat", replace_in(CHAT, b'"choices":[]', b'"choices":"none"')),
-    "chat choice a number": ("openai-chat", replace_in(CHAT, b'"choices":[]', b'"choices":[3]')),
-    "chat choice index false": ("openai-chat", joined(CHAT).replace(b'"index":0,"delta"', b'"index":false,"delta"')),
-    "chat tool call index true": ("openai-chat", joined(chat_stream(tool={})).replace(b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":true')),
-    "chat choice index a string": ("openai-chat", replace_in(CHAT, b'"index":0,"delta":{"content"', b'"index":"0","delta":{"content"')),
-    "chat choice index missing": ("openai-chat", replace_in(CHAT, b'"index":0,"delta":{"content"', b'"delta":{"content"')),
-    "chat choice indexes with a gap": ("openai-chat", replace_in(CHAT, b'"index":0,"delta":{},', b'"index":2,"delta":{},')),
-    "chat delta a string": ("openai-chat", replace_in(CHAT, b'"delta":{"content":"Hello"}', b'"delta":"Hello"')),
-    "chat content a number": ("openai-chat", replace_in(CHAT, b'"content":"Hello"', b'"content":1')),
-    "chat tool_calls an object": ("openai-chat", replace_in(CHAT, b'"tool_calls":[{"index":0,"id":"call_fake01"', b'"tool_calls":{"index":0,"id":"call_fake01"').replace(b'"arguments":""}}]}', b'"arguments":""}}}', 1)),
-    "chat tool call without id": ("openai-chat", replace_in(CHAT, b'"id":"call_fake01",', b"")),
-    "chat tool call index a string": ("openai-chat", replace_in(CHAT, b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":"0"')),
-    "chat arguments a number": ("openai-chat", replace_in(CHAT, b'"arguments":""', b'"arguments":0')),
-    "chat finish_reason a number": ("openai-chat", replace_in(CHAT, b'"finish_reason":"tool_calls"', b'"finish_reason":1')),
-    "chat logprobs a list": ("openai-chat", replace_in(CHAT, b'"logprobs":null', b'"logprobs":[]')),
-    "chat usage a list": ("openai-chat", replace_in(CHAT, b'"usage":{"prompt_tokens"', b'"usage":[{"prompt_tokens"').replace(b'"rejected_prediction_tokens":0}}}', b'"rejected_prediction_tokens":0}}]}', 1)),
-    "chat created a string": ("openai-chat", replace_in(CHAT, b'"created":1741570283', b'"created":"1741570283"').replace(b'"created":1741570283', b'"created":"x"')),
-    "chat no model": ("openai-chat", joined(CHAT).replace(b'"model":"gpt-4o-2024-08-06",', b"")),
+    "anthropic invalid UTF-8": ant_edit(b"Hello", b"He\xffllo"),
+    "chat choices an object": chat_with_last_chunk(choices={}, usage=USAGE),
+    "chat choices a string": chat_with_last_chunk(choices="none", usage=USAGE),
+    "chat choice a number": chat_with_last_chunk(choices=[3], usage=USAGE),
+    "chat choice index false": chat_edit(b'"index":0,"delta"', b'"index":false,"delta"', -1),
+    "chat tool call index true": chat_edit(b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":true', -1),
+    "chat choice index a string": chat_edit(b'"index":0,"delta":{"content"', b'"index":"0","delta":{"content"'),
+    "chat choice index missing": chat_edit(b'"index":0,"delta":{"content"', b'"delta":{"content"'),
+    "chat choice indexes with a gap": chat_edit(b'"index":0,"delta":{},', b'"index":2,"delta":{},'),
+    "chat delta a string": chat_edit(b'"delta":{"content":"Hello"}', b'"delta":"Hello"'),
+    "chat content a number": chat_edit(b'"content":"Hello"', b'"content":1'),
+    "chat tool_calls an object": chat_edit(b'"delta":{"content":"Hello"}',
+                                           b'"delta":{"tool_calls":{"index":0}}'),
+    "chat tool call without id": chat_edit(b'"id":"call_fake01",', b""),
+    "chat tool call index a string": chat_edit(b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":"0"'),
+    "chat arguments a number": chat_edit(b'"arguments":""', b'"arguments":0'),
+    "chat finish_reason a number": chat_edit(b'"finish_reason":"tool_calls"', b'"finish_reason":1'),
+    "chat logprobs a list": chat_edit(b'"logprobs":null', b'"logprobs":[]'),
+    "chat usage a list": chat_with_last_chunk(choices=[], usage=[USAGE]),
+    "chat created a string": chat_edit(b'"created":1741570283', b'"created":"1741570283"', -1),
+    "chat no model": chat_edit(b'"model":"gpt-4o-2024-08-06",', b"", -1),
     "chat chunk a list": ("openai-chat", joined([sse([1, 2])] + CHAT)),
-    "chat audio": ("openai-chat", replace_in(CHAT, b'"delta":{"content":"Hello"}', b'"delta":{"audio":{"id":"a","data":"AAA"}}')),
-    "chat NaN": ("openai-chat", replace_in(CHAT, b'"created":1741570283', b'"created":Infinity')),
-    "responses response a string": (
-        "openai-responses", joined(responses_stream(terminal=None)) + sse({"type": "response.completed", "response": "done"}, "response.completed")),
-    "responses event a number": ("openai-responses", joined([sse("5")] + responses_stream())),
-    "responses two completed": ("openai-responses", joined(responses_stream() + responses_stream()[-1:])),
-    "responses completed but status failed": (
-        "openai-responses", joined(responses_stream()).replace(b'"status":"completed","error"', b'"status":"failed","error"')),
+    "chat audio": chat_edit(b'"delta":{"content":"Hello"}', b'"delta":{"audio":{"id":"a","data":"AAA"}}'),
+    "chat Infinity": chat_edit(b'"created":1741570283', b'"created":Infinity'),
+    "responses response a string": ("openai-responses", joined(responses_stream(terminal=None)) + sse(
+        {"type": "response.completed", "response": "done"}, "response.completed")),
+    "responses event a number": ("openai-responses", joined([sse("5")] + RESP)),
+    "responses event type a list": edit("openai-responses", RESP, b'"type":"response.created"',
+                                        b'"type":["response.created"]'),
+    "responses two completed": ("openai-responses", joined(RESP + RESP[-1:])),
+    "responses completed but status failed": edit("openai-responses", RESP, b'"status":"completed","error"',
+                                                  b'"status":"failed","error"'),
     "unknown format": ("gemini", joined(ANT)),
 }
 

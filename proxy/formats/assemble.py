@@ -21,8 +21,8 @@ import re
 from typing import Any, Callable
 
 from ..sse import Event, SSEFramer
+from .openai_chat import DONE_MARKER
 
-DONE_MARKER = "[DONE]"
 # Anthropic content blocks whose `input` arrives as `input_json_delta` fragments.
 _TOOL_BLOCKS = frozenset({"tool_use", "server_tool_use"})
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
@@ -61,12 +61,13 @@ def _decoded_events(body: bytes) -> list[tuple[str | None, Any]]:
     """
     if not isinstance(body, (bytes, bytearray)):
         raise NotAssembled("the stream must be bytes")
+    raw = bytes(body)
     try:
-        bytes(body).decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise NotAssembled("the stream is not valid UTF-8") from exc
     framer = SSEFramer()
-    events = framer.feed(bytes(body))
+    events = framer.feed(raw)
     if not _dispatches_nothing(framer.pending_bytes()):
         raise NotAssembled("the stream ends inside an event")
     return [(event.event, _data(event)) for event in events if not event.is_comment_only]

@@ -153,6 +153,9 @@ class LiveCall:
         member.done.set()
         if orphaned:
             self._orphaned()
+        else:
+            log.info("request %s: its client left (%s); the shared upstream call goes on for "
+                     "the others", member.request_id, err.end_reason)
 
     def _orphaned(self) -> None:
         gone = ClientGone("every client of this answer hung up")

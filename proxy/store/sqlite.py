@@ -263,7 +263,9 @@ class SqliteStore(UsageStore):
         """The read connection; None for a file that does not exist or has no tables yet
         (connecting would create it).  ValueError for a database of something else."""
         if self._reader is None and os.path.exists(self.path):
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000.0)
+            # The answers lookup reads from request threads, one at a time (under its lock).
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000.0,
+                                   check_same_thread=False)
             try:
                 tables = {name for (name,) in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'")}
