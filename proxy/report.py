@@ -14,7 +14,12 @@ Definitions, so that every figure can be checked against the rows:
 - ``cost_usd`` sums the priced rows only;
 - ``unpriced_requests`` counts rows that used tokens but had no price (unknown model), i.e.
   spend the cost figure cannot include;
-- ``failures`` counts rows by ``end_reason``, everything except ``complete``.
+- ``failures`` counts rows by ``end_reason``, everything except ``complete`` and the two
+  dedup reasons;
+- the token sums count what was paid for: a replayed or joined request (end reason ``replay``
+  or ``joined``) paid nothing, so its tokens are in ``dedup_tokens`` (input, output, cache
+  read and write) instead, ``dedup_requests`` counts those requests and ``dedup_saved_usd``
+  what their answers cost the requests that paid.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from .store import TOKEN_FIELDS, Counts, StoreFault, UsageStore, open_store
-from .usage import END_REASONS
+from .usage import DEDUP_REASONS, END_REASONS
 
 STAT_COLUMNS = ("requests", *TOKEN_FIELDS, "cache_hit_ratio", "cost_usd", "unpriced_requests",
-                "continued_requests", "continuation_cost_usd")
+                "continued_requests", "continuation_cost_usd", "dedup_requests", "dedup_tokens",
+                "dedup_saved_usd")
 
 # (summary key, label of the group column, the store's grouping, which is also the CSV
 # group, title in the table)
@@ -140,6 +146,9 @@ def _stats(counts: Counts) -> dict:
     stats["unpriced_requests"] = counts["unpriced_requests"]
     stats["continued_requests"] = counts["continued_requests"]
     stats["continuation_cost_usd"] = round(counts["continuation_cost_usd"], 9)
+    stats["dedup_requests"] = counts["dedup_requests"]
+    stats["dedup_tokens"] = counts["dedup_tokens"]
+    stats["dedup_saved_usd"] = round(counts["dedup_saved_usd"], 9)
     stats["failures"] = dict(counts["failures"])
     return stats
 
@@ -172,6 +181,9 @@ _HEADERS = {
     "unpriced_requests": "unpriced",
     "continued_requests": "continued",
     "continuation_cost_usd": "continuation USD",
+    "dedup_requests": "deduped",
+    "dedup_tokens": "dedup tokens",
+    "dedup_saved_usd": "saved USD",
 }
 
 
@@ -216,7 +228,7 @@ def _cell(column: str, value: Any) -> str:
         return "-"
     if column == "cache_hit_ratio":
         return f"{value:.1%}"
-    if column in ("cost_usd", "continuation_cost_usd"):
+    if column in ("cost_usd", "continuation_cost_usd", "dedup_saved_usd"):
         return f"{value:,.6f}"  # single requests often cost fractions of a cent
     return f"{value:,}"
 
@@ -247,7 +259,7 @@ def _csv_rows(summary: dict):
 
 
 def _failure_reasons(summary: dict) -> list[str]:
-    known = [r for r in END_REASONS if r != "complete"]
+    known = [r for r in END_REASONS if r != "complete" and r not in DEDUP_REASONS]
     seen = {r for _, _, stats in _csv_rows(summary) for r in stats["failures"]}
     return known + sorted(seen - set(known))
 

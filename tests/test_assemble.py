@@ -20,8 +20,9 @@ import pytest
 from proxy.formats.assemble import NotAssembled, assemble_stream
 from support.builders import (ANTHROPIC_TEXT, ANTHROPIC_TOOL, CHAT_TEXT, CHAT_TOOL,
                               DEFAULT_RESPONSES_MODEL, DEFAULT_TEXT, DEFAULT_USAGE, RESPONSES_TEXT,
-                              anthropic_error_event, anthropic_stream, chat_error_event, chat_stream,
-                              chat_usage, responses_error_event, responses_stream, sse, total_input)
+                              anthropic_error_event, anthropic_stream, chat_error_event,
+                              chat_stream, chat_usage, responses_error_event, responses_stream, sse,
+                              total_input)
 
 KEEPALIVE = b": keepalive\n\n"
 
@@ -102,7 +103,8 @@ def rich_anthropic() -> list[bytes]:
                        {"type": "thinking_delta", "thinking": "think."},
                        {"type": "signature_delta", "signature": "EqQBCgIYAhIMsig=="}),
             *ant_block(1, {"type": "redacted_thinking", "data": "EmwKAhgBEgyREDACTED"}),
-            *ant_block(2, {"type": "text", "text": ""}, text_delta("I will "), text_delta("check.")),
+            *ant_block(2, {"type": "text", "text": ""},
+                       text_delta("I will "), text_delta("check.")),
             *ant_block(3, {"type": "tool_use", "id": "toolu_9", "name": "forecast", "input": {}},
                        *[json_delta(f) for f in fragments]),
             *ant_end("tool_use", {"output_tokens": 77, "input_tokens": 13,
@@ -149,7 +151,8 @@ def test_anthropic_transcript_tool() -> None:
 
 def test_anthropic_thinking_signature_redacted_text_and_tool() -> None:
     result, message = anthropic_ok(joined(rich_anthropic()))
-    assert [b.type for b in message.content] == ["thinking", "redacted_thinking", "text", "tool_use"]
+    assert [b.type for b in message.content] == [
+        "thinking", "redacted_thinking", "text", "tool_use"]
     thinking, redacted, text, tool = message.content
     assert thinking.thinking == "Let me think." and thinking.signature == "EqQBCgIYAhIMsig=="
     assert redacted.data == "EmwKAhgBEgyREDACTED"
@@ -158,7 +161,8 @@ def test_anthropic_thinking_signature_redacted_text_and_tool() -> None:
     assert message.stop_reason == "tool_use"
     assert message.container is not None and message.container.id == "container_1"
     # message_delta's usage overrides key by key; a null there keeps message_start's value.
-    assert result["usage"] == {"input_tokens": 13, "cache_read_input_tokens": 3, "output_tokens": 77}
+    assert result["usage"] == {"input_tokens": 13, "cache_read_input_tokens": 3,
+                               "output_tokens": 77}
 
 
 def test_anthropic_signature_in_a_block_started_without_one() -> None:
@@ -197,7 +201,8 @@ def test_anthropic_citations_and_server_tool_blocks() -> None:
     ])
     result, message = anthropic_ok(body)
     server_tool, results, text = message.content
-    assert server_tool.type == "server_tool_use" and server_tool.input == {"query": "capital of France"}
+    assert server_tool.type == "server_tool_use"
+    assert server_tool.input == {"query": "capital of France"}
     assert results.type == "web_search_tool_result" and result["content"][1] == search_result
     assert text.text == "Paris is the capital."
     assert result["content"][2]["citations"] == [citation_1, citation_2]
@@ -267,7 +272,8 @@ def test_anthropic_blocks_ordered_by_index() -> None:
 # -- OpenAI Chat ---------------------------------------------------------------------------
 
 CHUNK_HEAD = {"id": "chatcmpl-n2", "object": "chat.completion.chunk", "created": 1750000000,
-              "model": "gpt-4.1-2025-04-14", "system_fingerprint": "fp_n2", "service_tier": "default"}
+              "model": "gpt-4.1-2025-04-14", "system_fingerprint": "fp_n2",
+              "service_tier": "default"}
 
 
 def chunk(*choices: dict, **fields: Any) -> bytes:
@@ -302,7 +308,8 @@ def two_choices() -> list[bytes]:
         chunk(choice(0, role="assistant", content=None), choice(1, role="assistant", content="")),
         chunk(choice(0, tool_calls=[call(0, "", id="call_a", name="get_weather")]),
               choice(1, content="Hel", logprobs={"content": [token("Hel")], "refusal": None})),
-        chunk(choice(0, tool_calls=[call(0, '{"city":'), call(1, "", id="call_b", name="get_time")])),
+        chunk(choice(0, tool_calls=[call(0, '{"city":'),
+                                    call(1, "", id="call_b", name="get_time")])),
         chunk(choice(1, content="lo", logprobs={"content": [token("lo")], "refusal": None})),
         chunk(choice(0, tool_calls=[call(1, '{"tz": "CET"}')])),
         chunk(choice(0, tool_calls=[call(0, ' "Paris"}')])),
@@ -475,7 +482,8 @@ INCOMPLETE = {
     "chat error chunk": ("openai-chat", chat_stream(done=False)[:3] + [chat_error_event()]),
     "chat error chunk then [DONE]": ("openai-chat", chat_stream()[:3] + [chat_error_event(), DONE]),
     "chat only [DONE]": ("openai-chat", [DONE]),
-    "chat error chunk in a finished answer": ("openai-chat", chat_stream()[:-1] + [chat_error_event(), DONE]),
+    "chat error chunk in a finished answer": (
+        "openai-chat", chat_stream()[:-1] + [chat_error_event(), DONE]),
     "responses no terminal": ("openai-responses", responses_stream(terminal=None)),
     "responses failed": ("openai-responses", responses_stream(terminal="failed")),
     "responses incomplete": ("openai-responses", responses_stream(terminal="incomplete")),
@@ -511,7 +519,8 @@ def test_a_stream_cut_anywhere_in_its_last_event_is_refused(fmt: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", COMPLETE)
-@pytest.mark.parametrize("tail", [b"event: ping\n", b"data: {}", b"data: [DONE]\n", b"\n: ka\nid: 1\n"])
+@pytest.mark.parametrize("tail", [b"event: ping\n", b"data: {}", b"data: [DONE]\n",
+                                  b"\n: ka\nid: 1\n"])
 def test_an_unfinished_event_after_the_answer_is_refused(fmt: str, tail: bytes) -> None:
     """The bytes after the last blank line are an event the client never got: only line
     breaks and comments (which would dispatch nothing anyway) may be left over."""
@@ -537,7 +546,8 @@ CHAT = chat_stream(tool={})
 RESP = responses_stream()
 
 
-def edit(fmt: str, events: list[bytes], old: bytes, new: bytes, count: int = 1) -> tuple[str, bytes]:
+def edit(fmt: str, events: list[bytes], old: bytes, new: bytes,
+         count: int = 1) -> tuple[str, bytes]:
     body = joined(events)
     assert old in body, old
     return fmt, body.replace(old, new, count)
@@ -573,7 +583,9 @@ GARBAGE = {
         b'"index":1,"delta":{"type":"input_json_delta","partial_json":""}',
         b'"index":1,"delta":{"type":"text_delta","text":"x"}'),
     "anthropic tool input not JSON": ant_edit(b'"partial_json":""', b'"partial_json":"{\\"a\\""'),
-    "anthropic tool input not an object": ant_edit(b'"partial_json":""', b'"partial_json":"[1]"'),
+    "anthropic tool input not an object": ("anthropic", joined(
+        [ant_start(), *ant_block(0, {"type": "tool_use", "id": "t", "name": "n", "input": {}},
+                                 json_delta("[1, "), json_delta("2]")), *ant_end("tool_use")])),
     "anthropic content_block null": ant_edit(b'"content_block":{"type":"text","text":""}',
                                              b'"content_block":null'),
     "anthropic message a list": (
@@ -592,8 +604,10 @@ GARBAGE = {
     "chat choices a string": chat_with_last_chunk(choices="none", usage=USAGE),
     "chat choice a number": chat_with_last_chunk(choices=[3], usage=USAGE),
     "chat choice index false": chat_edit(b'"index":0,"delta"', b'"index":false,"delta"', -1),
-    "chat tool call index true": chat_edit(b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":true', -1),
-    "chat choice index a string": chat_edit(b'"index":0,"delta":{"content"', b'"index":"0","delta":{"content"'),
+    "chat tool call index true": chat_edit(b'"tool_calls":[{"index":0',
+                                           b'"tool_calls":[{"index":true', -1),
+    "chat choice index a string": chat_edit(b'"index":0,"delta":{"content"',
+                                            b'"index":"0","delta":{"content"'),
     "chat choice index missing": chat_edit(b'"index":0,"delta":{"content"', b'"delta":{"content"'),
     "chat choice indexes with a gap": chat_edit(b'"index":0,"delta":{},', b'"index":2,"delta":{},'),
     "chat delta a string": chat_edit(b'"delta":{"content":"Hello"}', b'"delta":"Hello"'),
@@ -601,7 +615,8 @@ GARBAGE = {
     "chat tool_calls an object": chat_edit(b'"delta":{"content":"Hello"}',
                                            b'"delta":{"tool_calls":{"index":0}}'),
     "chat tool call without id": chat_edit(b'"id":"call_fake01",', b""),
-    "chat tool call index a string": chat_edit(b'"tool_calls":[{"index":0', b'"tool_calls":[{"index":"0"'),
+    "chat tool call index a string": chat_edit(b'"tool_calls":[{"index":0',
+                                               b'"tool_calls":[{"index":"0"'),
     "chat arguments a number": chat_edit(b'"arguments":""', b'"arguments":0'),
     "chat finish_reason a number": chat_edit(b'"finish_reason":"tool_calls"', b'"finish_reason":1'),
     "chat logprobs a list": chat_edit(b'"logprobs":null', b'"logprobs":[]'),
@@ -609,16 +624,18 @@ GARBAGE = {
     "chat created a string": chat_edit(b'"created":1741570283', b'"created":"1741570283"', -1),
     "chat no model": chat_edit(b'"model":"gpt-4o-2024-08-06",', b"", -1),
     "chat chunk a list": ("openai-chat", joined([sse([1, 2])] + CHAT)),
-    "chat audio": chat_edit(b'"delta":{"content":"Hello"}', b'"delta":{"audio":{"id":"a","data":"AAA"}}'),
+    "chat audio": chat_edit(b'"delta":{"content":"Hello"}',
+                            b'"delta":{"audio":{"id":"a","data":"AAA"}}'),
     "chat Infinity": chat_edit(b'"created":1741570283', b'"created":Infinity'),
-    "responses response a string": ("openai-responses", joined(responses_stream(terminal=None)) + sse(
-        {"type": "response.completed", "response": "done"}, "response.completed")),
+    "responses response a string": ("openai-responses", joined(
+        responses_stream(terminal=None)
+        + [sse({"type": "response.completed", "response": "done"}, "response.completed")])),
     "responses event a number": ("openai-responses", joined([sse("5")] + RESP)),
     "responses event type a list": edit("openai-responses", RESP, b'"type":"response.created"',
                                         b'"type":["response.created"]'),
     "responses two completed": ("openai-responses", joined(RESP + RESP[-1:])),
-    "responses completed but status failed": edit("openai-responses", RESP, b'"status":"completed","error"',
-                                                  b'"status":"failed","error"'),
+    "responses completed but status failed": edit(
+        "openai-responses", RESP, b'"status":"completed","error"', b'"status":"failed","error"'),
     "unknown format": ("gemini", joined(ANT)),
 }
 

@@ -77,8 +77,44 @@ def test_totals_sum_every_token_kind_the_cost_and_the_failures(db):
         "unpriced_requests": 1,  # r4 used tokens nobody could price; r5 and r6 used none
         "continued_requests": 1,  # r3's stream broke and was continued...
         "continuation_cost_usd": pytest.approx(0.004),  # ...which cost this on top
+        "dedup_requests": 0, "dedup_tokens": 0, "dedup_saved_usd": 0.0,
         "failures": {"client_gone": 1, "rejected": 1, "upstream_error": 1},
     }
+
+
+def test_replayed_and_joined_requests_count_as_saved_not_as_spent(tmp_path):
+    """A duplicate served without an upstream call keeps the paid tokens on its row; the
+    report counts them as saved (with what they cost the request that paid), never as used,
+    and a dedup row is not a failure."""
+    paid = dict(upstream_model="claude-sonnet-4-5", client_key_id="k1", input_tokens=100,
+                output_tokens=50, cache_read_tokens=300, cache_write_tokens=100, priced=True,
+                usage_complete=True)
+    records = [
+        UsageRecord(request_id="p1", started_at=DAY1, cost_usd=0.01, **paid),
+        UsageRecord(request_id="d1", started_at=DAY1 + 1, end_reason="replay", paid_by="p1",
+                    cost_usd=0.0, saved_cost_usd=0.01, **paid),
+        UsageRecord(request_id="d2", started_at=DAY1 + 2, end_reason="joined", paid_by="p1",
+                    cost_usd=0.0, saved_cost_usd=0.01, **paid),
+        UsageRecord(request_id="d3", started_at=DAY1 + 3, end_reason="client_gone", paid_by="p1",
+                    status=499),  # a joined client that left: a failure, nothing saved
+    ]
+    path = str(tmp_path / "usage.db")
+    tracker = Tracker(path)
+    tracker.start()
+    for record in records:
+        tracker.record(record)
+    assert tracker.flush()
+    tracker.close()
+    totals = summarize(path)["totals"]
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 100, 50)
+    assert (totals["cache_read_tokens"], totals["cache_write_tokens"]) == (300, 100)
+    assert totals["cost_usd"] == pytest.approx(0.01)
+    assert (totals["dedup_requests"], totals["dedup_tokens"]) == (2, 2 * 550)
+    assert totals["dedup_saved_usd"] == pytest.approx(0.02)
+    assert totals["failures"] == {"client_gone": 1}
+    table = render_table(summarize(path))
+    assert "saved USD" in table and "0.020000" in table
+    assert "failed_replay" not in render_csv(summarize(path))
 
 
 def test_requests_are_grouped_by_utc_day(db):

@@ -508,3 +508,12 @@ def test_anthropic_final_counts_make_the_usage_complete_before_message_stop():
     (mutant x10)."""
     usage = parse_stream("anthropic", cut_before(ANTHROPIC_TEXT, b"event: message_stop"))
     assert usage == Usage(25, 15, 0, 0, None, "end_turn", SONNET, True)
+
+
+@pytest.mark.parametrize("choices", ["x", [1], [{"delta": "text"}], [{"delta": [1]}], [None]])
+def test_a_chat_chunk_of_odd_shape_is_classified_without_an_error(choices):
+    """An upstream chunk whose choices are not what the API says is forwarded as content
+    (the client's SDK judges it), never an internal error in the proxy."""
+    from proxy.formats import OPENAI_CHAT, EventKind
+    view = OPENAI_CHAT.stream_view()
+    assert view.classify(None, {"id": "c", "choices": choices}) is EventKind.CONTENT

@@ -346,7 +346,8 @@ class _ChatChoice:
                 self._tool_call(_dict(call, "a tool call delta"))
         if delta.get("function_call") is not None:
             self.function_call = self.function_call or {}
-            _merge_function(self.function_call, _dict(delta["function_call"], "delta.function_call"))
+            function = _dict(delta["function_call"], "delta.function_call")
+            _merge_function(self.function_call, function)
 
     def _tool_call(self, call: dict) -> None:
         """The first delta of a call has its id, type and name; later ones add arguments."""

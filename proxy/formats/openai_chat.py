@@ -105,10 +105,13 @@ class ChatFormat(Format):
 def is_role_only_chunk(obj: dict) -> bool:
     """The opening chunk that only announces the assistant role (no content yet)."""
     choices = obj.get("choices")
-    if not choices or obj.get("usage"):
-        return False
+    if not choices or obj.get("usage") or not isinstance(choices, list):
+        return False  # odd shapes are content: the client's SDK judges them, not the proxy
     for choice in choices:
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta") if isinstance(choice, dict) else "odd"
+        if delta is not None and not isinstance(delta, dict):
+            return False
+        delta = delta or {}
         if choice.get("finish_reason") or delta.get("tool_calls") or delta.get("function_call"):
             return False
         if delta.get("content") or delta.get("refusal"):
