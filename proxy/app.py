@@ -192,7 +192,8 @@ class App:
             db_path=config.db_path, started_tracker=self._started_tracker,
             tracker=lambda: self.tracker, shutting_down=lambda: self.shutting_down,
             live_streams=self.heartbeat.live_count, breakers=self.router.breakers,
-            budget=self.budget))
+            budget=self.budget,
+            dedup=lambda: {**self.answers.stats(), "live_shared_calls": len(live_calls)}))
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
         # The path as werkzeug reads it (`//health` is `/health`), so both apps agree.

@@ -121,6 +121,8 @@ def test_a_duplicate_stream_within_the_window_is_replayed_byte_identical(server,
     assert events_of(second.body) == events_of(first.body) == b"".join(rich_stream())
     assert second.header("content-type").startswith("text/event-stream")
     assert len(upstream.requests) == 1
+    kept = server.health()["dedup"]
+    assert kept["kept_answers"] >= 1 and kept["kept_bytes"] >= len(events_of(first.body))
     paid, replayed = server.row(first.request_id), server.row(second.request_id)
     assert paid["end_reason"] == "complete" and paid["cost_usd"] > 0 and paid["paid_by"] is None
     assert replayed["end_reason"] == "replay" and replayed["paid_by"] == first.request_id
@@ -480,3 +482,27 @@ def test_with_the_defaults_the_retry_pattern_makes_two_calls_and_shuts_the_first
     assert retry.header(DEDUP) == "miss" and retry.json()["content"][0]["text"] == "Fresh."
     assert len(upstream.requests) == 2
     release.set()
+
+
+def test_a_joined_client_that_falls_too_far_behind_is_ended_without_stalling_the_others(server, upstream):
+    """Each client of a shared stream has its own bounded queue: one that stops reading
+    gets a terminal error once it is 4 MiB behind, and the others get everything."""
+    head = rich_stream()[:2]
+    deltas = [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+              b'"delta":{"type":"thinking_delta","thinking":"' + bytes([97 + i]) * (3 << 20) + b'"}}\n\n'
+              for i in range(6)]
+    events = head + deltas + rich_stream()[-3:]
+    release = threading.Event()
+    upstream.enqueue(held_stream(release, events, head=2))
+    body = prompt("join-model")
+    fast = open_stream(server, body, b"".join(head))
+    slow = open_stream(server, body, b"".join(head))  # and then it stops reading
+    release.set()
+    assert events_of(fast.read_all()) == b"".join(events)
+    got = slow.read_all()
+    assert b"message_stop" not in got and got.rstrip().endswith(b"}")
+    error = parse(got.replace(KEEPALIVE, b""), complete=True)[-1]
+    assert error.name == "error" and "too far behind" in error.json["error"]["message"]
+    assert server.row(slow.request_id)["end_reason"] == "client_gone"
+    assert server.row(fast.request_id)["end_reason"] == "complete"
+    assert len(upstream.requests) == 1

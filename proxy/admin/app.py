@@ -47,6 +47,7 @@ class AdminDeps:
     live_streams: Callable[[], int]
     breakers: Breakers
     budget: MemoryBudget
+    dedup: Callable[[], dict] = lambda: {}  # this worker's kept answers and live shared calls
 
 
 class AdminApp:
@@ -85,7 +86,8 @@ class AdminApp:
         body = {"status": "shutting_down" if stopping else state, "pid": os.getpid(),
                 "live_exchanges": self.deps.live_streams(),
                 "breakers": self.deps.breakers.snapshot(), "tracker": stats,
-                "memory_budget": {"used": self.deps.budget.used, "total": self.deps.budget.total}}
+                "memory_budget": {"used": self.deps.budget.used, "total": self.deps.budget.total},
+                "dedup": self.deps.dedup()}
         # 503 while shutting down, so a load balancer stops sending new requests here.
         return _json_response(start_response, 503 if stopping else 200, body)
 

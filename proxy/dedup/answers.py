@@ -169,10 +169,11 @@ class AnswerCache:
         if not ids:
             self._by_shape.pop(answer.key.shape, None)
 
-    @property
-    def bytes_held(self) -> int:
+    def stats(self) -> dict:
+        """For /health: how many answers this worker keeps, and their bytes."""
         with self._lock:
-            return self._bytes
+            return {"kept_answers": len(self._entries), "kept_bytes": self._bytes,
+                    "max_bytes": self.max_bytes}
 
 
 class StoredAnswers:
