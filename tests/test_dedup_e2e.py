@@ -506,3 +506,21 @@ def test_a_joined_client_that_falls_too_far_behind_is_ended_without_stalling_the
     assert server.row(slow.request_id)["end_reason"] == "client_gone"
     assert server.row(fast.request_id)["end_reason"] == "complete"
     assert len(upstream.requests) == 1
+
+
+def test_a_stream_already_further_along_than_a_client_may_fall_behind_is_not_joined(server, upstream):
+    """Joining hands the events so far to the new client at once; past 4 MiB of them it
+    would start out too far behind, so it makes its own call instead."""
+    big = [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+           b'"delta":{"type":"thinking_delta","thinking":"' + bytes([97 + i]) * (3 << 20) + b'"}}\n\n'
+           for i in range(2)]
+    events = rich_stream()[:2] + big + rich_stream()[-3:]
+    release = threading.Event()
+    upstream.enqueue(held_stream(release, events, head=4), sse_reply(rich_stream()))
+    body = prompt("join-model")
+    first = open_stream(server, body, b"".join(events[:4]))
+    late = send(server, body)
+    assert late.header(DEDUP) == "miss" and events_of(late.body) == b"".join(rich_stream())
+    release.set()
+    assert events_of(first.read_all()) == b"".join(events)
+    assert len(upstream.requests) == 2

@@ -142,7 +142,6 @@ class Dedup:
             headers = [("Content-Type", content_type)] + proxy_headers(
                 preq.request_id, answer.usage.get("deployment"))
         preq.dedup.verdict = "replay"
-        record.keep_answer(None, None)
         record.deduped(EndReason.REPLAY, answer.paid_by, answer.usage, answer.status, len(body))
         log.info("request %s: replayed the answer of %s", preq.request_id, answer.paid_by)
         start_response(f"{answer.status} {reason_phrase(answer.status)}",
@@ -158,6 +157,8 @@ class Dedup:
         member = Member(preq.request_id, record, writer, preq.client_socket, view.terminal_error)
         if not call.add(member, orphans_only=not preq.dedup.policy.join_live):
             return None
+        preq.dedup.verdict = "joined"
+        record.keep_answer(None, None)  # the request that paid keeps the answer
         log.info("request %s: joined the live call of %s", preq.request_id, call.request_id)
         if preq.stream:
             return self._joined_stream(preq, record, call, member, start_response)
@@ -175,9 +176,9 @@ class Dedup:
         answer = call.commit.answer
         if phase is Phase.ANSWERING and not answer.response.is_event_stream:
             call.drop(member)  # a JSON body to a stream request is read once: ask for our own
+            preq.dedup.verdict = "miss"
+            record.keep_answer(preq.dedup.pending, self.keep)
             return None
-        preq.dedup.verdict = "joined"
-        record.keep_answer(None, None)
         if phase is Phase.ANSWERING:
             upstream = [SSE_CONTENT_TYPE] if answer.translated else \
                 preq.redactor.headers(answer.response.headers)
@@ -194,7 +195,6 @@ class Dedup:
             return self._left(preq, record, member, start_response)
         if call.commit.phase is Phase.REFUSED:
             return render_refusal(preq, record, call.commit.refusal, start_response)
-        record.keep_answer(None, None)
         if call.complete:
             try:
                 body = compact_json(assemble_stream(preq.fmt.name, with_hidden(
@@ -204,7 +204,6 @@ class Dedup:
                 record.failed(preq.fmt.status_of(err), err)
                 return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
             body = preq.redactor.data(body)
-            preq.dedup.verdict = "joined"
             call.settle_joined(record, len(body), complete=True)
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))]

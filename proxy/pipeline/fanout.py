@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from ..dedup.answers import usage_of
 from ..dedup.key import DedupKey
 from ..errors import ClientGone, ClientTooSlow, ProxyError
 from ..heartbeat import Exchange, Heartbeat
@@ -110,8 +111,9 @@ class LiveCall:
         with self._lock:
             if self._closed or self._history is None or (orphans_only and self._members):
                 return False
-            if self._members or member.record is not None:
-                self.joined += member.record is not None
+            if member.writer is not None and self._history_bytes > member.writer.max_buffered:
+                return False  # it would start out further behind than any client may fall
+            self.joined += member.record is not None
             member.call = self
             self._members.append(member)
             if member.writer is not None:
@@ -189,7 +191,7 @@ class LiveCall:
                 self._members.remove(member)
             orphaned = not self._members and not self._closed
         self.heartbeat.unregister(member.exchange)
-        if orphaned:
+        if orphaned and self.streamed:  # a refused call or a JSON body ends on its own
             self._orphaned()
 
     def add_hidden(self, frame: bytes) -> None:
@@ -214,7 +216,6 @@ class LiveCall:
     def settle_joined(self, record: RequestRecord, bytes_out: int, complete: bool) -> None:
         """A joined request's row: the paying request's usage when the answer completed,
         else the way the shared call ended."""
-        from ..dedup.answers import usage_of
         row = self.source.row
         if complete and self.source.ended and row.end_reason == EndReason.COMPLETE:
             record.deduped(EndReason.JOINED, self.request_id, usage_of(row), 200, bytes_out)

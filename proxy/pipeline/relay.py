@@ -389,7 +389,7 @@ class StreamRelay:
         if phase is Phase.REFUSED:
             self.deps.heartbeat.unregister(self.exchange)
             if self.live is not None:
-                self.live.drop(self.member)
+                self.live.close()  # every client of it answers the refusal itself
             return render_refusal(self.preq, self.record, self.commit.refusal, start_response)
         answer = self.commit.answer
         if not answer.response.is_event_stream:
