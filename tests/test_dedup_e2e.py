@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sqlite3
 import threading
 import time
@@ -57,6 +58,9 @@ def write_config(path, fake: FakeUpstream) -> None:
         'deployments = [{ provider = "anthropic", model = "claude-d", name = "short" }]', "",
         '[routes."join-*"]', "join_live = true",
         'deployments = [{ provider = "anthropic", model = "claude-d", name = "join" }]', "",
+        '[routes."fjoin-*"]', "join_live = true", "max_attempts = 1",
+        'deployments = [{ provider = "anthropic", model = "claude-d", name = "fjoin-1" },',
+        '               { provider = "anthropic", model = "claude-d", name = "fjoin-2" }]', "",
         '[routes."cjoin-*"]', "join_live = true",
         'deployments = [{ provider = "openai", name = "cjoin" }]', "",
         '[routes."orphan-*"]', "orphan_grace = 5.0",
@@ -345,6 +349,8 @@ def test_ten_identical_live_streams_share_one_upstream_call(server, upstream):
     first = open_stream(server, body, head)
     joined = [open_stream(server, body, head) for _ in range(9)]
     assert first.header(DEDUP) == "miss" and {r.header(DEDUP) for r in joined} == {"joined"}
+    for r in (first, joined[-1]):  # the silence is kept alive for every client
+        r.read_until(lambda got: got.endswith(KEEPALIVE), "a keepalive during the silence")
     release.set()
     for r in [first, *joined]:
         r.read_all()
@@ -397,18 +403,27 @@ def test_when_every_client_leaves_the_shared_upstream_is_shut_at_once(server, up
     release.set()
 
 
-def test_a_joined_client_of_a_failed_stream_gets_the_same_terminal_error(server, upstream):
+@pytest.mark.parametrize("fault", ["error_event", "stall"])
+def test_a_joined_client_of_a_failed_stream_gets_the_same_terminal_error(server, upstream, fault):
     release = threading.Event()
     error = anthropic_error_event("overloaded_error", "Overloaded")
-    upstream.enqueue(held_stream(release, ending=[Send(error), End()]))
+    ending = [Send(error), End()] if fault == "error_event" else [Stall()]
+    upstream.enqueue(held_stream(release, ending=ending))
     body = prompt("join-model")
     head = b"".join(rich_stream()[:4])
     first, joined = open_stream(server, body, head), open_stream(server, body, head)
     release.set()
     bodies = [events_of(r.read_all()) for r in (first, joined)]
-    assert bodies[0] == bodies[1] == head + error
+    assert bodies[0] == bodies[1] and bodies[0].startswith(head)
+    terminal = parse(bodies[0])[-1]
+    assert terminal.name == "error" and b"message_stop" not in bodies[0]
+    if fault == "error_event":
+        assert bodies[0] == head + error
+    else:
+        assert "idle timeout" in terminal.json["error"]["message"]
     row = server.row(joined.request_id)
-    assert row["end_reason"] == "upstream_error" and row["cost_usd"] in (None, 0)
+    reason = "upstream_error" if fault == "error_event" else "idle_timeout"
+    assert row["end_reason"] == reason and row["cost_usd"] in (None, 0)
     retry = send(server, body)  # a failed answer is never kept
     assert retry.header(DEDUP) == "miss" and len(upstream.requests) == 2
 
@@ -524,3 +539,46 @@ def test_a_stream_already_further_along_than_a_client_may_fall_behind_is_not_joi
     release.set()
     assert events_of(first.read_all()) == b"".join(events)
     assert len(upstream.requests) == 2
+
+
+def test_a_client_that_joined_before_content_gets_the_invisible_fallback_too(server, upstream):
+    """The first deployment fails before any content while a second client waits on the
+    call: both get the answer of the next deployment, as the first client alone would."""
+    release = threading.Event()
+    start = rich_stream()[0]
+    upstream.enqueue([Status(200, headers=SSE), Send(start), WaitFor(release, 20), Cut()],
+                     sse_reply(rich_stream()))
+    body = prompt("fjoin-model")
+    first = RawResponse(server.url, "/v1/messages", body, headers=ant_headers(), timeout=30)
+    [call] = upstream.wait_for_requests(1)
+    joined = RawResponse(server.url, "/v1/messages", body, headers=ant_headers(), timeout=30)
+    wait_for_log(server, f"joined the live call of {call.headers[RID]}")
+    release.set()
+    for r in (first, joined):
+        r.read_head()
+        assert events_of(r.read_all()) == b"".join(rich_stream())
+    assert joined.header(DEDUP) == "joined"
+    assert len(upstream.requests) == 2  # the failed try and the fallback: none for the joiner
+    assert server.row(joined.request_id)["deployment"] == "fjoin-2"
+
+
+def test_on_sigterm_a_joined_client_ends_as_the_first_one_does(upstream, tmp_path):
+    proc = ProxyProcess(upstream.url, tmp_path, LLM_PROXY_JOIN_LIVE="true",
+                        LLM_PROXY_SHUTDOWN_GRACE="0.2").start()
+    try:
+        release = threading.Event()
+        upstream.enqueue(held_stream(release))
+        body = prompt()
+        head = b"".join(rich_stream()[:4])
+        first, joined = open_stream(proc, body, head), open_stream(proc, body, head)
+        assert joined.header(DEDUP) == "joined"
+        proc.signal(signal.SIGTERM)
+        bodies = [events_of(r.read_all()) for r in (first, joined)]
+        for got in bodies:
+            terminal = parse(got)[-1]
+            assert terminal.name == "error" and terminal.json["error"]["type"] == "overloaded_error"
+        proc.proc.wait(timeout=20)  # each worker stores its rows before it exits
+        assert {r["end_reason"] for r in proc.rows()} == {"shutdown"}
+    finally:
+        release.set()
+        proc.stop()

@@ -293,7 +293,9 @@ class RequestRecord:
                 f"upstream_model={loggable(rec.upstream_model, 256)} in={rec.input_tokens} "
                 f"out={rec.output_tokens} cache_read={rec.cache_read_tokens} "
                 f"cache_write={rec.cache_write_tokens} cost={cost} duration_ms={duration:.1f}")
-        if rec.end_reason == EndReason.COMPLETE:
+        if rec.paid_by is not None:
+            line += f" paid_by={rec.paid_by}"
+        if rec.end_reason in (EndReason.COMPLETE, EndReason.REPLAY, EndReason.JOINED):
             log.info("%s", line)
         else:
             log.warning("%s cause=%s", line, loggable(rec.error, 1000))
