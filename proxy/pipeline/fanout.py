@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..dedup.answers import usage_of
 from ..dedup.key import DedupKey
-from ..errors import ClientGone, ClientTooSlow, ProxyError
+from ..errors import ClientGone, ClientTooSlow, ProxyError, UpstreamBroken
 from ..heartbeat import Exchange, Heartbeat
 from ..usage import EndReason
 from ..writer import LockedWriter
@@ -215,12 +215,18 @@ class LiveCall:
 
     def settle_joined(self, record: RequestRecord, bytes_out: int, complete: bool) -> None:
         """A joined request's row: the paying request's usage when the answer completed,
-        else the way the shared call ended."""
+        else the way the shared call ended (its row's end, or why it was ended from
+        outside: the paying row may be written just after its stream closed)."""
         row = self.source.row
-        if complete and self.source.ended and row.end_reason == EndReason.COMPLETE:
-            record.deduped(EndReason.JOINED, self.request_id, usage_of(row), 200, bytes_out)
-        else:
-            record.shared_failure(row, 200, bytes_out)
+        if self.source.ended:
+            if complete and row.end_reason == EndReason.COMPLETE:
+                record.deduped(EndReason.JOINED, self.request_id, usage_of(row), 200, bytes_out)
+            else:
+                record.shared_failure(row, 200, bytes_out)
+            return
+        err = self.upstream.end_error or UpstreamBroken(
+            "the shared upstream call ended before its answer was complete")
+        record.failed(499 if isinstance(err, ClientGone) else 200, err, bytes_out)
 
     def frames(self) -> list[bytes]:
         """The events the call has sent (for a client that waits for the whole answer)."""
