@@ -30,6 +30,8 @@ from support.steps import Cut, End, Send, Stall, Status, WaitFor, json_reply, ss
 SSE = {"Content-Type": "text/event-stream; charset=utf-8"}
 DEDUP = "x-llm-proxy-dedup"
 KEY = "sk-ant-dedup-test-key-0001"
+# The API version is part of the key: the SDK is told to send the one the raw requests send.
+VERSION = {"anthropic-version": "2023-06-01"}
 OTHER_KEY = "sk-ant-dedup-test-key-0002"
 _numbers = itertools.count(1)
 
@@ -141,7 +143,7 @@ def test_a_non_streaming_duplicate_of_a_stream_gets_the_json_body_the_sdk_parses
     upstream.enqueue(sse_reply(rich_stream()))
     body = prompt()
     first = send(server, body)
-    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0,
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, default_headers=VERSION,
                                  http_client=httpx2.Client(trust_env=False, timeout=10))
     raw = client.messages.with_raw_response.create(**dict(body, stream=False))
     message = raw.parse()
@@ -196,6 +198,18 @@ def test_key_order_and_whitespace_do_not_matter_but_every_other_field_does(serve
     assert send(server, dict(body, temperature=0.5)).header(DEDUP) == "miss"
     assert len(upstream.requests) == 2
     assert first.header(DEDUP) == "miss"
+
+
+@pytest.mark.parametrize("change", ["beta_header", "query"])
+def test_headers_and_query_strings_that_change_the_answer_are_part_of_the_key(server, upstream, change):
+    upstream.enqueue(sse_reply(rich_stream()), sse_reply(rich_stream()))
+    body = prompt()
+    send(server, body)
+    if change == "beta_header":
+        other = send(server, body, headers=ant_headers(**{"anthropic-beta": "context-1m-2025-08-07"}))
+    else:
+        other = send(server, body, path="/v1/messages?beta=true")
+    assert other.header(DEDUP) == "miss" and len(upstream.requests) == 2
 
 
 def test_different_keys_never_share_and_a_request_without_a_key_is_never_deduped(server, upstream):
@@ -464,7 +478,7 @@ def test_the_retry_pattern_joins_an_orphaned_call_during_its_grace(server, upstr
     first.close()
     time.sleep(1.0)  # the retry comes a second later
     assert not call.peer_closed.is_set(), "the orphaned upstream was shut before its grace"
-    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0,
+    client = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, default_headers=VERSION,
                                  http_client=httpx2.Client(trust_env=False, timeout=30))
     result: dict = {}
     waiter = threading.Thread(target=lambda: result.update(raw=client.messages.with_raw_response

@@ -130,7 +130,7 @@ class Admission:
         keeps_payload = estimate or stitch is not None or any(
             d.edits_body or self._crosses(endpoint.fmt, d.provider) for d in route.deployments)
         dedup = None if estimate else self.deps.dedup.ticket(
-            endpoint.name, payload, body, keeps_payload, facts.stream, stream_options, route,
+            endpoint.name, path_and_query(request), payload, body, keeps_payload, facts.stream, stream_options, route,
             opened.record.row.client_key_id, request.headers, opened.redactor.data,
             endpoint.fmt.name)
         if not keeps_payload:

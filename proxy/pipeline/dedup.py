@@ -44,6 +44,10 @@ log = logging.getLogger("proxy.dedup")
 
 DEDUP_HEADER = OPT_OUT_HEADER  # the response says what happened: miss, replay, joined, off
 DEDUPED_ENDPOINTS = frozenset({"anthropic", "openai-chat", "openai-responses"})
+# Request headers that change an answer (features, API version, whose account): part of the
+# key, like the query string (`?beta=true`).
+OUTPUT_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta", "openai-organization",
+                  "openai-project")
 
 
 @dataclass
@@ -66,8 +70,8 @@ class DedupTickets:
         self.answer_limit = cache_bytes // 4  # an answer larger than this is never kept
         self.anonymous = anonymous
 
-    def ticket(self, endpoint: str, payload: dict, body: bytes, keeps_payload: bool, stream: bool,
-               stream_options: Any, route: Route, key_id: str | None,
+    def ticket(self, endpoint: str, path: str, payload: dict, body: bytes, keeps_payload: bool,
+               stream: bool, stream_options: Any, route: Route, key_id: str | None,
                headers: Mapping[str, str], mask: Callable[[bytes], bytes],
                fmt_name: str) -> DedupTicket | None:
         policy = route.dedup or self.default
@@ -75,11 +79,17 @@ class DedupTickets:
             return None
         if key_id is None and not self.anonymous:
             return None  # requests without a key are never shared unless configured
-        key = request_key(key_id or "anonymous", endpoint, payload, body, keeps_payload, stream,
-                          stream_options)
+        key = request_key(scope_of(key_id, path, headers), endpoint, payload, body, keeps_payload,
+                          stream, stream_options)
         pending = PendingAnswer(key, fmt_name, policy.replay_window, self.answer_limit, mask,
                                 stream) if policy.replay_window > 0 else None
         return DedupTicket(key, policy, pending, stream and policy.shares_live, self.answer_limit)
+
+
+def scope_of(key_id: str | None, path: str, headers: Mapping[str, str]) -> str:
+    """Whose request it is and what besides its body changes its answer."""
+    told = [f"{name}={headers.get(name)}" for name in OUTPUT_HEADERS if headers.get(name)]
+    return "\x1f".join([key_id or "anonymous", path, *told])
 
 
 @dataclass(frozen=True)

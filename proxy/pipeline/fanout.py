@@ -153,9 +153,9 @@ class LiveCall:
             member.record.failed(status, err, member.writer.bytes_out)
         member.wake.set()
         member.done.set()
-        if orphaned:
+        if orphaned and isinstance(err, (ClientGone, ClientTooSlow)):
             self._orphaned()
-        else:
+        elif not orphaned:
             log.info("request %s: its client left (%s); the shared upstream call goes on for "
                      "the others", member.request_id, err.end_reason)
 
