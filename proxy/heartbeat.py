@@ -83,7 +83,7 @@ class Exchange:
         self.ended = threading.Event()  # lets a backoff wait end early
         self._deadline: float | None = None
         self.deadline_hit = False
-        self._end_at: tuple[float, ProxyError] | None = None
+        self._end_at: tuple[float, Callable[[], None]] | None = None
 
     def new_attempt(self, deadline: float | None) -> AbortHandle:
         """A fresh handle for the next upstream try; `deadline` bounds its wait for content."""
@@ -99,17 +99,19 @@ class Exchange:
         with self._lock:
             self._deadline = None
 
-    def end_at(self, when: float | None, err: ProxyError | None = None) -> None:
-        """End the exchange with `err` at `when` (monotonic) unless called again first
-        (None cancels): an upstream call whose clients all left waits for a retry to join."""
+    def end_at(self, when: float | None, expire: Callable[[], None] | None = None) -> None:
+        """Call `expire()` from the heartbeat at `when` (monotonic), unless called again
+        first (None cancels): an upstream call whose clients all left waits for a retry."""
         with self._lock:
-            self._end_at = None if when is None else (when, err)
+            self._end_at = None if when is None else (when, expire)
 
     def check_deadline(self, now: float) -> None:
         """Called by the heartbeat: a try that is silent past its deadline is cut off; an
         exchange past its `end_at` ends."""
         with self._lock:
             ending = self._end_at if self._end_at is not None and now >= self._end_at[0] else None
+            if ending is not None:
+                self._end_at = None
             if self._deadline is None or now < self._deadline:
                 handle = None
             else:
@@ -117,7 +119,7 @@ class Exchange:
                 self.deadline_hit = True
                 handle = self.handle
         if ending is not None:
-            self.end(ending[1])
+            ending[1]()
         elif handle is not None:
             handle.abort()
 

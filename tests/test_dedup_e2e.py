@@ -226,7 +226,20 @@ def test_different_keys_never_share_and_a_request_without_a_key_is_never_deduped
     assert len(upstream.requests) == 4
 
 
-@pytest.mark.parametrize("opt_out", [{"Cache-Control": "no-cache"}, {DEDUP: "off"}])
+def test_every_credential_a_request_carries_is_part_of_its_scope(server, upstream):
+    """Claude Code sends x-api-key and Authorization when both are set: requests that share
+    one of them but not the other are different clients."""
+    upstream.enqueue(sse_reply(rich_stream()), sse_reply(rich_stream()))
+    body = prompt()
+    first = send(server, body, headers=ant_headers(authorization="Bearer user-a-token"))
+    other = send(server, body, headers=ant_headers(authorization="Bearer user-b-token"))
+    same = send(server, body, headers=ant_headers(authorization="Bearer user-a-token"))
+    assert [r.header(DEDUP) for r in (first, other, same)] == ["miss", "miss", "replay"]
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("opt_out", [{"Cache-Control": "no-cache"}, {DEDUP: "off"},
+                                     {"Pragma": "no-cache"}])
 def test_a_client_can_opt_out_per_request(server, upstream, opt_out):
     upstream.enqueue(sse_reply(rich_stream()), sse_reply(rich_stream()))
     body = prompt()

@@ -29,9 +29,9 @@ _OFF_VALUES = frozenset({"off", "0", "false", "no", "none"})
 
 
 def opted_out(headers: Mapping[str, str]) -> bool:
-    """Did the client ask for a fresh answer (`Cache-Control: no-cache`/`no-store`, or
-    `x-llm-proxy-dedup: off`)?"""
-    control = (headers.get("cache-control") or "").lower()
+    """Did the client ask for a fresh answer (`Cache-Control: no-cache`/`no-store`, the
+    older `Pragma: no-cache`, or `x-llm-proxy-dedup: off`)?"""
+    control = f"{headers.get('cache-control') or ''} {headers.get('pragma') or ''}".lower()
     if "no-cache" in control or "no-store" in control:
         return True
     return (headers.get(OPT_OUT_HEADER) or "").strip().lower() in _OFF_VALUES

@@ -85,6 +85,7 @@ class Opened:
     request_id: str
     redactor: Redactor
     record: RequestRecord
+    credential_ids: tuple[str, ...] = ()  # of every credential the request carries (dedup)
 
 
 class Admission:
@@ -98,12 +99,13 @@ class Admission:
         request_id = new_request_id()
         credentials = request_credentials(headers)
         redactor = self.deps.secrets.with_secrets(*credentials)
-        key_id = client_key_id(credentials[0] if credentials else None, self.deps.key_secret())
+        ids = tuple(client_key_id(c, self.deps.key_secret()) for c in credentials if c)
+        key_id = ids[0] if ids else None
         record = RequestRecord(self.deps.rows(), self.deps.prices, request_id=request_id,
                                endpoint=endpoint, client_key_id=key_id, bytes_in=bytes_in,
                                redactor=redactor, on_finish=self.deps.inflight.done)
         self.deps.inflight.add(record)
-        return Opened(request_id, redactor, record)
+        return Opened(request_id, redactor, record, ids)
 
     def admit(self, request: Request, endpoint: Endpoint, opened: Opened) -> ProxyRequest:
         """The checked request and its route; raises the ProxyError the client gets."""
@@ -131,7 +133,7 @@ class Admission:
             d.edits_body or self._crosses(endpoint.fmt, d.provider) for d in route.deployments)
         dedup = None if estimate else self.deps.dedup.ticket(
             endpoint.name, path_and_query(request), payload, body, keeps_payload, facts.stream, stream_options, route,
-            opened.record.row.client_key_id, request.headers, opened.redactor.data,
+            opened.credential_ids, request.headers, opened.redactor.data,
             endpoint.fmt.name)
         if not keeps_payload:
             reservation.shrink(len(body))  # the parsed object is gone; the body stays

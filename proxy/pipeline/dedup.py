@@ -71,25 +71,27 @@ class DedupTickets:
         self.anonymous = anonymous
 
     def ticket(self, endpoint: str, path: str, payload: dict, body: bytes, keeps_payload: bool,
-               stream: bool, stream_options: Any, route: Route, key_id: str | None,
+               stream: bool, stream_options: Any, route: Route, key_ids: tuple[str, ...],
                headers: Mapping[str, str], mask: Callable[[bytes], bytes],
                fmt_name: str) -> DedupTicket | None:
         policy = route.dedup or self.default
         if endpoint not in DEDUPED_ENDPOINTS or not policy.active or opted_out(headers):
             return None
-        if key_id is None and not self.anonymous:
+        if not key_ids and not self.anonymous:
             return None  # requests without a key are never shared unless configured
-        key = request_key(scope_of(key_id, path, headers), endpoint, payload, body, keeps_payload,
+        key = request_key(scope_of(key_ids, path, headers), endpoint, payload, body, keeps_payload,
                           stream, stream_options)
         pending = PendingAnswer(key, fmt_name, policy.replay_window, self.answer_limit, mask,
                                 stream) if policy.replay_window > 0 else None
         return DedupTicket(key, policy, pending, stream and policy.shares_live, self.answer_limit)
 
 
-def scope_of(key_id: str | None, path: str, headers: Mapping[str, str]) -> str:
-    """Whose request it is and what besides its body changes its answer."""
+def scope_of(key_ids: tuple[str, ...], path: str, headers: Mapping[str, str]) -> str:
+    """Whose request it is (every credential it carries: `x-api-key` and `Authorization`
+    both, since either may be the one that counts) and what besides its body changes its
+    answer."""
     told = [f"{name}={headers.get(name)}" for name in OUTPUT_HEADERS if headers.get(name)]
-    return "\x1f".join([key_id or "anonymous", path, *told])
+    return "\x1f".join([",".join(sorted(key_ids)) or "anonymous", path, *told])
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,9 @@ class Dedup:
         else:
             try:
                 body, content_type = json_body(answer)
-            except NotAssembled as exc:
-                log.info("request %s: a kept answer cannot be replayed as JSON (%s)",
-                         preq.request_id, exc)
+            except NotAssembled:  # its text may quote the answer: not for the log
+                log.info("request %s: a kept answer cannot be replayed as JSON; it goes upstream",
+                         preq.request_id)
                 return None
             headers = [("Content-Type", content_type)] + proxy_headers(
                 preq.request_id, answer.usage.get("deployment"))
@@ -163,8 +165,9 @@ class Dedup:
               start_response: StartResponse) -> Iterable[bytes] | None:
         writer = LockedWriter(keepalive=preq.keepalive, redactor=preq.redactor) if preq.stream \
             else None
-        view = preq.fmt.stream_view(strip_usage_chunk=preq.strip_usage_chunk)
-        member = Member(preq.request_id, record, writer, preq.client_socket, view.terminal_error)
+        # The call's own view: a terminal error goes on where the shared events stopped
+        # (a Responses client's sequence numbers).
+        member = Member(preq.request_id, record, writer, preq.client_socket, call.terminal)
         if not call.add(member, orphans_only=not preq.dedup.policy.join_live):
             return None
         preq.dedup.verdict = "joined"
@@ -184,11 +187,8 @@ class Dedup:
             call.drop(member)
             return render_refusal(preq, record, call.commit.refusal, start_response)
         answer = call.commit.answer
-        if phase is Phase.ANSWERING and not answer.response.is_event_stream:
-            call.drop(member)  # a JSON body to a stream request is read once: ask for our own
-            preq.dedup.verdict = "miss"
-            record.keep_answer(preq.dedup.pending, self.keep)
-            return None
+        if not call.streamed:  # a JSON body (read once), or closed undecided: ask for our own
+            return self._on_its_own(preq, record, call, member)
         if phase is Phase.ANSWERING:
             upstream = [SSE_CONTENT_TYPE] if answer.translated else \
                 preq.redactor.headers(answer.response.headers)
@@ -205,24 +205,37 @@ class Dedup:
             return self._left(preq, record, member, start_response)
         if call.commit.phase is Phase.REFUSED:
             return render_refusal(preq, record, call.commit.refusal, start_response)
+        if not call.streamed:
+            return self._on_its_own(preq, record, call, member)
         if call.complete:
             try:
                 body = compact_json(assemble_stream(preq.fmt.name, with_hidden(
                     b"".join(call.frames()), b"".join(call.hidden))))
-            except NotAssembled as exc:
-                err = UpstreamBroken(f"the shared answer could not be turned into JSON ({exc})")
+            except NotAssembled:  # its text may quote the answer: not for the log or the row
+                err = UpstreamBroken("the shared answer could not be turned into a JSON body")
                 record.failed(preq.fmt.status_of(err), err)
                 return error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
             body = preq.redactor.data(body)
-            call.settle_joined(record, len(body), complete=True)
+            call.settle_joined(record, 200, len(body), complete=True)
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))]
                            + proxy_headers(preq.request_id, call.source.row.deployment))
             return [body]
         err = UpstreamBroken(call.source.row.error or "the shared upstream call failed")
         body = error_response(preq.fmt, err, preq.request_id, start_response, preq.redactor)
-        call.settle_joined(record, len(body[0]), complete=False)
+        call.settle_joined(record, preq.fmt.status_of(err), len(body[0]), complete=False)
         return body
+
+    def _on_its_own(self, preq: ProxyRequest, record: RequestRecord, call: LiveCall,
+                    member: Member) -> None:
+        """The call's answer cannot be shared (a JSON body is read once; a call closed
+        before it decided): the request makes its own call after all."""
+        call.drop(member)
+        preq.dedup.verdict = "miss"
+        record.keep_answer(preq.dedup.pending, self.keep)
+        log.info("request %s: the live call of %s cannot be shared; it goes upstream itself",
+                 preq.request_id, call.request_id)
+        return None
 
     @staticmethod
     def _left(preq: ProxyRequest, record: RequestRecord, member: Member,

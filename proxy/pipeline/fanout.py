@@ -56,17 +56,21 @@ class LiveCall:
 
     def __init__(self, key: DedupKey, request_id: str, commit: CommitRule, source: RequestRecord,
                  upstream: Exchange, heartbeat: Heartbeat, orphan_grace: float,
-                 history_limit: int, on_close: Callable[["LiveCall"], None]) -> None:
+                 history_limit: int, on_close: Callable[["LiveCall"], None],
+                 terminal: Callable[[ProxyError], bytes]) -> None:
         self.key, self.request_id, self.commit, self.source = key, request_id, commit, source
         self.upstream, self.heartbeat, self.orphan_grace = upstream, heartbeat, orphan_grace
         self.history_limit = history_limit
         self._on_close = on_close
+        self.terminal = terminal  # the stream's terminal error event, in the client's protocol
         self._lock = threading.Lock()
         self._members: list[Member] = []
         self._history: list[tuple[bytes, bool, bool]] | None = []  # (frame, has_id, last)
         self._history_bytes = 0
         self.hidden: list[bytes] = []
         self._closed = False
+        self._ending = False  # the upstream is being ended for want of clients: no joins
+        self._orphan_until: float | None = None  # every client left; a retry may join until
         self.final_frame: bytes | None = None
         self.bytes_out = 0
         self.joined = 0  # members that joined after the first
@@ -85,6 +89,11 @@ class LiveCall:
             self._keep(frame, has_id, last)
             self.bytes_out += len(frame)
             members = [m for m in self._members if m.writer is not None]
+        if len(members) == 1 and len(self._members) == 1:
+            # Alone, a client holds the upstream back as an unshared stream's does (a
+            # joiner's `add` does not wait for this: the lock is not held).
+            members[0].writer.write_event(frame, has_id, last)
+            return True
         for member in members:
             self._offer(member, frame, has_id, last)
         return True
@@ -109,7 +118,8 @@ class LiveCall:
         be joined (closed, its events no longer all kept, or not orphaned when only an
         orphan may be joined); the request then makes its own call."""
         with self._lock:
-            if self._closed or self._history is None or (orphans_only and self._members):
+            if self._closed or self._ending or self._history is None \
+                    or (orphans_only and self._members):
                 return False
             if member.writer is not None and self._history_bytes > member.writer.max_buffered:
                 return False  # it would start out further behind than any client may fall
@@ -119,8 +129,9 @@ class LiveCall:
             if member.writer is not None:
                 for frame, has_id, last in self._history:
                     member.writer.offer_event(frame, has_id, last)
-            self.upstream.end_at(None)  # a retry came back in time: no longer orphaned
-        self.heartbeat.register(member.exchange)
+            self._orphan_until = None  # a retry came back in time: no longer orphaned
+            # Registered before close() can run (it unregisters every member it finds).
+            self.heartbeat.register(member.exchange)
         if self.commit.phase is not Phase.WAITING:
             member.wake.set()
         return True
@@ -140,11 +151,12 @@ class LiveCall:
     def leave(self, member: Member, err: ProxyError) -> None:
         """A member is gone (hung up, too slow, shutdown): its stream ends, its row says why,
         and the last one to leave ends the upstream call (now, or after the grace)."""
+        # A shutdown ends the upstream itself (every exchange is ended in one pass).
         with self._lock:
             if member not in self._members:
                 return
             self._members.remove(member)
-            orphaned = not self._members and not self._closed
+            end_now = self._orphan_if_last(isinstance(err, (ClientGone, ClientTooSlow)))
         self.heartbeat.unregister(member.exchange)
         if member.writer is not None:
             member.writer.close(None if isinstance(err, ClientGone) else member.terminal(err))
@@ -153,20 +165,37 @@ class LiveCall:
             member.record.failed(status, err, member.writer.bytes_out)
         member.wake.set()
         member.done.set()
-        if orphaned and isinstance(err, (ClientGone, ClientTooSlow)):
-            self._orphaned()
-        elif not orphaned:
+        if end_now:
+            self.upstream.end(ClientGone("every client of this answer hung up"))
+        elif self._members:
             log.info("request %s: its client left (%s); the shared upstream call goes on for "
                      "the others", member.request_id, err.end_reason)
 
-    def _orphaned(self) -> None:
-        gone = ClientGone("every client of this answer hung up")
+    def _orphan_if_last(self, hung_up: bool) -> bool:
+        """Under the lock, as a member leaves: True when the upstream must end now (the
+        caller ends it, outside the lock; no one can join from here on).  With a grace, the
+        call is orphaned until `orphan_until`, unless a retry joins first."""
+        if self._members or self._closed or not hung_up or not self.streamed:
+            return False
         if self.orphan_grace <= 0:
-            self.upstream.end(gone)
-            return
+            self._ending = True
+            return True
+        self._orphan_until = time.monotonic() + self.orphan_grace
+        self.upstream.end_at(self._orphan_until, self._orphan_expired)
         log.info("request %s: every client left; the upstream call goes on for %.1f s for a "
                  "retry to join", self.request_id, self.orphan_grace)
-        self.upstream.end_at(time.monotonic() + self.orphan_grace, gone)
+        return False
+
+    def _orphan_expired(self) -> None:
+        """The heartbeat, at the end of the grace: ends the upstream unless a retry joined
+        (checked under the lock, so a join either comes first or is refused)."""
+        with self._lock:
+            if self._members or self._closed or self._orphan_until is None \
+                    or time.monotonic() < self._orphan_until:
+                return
+            self._ending = True
+        self.upstream.end(ClientGone("every client of this answer hung up, and no retry "
+                                     "joined within the orphan grace"))
 
     # -- internals ---------------------------------------------------------------------
     def _keep(self, frame: bytes, has_id: bool, last: bool) -> None:
@@ -189,10 +218,10 @@ class LiveCall:
         with self._lock:
             if member in self._members:
                 self._members.remove(member)
-            orphaned = not self._members and not self._closed
+            end_now = self._orphan_if_last(hung_up=True)
         self.heartbeat.unregister(member.exchange)
-        if orphaned and self.streamed:  # a refused call or a JSON body ends on its own
-            self._orphaned()
+        if end_now:
+            self.upstream.end(ClientGone("every client of this answer hung up"))
 
     def add_hidden(self, frame: bytes) -> None:
         """An event no client got that a JSON body of the answer needs (a usage chunk)."""
@@ -205,28 +234,32 @@ class LiveCall:
         A refused call's members answer the refusal themselves."""
         self.heartbeat.unregister(member.exchange)
         final = self.final_frame
-        if member.writer is not None and self.streamed:
-            if member.record is not None:
-                sent = member.writer.bytes_out + len(final or b"")
-                self.settle_joined(member.record, sent, complete=final is None)
-            member.writer.close(final)
+        if member.writer is not None:
+            if self.streamed:
+                if member.record is not None:
+                    sent = member.writer.bytes_out + len(final or b"")
+                    self.settle_joined(member.record, 200, sent, complete=final is None)
+                member.writer.close(final)
+            else:  # never answered as a stream: the member's own thread answers
+                member.writer.close()
         member.wake.set()
         member.done.set()
 
-    def settle_joined(self, record: RequestRecord, bytes_out: int, complete: bool) -> None:
+    def settle_joined(self, record: RequestRecord, status: int, bytes_out: int,
+                      complete: bool) -> None:
         """A joined request's row: the paying request's usage when the answer completed,
         else the way the shared call ended (its row's end, or why it was ended from
         outside: the paying row may be written just after its stream closed)."""
         row = self.source.row
         if self.source.ended:
             if complete and row.end_reason == EndReason.COMPLETE:
-                record.deduped(EndReason.JOINED, self.request_id, usage_of(row), 200, bytes_out)
+                record.deduped(EndReason.JOINED, self.request_id, usage_of(row), status, bytes_out)
             else:
-                record.shared_failure(row, 200, bytes_out)
+                record.shared_failure(row, status, bytes_out)
             return
         err = self.upstream.end_error or UpstreamBroken(
             "the shared upstream call ended before its answer was complete")
-        record.failed(499 if isinstance(err, ClientGone) else 200, err, bytes_out)
+        record.failed(status, err, bytes_out)
 
     def frames(self) -> list[bytes]:
         """The events the call has sent (for a client that waits for the whole answer)."""

@@ -365,7 +365,8 @@ class StreamRelay:
         self.exchange = Exchange(None, None, on_end=self._ended_from_outside)
         self.live = LiveCall(ticket.key, self.preq.request_id, self.commit, self.record,
                              self.exchange, self.deps.heartbeat, ticket.policy.orphan_grace,
-                             ticket.history_limit, on_close=self.deps.live_calls.remove)
+                             ticket.history_limit, on_close=self.deps.live_calls.remove,
+                             terminal=self.view.terminal_error)
         self.writer = self.live
         self.client = LockedWriter(keepalive=self.preq.keepalive, redactor=self.preq.redactor)
         self.member = Member(self.preq.request_id, None, self.client, self.preq.client_socket,
