@@ -32,7 +32,7 @@ from .heartbeat import Heartbeat
 from .limits import MemoryBudget
 from .pipeline.admit import (ENDPOINTS, MODELS_PATH, Admission, AdmitDeps, Opened, format_for,
                              new_request_id)
-from .dedup.answers import AnswerCache, StoredAnswers
+from .dedup.answers import READ_BUSY_TIMEOUT_MS, AnswerCache, StoredAnswers
 from .pipeline.attempt import TryDeps
 from .pipeline.dedup import DEDUP_HEADER, Dedup, DedupDeps, DedupTicket, DedupTickets
 from .pipeline.fanout import LiveCalls
@@ -174,7 +174,8 @@ class App:
                         bridges, self.router, config.plain_timeout)
         live_calls = LiveCalls()
         self.answers = AnswerCache(config.cache_bytes)
-        self.stored_answers = StoredAnswers(lambda: open_store(config.db_path))
+        self.stored_answers = StoredAnswers(lambda: open_store(config.db_path,
+                                                                READ_BUSY_TIMEOUT_MS))
         dedup = Dedup(DedupDeps(self.answers, self.stored_answers, live_calls,
                                 keep=lambda answer: self.tracker.keep_answer(answer),
                                 heartbeat=self.heartbeat))

@@ -496,8 +496,8 @@ class Tracker:
             answers = list(self._answers)
             self._answers.clear()
             self._answer_bytes = 0
-        if not answers:
-            return
+        if not answers or self._fault is not None:
+            return  # a faulty store would make the rows wait twice as long: answers go
         try:
             self.store.put_answers([a.to_row() for a in answers], time.time())
         except StoreFault as fault:  # the rows' own retries will tell about the fault

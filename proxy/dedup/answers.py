@@ -23,6 +23,9 @@ from .key import DedupKey
 
 log = logging.getLogger("proxy.dedup")
 
+RETRY_AFTER_FAULT = 5.0  # seconds lookups skip a store that failed (a locked or lost file)
+READ_BUSY_TIMEOUT_MS = 100  # a lookup waits this long at most for the database
+
 # The paying row's fields a replayed or joined row copies (its tokens are kept for the
 # report's "saved" sums; its cost becomes what was saved).
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
@@ -48,7 +51,8 @@ class StoredAnswer:
 
     @property
     def size(self) -> int:
-        return len(self.body) + len(self.hidden) + 512
+        """Bytes it holds: the answer, and the request until its digest is computed."""
+        return len(self.body) + len(self.hidden) + self.key.held_bytes + 512
 
     def serves(self, key: DedupKey, now: float) -> bool:
         """May this answer answer a request with `key` (same shape already)?  A stream
@@ -109,6 +113,7 @@ class PendingAnswer:
         """The answer to keep, now that its request completed with `row`."""
         if self.frames is None:
             return None
+        self.key.settle()
         ended, expires = expiry(self.window)
         return StoredAnswer(self.key, self.stream, self.fmt, self.content_type, self.status,
                             self.mask(b"".join(self.frames)), row.request_id,
@@ -185,25 +190,36 @@ class StoredAnswers:
         self._store: UsageStore | None = None
         self._lock = threading.Lock()
         self._warned = False
+        self._resting_until = 0.0  # after a fault, lookups skip the store for a while
 
     def find(self, key: DedupKey, now: float) -> StoredAnswer | None:
-        rows = self._rows(key.shape, now)
-        for row in rows:
+        """A kept answer for `key`: candidates by shape (without their bodies), the digest
+        compared, and only a match read whole."""
+        for row in self._read(lambda store: store.find_answers(key.shape, now)) or ():
+            if (key.stream and (not row["stream"] or (row["variant"] or "") != key.variant)) \
+                    or row["digest"] != key.digest():
+                continue
+            whole = self._read(lambda store: store.answer(row["id"]))
             try:
-                answer = StoredAnswer.from_row(row)
+                answer = StoredAnswer.from_row(whole) if whole else None
             except (KeyError, TypeError, ValueError):  # a row this version cannot read
                 continue
-            if answer.serves(key, now):
+            if answer is not None and answer.serves(key, now):
                 return answer
         return None
 
-    def _rows(self, shape: str, now: float) -> list[dict]:
+    def _read(self, query: Callable[[UsageStore], Any]) -> Any:
+        """One query on this worker's read connection; nothing while the store is faulty
+        (it is retried after RETRY_AFTER_FAULT seconds, not by every request)."""
         with self._lock:
+            if time.monotonic() < self._resting_until:
+                return None
             try:
                 if self._store is None:
                     self._store = self._open_reader()
-                return self._store.find_answers(shape, now)
+                return query(self._store)
             except (StoreFault, ValueError) as exc:
+                self._resting_until = time.monotonic() + RETRY_AFTER_FAULT
                 if not self._warned:  # the store's own writer reports faults; once is enough
                     self._warned = True
                     log.warning("kept answers cannot be read from the usage store: %s",
@@ -211,7 +227,7 @@ class StoredAnswers:
                 if self._store is not None:
                     self._store.close()
                     self._store = None
-                return []
+                return None
 
     def close(self) -> None:
         with self._lock:

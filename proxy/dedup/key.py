@@ -72,22 +72,39 @@ class DedupKey:
         self.stream = stream
         self.variant = variant
         self._source: Any = payload if payload is not None else body
+        self._body = body
         self._digest: str | None = None
         self._lock = threading.Lock()
+
+    def settle(self) -> None:
+        """The request is over: until its digest is computed the key holds its body, not
+        the (larger) parsed payload."""
+        with self._lock:
+            if self._digest is None:
+                self._source = self._body
+            self._body = b""
+
+    @property
+    def held_bytes(self) -> int:
+        """What the key holds for its digest to come (a kept answer counts it)."""
+        with self._lock:
+            if isinstance(self._source, (bytes, bytearray)):
+                return len(self._source)
+            return len(self._body or b"")
 
     def digest(self) -> str:
         """The canonical digest; a body that no longer parses digests as its bytes."""
         with self._lock:
             if self._digest is None:
                 self._digest = digest_of(self._source)
-                self._source = None  # the request's body is not held for this any longer
+                self._source = self._body = None  # the request is not held for this any longer
             return self._digest
 
     @classmethod
     def known(cls, shape: str, digest: str, stream: bool, variant: str) -> "DedupKey":
         """The key of a kept answer, whose digest is already known."""
         key = cls(shape, b"", None, stream, variant)
-        key._digest = digest
+        key._digest, key._source, key._body = digest, None, None
         return key
 
 
@@ -122,26 +139,47 @@ def request_key(scope: str, endpoint: str, payload: dict, body: bytes, keep_payl
 
 def shape_of(scope: str, endpoint: str, payload: dict) -> str:
     """A cheap digest of what identical requests share: equal keys have equal shapes (so a
-    shape that matches nothing rules a duplicate out); different requests rarely do."""
-    keys = sorted(k for k in payload if k not in _DELIVERY_FIELDS)
+    shape that matches nothing rules a duplicate out).  Different requests rarely share
+    one: it reads every top-level field briefly (so `temperature`, `seed`, `n` or `tools`
+    tell requests apart) and samples the last turn's text at both ends."""
+    parts = [scope, endpoint]
+    for name in sorted(k for k in payload if k not in _DELIVERY_FIELDS):
+        parts += [name, _brief(payload[name])]
     turns = payload.get("messages", payload.get("input"))
-    parts = [scope, endpoint, repr(payload.get("model")), ",".join(keys)]
-    if isinstance(turns, list):
-        parts += [str(len(turns)), str(_size(turns[-1]) if turns else 0)]
-    else:
-        parts.append(str(_size(turns)))
+    if isinstance(turns, list) and turns:
+        parts.append(_sample(turns[-1]))
     return hashlib.blake2b("\x1f".join(parts).encode("utf-8", "surrogatepass"),
                            digest_size=16).hexdigest()
 
 
-def _size(value: Any, depth: int = 0) -> int:
-    """The text length of a message (strings in its content), bounded in depth."""
+_EDGE = 64  # characters of a long string read from each end
+
+
+def _brief(value: Any) -> str:
+    """A few bytes that tell most different values apart, whatever their size."""
     if isinstance(value, str):
-        return len(value)
-    if depth > 4:
-        return 0
-    if isinstance(value, dict):
-        return sum(_size(v, depth + 1) for v in value.values())
+        return f"s{len(value)}:{value[:_EDGE]}{value[-_EDGE:]}"
     if isinstance(value, list):
-        return sum(_size(v, depth + 1) for v in value[:64]) + len(value)
-    return 1
+        return f"l{len(value)}"
+    if isinstance(value, dict):
+        return "d" + ",".join(sorted(value))[:4 * _EDGE]
+    return repr(value)
+
+
+def _sample(message: Any) -> str:
+    """The last turn: its text's size and its strings' ends (a bounded walk)."""
+    texts: list[str] = []
+    _strings(message, texts, 0)
+    return f"{sum(len(t) for t in texts)}:" + "|".join(
+        t[:_EDGE] + t[-_EDGE:] for t in texts[:8] + texts[-8:])
+
+
+def _strings(value: Any, out: list[str], depth: int) -> None:
+    if isinstance(value, str):
+        out.append(value)
+    elif depth <= 4 and isinstance(value, dict):
+        for key in sorted(value):
+            _strings(value[key], out, depth + 1)
+    elif depth <= 4 and isinstance(value, list):
+        for item in value[:64]:
+            _strings(item, out, depth + 1)

@@ -51,6 +51,7 @@ class RequestRecord:
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._finished = False
+        self._written = threading.Event()
         self._usage_format: Format | None = None  # None: this endpoint bills nothing
         self._parser: UsageParser | None = None
         self._body = bytearray()
@@ -150,8 +151,9 @@ class RequestRecord:
 
     @property
     def ended(self) -> bool:
-        with self._lock:
-            return self._finished
+        """Is the row written (its end reason, status and usage all set)?  Sealing comes
+        first; a thread that reads the row of another must wait for this."""
+        return self._written.is_set()
 
     def deduped(self, reason: EndReason, paid_by: str, usage: dict, status: int,
                 bytes_out: int) -> None:
@@ -205,8 +207,10 @@ class RequestRecord:
             if self._answer is not None and reason is EndReason.COMPLETE and 200 <= status < 300:
                 self._keep_answer(rec)
             self._sink.record(rec)
+            self._written.set()
             self._log(rec)
         finally:
+            self._written.set()
             if self._on_finish is not None:
                 self._on_finish(self)
 

@@ -135,8 +135,15 @@ class UsageStore(abc.ABC):
 
     @abc.abstractmethod
     def find_answers(self, shape: str, now: float) -> list[dict]:
-        """The kept answers of this shape that have not expired by ``now``, newest first.
-        None kept (or no such table yet) is an empty list.  Raises StoreFault."""
+        """The kept answers of this shape that have not expired by ``now``, newest first,
+        without their bodies: ``id``, ``digest``, ``stream`` and ``variant`` (a lookup reads
+        a body only once a digest matched).  None kept (or no such table yet) is an empty
+        list.  Raises StoreFault."""
+
+    @abc.abstractmethod
+    def answer(self, answer_id: Any) -> dict | None:
+        """One kept answer, whole (ANSWER_FIELDS), by the ``id`` find_answers gave; None
+        when it is gone.  Raises StoreFault."""
 
 
 # What a kept answer is stored as (proxy/dedup/answers.py builds and reads them).

@@ -180,20 +180,26 @@ class SqliteStore(UsageStore):
             raise _fault(exc) from None
 
     def find_answers(self, shape: str, now: float) -> list[dict]:
+        found = self._answer_query(
+            f"SELECT rowid, digest, stream, variant FROM {ANSWERS} WHERE shape = ? "
+            "AND expires_at > ? ORDER BY ended_at DESC LIMIT 64", (shape, now))
+        return [dict(zip(("id", "digest", "stream", "variant"), values)) for values in found]
+
+    def answer(self, answer_id: Any) -> dict | None:
+        found = self._answer_query(f"SELECT {', '.join(ANSWER_FIELDS)} FROM {ANSWERS} "
+                                   "WHERE rowid = ?", (answer_id,))
+        return dict(zip(ANSWER_FIELDS, found[0])) if found else None
+
+    def _answer_query(self, sql: str, params: tuple) -> list[tuple]:
         try:
             conn = self._reading()
-            if conn is None:
-                return []
-            found = conn.execute(f"SELECT {', '.join(ANSWER_FIELDS)} FROM {ANSWERS} WHERE shape = ? "
-                                 "AND expires_at > ? ORDER BY ended_at DESC LIMIT 8",
-                                 (shape, now)).fetchall()
+            return conn.execute(sql, params).fetchall() if conn is not None else []
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):  # a database from before dedup: nothing kept
                 return []
             raise _fault(exc) from None
         except (sqlite3.Error, OSError) as exc:
             raise _fault(exc) from None
-        return [dict(zip(ANSWER_FIELDS, values)) for values in found]
 
     # -- the report's queries ---------------------------------------------------------------
 
