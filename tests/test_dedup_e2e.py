@@ -609,3 +609,58 @@ def test_on_sigterm_a_joined_client_ends_as_the_first_one_does(upstream, tmp_pat
     finally:
         release.set()
         proc.stop()
+
+
+@pytest.mark.parametrize("commit", ["before_commit", "after_commit"])
+def test_a_shareable_stream_whose_client_hangs_up_before_any_header_is_shut_at_once(server, upstream,
+                                                                                    commit):
+    """A stream others may join has no client of its own upstream: the last client's
+    hang-up still shuts the upstream within 250 ms, before any answer too."""
+    upstream.enqueue([Stall()])
+    r = RawResponse(server.url, "/v1/messages", prompt("join-model"), headers=ant_headers(), timeout=10)
+    [call] = upstream.wait_for_requests(1)
+    if commit == "after_commit":
+        r.read_head()  # 200 went out while the upstream's headers are pending
+    closed_at = time.monotonic()
+    r.close()
+    assert call.peer_closed.wait(2.0), "the upstream was never shut"
+    assert call.peer_closed_at - closed_at < 0.25
+    assert server.row(call.headers[RID])["end_reason"] == "client_gone"
+
+
+def test_joined_responses_streams_get_the_same_events_and_sequence_numbers(server, upstream):
+    release = threading.Event()
+    events = responses_stream(["Shared ", "answer."], model="gpt-d")
+    upstream.enqueue(held_stream(release, events, head=5))
+    body = {"model": "cjoin-model", "input": f"question {next(_numbers)}", "stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    opened = []
+    for _ in range(2):
+        r = RawResponse(server.url, "/v1/responses", body, headers=headers, timeout=30).read_head()
+        r.read_until(lambda got: events_of(got).startswith(b"".join(events[:5])), "the events so far")
+        opened.append(r)
+    release.set()
+    bodies = [events_of(r.read_all()) for r in opened]
+    assert bodies[0] == bodies[1] == b"".join(events)
+    assert [r.header(DEDUP) for r in opened] == ["miss", "joined"]
+    assert len(upstream.requests) == 1
+
+
+def test_a_non_streaming_joiner_of_a_failed_stream_gets_an_error_and_its_row_says_so(server, upstream):
+    release = threading.Event()
+    upstream.enqueue(held_stream(release, ending=[Cut()]))
+    body = prompt("join-model")
+    first = open_stream(server, body, b"".join(rich_stream()[:4]))
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(r=send(server, dict(body, stream=False),
+                                                                  timeout=30)))
+    waiter.start()
+    wait_for_log(server, f"joined the live call of {first.request_id}")
+    release.set()
+    waiter.join(10)
+    joined = result["r"]
+    assert joined.status == 502 and joined.header(DEDUP) == "joined"
+    assert joined.json()["type"] == "error"
+    row = server.row(joined.request_id)
+    assert row["status"] == 502 and row["end_reason"] != "joined" and row["cost_usd"] in (None, 0)
+    assert len(upstream.requests) == 1

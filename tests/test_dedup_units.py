@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -22,7 +23,7 @@ from proxy.errors import ClientGone, ClientTooSlow, UpstreamBroken
 from proxy.heartbeat import Exchange, Heartbeat
 from proxy.pipeline.attempt import Outcome
 from proxy.pipeline.commit import CommitRule
-from proxy.pipeline.dedup import Dedup, DedupDeps, DedupTicket, json_body, with_hidden
+from proxy.pipeline.dedup import Dedup, DedupDeps, DedupTicket, with_hidden
 from proxy.pipeline.fanout import LiveCall, LiveCalls, Member
 from proxy.pipeline.finalize import RequestRecord
 from proxy.pipeline.request import ProxyRequest
@@ -150,7 +151,8 @@ def test_an_equal_shape_is_not_enough_the_bodies_must_match():
 def test_a_pending_answer_is_kept_masked_with_its_paying_row():
     mask = Redactor([SECRET]).data
     pending = PendingAnswer(key_of(payload()), "openai-chat", 10.0, 1 << 20, mask)
-    pending.add(b'data: {"echo":"' + SECRET.encode() + b'"}\n\n')
+    echoed = b'data: {"echo":"' + SECRET.encode() + b'"}\n\n'
+    pending.add(echoed)
     pending.add(b"data: [DONE]\n\n")
     pending.add_hidden(b'data: {"usage":{},"key":"' + SECRET.encode() + b'"}\n\n')
     record = new_record("req_paid")
@@ -158,8 +160,7 @@ def test_a_pending_answer_is_kept_masked_with_its_paying_row():
     kept = pending.settle(record.row)
     assert SECRET.encode() not in kept.body and SECRET.encode() not in kept.hidden
     assert kept.body.endswith(b"data: [DONE]\n\n") and b'"usage"' in kept.hidden
-    assert len(kept.body) == len(b"".join([b'data: {"echo":"' + SECRET.encode() + b'"}\n\n',
-                                           b"data: [DONE]\n\n"]))
+    assert kept.body == Redactor([SECRET]).data(echoed) + b"data: [DONE]\n\n"
     assert kept.paid_by == "req_paid" and kept.status == 200
     assert (kept.usage["output_tokens"], kept.usage["cost_usd"], kept.usage["priced"]) == (7, 0.25, True)
     assert kept.expires_at == pytest.approx(kept.ended_at + 10.0)
@@ -449,7 +450,6 @@ def test_an_orphan_nobody_joins_ends_when_its_grace_is_over(heartbeat):
     assert live.call.add(first)
     first.exchange.end(ClientGone("hung up"))
     assert live.call.orphaned and live.upstream_ended == []
-    import time
     left_at = time.monotonic()
     live.upstream.check_deadline(left_at + 4.0)
     assert live.upstream_ended == [], "the upstream was ended before its grace"
@@ -458,7 +458,6 @@ def test_an_orphan_nobody_joins_ends_when_its_grace_is_over(heartbeat):
 
 
 def test_a_retry_that_joins_an_orphan_in_time_keeps_the_upstream_going(heartbeat):
-    import time
     live = Call(heartbeat, grace=5.0)
     first = live.member("req_a")
     live.call.add(first)

@@ -144,6 +144,13 @@ class LiveCall:
             phase is Phase.ANSWERING and answer is not None and answer.response.is_event_stream)
 
     @property
+    def shareable(self) -> bool:
+        """May the answer still go to clients (not refused, not a JSON body read once)?"""
+        phase, answer = self.commit.phase, self.commit.answer
+        return phase is not Phase.REFUSED and not (
+            phase is Phase.ANSWERING and answer is not None and not answer.response.is_event_stream)
+
+    @property
     def orphaned(self) -> bool:
         with self._lock:
             return not self._members and not self._closed
@@ -175,7 +182,7 @@ class LiveCall:
         """Under the lock, as a member leaves: True when the upstream must end now (the
         caller ends it, outside the lock; no one can join from here on).  With a grace, the
         call is orphaned until `orphan_until`, unless a retry joins first."""
-        if self._members or self._closed or not hung_up or not self.streamed:
+        if self._members or self._closed or not hung_up or not self.shareable:
             return False
         if self.orphan_grace <= 0:
             self._ending = True
