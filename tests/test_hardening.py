@@ -191,6 +191,7 @@ def test_requests_flow_while_the_disk_is_full_and_every_row_arrives_when_it_clea
 # ===========================================================================
 
 @pytest.mark.timeout(150)  # 200 streams to set up and a minute for the workers to exit
+@pytest.mark.identical_requests
 def test_sigterm_with_200_streams_on_a_busy_machine_ends_each_once_and_loses_no_row(tmp_path):
     """200 streams at 10 events/s on the default 2 workers x 256 threads, one core kept busy
     by another process; the grace is 1 s here (the default 20 s is run ten times over by

@@ -685,6 +685,7 @@ def test_upstream_that_never_answers_is_504(idle_proxy, fake, name):
     assert idle_proxy.health()["pid"] == pid
 
 
+@pytest.mark.identical_requests
 def test_the_worker_survives_everything_a_client_can_send(proxy, fake):
     pid = proxy.health()["pid"]
     port = proxy.port
@@ -723,6 +724,7 @@ def test_the_worker_survives_everything_a_client_can_send(proxy, fake):
 # 12. SIGTERM
 # ===========================================================================
 
+@pytest.mark.identical_requests
 def test_sigterm_ends_live_streams_with_one_terminal_error_each(start_proxy, fake):
     server = start_proxy(LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="5")
     events = anthropic_stream()

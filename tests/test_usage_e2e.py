@@ -106,6 +106,7 @@ def test_an_upstream_error_event_leaves_an_upstream_error_row_with_its_message(p
     assert row["usage_complete"] == 0
 
 
+@pytest.mark.identical_requests
 def test_sigterm_during_50_live_streams_loses_no_row(start_proxy, fake):
     """Every live stream ends with a terminal event and a `shutdown` row; none is lost."""
     server = start_proxy(LLM_PROXY_SHUTDOWN_GRACE="0.5", LLM_PROXY_GRACEFUL_TIMEOUT="10",
@@ -144,6 +145,7 @@ def test_sigterm_during_50_live_streams_loses_no_row(start_proxy, fake):
     assert {rows[rid]["end_reason"] for rid, _ in results} == {"shutdown"}
 
 
+@pytest.mark.identical_requests
 def test_several_workers_under_concurrent_load_lose_no_row(start_proxy):
     server = start_proxy(workers=3, threads=16)
     paths = sorted(BODIES)
