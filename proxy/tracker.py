@@ -391,10 +391,11 @@ class Tracker:
         with self._cond:
             if self._closed:
                 return
-            self._answers.append(answer)
-            self._answer_bytes += answer.size
+            size = answer.size  # as counted now (it shrinks once the digest is computed)
+            self._answers.append((answer, size))
+            self._answer_bytes += size
             while self._answer_bytes > ANSWER_QUEUE_BYTES and len(self._answers) > 1:
-                self._answer_bytes -= self._answers.popleft().size
+                self._answer_bytes -= self._answers.popleft()[1]
             self._cond.notify_all()
 
     def flush(self, timeout: float = 5.0) -> bool:
@@ -499,7 +500,7 @@ class Tracker:
         if not answers or self._fault is not None:
             return  # a faulty store would make the rows wait twice as long: answers go
         try:
-            self.store.put_answers([a.to_row() for a in answers], time.time())
+            self.store.put_answers([a.to_row() for a, _ in answers], time.time())
         except StoreFault as fault:  # the rows' own retries will tell about the fault
             log.debug("kept answers dropped: the store refused them (%s)", fault.kind)
         except Exception:  # a cache: a bug here must not stall the rows

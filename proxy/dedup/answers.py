@@ -129,6 +129,7 @@ class AnswerCache:
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[int, StoredAnswer] = collections.OrderedDict()
         self._by_shape: dict[str, list[int]] = {}
+        self._sizes: dict[int, int] = {}
         self._bytes = 0
         self._next_id = 0
 
@@ -139,11 +140,14 @@ class AnswerCache:
     def put(self, answer: StoredAnswer) -> None:
         if not self.admits(answer.size):
             return
+        size = answer.size  # counted as it is now (it shrinks once the digest is computed)
         with self._lock:
             self._next_id += 1
             self._entries[self._next_id] = answer
+            self._sizes[self._next_id] = size
             self._by_shape.setdefault(answer.key.shape, []).append(self._next_id)
-            self._bytes += answer.size
+            self._bytes += size
+            answer.key.on_shrink = lambda freed, entry_id=self._next_id: self._shrunk(entry_id, freed)
             while self._bytes > self.max_bytes and self._entries:
                 self._drop(next(iter(self._entries)))
 
@@ -165,9 +169,16 @@ class AnswerCache:
                 return answer
         return None
 
+    def _shrunk(self, entry_id: int, freed: int) -> None:
+        """An answer's digest was computed: the request it held is counted no longer."""
+        with self._lock:
+            if entry_id in self._sizes:
+                self._sizes[entry_id] -= freed
+                self._bytes -= freed
+
     def _drop(self, entry_id: int) -> None:
         answer = self._entries.pop(entry_id)
-        self._bytes -= answer.size
+        self._bytes -= self._sizes.pop(entry_id)
         ids = self._by_shape.get(answer.key.shape, [])
         if entry_id in ids:
             ids.remove(entry_id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orjson
 
@@ -75,6 +75,7 @@ class DedupKey:
         self._body = body
         self._digest: str | None = None
         self._lock = threading.Lock()
+        self.on_shrink: Callable[[int], None] | None = None  # told the bytes the digest freed
 
     def settle(self) -> None:
         """The request is over: until its digest is computed the key holds its body, not
@@ -88,17 +89,25 @@ class DedupKey:
     def held_bytes(self) -> int:
         """What the key holds for its digest to come (a kept answer counts it)."""
         with self._lock:
-            if isinstance(self._source, (bytes, bytearray)):
-                return len(self._source)
-            return len(self._body or b"")
+            return self._held()
+
+    def _held(self) -> int:
+        if isinstance(self._source, (bytes, bytearray)):
+            return len(self._source)
+        return len(self._body or b"")
 
     def digest(self) -> str:
         """The canonical digest; a body that no longer parses digests as its bytes."""
+        freed = 0
         with self._lock:
             if self._digest is None:
+                freed = self._held()
                 self._digest = digest_of(self._source)
                 self._source = self._body = None  # the request is not held for this any longer
-            return self._digest
+            digest, shrunk = self._digest, self.on_shrink
+        if freed and shrunk is not None:
+            shrunk(freed)
+        return digest
 
     @classmethod
     def known(cls, shape: str, digest: str, stream: bool, variant: str) -> "DedupKey":
