@@ -9,11 +9,15 @@ and a body that does not)."""
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
+import threading
 import time
 
 import pytest
+import requests
+import urllib3
 
 import proxy.tracker as tracker_module
 from proxy import formats
@@ -32,6 +36,7 @@ from proxy.redact import Redactor
 from proxy.routing import DedupPolicy
 from proxy.store import open_store
 from proxy.tracker import Tracker
+from proxy.upstream import AbortHandle, UpstreamResponse
 from proxy.usage import EndReason, UsageRecord
 from proxy.writer import LockedWriter
 
@@ -42,6 +47,15 @@ NOW = 1_800_000_000.0
 def payload(text: str = "question", **extra) -> dict:
     return {"model": "claude-d", "max_tokens": 64,
             "messages": [{"role": "user", "content": text}], **extra}
+
+
+def twin(mark: str, **extra) -> dict:
+    """Requests that differ only in one character in the middle of an earlier turn: their
+    shapes match (a shape reads little of a body), their digests do not."""
+    first = "x" * 300 + mark + "x" * 300
+    return payload(**extra) | {"messages": [{"role": "user", "content": first},
+                                            {"role": "assistant", "content": "ok"},
+                                            {"role": "user", "content": "and then?"}]}
 
 
 def key_of(body: dict, scope: str = "key-1", endpoint: str = "anthropic",
@@ -101,6 +115,7 @@ def test_the_shape_tells_client_keys_and_endpoints_apart():
 
 @pytest.mark.parametrize("headers", [{"cache-control": "no-cache"}, {"cache-control": "No-Store"},
                                      {"cache-control": "private, no-store, max-age=0"},
+                                     {"pragma": "no-cache"},
                                      {"x-llm-proxy-dedup": "off"}, {"x-llm-proxy-dedup": " OFF "},
                                      {"x-llm-proxy-dedup": "false"}, {"x-llm-proxy-dedup": "0"}])
 def test_a_client_opts_out_with_cache_control_or_the_dedup_header(headers):
@@ -140,11 +155,11 @@ def test_a_stream_needs_a_streamed_answer_with_the_same_stream_options():
 def test_an_equal_shape_is_not_enough_the_bodies_must_match():
     """Same keys, same number of turns, a last turn of the same size: the shape matches,
     the digest decides."""
-    kept = answer(key_of(payload("question A")))
-    other = key_of(payload("question B"))
+    kept = answer(key_of(twin("A")))
+    other = key_of(twin("B"))
     assert other.shape == kept.key.shape
     assert not kept.serves(other, NOW)
-    assert kept.serves(key_of(payload("question A")), NOW)
+    assert kept.serves(key_of(twin("A")), NOW)
 
 
 # -- the answer being relayed ------------------------------------------------------------------
@@ -178,8 +193,11 @@ def test_an_answer_past_the_limit_is_not_kept():
 
 # -- this worker's LRU -------------------------------------------------------------------------
 def sized(text: str, size: int = 1000, **kwargs) -> StoredAnswer:
-    """An answer of `size` bytes as the cache counts them (body + 512)."""
-    return answer(key_of(payload(text)), body=b"b" * (size - 512), **kwargs)
+    """An answer of `size` bytes as the cache counts them (body + 512: its digest is
+    computed, so its key holds no request any longer)."""
+    key = key_of(payload(text))
+    key.digest()
+    return answer(key, body=b"b" * (size - 512), **kwargs)
 
 
 def test_the_cache_evicts_the_least_recently_used_answer():
@@ -242,7 +260,9 @@ def test_the_store_finds_answers_until_they_expire_and_then_forgets_them(tmp_pat
     key = key_of(payload("kept"))
     store.put_answers([stored_row(key, expires_at=NOW + 10)], NOW)
     try:
-        assert [r["paid_by"] for r in store.find_answers(key.shape, NOW + 9)] == ["req_paid"]
+        [found] = store.find_answers(key.shape, NOW + 9)
+        assert found["digest"] == key.digest()
+        assert store.answer(found["id"])["paid_by"] == "req_paid"
         assert store.find_answers(key.shape, NOW + 10) == []
         assert store.find_answers(key.shape, NOW + 11) == []
         store.put_answers([], NOW + 11)  # each write forgets what expired before it
@@ -252,14 +272,16 @@ def test_the_store_finds_answers_until_they_expire_and_then_forgets_them(tmp_pat
         store.close()
 
 
-def test_the_store_answers_the_newest_eight_first(tmp_path):
+def test_the_store_lists_the_newest_candidates_first(tmp_path):
     store = open_store(str(tmp_path / "usage.db"))
     key = key_of(payload("often"))
-    rows = [stored_row(key, ended_at=NOW + i, paid_by=f"req_{i}") for i in range(10)]
+    rows = [stored_row(key, ended_at=NOW + i, paid_by=f"req_{i}") for i in range(80)]
     store.put_answers(rows[::2] + rows[1::2], NOW)  # not in order
     try:
         found = store.find_answers(key.shape, NOW + 0.5)
-        assert [r["paid_by"] for r in found] == [f"req_{i}" for i in range(9, 1, -1)]
+        paid = [store.answer(r["id"])["paid_by"] for r in found]
+        assert paid[:3] == ["req_79", "req_78", "req_77"]
+        assert paid == [f"req_{i}" for i in range(79, 79 - len(paid), -1)]
     finally:
         store.close()
 
@@ -267,17 +289,17 @@ def test_the_store_answers_the_newest_eight_first(tmp_path):
 def test_an_answer_read_from_the_store_serves_only_its_own_request(tmp_path):
     path = str(tmp_path / "usage.db")
     store = open_store(path)
-    mine, theirs = key_of(payload("question A")), key_of(payload("question B"))
+    mine, theirs = key_of(twin("A")), key_of(twin("B"))
     assert mine.shape == theirs.shape
     store.put_answers([stored_row(mine, body=b"mine", ended_at=NOW, paid_by="req_a"),
                        stored_row(theirs, body=b"theirs", ended_at=NOW + 1, paid_by="req_b")], NOW)
     store.close()
     stored = StoredAnswers(lambda: open_store(path))
     try:
-        found = stored.find(key_of(payload("question A")), NOW + 2)
+        found = stored.find(key_of(twin("A")), NOW + 2)
         assert (found.paid_by, found.body) == ("req_a", b"mine")
-        assert stored.find(key_of(payload("question C")), NOW + 2) is None
-        assert stored.find(key_of(payload("question A")), NOW + 10) is None
+        assert stored.find(key_of(twin("C")), NOW + 2) is None
+        assert stored.find(key_of(twin("A")), NOW + 10) is None
     finally:
         stored.close()
 
@@ -301,7 +323,8 @@ def test_kept_answers_are_stored_before_the_rows_queued_after_them(tmp_path, mon
     try:
         assert tracker.flush()
         reader = open_store(path)
-        assert [r["paid_by"] for r in reader.find_answers(key.shape, NOW)] == ["req_paid"]
+        assert [reader.answer(r["id"])["paid_by"] for r in reader.find_answers(key.shape, NOW)] \
+            == ["req_paid"]
         reader.close()
     finally:
         tracker.close()
@@ -395,16 +418,20 @@ def test_the_hidden_usage_chunk_goes_back_before_the_end_marker():
 # -- the fan-out of one live call ---------------------------------------------------------------
 @pytest.fixture
 def heartbeat():
-    """A real heartbeat whose own passes (every 15 s) never come during a test: the tests
-    call `check_deadline` themselves, with the time they want."""
-    beat = Heartbeat(60.0, 60.0)
+    """A real heartbeat, ticking every 10 ms (an orphan's grace ends on its pass); its
+    keepalives would come after 30 s of silence, never within a test."""
+    beat = Heartbeat(30.0, 0.01)
     yield beat
     beat.stop()
 
 
+TERMINAL = formats.ANTHROPIC.stream_view().terminal_error
+
+
 class Call:
     """A live call as StreamRelay builds it: its commit rule, the paying request's record,
-    the upstream's exchange (no client of its own), in a LiveCalls."""
+    the upstream's exchange (no client of its own, visited by the heartbeat), in a
+    LiveCalls."""
 
     def __init__(self, heartbeat: Heartbeat, grace: float = 0.0, history_limit: int = 1 << 20,
                  body: dict | None = None) -> None:
@@ -412,22 +439,21 @@ class Call:
         self.source = new_record("req_src")
         self.upstream_ended: list = []
         self.upstream = Exchange(None, None, on_end=self.upstream_ended.append)
+        heartbeat.register(self.upstream)
         self.calls = LiveCalls()
         self.call = LiveCall(key_of(body or dict(payload(), stream=True)), "req_src", self.commit,
                              self.source, self.upstream, heartbeat, grace, history_limit,
-                             on_close=self.calls.remove)
+                             on_close=self.calls.remove, terminal=TERMINAL)
         self.calls.add(self.call)
 
     def member(self, request_id: str = "req_m", record: RequestRecord | None = None,
-               stream: bool = True, redactor: Redactor | None = None,
-               max_buffered: int | None = None) -> Member:
+               stream: bool = True, max_buffered: int | None = None) -> Member:
         writer = None
         if stream:
-            writer = LockedWriter(redactor=redactor)
+            writer = LockedWriter()
             if max_buffered is not None:
                 writer.max_buffered = max_buffered
-        return Member(request_id, record, writer, None,
-                      formats.ANTHROPIC.stream_view().terminal_error)
+        return Member(request_id, record, writer, None, TERMINAL)
 
 
 def frames_of(member: Member) -> list[bytes]:
@@ -444,29 +470,32 @@ def test_when_the_last_client_leaves_without_a_grace_the_upstream_ends_at_once(h
     assert [type(e) for e in live.upstream_ended] == [ClientGone]
 
 
+GRACE = 0.2
+
+
 def test_an_orphan_nobody_joins_ends_when_its_grace_is_over(heartbeat):
-    live = Call(heartbeat, grace=5.0)
+    live = Call(heartbeat, grace=GRACE)
     first = live.member("req_a")
     assert live.call.add(first)
+    left_at = time.monotonic()
     first.exchange.end(ClientGone("hung up"))
     assert live.call.orphaned and live.upstream_ended == []
-    left_at = time.monotonic()
-    live.upstream.check_deadline(left_at + 4.0)
-    assert live.upstream_ended == [], "the upstream was ended before its grace"
-    live.upstream.check_deadline(left_at + 5.5)
+    assert live.upstream.ended.wait(10), "the orphan was never ended"
+    assert time.monotonic() - left_at >= GRACE, "the upstream was ended before its grace"
     assert [type(e) for e in live.upstream_ended] == [ClientGone]
+    assert not live.call.add(live.member("req_late", new_record("req_late")), orphans_only=True)
 
 
 def test_a_retry_that_joins_an_orphan_in_time_keeps_the_upstream_going(heartbeat):
-    live = Call(heartbeat, grace=5.0)
+    live = Call(heartbeat, grace=GRACE)
     first = live.member("req_a")
     live.call.add(first)
     first.exchange.end(ClientGone("hung up"))
     retry = live.member("req_retry", new_record("req_retry"), stream=False)
     assert live.call.add(retry, orphans_only=True)
     assert not live.call.orphaned
-    live.upstream.check_deadline(time.monotonic() + 60.0)
-    assert live.upstream_ended == [], "the joined call was ended by the orphan's deadline"
+    assert not live.upstream.ended.wait(GRACE + 0.3), "the joined call was ended at the orphan's deadline"
+    assert live.upstream_ended == []
 
 
 def test_an_orphan_only_call_takes_no_joiner_while_a_client_is_on_it(heartbeat):
@@ -567,13 +596,35 @@ def test_a_joined_client_too_slow_for_the_shared_stream_is_ended_alone(heartbeat
     assert slow.record.row.end_reason == ClientTooSlow("x").end_reason
 
 
+def test_a_client_alone_on_a_shared_call_holds_the_stream_back_instead_of_being_ended(heartbeat):
+    """Nobody else to hold up: a single slow client gets backpressure, as the client of an
+    unshared stream does, not the terminal error of a client that fell behind the others."""
+    live = Call(heartbeat)
+    live.commit.wait(0)
+    alone = live.member("req_alone", max_buffered=10)
+    live.call.add(alone)
+    events = [b"data: %d 0123456789\n\n" % i for i in range(3)]
+    stream = threading.Thread(target=lambda: [live.call.write_event(e) for e in events])
+    stream.start()
+    stream.join(0.3)
+    assert stream.is_alive(), "the stream thread never waited for the slow client"
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(alone.writer.frames()))
+    reader.start()
+    stream.join(5)
+    live.source.complete(200, 0)
+    live.call.close()
+    reader.join(5)
+    assert got == events and alone.exchange.end_error is None
+
+
 def test_matching_live_calls_need_the_same_body_and_for_a_stream_the_same_options(heartbeat):
-    body = dict(payload("live question"), stream=True)
+    body = twin("A", stream=True)
     live = Call(heartbeat, body=body)
     assert live.calls.matching(key_of(body)) == [live.call]
     assert live.calls.matching(key_of(dict(body, stream=False))) == [live.call]  # JSON waits
     assert live.calls.matching(key_of(dict(body, stream_options={"include_usage": True}))) == []
-    other = dict(payload("live questioN"), stream=True)
+    other = twin("B", stream=True)
     assert key_of(other).shape == key_of(body).shape
     assert live.calls.matching(key_of(other)) == []
 
@@ -590,19 +641,25 @@ def test_an_offered_event_never_waits_and_is_masked():
 
 # -- Dedup.serve, without a server ----------------------------------------------------------------
 def serve_request(live: Call, heartbeat: Heartbeat, tmp_path, policy: DedupPolicy,
-                  stream: bool = True):
+                  stream: bool = True, kept: list | None = None):
+    """Dedup.serve for a duplicate of `live`'s request: (what it served, its ticket, the
+    statuses it started, its record); `kept` collects the answers it keeps."""
     body = dict(payload(), stream=True)
     key = key_of(dict(body, stream=stream))
-    ticket = DedupTicket(key, policy, None, stream and policy.shares_live, 1 << 20)
+    pending = PendingAnswer(key, "anthropic", policy.replay_window, 1 << 20, lambda d: d, stream) \
+        if policy.replay_window > 0 else None
+    ticket = DedupTicket(key, policy, pending, stream and policy.shares_live, 1 << 20)
     preq = ProxyRequest(request_id="req_dup", endpoint="anthropic", fmt=formats.ANTHROPIC,
                         route=None, method="POST", path="/v1/messages", headers=[],
                         body=json.dumps(body).encode(), stream=stream, dedup=ticket)
+    keep = (kept if kept is not None else []).append
     dedup = Dedup(DedupDeps(AnswerCache(1 << 20),
                             StoredAnswers(lambda: open_store(str(tmp_path / "none.db"))),
-                            live.calls, keep=lambda kept: None, heartbeat=heartbeat))
+                            live.calls, keep=keep, heartbeat=heartbeat))
     started = []
-    served = dedup.serve(preq, new_record("req_dup"), lambda status, headers: started.append(status))
-    return served, ticket, started
+    record = new_record("req_dup")
+    served = dedup.serve(preq, record, lambda status, headers: started.append(status))
+    return served, ticket, started, record
 
 
 def test_on_an_orphan_grace_route_a_duplicate_joins_only_an_orphaned_call(heartbeat, tmp_path):
@@ -611,10 +668,61 @@ def test_on_an_orphan_grace_route_a_duplicate_joins_only_an_orphaned_call(heartb
     first = live.member("req_src")
     live.call.add(first)
     policy = DedupPolicy(replay_window=0, join_live=False, orphan_grace=5.0)
-    served, ticket, started = serve_request(live, heartbeat, tmp_path, policy)
+    served, ticket, started, _ = serve_request(live, heartbeat, tmp_path, policy)
     assert served is None and ticket.verdict == "miss" and started == []
     first.exchange.end(ClientGone("hung up"))
-    served, ticket, started = serve_request(live, heartbeat, tmp_path, policy)
+    served, ticket, started, _ = serve_request(live, heartbeat, tmp_path, policy)
     assert served is not None and ticket.verdict == "joined" and started == ["200 OK"]
     live.source.complete(200, 0)
     live.call.close()
+
+
+def json_answer() -> UpstreamResponse:
+    """An upstream's 200 JSON answer to a streaming request (its body is never read here)."""
+    raw = urllib3.HTTPResponse(body=io.BytesIO(b"{}"), headers={"Content-Type": "application/json"},
+                               status=200, preload_content=False)
+    resp = requests.Response()
+    resp.raw, resp.status_code = raw, 200
+    resp.headers = requests.structures.CaseInsensitiveDict(raw.headers)
+    return UpstreamResponse(resp, AbortHandle(), 1 << 20, 100)
+
+
+def test_a_streaming_duplicate_of_a_call_answered_with_a_json_body_makes_its_own_call(heartbeat,
+                                                                                     tmp_path):
+    """A JSON body is read once, by the request that asked: a stream that joined goes on
+    upstream itself (a miss), and keeps its own answer."""
+    live = Call(heartbeat)
+    assert live.commit.answer_with(json_answer(), "dep")
+    live.call.add(live.member("req_src"))
+    policy = DedupPolicy(replay_window=10, join_live=True)
+    kept = []
+    served, ticket, started, record = serve_request(live, heartbeat, tmp_path, policy, kept=kept)
+    assert served is None and ticket.verdict == "miss" and started == []
+    ticket.pending.add(b"data: its own\n\n")
+    record.complete(200, 14)  # its own answer, made upstream, is kept
+    assert [(a.paid_by, a.body) for a in kept] == [("req_dup", b"data: its own\n\n")]
+
+
+# -- the report's sums --------------------------------------------------------------------------
+def test_the_report_counts_a_replay_as_saved_and_a_part_priced_row_as_unpriced(tmp_path):
+    """Spend is what was paid and priced: a replayed row costs nothing and saves what its
+    answer cost; a continued answer priced in part (cost_usd holds the known part) is
+    unpriced spend, never part of the cost figure."""
+    from proxy.report import summarize
+    path = str(tmp_path / "usage.db")
+    tracker = Tracker(path)
+    tracker.start()
+    paid = dict(input_tokens=100, output_tokens=50, usage_complete=True)
+    for rec in (UsageRecord(request_id="p1", started_at=NOW, cost_usd=0.01, priced=True, **paid),
+                UsageRecord(request_id="d1", started_at=NOW + 1, end_reason="replay", paid_by="p1",
+                            cost_usd=0.0, priced=True, saved_cost_usd=0.01, attempts=0, **paid),
+                UsageRecord(request_id="c1", started_at=NOW + 2, cost_usd=0.002, priced=False,
+                            continuations=1, **paid)):
+        tracker.record(rec)
+    assert tracker.flush()
+    tracker.close()
+    totals = summarize(path)["totals"]
+    assert totals["cost_usd"] == pytest.approx(0.01)
+    assert totals["unpriced_requests"] == 1
+    assert (totals["input_tokens"], totals["dedup_requests"], totals["dedup_tokens"]) == (200, 1, 150)
+    assert totals["dedup_saved_usd"] == pytest.approx(0.01) and totals["failures"] == {}
