@@ -177,8 +177,7 @@ class App:
         self.stored_answers = StoredAnswers(lambda: open_store(config.db_path,
                                                                 READ_BUSY_TIMEOUT_MS))
         dedup = Dedup(DedupDeps(self.answers, self.stored_answers, live_calls,
-                                keep=lambda answer: self.tracker.keep_answer(answer),
-                                heartbeat=self.heartbeat))
+                                keep=lambda answer: self.tracker.keep_answer(answer)))
         admission = Admission(AdmitDeps(
             config=config, router=self.router, bridges=bridges, continues=requests.continues,
             prices=PriceTable(config.prices),

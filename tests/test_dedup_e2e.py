@@ -20,9 +20,9 @@ import openai
 import pytest
 
 from support.builders import (DEFAULT_USAGE, anthropic_error_event, anthropic_message,
-                              anthropic_stream, chat_completion, chat_stream, responses_stream)
+                              anthropic_stream, chat_stream, responses_stream)
 from support.fake import FakeUpstream
-from support.processes import ProxyProcess, http_get
+from support.processes import ProxyProcess
 from support.rawhttp import RID, RawConnection, RawResponse
 from support.sse import KEEPALIVE, parse
 from support.steps import Cut, End, Send, Stall, Status, WaitFor, json_reply, sse_reply

@@ -655,7 +655,7 @@ def serve_request(live: Call, heartbeat: Heartbeat, tmp_path, policy: DedupPolic
     keep = (kept if kept is not None else []).append
     dedup = Dedup(DedupDeps(AnswerCache(1 << 20),
                             StoredAnswers(lambda: open_store(str(tmp_path / "none.db"))),
-                            live.calls, keep=keep, heartbeat=heartbeat))
+                            live.calls, keep=keep))
     started = []
     record = new_record("req_dup")
     served = dedup.serve(preq, record, lambda status, headers: started.append(status))

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from ..dedup.answers import AnswerCache, PendingAnswer, StoredAnswer, StoredAnswers, usage_of
+from ..dedup.answers import AnswerCache, PendingAnswer, StoredAnswer, StoredAnswers
 from ..dedup.key import OPT_OUT_HEADER, DedupKey, opted_out, request_key
 from ..errors import ClientGone, UpstreamBroken
 from ..formats.assemble import NotAssembled, assemble_stream
@@ -100,7 +100,6 @@ class DedupDeps:
     stored: StoredAnswers  # every worker's, in the usage store
     calls: LiveCalls  # this worker's live calls
     keep: Callable[[StoredAnswer], None]  # queues an answer for the store
-    heartbeat: Any  # the Heartbeat, for joined clients' exchanges
 
 
 class Dedup:
