@@ -407,6 +407,30 @@ def test_an_unpriced_paying_row_saves_no_known_cost():
     assert sink.rows[0].saved_cost_usd is None and sink.rows[0].paid_by == "req_paid"
 
 
+def test_a_json_answer_translated_from_another_format_is_kept_as_its_client_got_it():
+    """A JSON answer from a deployment of another format is read whole and rewritten: the
+    rewritten body (keys masked) is the answer kept, and a duplicate gets it as JSON."""
+    from proxy.pipeline.dedup import json_body
+    from proxy.pipeline.relay import TranslatedBody
+    key = key_of(payload("translated"))
+    redactor = Redactor([SECRET])
+    pending = PendingAnswer(key, "anthropic", 10.0, 1 << 20, redactor.data, stream=False)
+    preq = ProxyRequest(request_id="req_x", endpoint="anthropic", fmt=formats.ANTHROPIC,
+                        route=None, method="POST", path="/v1/messages", headers=[], body=b"{}",
+                        redactor=redactor,
+                        dedup=DedupTicket(key, DedupPolicy(), pending, False, 1 << 20))
+    kept = []
+    record = new_record("req_x")
+    record.keep_answer(pending, kept.append)
+    body = json.dumps({"type": "message", "content": [{"type": "text", "text": SECRET}]}).encode()
+    served = TranslatedBody(body, 200, "dep-x").respond(preq, record, lambda status, headers: None)
+    [answer] = kept
+    assert answer.body == served[0] == redactor.data(body) and SECRET.encode() not in answer.body
+    assert (answer.stream, answer.content_type, answer.status, answer.paid_by) \
+        == (False, "application/json", 200, "req_x")
+    assert json_body(answer) == (answer.body, "application/json")
+
+
 # -- replaying a streamed answer as JSON ----------------------------------------------------------
 def test_the_hidden_usage_chunk_goes_back_before_the_end_marker():
     body = b'data: {"a":1}\n\ndata: [DONE]\n\n'
