@@ -44,16 +44,20 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("report") / "usage.db")
+def stored(path: str, records) -> str:
+    """A usage database at `path` holding `records`, written by the real tracker."""
     tracker = Tracker(path)
     tracker.start()
-    for record in RECORDS:
+    for record in records:
         tracker.record(record)
     assert tracker.flush()
     tracker.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    return stored(str(tmp_path_factory.mktemp("report") / "usage.db"), RECORDS)
 
 
 def by(rows, label):
@@ -98,13 +102,7 @@ def test_replayed_and_joined_requests_count_as_saved_not_as_spent(tmp_path):
         UsageRecord(request_id="d3", started_at=DAY1 + 3, end_reason="client_gone", paid_by="p1",
                     status=499),  # a joined client that left: a failure, nothing saved
     ]
-    path = str(tmp_path / "usage.db")
-    tracker = Tracker(path)
-    tracker.start()
-    for record in records:
-        tracker.record(record)
-    assert tracker.flush()
-    tracker.close()
+    path = stored(str(tmp_path / "usage.db"), records)
     totals = summarize(path)["totals"]
     assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 100, 50)
     assert (totals["cache_read_tokens"], totals["cache_write_tokens"]) == (300, 100)
