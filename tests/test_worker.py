@@ -51,3 +51,37 @@ def test_take_buffered_hands_back_what_gunicorn_did_not_read(pair):
     assert reader.has_buffered()
     assert reader.take_buffered() == b"/ HTTP/1.1\r\n\r\nGET /next"
     assert not reader.has_buffered()
+
+
+# ---------------------------------------------------------------------------------------------
+# Closing a connection without holding the event loop (real gunicorn, one worker)
+
+def _closing_request(url: str) -> socket.socket:
+    """A client that asks for `Connection: close`, then neither reads nor closes."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return sock
+
+
+@pytest.mark.timeout(60)
+def test_clients_that_do_not_close_never_stall_the_worker(start_proxy):
+    """gunicorn 27 drains a closed connection for the client's FIN for up to 2 s in the
+    event loop; five such clients used to stop one worker for 10 s: no accept, no reads,
+    no heartbeat.  Each still gets its whole answer, then the proxy's FIN."""
+    from support.processes import http_get
+
+    server = start_proxy(workers=1)
+    lingering = [_closing_request(server.url) for _ in range(5)]
+    try:
+        for sock in lingering:  # each answer arrives whole, and then the FIN
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"}")
+        started = time.monotonic()
+        assert http_get(server.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0, "the worker's loop was held by the lingerers"
+    finally:
+        for sock in lingering:
+            sock.close()
