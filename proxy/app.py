@@ -37,6 +37,9 @@ from .pipeline.attempt import TryDeps
 from .pipeline.dedup import DEDUP_HEADER, Dedup, DedupDeps, DedupTicket, DedupTickets
 from .pipeline.fanout import LiveCalls
 from .pipeline.finalize import InFlight
+from .pipeline.gate import Gate, GateDeps, only_allowed_models
+from .keys.ledger import KeyBook, Ledger
+from .keys.store import KeyStore
 from .pipeline.relay import RelayDeps, StreamRelay, serve_estimate, serve_plain
 from .pipeline.replies import StartResponse, error_parts, error_response
 from .pricing import PriceTable
@@ -86,12 +89,16 @@ class ProxyApp:
         if path == MODELS_PATH:
             if request.method != "GET":
                 raise MethodNotAllowed(f"{MODELS_PATH} accepts GET only")
+            self.admission.identify(opened, request.headers)
             preq = self.admission.admit_model_list(request, fmt, opened)
-            return serve_plain(self.relay, preq, opened.record, start_response)
+            return only_allowed_models(
+                opened.key, lambda start: serve_plain(self.relay, preq, opened.record, start),
+                start_response)
         if endpoint is None:
             raise NotFound(f"no route for {loggable(request.method, 32)} {loggable(path, 200)}")
         if request.method != "POST":
             raise MethodNotAllowed(f"{path} accepts POST only")
+        self.admission.identify(opened, request.headers)
         preq = self.admission.admit(request, endpoint, opened)
         if self._shutting_down():
             raise ShuttingDown("the proxy is shutting down; retry the request")
@@ -169,7 +176,11 @@ class App:
         bridges = Bridges({name: ProviderTranslation(
             p.format, p.max_tokens_field, p.reasoning_effort, p.default_max_tokens,
             p.reasoning_content) for name, p in config.providers.items()})
-        requests = UpstreamRequests(config.providers)
+        keys_mode = config.auth_mode == "keys"
+        requests = UpstreamRequests(config.providers, keep_client_keys=not keys_mode)
+        self.key_store = KeyStore(config.keys_db_path)
+        self.ledger = Ledger(self.key_store) if keys_mode else None
+        prices = PriceTable(config.prices)
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,
                         bridges, self.router, config.plain_timeout)
         live_calls = LiveCalls()
@@ -178,12 +189,16 @@ class App:
                                                                 READ_BUSY_TIMEOUT_MS))
         dedup = Dedup(DedupDeps(self.answers, self.stored_answers, live_calls,
                                 keep=lambda answer: self.tracker.keep_answer(answer)))
+        gate = Gate(GateDeps(
+            keys_mode, KeyBook(self.key_store, lambda: self.key_secret) if keys_mode else None,
+            self.ledger, prices, config.reserve_output_tokens, config.max_continuations))
         admission = Admission(AdmitDeps(
             config=config, router=self.router, bridges=bridges, continues=requests.continues,
-            prices=PriceTable(config.prices),
+            prices=prices,
             secrets=Redactor(p.api_key for p in config.providers.values()), budget=self.budget,
             inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret,
-            dedup=DedupTickets(config.dedup_policy, config.cache_bytes, config.anonymous)))
+            dedup=DedupTickets(config.dedup_policy, config.cache_bytes, config.anonymous),
+            gate=gate))
         self.proxy = ProxyApp(admission, RelayDeps(
             tries, self.heartbeat, self.stream_threads, config.commit_delay,
             config.max_event_bytes, config.max_continuations, live_calls), dedup,
@@ -193,7 +208,8 @@ class App:
             tracker=lambda: self.tracker, shutting_down=lambda: self.shutting_down,
             live_streams=self.heartbeat.live_count, breakers=self.router.breakers,
             budget=self.budget,
-            dedup=lambda: {**self.answers.stats(), "live_shared_calls": len(live_calls)}))
+            dedup=lambda: {**self.answers.stats(), "live_shared_calls": len(live_calls)},
+            admin_token=lambda: config.admin_token, client_key=gate.live_key))
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
         # The path as werkzeug reads it (`//health` is `/health`), so both apps agree.
@@ -294,6 +310,8 @@ class App:
             count = self.inflight.finish_remaining(
                 ShuttingDown("the proxy stopped before the request ended"))
             log.warning("recorded %d requests that were still running at exit", count)
+        if self.ledger is not None:  # every request is finished: its spend is settled
+            self.ledger.close()
         tracker = self._started_tracker()
         if tracker is not None:
             tracker.close(max(deadline - time.monotonic(), 0.1))

@@ -1,4 +1,4 @@
-"""`llm-proxy`: serve the proxy under gunicorn, or report usage."""
+"""`llm-proxy`: serve the proxy under gunicorn, report usage, manage client keys."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--config", help="TOML config file (for the database path)")
     from . import report
     report.add_usage_arguments(usage)
+    keys = sub.add_parser("keys", help="client keys: create, list, show, update, rotate, revoke")
+    keys.add_argument("--config", help="TOML config file (for the keys database path)")
+    from .keys.cli import add_keys_arguments
+    add_keys_arguments(keys)
     return parser
 
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "usage":
         from . import report
         return report.run_usage(args, config.db_path)
+    if args.command == "keys":
+        from .keys.cli import run_keys
+        return run_keys(args, config)
     return serve(args)
 
 

@@ -147,6 +147,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dedup.anonymous", bool, False, "LLM_PROXY_DEDUP_ANONYMOUS",
             "Dedup requests that carry no client key too (they all share one scope).",
             lambda v: None),
+    Setting("auth.mode", str, "", "LLM_PROXY_AUTH_MODE",
+            "`keys`: clients need a proxy key (`llm-proxy keys create`) and the configured "
+            "provider keys are used upstream; `open`: the client's own provider key passes "
+            "through.  Default: `keys` when a provider has `api_key_env`, else `open`.",
+            lambda v: None if v in ("", "open", "keys") else "must be open or keys"),
+    Setting("auth.open_on_network", bool, False, "LLM_PROXY_OPEN_ON_NETWORK",
+            "Allow `open` mode with a configured provider key on a non-loopback bind (anyone "
+            "who reaches the port spends that key).", lambda v: None),
+    Setting("auth.admin_token_env", str, "LLM_PROXY_ADMIN_TOKEN", None,
+            "Environment variable holding the admin token that guards /usage and "
+            "/health?flush=1; with no token set they answer on loopback only.",
+            lambda v: None),
+    Setting("auth.keys_db", str, "", "LLM_PROXY_KEYS_DB",
+            "SQLite file of client keys, their budgets and counters (default: keys.db "
+            "beside the usage database).", lambda v: None),
+    Setting("auth.reserve_output_tokens", int, 65536, None,
+            "Output tokens a budget reservation assumes when a request sets no max_tokens "
+            "(and the most it assumes when one does).", _positive),
     Setting("breaker.failure_threshold", int, 5, None,
             "Failures within the window that open a deployment's circuit.", _positive),
     Setting("breaker.failure_ratio", float, 0.5, None,
@@ -163,7 +181,7 @@ SETTINGS: tuple[Setting, ...] = (
             "must be DEBUG, INFO, WARNING or ERROR"),
 )
 
-SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "dedup", "breaker", "log")
+SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "dedup", "auth", "breaker", "log")
 SECTIONS = set(SCALAR_SECTIONS) | {"providers", "prices", "routes"}
 
 
@@ -239,6 +257,11 @@ class Config:
     orphan_grace: float = 0.0
     cache_bytes: int = 64 * 1024 * 1024
     anonymous: bool = False
+    mode: str = ""
+    open_on_network: bool = False
+    admin_token_env: str = "LLM_PROXY_ADMIN_TOKEN"
+    keys_db: str = ""
+    reserve_output_tokens: int = 65536
     failure_threshold: int = 5
     failure_ratio: float = 0.5
     min_requests: int = 10
@@ -282,6 +305,25 @@ class Config:
     def secret_path(self) -> str:
         return self.secret_file or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
                                                 "installation-secret")
+
+    @property
+    def keys_db_path(self) -> str:
+        return self.keys_db or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
+                                            "keys.db")
+
+    @property
+    def auth_mode(self) -> str:
+        """`keys` or `open`: as set, else `keys` as soon as the proxy holds a provider key
+        of its own (any client could otherwise spend it)."""
+        if self.mode:
+            return self.mode
+        return "keys" if any(p.api_key_env for p in self.providers.values()) else "open"
+
+    @property
+    def admin_token(self) -> str | None:
+        """The admin token, read from its environment variable (never from the file)."""
+        token = os.environ.get(self.admin_token_env, "").strip() if self.admin_token_env else ""
+        return token or None
 
     def provider_for(self, fmt: str) -> Provider | None:
         """The provider serving an API format: the one named after it, else the first

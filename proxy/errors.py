@@ -23,6 +23,8 @@ class ProxyError(Exception):
     # Caused by what the client sent: answered at once, never retried, and never counted
     # against a deployment's circuit breaker (one client must not open it for everyone).
     client_fault = False
+    # False: the client must not retry (`x-should-retry: false`, which both SDKs honour).
+    should_retry: bool | None = None
 
     def __init__(self, message: str, *, retry_after: str | None = None) -> None:
         super().__init__(message)
@@ -85,6 +87,57 @@ class Overloaded(ProxyError):
 
     status = 503
     code = "proxy_overloaded"
+    end_reason = EndReason.REJECTED
+
+    def __init__(self, message: str, *, retry_after: str | None = "1") -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class Unauthenticated(ProxyError):
+    """No proxy key, or one the proxy does not know (keys mode)."""
+
+    status = 401
+    code = "authentication_error"
+    end_reason = EndReason.REJECTED
+    client_fault = True
+
+
+class Forbidden(ProxyError):
+    """A known key that may not do this: revoked, expired, or a model outside its list."""
+
+    status = 403
+    code = "permission_denied"
+    end_reason = EndReason.REJECTED
+    client_fault = True
+
+
+class RateLimited(ProxyError):
+    """A key's requests or tokens per minute, or its parallel requests, are used up for
+    now; `retry_after` says when a retry can pass (the SDKs wait that long)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    end_reason = EndReason.REJECTED
+    client_fault = True
+
+
+class BudgetExhausted(ProxyError):
+    """A key's budget for the period cannot cover this request's reservation: retrying
+    before the period ends cannot help, so the SDKs are told not to (402, no retry)."""
+
+    status = 402
+    code = "budget_exceeded"
+    end_reason = EndReason.REJECTED
+    client_fault = True
+    should_retry = False
+
+
+class LimitsUnavailable(ProxyError):
+    """The key database cannot be read or written right now: a key with limits is not
+    admitted unchecked (money is at stake), and the client may retry shortly."""
+
+    status = 503
+    code = "limits_unavailable"
     end_reason = EndReason.REJECTED
 
     def __init__(self, message: str, *, retry_after: str | None = "1") -> None:

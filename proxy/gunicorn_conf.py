@@ -18,8 +18,10 @@ Why each value (design.md section 7):
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
+import time
 
 # Seconds gunicorn's graceful_timeout leaves after stream.shutdown_grace: streams get their
 # terminal errors (all at once), the worker waits for their rows and drains the usage queue.
@@ -76,6 +78,7 @@ def on_starting(server):
         installation_secret(config.secret_path)
     except (OSError, ValueError) as err:
         _stop(f"installation secret {config.secret_path}: {err}")
+    _check_auth(server, config)
     server.log.info("llm-proxy: listening on %s; upstreams: %s; usage database: %s",
                     ", ".join(server.cfg.bind), _upstreams(config),
                     config.db_path if config.enabled else "off (tracker disabled)")
@@ -83,6 +86,48 @@ def on_starting(server):
         server.log.warning("llm-proxy: graceful_timeout %s s leaves under 5 s after "
                            "shutdown_grace %s s to end streams and store their rows",
                            server.cfg.graceful_timeout, config.shutdown_grace)
+
+
+def _check_auth(server, config) -> None:
+    """`open` mode with a provider key of the proxy's own, reachable from the network,
+    lets anyone spend that key: refused unless the operator said so explicitly."""
+    mode = config.auth_mode
+    if mode == "open":
+        exposed = [b for b in server.cfg.bind if not is_loopback_bind(b)]
+        keyed = [p.name for p in config.providers.values() if p.api_key_env]
+        if exposed and keyed and not config.open_on_network:
+            _stop(f"auth.mode is open, provider {keyed[0]} has a key of the proxy's own, and "
+                  f"{exposed[0]} is reachable from the network: anyone could spend that key. "
+                  "Use auth.mode = \"keys\" (and `llm-proxy keys create`), bind to loopback, "
+                  "or set auth.open_on_network = true (LLM_PROXY_OPEN_ON_NETWORK=1)")
+        server.log.info("llm-proxy: auth open: clients' own provider keys pass through")
+        return
+    from proxy.keys.store import KeyStore
+    from proxy.store import StoreFault
+
+    store = KeyStore(config.keys_db_path, busy_timeout_ms=2000)
+    try:
+        live = [k for k in store.all_keys() if k.state(time.time()) == "active"]
+    except StoreFault as err:
+        _stop(f"client keys database {config.keys_db_path}: {err.detail}")
+    finally:
+        store.close()  # each worker opens its own
+    server.log.info("llm-proxy: auth keys: %d live client keys in %s%s", len(live),
+                    config.keys_db_path, "" if live else
+                    " (none yet: create one with `llm-proxy keys create --name NAME`)")
+
+
+def is_loopback_bind(bind: str) -> bool:
+    """`127.0.0.1:8080`, `[::1]:8080`, `localhost:8080` or a Unix socket: this host only."""
+    if bind.startswith(("unix:", "fd://")):
+        return True
+    host = bind.rsplit(":", 1)[0] if not bind.startswith("[") else bind[1:].split("]", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume the network
 
 
 def _upstreams(config) -> str:

@@ -45,6 +45,7 @@ GROUPINGS = (
     ("by_day", "day", "day", "By day (UTC)"),
     ("by_model", "model", "model", "By model"),
     ("by_client_key", "client_key_id", "client_key", "By client key"),
+    ("by_key", "key", "key", "By proxy key"),
 )
 _DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -105,34 +106,36 @@ def _iso(epoch: float | None) -> str | None:
 # Summary.
 
 
-def summarize(db: str, since: Any = None, until: Any = None, top: int | None = None) -> dict:
+def summarize(db: str, since: Any = None, until: Any = None, top: int | None = None,
+              client_key: str | None = None) -> dict:
     """Totals and breakdowns for requests that started in [since, until), from the usage
     database that `db` (the ``tracker.db`` setting) names.
 
     With `top`, the model and client-key breakdowns hold only the `top` groups with the most
     spend (then requests), and ``groups`` says how many there are in all: a report over
-    hundreds of thousands of keys stays small.  Raises ValueError for bad bounds or a
+    hundreds of thousands of keys stays small.  With `client_key` (a client key id), only
+    that key's rows are counted (what a client may see of its own usage).  Raises ValueError for bad bounds or a
     database of something else, StoreFault when the database cannot be read now.
     """
     start, stop = parse_when(since), parse_when(until, end=True)
     store = open_store(db)
     try:
-        return _summary(store, start, stop, top)
+        return _summary(store, start, stop, top, client_key)
     finally:
         store.close()
 
 
 def _summary(store: UsageStore, start: float | None, stop: float | None,
-             top: int | None) -> dict:
+             top: int | None, client_key: str | None = None) -> dict:
     summary = {"since": _iso(start), "until": _iso(stop),
-               "totals": _stats(store.totals(start, stop))}
+               "totals": _stats(store.totals(start, stop, client_key))}
     counts = {}
     for key, label, grouping, _ in GROUPINGS:
         limit = top if key != "by_day" else None  # every day of the period, in order
-        groups = store.breakdown(grouping, start, stop, limit)
+        groups = store.breakdown(grouping, start, stop, limit, client_key)
         summary[key] = _ordered(key, label, [{label: k, **_stats(c)} for k, c in groups.items()])
         if limit is not None:
-            counts[key] = store.group_count(grouping, start, stop)
+            counts[key] = store.group_count(grouping, start, stop, client_key)
     if top is not None:
         summary["groups"] = counts
     return summary

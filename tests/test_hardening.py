@@ -334,6 +334,8 @@ def test_echoed_keys_are_masked_everywhere(start_proxy, fake, tmp_path):
     response header, a mid-stream error event and a JSON answer: masked in what the client
     gets, in rows, in spill lines, in the log and in /health."""
     config = write_config(tmp_path / "keys.toml", f"""
+[auth]
+mode = "open"
 [providers.anthropic]
 base_url = "{fake.url}"
 api_key_env = "TEST_PROVIDER_KEY"
@@ -1040,6 +1042,8 @@ def test_the_proxys_own_error_quoting_an_upstream_is_masked(start_proxy, fake, t
     """Every deployment sends an error event before any content, echoing the keys: the
     proxy's own 502 quotes the last one's message, and masks the keys in it (mutant p4)."""
     config = write_config(tmp_path / "quote.toml", f"""
+[auth]
+mode = "open"
 [providers.anthropic]
 base_url = "{fake.url}"
 api_key_env = "TEST_PROVIDER_KEY"

@@ -462,7 +462,8 @@ def test_hop_by_hop_headers_stay_on_their_hop(proxy, fake, stream):
 def test_configured_provider_key_replaces_the_clients_and_never_reaches_the_log(start_proxy, fake, tmp_path):
     proxy_key = "sk-ant-proxy-owned-SECRET-5150"
     config = tmp_path / "proxy.toml"
-    config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\napi_key_env = "TEST_ANTHROPIC_KEY"\n')
+    config.write_text(f'[auth]\nmode = "open"\n[providers.anthropic]\nbase_url = "{fake.url}"\n'
+                      'api_key_env = "TEST_ANTHROPIC_KEY"\n')
     server = start_proxy(LLM_PROXY_CONFIG=str(config), TEST_ANTHROPIC_KEY=proxy_key)
     client = [("x-api-key", CLIENT_KEY), ("Authorization", f"Bearer {CLIENT_BEARER}"),
               ("anthropic-version", "2023-06-01")]

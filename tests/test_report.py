@@ -185,7 +185,7 @@ def test_a_missing_or_empty_database_gives_the_empty_summary(tmp_path):
     assert summaries["missing"] == summaries["blank"] == summaries["unused"]
     empty = summaries["missing"]
     assert empty["totals"]["requests"] == 0
-    assert empty["groups"] == {"by_model": 0, "by_client_key": 0}
+    assert empty["groups"] == {"by_model": 0, "by_client_key": 0, "by_key": 0}
     assert empty["by_day"] == empty["by_model"] == empty["by_client_key"] == []
     assert not (tmp_path / "missing.db").exists()  # reading never creates the database
 
@@ -236,7 +236,8 @@ def test_table_columns_line_up(db):
     text = render_table(summarize(db))
     assert text.startswith("Usage: all recorded requests")
     blocks = [b.splitlines() for b in text.split("\n\n")][1:]
-    assert [b[0] for b in blocks] == ["Totals", "By day (UTC)", "By model", "By client key"]
+    assert [b[0] for b in blocks] == ["Totals", "By day (UTC)", "By model", "By client key",
+                                      "By proxy key"]
     for block in blocks:
         header, rows = block[1], block[2:]
         assert rows
@@ -268,7 +269,8 @@ def test_csv_has_a_row_per_group_and_a_column_per_failure_kind(db):
 def test_the_summary_survives_a_json_round_trip(db):
     summary = summarize(db)
     again = json.loads(json.dumps(summary))
-    assert set(again) == {"since", "until", "totals", "by_day", "by_model", "by_client_key"}
+    assert set(again) == {"since", "until", "totals", "by_day", "by_model", "by_client_key",
+                          "by_key"}
     assert again["totals"]["requests"] == 6
 
 
@@ -336,7 +338,8 @@ def test_top_keeps_the_biggest_groups_and_says_how_many_there_are(db):
     summary = summarize(db, top=1)
     assert [row["model"] for row in summary["by_model"]] == ["claude-sonnet-4-5"]
     assert summary["groups"] == {"by_model": len(summarize(db)["by_model"]),
-                                 "by_client_key": len(summarize(db)["by_client_key"])}
+                                 "by_client_key": len(summarize(db)["by_client_key"]),
+                                 "by_key": len(summarize(db)["by_key"])}
     [key] = summary["by_client_key"]
     assert key == max(summarize(db)["by_client_key"], key=lambda r: (r["cost_usd"], r["requests"]))
     assert summary["totals"] == summarize(db)["totals"]  # totals still count every row

@@ -46,7 +46,8 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAW
 
 
 def write_config(path, fake: FakeUpstream) -> None:
-    lines = ["[retry]", "max_attempts = 1", "",
+    lines = ["[auth]", 'mode = "open"', "",  # the client's key passes; the provider's is used
+             "[retry]", "max_attempts = 1", "",
              "[breaker]", "failure_threshold = 1000", "min_requests = 1000", "",  # not under test here
              "[providers.local]", f'base_url = "{fake.url}"', 'format = "openai"',
              'api_key_env = "LOCAL_PROVIDER_KEY"', "",

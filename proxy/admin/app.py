@@ -7,20 +7,25 @@ client's SDK understands, like every other answer of the proxy.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request
 
 from .. import formats
-from ..errors import BadRequest, MethodNotAllowed, NotFound, ProxyError, ReportUnavailable
+from ..errors import (BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError,
+                      ReportUnavailable, Unauthenticated)
+from ..keys.policy import ClientKey
+from ..redact import request_credentials
 from ..limits import MemoryBudget
 from ..pipeline.replies import StartResponse, reason_phrase
 from ..routing import Breakers
@@ -48,6 +53,30 @@ class AdminDeps:
     breakers: Breakers
     budget: MemoryBudget
     dedup: Callable[[], dict] = lambda: {}  # this worker's kept answers and live shared calls
+    admin_token: Callable[[], str | None] = lambda: None  # None: loopback is the admin
+    client_key: Callable[[Mapping[str, str]], ClientKey | None] = lambda headers: None
+
+
+# Headers a reverse proxy adds: a request that carries one came from elsewhere, whatever
+# address it arrived from (nginx on the same host connects from loopback).
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+ADMIN = "admin"
+
+
+def from_loopback(environ) -> bool:
+    """Did this request come from this host, directly?  (A Unix socket counts: its file
+    permissions decide who may connect.)"""
+    if any(environ.get("HTTP_" + h.upper().replace("-", "_")) for h in FORWARDING_HEADERS):
+        return False
+    address = environ.get("REMOTE_ADDR") or ""
+    if not address:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 class AdminApp:
@@ -76,8 +105,35 @@ class AdminApp:
         fmt = formats.for_client(request.headers)
         return _json_response(start_response, fmt.status_of(err), fmt.error_body(err))
 
+    def authority(self, request: Request) -> str | ClientKey | None:
+        """Who asks: ADMIN (the admin token), a client key (keys mode: it may see its own
+        usage), ADMIN again for loopback when no token is set, or nobody in particular."""
+        token = self.deps.admin_token()
+        credentials = request_credentials(request.headers)
+        if token is not None:
+            presented = token.encode("utf-8")
+            if any(hmac.compare_digest(c.encode("utf-8"), presented) for c in credentials):
+                return ADMIN
+        key = self.deps.client_key(request.headers) if credentials else None
+        if key is not None:  # a client asks as itself, wherever it runs
+            return key
+        return ADMIN if token is None and from_loopback(request.environ) else None
+
+    def _admin_only(self, request: Request, what: str) -> None:
+        who = self.authority(request)
+        if who == ADMIN:
+            return
+        if who is not None:
+            raise Forbidden(f"{what} needs the admin token, not a client key")
+        raise Unauthenticated(f"{what} needs the admin token (Authorization: Bearer ...)"
+                              if self.deps.admin_token() is not None else
+                              f"{what} answers on loopback only (set an admin token to "
+                              "allow it from elsewhere)")
+
     def _health(self, request: Request, start_response) -> Iterable[bytes]:
         tracker = self.deps.started_tracker()
+        if request.args.get("flush"):
+            self._admin_only(request, "/health?flush=1")
         if tracker is not None and request.args.get("flush"):
             self._flush_unless_degraded(tracker, 5.0)  # tests and operators wait for rows
         stopping = self.deps.shutting_down()
@@ -94,12 +150,18 @@ class AdminApp:
     def _usage(self, request: Request, start_response) -> Iterable[bytes]:
         """The usage summary, bounded whatever the database holds: a period of at most
         USAGE_MAX_DAYS (the last USAGE_DEFAULT_DAYS unless `since` says otherwise) and the
-        `top` models and client keys (USAGE_TOP by default)."""
+        `top` models and client keys (USAGE_TOP by default).  The admin sees every row;
+        a client key (keys mode) sees its own."""
         from .. import report
+        who = self.authority(request)
+        if who is None:
+            self._admin_only(request, "/usage")  # says why it is refused
+        own_key = None if who == ADMIN else who.id  # a client key sees its own rows only
         since, until, top = usage_bounds(request.args)
         self._flush_unless_degraded(self.deps.tracker(), 2.0)
         try:
-            summary = report.summarize(self.deps.db_path, since=since, until=until, top=top)
+            summary = report.summarize(self.deps.db_path, since=since, until=until, top=top,
+                                       client_key=own_key)
         except ValueError as exc:
             raise BadRequest(f"bad since/until: {exc}") from None
         except StoreFault as exc:

@@ -21,6 +21,9 @@ _ERROR_TYPES = {
     "proxy_overloaded": "overloaded_error", "proxy_shutting_down": "overloaded_error",
     "all_deployments_unavailable": "overloaded_error",
     "upstream_timeout": "timeout_error", "first_token_timeout": "timeout_error",
+    "authentication_error": "authentication_error", "permission_denied": "permission_error",
+    "rate_limit_exceeded": "rate_limit_error", "budget_exceeded": "billing_error",
+    "limits_unavailable": "overloaded_error",
 }
 # ...and for an upstream's status, when an upstream error has to be told after the commit.
 _ERROR_TYPES_BY_STATUS = {
@@ -30,7 +33,7 @@ _ERROR_TYPES_BY_STATUS = {
     529: "overloaded_error",
 }
 # The proxy itself is out of capacity or stopping: Anthropic says 529, which SDKs retry.
-_OVERLOADED_CODES = frozenset({"proxy_overloaded", "proxy_shutting_down"})
+_OVERLOADED_CODES = frozenset({"proxy_overloaded", "proxy_shutting_down", "limits_unavailable"})
 
 
 class AnthropicFormat(Format):

@@ -18,18 +18,27 @@ def bearer(key: str) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {key}")]
 
 
+# The proxy's own refusals that OpenAI's API has a type of its own for.
+_TYPES = {"authentication_error": "invalid_request_error", "rate_limit_exceeded": "requests",
+          "budget_exceeded": "insufficient_quota", "permission_denied": "invalid_request_error"}
+
+
 def openai_error_type(err: ProxyError) -> str:
     """The upstream's own type when it said one; else whose fault it is."""
     if err.upstream_type:
         return err.upstream_type
     if err.upstream_status is not None:
         return "server_error" if err.upstream_status >= 500 else "invalid_request_error"
+    if err.code in _TYPES:
+        return _TYPES[err.code]
     return "invalid_request_error" if err.client_fault else "server_error"
 
 
 def openai_error_code(err: ProxyError) -> str | None:
     if err.upstream_status is not None:
         return f"upstream_status_{err.upstream_status}"
+    if err.code == "authentication_error":
+        return "invalid_api_key"  # OpenAI's own code for a key it does not know
     return None if err.code in _UNCODED else err.code
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -28,8 +29,10 @@ from ..redact import Redactor, client_key_id, request_credentials
 from ..routing import Deployment, Route, Router, pass_through_route
 from ..text import loggable
 from ..upstream import encode_json_body, forwardable_headers
+from ..keys.policy import ClientKey
 from .dedup import DedupTickets
 from .finalize import InFlight, RequestRecord, RowSink
+from .gate import Gate
 from .request import ProxyRequest
 
 
@@ -76,6 +79,7 @@ class AdmitDeps:
     rows: Callable[[], RowSink]  # this process's usage writer (started on first use)
     key_secret: Callable[[], bytes]  # keys client key ids (read on first use)
     dedup: DedupTickets  # which requests may share an answer, and their keys
+    gate: Gate  # proxy keys and their limits (keys mode)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Opened:
     redactor: Redactor
     record: RequestRecord
     credential_ids: tuple[str, ...] = ()  # of every credential the request carries (dedup)
+    key: ClientKey | None = None  # the proxy key it carries (keys mode)
 
 
 class Admission:
@@ -107,6 +112,15 @@ class Admission:
         self.deps.inflight.add(record)
         return Opened(request_id, redactor, record, ids)
 
+    def identify(self, opened: Opened, headers: Mapping[str, str]) -> None:
+        """Keys mode: the request's proxy key, known (401) and live (403), named on its row;
+        checked before the body is read."""
+        key = self.deps.gate.identify(headers)
+        if key is not None:
+            opened.key = key
+            opened.record.keyed(key.id, key.name)
+            self.deps.gate.check_live(key, time.time())
+
     def admit(self, request: Request, endpoint: Endpoint, opened: Opened) -> ProxyRequest:
         """The checked request and its route; raises the ProxyError the client gets."""
         headers = forwardable_headers(list(request.headers.items()))
@@ -117,6 +131,7 @@ class Admission:
         opened.record.model_named(model)
         if endpoint.needs_model and not (model or "").strip():
             raise BadRequest("`model` is required and must be a non-empty string")
+        self.deps.gate.check_model(opened.key, model)
         stream_options = payload.get("stream_options")  # as the client sent them (dedup)
         facts = endpoint.fmt.request_facts(payload, endpoint.may_stream)
         opened.record.admitted(stream=facts.stream,
@@ -135,15 +150,20 @@ class Admission:
             endpoint.name, path_and_query(request), payload, body, keeps_payload, facts.stream, stream_options, route,
             opened.credential_ids, request.headers, opened.redactor.data,
             endpoint.fmt.name)
-        if not keeps_payload:
-            reservation.shrink(len(body))  # the parsed object is gone; the body stays
-        return ProxyRequest(
+        preq = ProxyRequest(
             request_id=opened.request_id, endpoint=endpoint.name, fmt=endpoint.fmt, route=route,
             method="POST", path=path_and_query(request), body=body,
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
             redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup)
+        hold = self.deps.gate.reserve(opened.key, preq, payload,
+                                      billed=endpoint.bills_usage and not estimate)
+        if hold is not None:
+            opened.record.holds(hold)
+        if not keeps_payload:
+            reservation.shrink(len(body))  # the parsed object is gone; the body stays
+        return preq
 
     def admit_model_list(self, request: Request, fmt: Format, opened: Opened) -> ProxyRequest:
         """`GET /v1/models`: passed to the provider of the client's own API, untouched."""

@@ -59,6 +59,7 @@ class RequestRecord:
         self._earlier_calls: list[Usage] = []  # of an answer continued after a break
         self._answer = None  # a StoredAnswer to keep for replay, if this one completes
         self._keep: Callable | None = None
+        self._hold = None  # the key's reservation, settled with the row (pipeline/gate)
         self.row = UsageRecord(request_id=request_id, started_at=time.time(), endpoint=endpoint,
                                client_key_id=client_key_id, bytes_in=bytes_in)
 
@@ -66,6 +67,18 @@ class RequestRecord:
     def model_named(self, model: str | None) -> None:
         """The model the client asked for (known before the request is fully checked)."""
         self._set(model_requested=model)
+
+    def keyed(self, key_id: str, key_name: str) -> None:
+        """The request carries this proxy key: rows are the key's, by id and by name."""
+        self._set(client_key_id=key_id, key_name=key_name)
+
+    def holds(self, hold) -> None:
+        """The key's reservation for this request, settled to the real cost at the end."""
+        with self._lock:
+            if not self._finished:
+                self._hold = hold
+                return
+        hold.settle(self.row)  # finished in the meantime: settle now
 
     def received(self, bytes_in: int) -> None:
         """The client's body arrived whole."""
@@ -204,6 +217,8 @@ class RequestRecord:
             except Exception:  # odd usage must not cost the row
                 log.exception("request %s: usage could not be read", rec.request_id)
             self._mask_secrets(rec)
+            if self._hold is not None:
+                self._settle(rec)
             if self._answer is not None and reason is EndReason.COMPLETE and 200 <= status < 300:
                 self._keep_answer(rec)
             self._sink.record(rec)
@@ -213,6 +228,14 @@ class RequestRecord:
             self._written.set()
             if self._on_finish is not None:
                 self._on_finish(self)
+
+    def _settle(self, rec: UsageRecord) -> None:
+        try:
+            self._hold.settle(rec)
+        except Exception:  # the reservation stays (safe for the budget); the row must not go
+            log.exception("request %s: its key's reservation could not be settled",
+                          rec.request_id)
+        self._hold = None
 
     def _keep_answer(self, rec: UsageRecord) -> None:
         try:
@@ -299,6 +322,8 @@ class RequestRecord:
                 f"cache_write={rec.cache_write_tokens} cost={cost} duration_ms={duration:.1f}")
         if rec.paid_by is not None:
             line += f" paid_by={rec.paid_by}"
+        if rec.key_name is not None:
+            line += f" key={loggable(rec.key_name, 128)}"
         if rec.end_reason in (EndReason.COMPLETE, EndReason.REPLAY, EndReason.JOINED):
             log.info("%s", line)
         else:

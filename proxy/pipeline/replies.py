@@ -44,6 +44,8 @@ def error_parts(fmt: Format, err: ProxyError, request_id: str, redactor: Redacto
     headers = [("Content-Type", "application/json"), (REQUEST_ID_HEADER, request_id)]
     if err.retry_after:
         headers.append(("Retry-After", err.retry_after))
+    if err.should_retry is False:
+        headers.append(("x-should-retry", "false"))
     return fmt.status_of(err), headers, body
 
 

@@ -22,8 +22,8 @@ TOKEN_FIELDS = (
     "reasoning_tokens",
 )
 # What a breakdown can group rows by: the UTC day they started, the model (the upstream's,
-# else the one asked for) and the client key's id.
-GROUPINGS = ("day", "model", "client_key")
+# else the one asked for), the client key's id and the proxy key's name (keys mode).
+GROUPINGS = ("day", "model", "client_key", "key")
 
 
 class Counts(TypedDict):
@@ -101,20 +101,23 @@ class UsageStore(abc.ABC):
         (nothing stored; some row can never be)."""
 
     @abc.abstractmethod
-    def totals(self, since: float | None, until: float | None) -> Counts:
+    def totals(self, since: float | None, until: float | None,
+               client_key: str | None = None) -> Counts:
         """Counts over the rows that started in [since, until) (epoch seconds, None for no
-        bound).  A database that does not exist yet holds no rows.  Raises StoreFault, or
-        ValueError when the database holds something other than usage rows."""
+        bound), only those of ``client_key`` (a client key id) when given.  A database that
+        does not exist yet holds no rows.  Raises StoreFault, or ValueError when the
+        database holds something other than usage rows."""
 
     @abc.abstractmethod
     def breakdown(self, grouping: str, since: float | None, until: float | None,
-                  top: int | None = None) -> dict[Any, Counts]:
+                  top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
         """Counts per group (one of GROUPINGS; a row without a value is in the group None);
         with ``top``, only the ``top`` groups with the most spend, then requests.  Raises as
         ``totals`` does."""
 
     @abc.abstractmethod
-    def group_count(self, grouping: str, since: float | None, until: float | None) -> int:
+    def group_count(self, grouping: str, since: float | None, until: float | None,
+                    client_key: str | None = None) -> int:
         """How many groups ``breakdown`` would return without ``top``."""
 
     @abc.abstractmethod

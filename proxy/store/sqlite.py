@@ -65,6 +65,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
      f"CREATE INDEX {ANSWERS}_shape ON {ANSWERS} (shape, expires_at)",
      f"CREATE INDEX {ANSWERS}_expires ON {ANSWERS} (expires_at)"),
+    # v5: the proxy key (keys mode) a request was made with, by name.
+    (f"ALTER TABLE {TABLE} ADD COLUMN key_name TEXT",
+     f"CREATE INDEX {TABLE}_key_name ON {TABLE} (key_name, started_at)"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -101,12 +104,13 @@ _AGGREGATES = ", ".join(
 # Columns later schema versions added: a database not migrated yet (the report reads, never
 # migrates; the server migrates on its first write) reads as if they held nothing.
 _ADDED_COLUMNS = {"attempt_log": "NULL", "continuations": "0", "continuation_cost_usd": "NULL",
-                  "paid_by": "NULL", "saved_cost_usd": "NULL"}
+                  "paid_by": "NULL", "saved_cost_usd": "NULL", "key_name": "NULL"}
 _SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
 _GROUP_EXPRESSIONS = {
     "day": "date(started_at, 'unixepoch')",
     "model": "COALESCE(upstream_model, model_requested)",
     "client_key": "client_key_id",
+    "key": "key_name",
 }
 _ALL_ROWS = "NULL"  # the "group" of the totals: every row has the same key, None
 
@@ -203,18 +207,26 @@ class SqliteStore(UsageStore):
 
     # -- the report's queries ---------------------------------------------------------------
 
-    def totals(self, since: float | None, until: float | None) -> Counts:
-        return self._grouped(_ALL_ROWS, since, until).get(None) or empty_counts()
+    def totals(self, since: float | None, until: float | None,
+               client_key: str | None = None) -> Counts:
+        return self._grouped(_ALL_ROWS, since, until, client_key=client_key).get(None) \
+            or empty_counts()
 
     def breakdown(self, grouping: str, since: float | None, until: float | None,
-                  top: int | None = None) -> dict[Any, Counts]:
-        return self._grouped(_GROUP_EXPRESSIONS[grouping], since, until, top)
+                  top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
+        return self._grouped(self._grouping(grouping), since, until, top, client_key)
 
-    def group_count(self, grouping: str, since: float | None, until: float | None) -> int:
-        where, params = _window(since, until)
+    def group_count(self, grouping: str, since: float | None, until: float | None,
+                    client_key: str | None = None) -> int:
+        where, params = _window(since, until, client_key)
         rows = self._query(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(where)} "
-                           f"GROUP BY {_GROUP_EXPRESSIONS[grouping]})", params)
+                           f"GROUP BY {self._grouping(grouping)})", params)
         return rows[0][0] if rows else 0
+
+    def _grouping(self, grouping: str) -> str:
+        expression = _GROUP_EXPRESSIONS[grouping]
+        return self._column(expression, alias=False) if expression in _ADDED_COLUMNS \
+            else expression
 
     def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
         where, params = ([], []) if request_id is None else (["request_id = ?"], [request_id])
@@ -224,10 +236,10 @@ class SqliteStore(UsageStore):
         return [dict(zip(RECORD_FIELDS, values)) for values in found]
 
     def _grouped(self, expression: str, since: float | None, until: float | None,
-                 top: int | None = None) -> dict[Any, Counts]:
+                 top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
         """Counts per value of ``expression``, failures included; with `top`, only the
         groups with the most spend, then requests (their failures only)."""
-        where, params = _window(since, until)
+        where, params = _window(since, until, client_key)
         limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
         aggregates = _AGGREGATES.format(**{name: self._column(name, alias=False) for name in (
             "continuations", "continuation_cost_usd", "paid_by", "saved_cost_usd")})
@@ -407,8 +419,12 @@ def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
 # The report's SQL.
 
 
-def _window(since: float | None, until: float | None) -> tuple[list[str], list]:
+def _window(since: float | None, until: float | None,
+            client_key: str | None = None) -> tuple[list[str], list]:
     clauses, params = [], []
+    if client_key is not None:  # one key's own rows (a client asking for its usage)
+        clauses.append("client_key_id = ?")
+        params.append(client_key)
     if since is not None:
         clauses.append("started_at >= ?")
         params.append(since)

@@ -37,10 +37,12 @@ class UpstreamRequest:
 
 
 class UpstreamRequests:
-    """Builds each try's request from the configured providers."""
+    """Builds each try's request from the configured providers.  With `keep_client_keys`
+    off (keys mode) no credential of the client's ever goes upstream: it is a proxy key."""
 
-    def __init__(self, providers: Mapping[str, Provider]) -> None:
+    def __init__(self, providers: Mapping[str, Provider], keep_client_keys: bool = True) -> None:
         self._providers = providers
+        self._keep_client_keys = keep_client_keys
 
     def build(self, request_id: str, path: str, headers: list[tuple[str, str]], body: bytes,
               payload: dict | None, deployment: Deployment,
@@ -61,7 +63,8 @@ class UpstreamRequests:
             if continuation:
                 payload.update(self.prefill_params(deployment))
             body = encode_json_body(payload)
-        headers = with_credentials(headers, provider) + [(REQUEST_ID_HEADER, request_id)]
+        headers = with_credentials(headers, provider, self._keep_client_keys) + [
+            (REQUEST_ID_HEADER, request_id)]
         return UpstreamRequest(provider.base_url + path, headers, body)
 
     def continues(self, deployment: Deployment) -> bool:
@@ -88,13 +91,21 @@ def translated_request(bridge: Bridge, payload: dict) -> dict:
                               f"unexpected JSON type ({type(exc).__name__})") from None
 
 
-def with_credentials(headers: list[tuple[str, str]], provider: Provider) -> list[tuple[str, str]]:
-    """The provider's own key replaces the client's, in the header its API expects."""
+# Every header a client may carry a key in (Anthropic, OpenAI, Azure, Gemini).
+CLIENT_CREDENTIAL_HEADERS = formats.CREDENTIAL_HEADERS | {"api-key", "x-goog-api-key"}
+
+
+def with_credentials(headers: list[tuple[str, str]], provider: Provider,
+                     keep_client_keys: bool = True) -> list[tuple[str, str]]:
+    """The provider's own key replaces the client's, in the header its API expects; with
+    `keep_client_keys` off the client's credentials go in any case (a provider without a
+    key of its own, a local server, gets none)."""
     key = provider.api_key
-    if not key:
+    if not key and keep_client_keys:
         return list(headers)
-    kept = [(k, v) for k, v in headers if k.lower() not in formats.CREDENTIAL_HEADERS]
-    return kept + formats.BY_PROVIDER[provider.format].credential_headers(key)
+    drop = formats.CREDENTIAL_HEADERS if keep_client_keys else CLIENT_CREDENTIAL_HEADERS
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
+    return kept + (formats.BY_PROVIDER[provider.format].credential_headers(key) if key else [])
 
 
 def forwardable_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
