@@ -178,7 +178,7 @@ class App:
             p.reasoning_content) for name, p in config.providers.items()})
         keys_mode = config.auth_mode == "keys"
         requests = UpstreamRequests(config.providers, keep_client_keys=not keys_mode)
-        self.key_store = KeyStore(config.keys_db_path)
+        self.key_store = KeyStore(config.keys_db_path, checkpoints_apart=keys_mode)
         self.ledger = Ledger(self.key_store) if keys_mode else None
         prices = PriceTable(config.prices)
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, config_from_data, load_config
 
 
 def write(tmp_path, text):
@@ -150,3 +150,26 @@ def test_bad_continuation_settings_name_the_provider(tmp_path, line):
     path = write(tmp_path, f'[providers.p]\nbase_url = "http://127.0.0.1:1"\nformat = "anthropic"\n{line}\n')
     with pytest.raises(ConfigError, match="providers.p"):
         load_config(path, env={})
+
+
+def test_the_auth_mode_defaults_to_keys_once_the_proxy_holds_a_provider_key(monkeypatch):
+    assert load_config(env={}).auth_mode == "open"
+    keyed = config_from_data({"providers": {"openai": {"api_key_env": "K"}}}, {}, None, None)
+    assert keyed.auth_mode == "keys"
+    assert config_from_data({"auth": {"mode": "open"}, "providers": {"openai": {
+        "api_key_env": "K"}}}, {}, None, None).auth_mode == "open"
+    assert load_config(env={"LLM_PROXY_AUTH_MODE": "keys"}).auth_mode == "keys"
+    with pytest.raises(ConfigError, match="auth.mode.*must be open or keys"):
+        config_from_data({"auth": {"mode": "closed"}}, {}, None, None)
+    with pytest.raises(ConfigError, match="reserve_output_tokens"):
+        config_from_data({"auth": {"reserve_output_tokens": 0}}, {}, None, None)
+
+
+def test_the_admin_token_is_read_from_its_variable_and_keys_db_sits_beside_the_usage_db(
+        monkeypatch, tmp_path):
+    config = load_config(env={"LLM_PROXY_DB": str(tmp_path / "usage.db")})
+    monkeypatch.delenv("LLM_PROXY_ADMIN_TOKEN", raising=False)
+    assert config.admin_token is None
+    monkeypatch.setenv("LLM_PROXY_ADMIN_TOKEN", "  secret-token  ")
+    assert config.admin_token == "secret-token"
+    assert config.keys_db_path == str(tmp_path / "keys.db")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -292,20 +293,24 @@ def test_an_error_answer_is_never_replayed(server, upstream):
 
 # -- across the workers of one host -----------------------------------------------------------
 def connection_to_other_worker(proc: ProxyProcess) -> tuple[RawConnection, RawConnection]:
-    """Two kept-alive connections served by different workers.  A worker holds at most
-    `threads + 8` connections, so with one thread the other worker takes the tenth at the
-    latest (the ones in between stay open until then)."""
-    opened: list[tuple[RawConnection, int]] = []
-    for _ in range(20):
-        conn = RawConnection(proc.url)
-        r = RawResponse(proc.url, "/health", method="GET", conn=conn).read_head()
-        r.read_all()
-        opened.append((conn, r.json()["pid"]))
-        if r.json()["pid"] != opened[0][1]:
-            for extra, _ in opened[1:-1]:
-                extra.close()
-            return opened[0][0], conn
-    raise AssertionError("every connection went to the same worker")
+    """Two kept-alive connections served by different workers: the second is opened while
+    the first one's worker is stopped (SIGSTOP, for the moment it takes), so only the other
+    worker can accept it."""
+    def pid_of(conn: RawConnection) -> int:
+        answer = RawResponse(proc.url, "/health", method="GET", conn=conn).read_head()
+        answer.read_all()
+        return answer.json()["pid"]
+
+    here = RawConnection(proc.url)
+    first = pid_of(here)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        there = RawConnection(proc.url)
+        second = pid_of(there)
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert second != first
+    return here, there
 
 
 def answer_kept(proc: ProxyProcess, paid_by: str, timeout: float = 5.0) -> None:

@@ -106,7 +106,7 @@ def test_llm_proxy_usage_on_a_missing_or_empty_database_prints_an_empty_report(t
 def test_bare_llm_proxy_prints_the_help():
     out = run_cli()
     assert (out.returncode, out.stderr) == (0, "")
-    assert out.stdout.startswith("usage: llm-proxy [-h] [--version] {serve,usage}")
+    assert out.stdout.startswith("usage: llm-proxy [-h] [--version] {serve,usage,keys}")
 
 
 def test_llm_proxy_version_names_the_installed_version():

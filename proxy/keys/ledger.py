@@ -8,7 +8,8 @@ thread that keeps them honest.
 - `Ledger`: admits (reserves) and settles through the store, under this worker's holder
   name.  A settlement the store cannot take now is kept and retried by the ledger's thread
   (the reservation stays meanwhile: the budget errs on the safe side).  The thread also
-  shows the worker alive (`touch`), and sweeps reservations of workers that died.
+  shows the worker alive (`touch`), sweeps reservations of workers that died, and
+  checkpoints the keys database's WAL (off the requests' commits).
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Ledger:
             now = time.time()
             self._touch(now)
             self._retry_unsettled()
+            self._checkpoint()
             if now - last_sweep >= SWEEP_EVERY:
                 last_sweep = now
                 try:
@@ -152,6 +154,13 @@ class Ledger:
                                     "settling them", dropped)
                 except StoreFault as fault:
                     log.warning("key reservations could not be swept (%s)", fault.kind)
+
+    def _checkpoint(self) -> None:
+        if self.store.checkpoints_apart:
+            try:
+                self.store.checkpoint()
+            except StoreFault as fault:
+                log.warning("keys database checkpoint failed (%s)", fault.kind)
 
     def _touch(self, now: float) -> None:
         try:

@@ -58,8 +58,9 @@ class Hold:
 
     def settle(self, row: UsageRecord) -> None:
         """The real cost (the reservation when tokens were used at no known price) and every
-        token the provider counts; never raises."""
-        tokens = sum(getattr(row, kind) or 0 for kind in TOKEN_KINDS)
+        token the provider counts; a replayed or joined answer (`paid_by`) cost nothing and
+        the provider counted none of its tokens for this request.  Never raises."""
+        tokens = 0 if row.paid_by else sum(getattr(row, kind) or 0 for kind in TOKEN_KINDS)
         cost = row.cost_usd if row.priced and row.cost_usd is not None else (
             self.amount if tokens else 0.0)
         self.ledger.settle(self.request_id, cost, tokens)
