@@ -400,9 +400,12 @@ def test_an_unpriced_model_is_refused_for_a_budget_key(keyed, fake):
 
 def test_a_client_key_sees_only_its_own_usage(keyed):
     name, key = create_key(keyed)
+    other, other_key = create_key(keyed)
     for _ in range(3):
         assert post(keyed, key, message()).status_code == 200
+    assert post(keyed, other_key, message()).status_code == 200
     key_rows(keyed, name, 3)
+    key_rows(keyed, other, 1)
     with local_session() as session:
         own = session.get(keyed.url + "/usage", headers={"x-api-key": key}, timeout=10).json()
         everyone = session.get(keyed.url + "/usage", timeout=10).json()  # loopback: the admin
@@ -412,6 +415,10 @@ def test_a_client_key_sees_only_its_own_usage(keyed):
     assert [g["key"] for g in own["by_key"]] == [name]
     assert everyone["totals"]["requests"] > 3
     assert flush.status_code == 403
+    report = subprocess.run([sys.executable, "-m", "proxy", "usage", "--json"], env=keyed.env,
+                            cwd=str(ROOT), capture_output=True, text=True, timeout=30)
+    by_key = {g["key"]: g["requests"] for g in json.loads(report.stdout)["by_key"]}
+    assert by_key[name] == 3
 
 
 def test_no_key_reaches_logs_rows_error_bodies_or_the_key_list(keyed, fake):

@@ -313,3 +313,15 @@ def test_model_lists_keep_only_the_allowed_models():
 ])
 def test_loopback_means_this_host_directly(environ, local):
     assert from_loopback(environ) is local
+
+
+def test_keys_that_cannot_be_read_at_all_are_a_503_not_a_401(tmp_path):
+    """A keys file that is not a database: no key can be told from an unknown one."""
+    from proxy.errors import LimitsUnavailable
+
+    (tmp_path / "keys.db").write_bytes(b"not a database" * 100)
+    store = KeyStore(str(tmp_path / "keys.db"))
+    gate = Gate(GateDeps(True, KeyBook(store, lambda: SECRET), None, PriceTable(), 1000, 0))
+    with pytest.raises(LimitsUnavailable) as refused:
+        gate.identify({"x-api-key": new_secret()})
+    assert refused.value.status == 503 and refused.value.retry_after == "1"

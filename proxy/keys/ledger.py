@@ -50,7 +50,8 @@ class KeyBook:
     def lookup(self, secret: str) -> ClientKey | None:
         """The key this secret opens, as of at most `refresh` seconds ago; a key unknown
         here is looked for again if the last check is `MISS_REFRESH` old (a key created a
-        moment ago works at once, and a flood of unknown keys costs one read per interval)."""
+        moment ago works at once, and a flood of unknown keys costs one read per interval).
+        Raises StoreFault while no copy could be read at all."""
         self._fresh(self._refresh)
         digest = key_digest(secret, self._secret())
         key = self._by_digest.get(digest)
@@ -73,7 +74,10 @@ class KeyBook:
                     self._version = version
             except StoreFault as fault:  # the last good copy serves; said once per check
                 log.error("client keys could not be reloaded (%s): %s", fault.kind, fault.detail)
-            self._checked = time.monotonic()
+                if self._version is None:
+                    raise  # no copy yet: no key can be told from an unknown one
+            finally:
+                self._checked = time.monotonic()
 
 
 class Ledger:

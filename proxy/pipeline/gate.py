@@ -79,7 +79,11 @@ class Gate:
         if not presented:
             raise Unauthenticated("this proxy needs a proxy key (sk-llmp-...) in x-api-key or "
                                   "Authorization: Bearer; ask its operator for one")
-        key = self.deps.book.lookup(presented[0])
+        try:
+            key = self.deps.book.lookup(presented[0])
+        except StoreFault as fault:
+            raise LimitsUnavailable(f"the proxy cannot read its keys right now ({fault.kind}); "
+                                    "retry shortly") from None
         if key is None:
             raise Unauthenticated("unknown proxy key")
         return key

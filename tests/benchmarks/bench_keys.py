@@ -57,6 +57,7 @@ TARGET_P50_MS = 0.3
 def _worker(path: str, secrets: dict, n: int, worker: int, rate: float, out) -> None:
     """One "worker": 4 threads, each admitting at `rate` requests/s (open loop: a request
     that waits does not delay the next one's start), or flat out when `rate` is 0."""
+    sys.setswitchinterval(0.0005)  # as proxy.worker sets it in each gunicorn worker
     store = KeyStore(path, checkpoints_apart=True)
     book = KeyBook(store, lambda: SECRET)
     ledger = Ledger(store)
