@@ -118,9 +118,12 @@ def _check_auth(server, config) -> None:
 
 
 def is_loopback_bind(bind: str) -> bool:
-    """`127.0.0.1:8080`, `[::1]:8080`, `localhost:8080` or a Unix socket: this host only."""
-    if bind.startswith(("unix:", "fd://")):
+    """`127.0.0.1:8080`, `[::1]:8080`, `localhost:8080` or a Unix socket: this host only.
+    A socket handed over (`fd://`, systemd) may listen anywhere: assume the network."""
+    if bind.startswith("unix:"):
         return True
+    if bind.startswith("fd://"):
+        return False
     host = bind.rsplit(":", 1)[0] if not bind.startswith("[") else bind[1:].split("]", 1)[0]
     if host == "localhost":
         return True

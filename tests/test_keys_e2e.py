@@ -31,7 +31,8 @@ from support.builders import DEFAULT_ANTHROPIC_MODEL, DEFAULT_CHAT_MODEL, DEFAUL
 from support.processes import GUNICORN_CONF, ROOT, ProxyProcess, group_members, local_session, \
     without_proxy_variables
 from support.rawhttp import RID, RawConnection, RawResponse
-from support.steps import WaitFor, default_script
+from support.builders import chat_stream
+from support.steps import Send, Stall, Status, WaitFor, default_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -483,3 +484,38 @@ def test_without_a_token_the_admin_endpoints_answer_loopback_only(proxy):
         assert "loopback" in forwarded.json()["error"]["message"]
         assert session.get(proxy.url + "/health", headers={"X-Forwarded-For": "203.0.113.9"},
                            timeout=10).status_code == 200
+
+
+def test_no_client_credential_header_goes_upstream_in_keys_mode(keyed, fake):
+    _, key = create_key(keyed)
+    answer = post(keyed, key, message(), headers={"api-key": key, "x-goog-api-key": key})
+    assert answer.status_code == 200
+    sent = fake.requests[0].headers
+    assert "api-key" not in sent and "x-goog-api-key" not in sent
+    assert key not in str(sent.raw)
+
+
+def test_a_stream_the_client_leaves_is_charged_what_it_cost_so_far(keyed, fake):
+    """An OpenAI stream tells its usage last: cut short, the provider has billed the prompt
+    all the same.  The key is charged the output its client got (the row's estimate) and
+    the prompt's estimate, and its reservation is gone."""
+    name, key = create_key(keyed, "--budget", "10")
+    chunks = chat_stream(model=BUDGET_MODEL)
+    fake.enqueue([Status(200, headers={"content-type": "text/event-stream"}), Send(chunks[0]),
+                  Send(chunks[1]), Stall()])
+    with local_session() as session:
+        answer = session.post(keyed.url + "/v1/chat/completions", stream=True, timeout=30,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": BUDGET_MODEL, "stream": True, "messages": MESSAGES})
+        first = next(answer.iter_content(None))
+        assert b"data:" in first
+        answer.close()  # the client hangs up mid-answer
+    row = keyed.row(answer.headers[RID])
+    assert row["end_reason"] == "client_gone" and row["input_tokens"] is None
+    prompt_usd = -(-len(fake.requests[0].body) // 3) * 1.0 / 1e6  # the estimate, $1/M input
+    deadline = time.monotonic() + 5
+    while show(keyed, name)["running"]:
+        assert time.monotonic() < deadline
+    after = show(keyed, name)
+    assert after["spent_usd"] == pytest.approx((row["cost_usd"] or 0) + prompt_usd)
+    assert after["tokens_last_minute"] >= -(-len(fake.requests[0].body) // 3)

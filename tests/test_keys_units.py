@@ -58,7 +58,7 @@ def test_the_worst_case_is_the_dearest_deployment_with_input_sent_once_per_call(
     cheap, dear = Price(1.0, 2.0, 0.1, 1.25), Price(3.0, 15.0, 0.3, 3.75)
     # 1,000 input tokens at the dearest input-side rate (cache writes, 3.75) + 100 output at 15.
     assert worst_case_cost(1000, 100, [cheap, dear]) == pytest.approx((3750 + 1500) / 1e6)
-    assert worst_case_cost(1000, 100, [dear], calls=3) == pytest.approx((3 * 3750 + 1500) / 1e6)
+    assert worst_case_cost(1000, 100, [dear], calls=3) == pytest.approx(3 * (3750 + 1500) / 1e6)
     assert worst_case_cost(1000, 100, [cheap, None]) is None  # a deployment without a price
     assert input_estimate(10) == 4  # a generous bytes-per-token, rounded up
 
@@ -161,11 +161,14 @@ def test_reservations_of_a_worker_that_died_are_swept(store):
     now = time.time()
     store.touch("dead", now - STALE_HOLDER - 1)
     store.touch("alive", now)
-    store.admit("lk_1", "req_dead", 0.0, "dead", now - STALE_HOLDER - 1)
+    store.admit("lk_1", "req_dead", 0.5, "dead", now - STALE_HOLDER - 1)
     assert isinstance(store.admit("lk_1", "req_new", 0.0, "alive", now)[1], RateLimited)
     assert store.sweep(now) == 1
     assert store.admit("lk_1", "req_new", 0.0, "alive", now)[1] is None
     assert store.sweep(now) == 0  # the live holder's reservation stays
+    # The dead worker's request may well have been billed: its worst case is spent.
+    assert store.standing(store.find("lk_1"), now).spent_usd == 0.5
+    assert store.settle("req_dead", 0.1, 10, now) is False  # charged once, not again
 
 
 def _admit_many(path: str, worker: int, tries: int, results) -> None:
@@ -263,32 +266,37 @@ def test_a_reservation_caps_output_and_counts_continuations(tmp_path):
                          max_continuations=2))
     body = b"x" * 300  # 100 tokens by the estimate
     budget = key(budget_usd=1.0)
-    assert gate._worst_case(budget, _request(body), {"max_tokens": 500}) == pytest.approx(
-        (100 * 1.0 + 500 * 10.0) / 1e6)
-    assert gate._worst_case(budget, _request(body), {"max_tokens": 10**9}) == pytest.approx(
+    worst = lambda request, payload: gate._worst_case(budget, request, payload)[0]  # noqa
+    assert worst(_request(body), {"max_tokens": 500}) == pytest.approx((100 + 500 * 10.0) / 1e6)
+    assert worst(_request(body), {"max_tokens": 10**9}) == pytest.approx(
         (100 + 1000 * 10.0) / 1e6)  # capped
-    assert gate._worst_case(budget, _request(body), {}) == pytest.approx((100 + 10000) / 1e6)
+    assert worst(_request(body), {}) == pytest.approx((100 + 10000) / 1e6)
+    # A stream that may be continued twice: three calls, each the prompt and the output cap.
     assert gate._worst_case(budget, _request(body, stitch=object()), {"max_tokens": 500}) \
-        == pytest.approx((3 * 100 + 5000) / 1e6)
+        == pytest.approx((3 * (100 + 5000) / 1e6, 100 / 1e6, 100))
     with pytest.raises(Forbidden, match="no price"):
         gate._worst_case(budget, _request(body, ("m-dear", "m-unknown")), {})
 
 
-def test_a_hold_settles_the_real_cost_or_the_reservation_when_unpriced():
+def test_a_hold_settles_what_is_known_and_never_less_than_a_begun_prompt():
     settled = []
 
     class Recorder:
         def settle(self, *args):
             settled.append(args)
 
-    hold = Hold(Recorder(), "req", 0.75)
+    hold = Hold(Recorder(), "req", 0.75, prompt_usd=0.02, prompt_tokens=400)
     hold.settle(UsageRecord(input_tokens=10, output_tokens=5, cache_read_tokens=2,
-                            cost_usd=0.01, priced=True))
+                            cost_usd=0.01, priced=True, ttft_ms=5.0))
     hold.settle(UsageRecord(input_tokens=10, output_tokens=5))  # used tokens, no known price
     hold.settle(UsageRecord())  # refused upstream: nothing used
     hold.settle(UsageRecord(input_tokens=10, output_tokens=5, cost_usd=0.0, priced=True,
                             paid_by="req_first"))  # a replay: another request paid
-    assert settled == [("req", 0.01, 17), ("req", 0.75, 15), ("req", 0.0, 0), ("req", 0.0, 0)]
+    # Cut short after content began, before the provider told the input (OpenAI tells it
+    # last): the delivered output the row estimated, plus the prompt's estimate.
+    hold.settle(UsageRecord(output_tokens=30, cost_usd=0.0003, priced=True, ttft_ms=5.0))
+    assert settled == [("req", 0.01, 17), ("req", 0.75, 15), ("req", 0.0, 0), ("req", 0.0, 0),
+                       ("req", pytest.approx(0.0203), 430)]
 
 
 def test_model_lists_keep_only_the_allowed_models():
@@ -305,7 +313,7 @@ def test_model_lists_keep_only_the_allowed_models():
 
 @pytest.mark.parametrize("environ, local", [
     ({"REMOTE_ADDR": "127.0.0.1"}, True), ({"REMOTE_ADDR": "::1"}, True),
-    ({"REMOTE_ADDR": "::ffff:127.0.0.5"}, True), ({"REMOTE_ADDR": ""}, True),
+    ({"REMOTE_ADDR": "::ffff:127.0.0.5"}, True), ({"REMOTE_ADDR": ""}, False),
     ({"REMOTE_ADDR": "10.0.0.1"}, False), ({"REMOTE_ADDR": "garbage"}, False),
     ({"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}, False),
     ({"REMOTE_ADDR": "127.0.0.1", "HTTP_FORWARDED": "for=203.0.113.9"}, False),
@@ -325,3 +333,242 @@ def test_keys_that_cannot_be_read_at_all_are_a_503_not_a_401(tmp_path):
     with pytest.raises(LimitsUnavailable) as refused:
         gate.identify({"x-api-key": new_secret()})
     assert refused.value.status == 503 and refused.value.retry_after == "1"
+def test_retry_after_waits_until_strictly_below_the_limit_and_rounds_up():
+    window = [(100, 5, 0), (130, 5, 0)]
+    # after the bucket of 100 leaves, 5 are left: still not below a limit of 5
+    assert seconds_until_below(window, 5, 1, now=140.0) == 50
+    assert seconds_until_below([(100, 1, 0)], 1, 1, now=140.5) == 20  # 19.5 s, rounded up
+
+
+def test_rpm_and_tpm_each_wait_on_their_own_column():
+    # admissions count requests in their second; settlements count tokens in theirs
+    window = [(950, 1, 0), (960, 0, 300), (990, 9, 0), (995, 0, 300)]
+    assert refusal(key(rpm=10), Standing(window=window), 0, 1000.0).retry_after == "10"
+    assert refusal(key(tpm=600), Standing(window=window), 0, 1000.0).retry_after == "20"
+
+
+def test_a_day_ends_at_the_next_utc_midnight():
+    assert period_end("day", THURSDAY) == calendar.timegm((2026, 12, 4, 0, 0, 0))
+
+
+def test_a_hold_of_the_last_period_keeps_its_slot_but_not_the_new_budget(store):
+    store.add(key(budget_usd=1.0, period="day", max_parallel=2))
+    assert store.admit("lk_1", "req_a", 1.0, "h", THURSDAY)[1] is None  # still running at midnight
+    assert store.admit("lk_1", "req_b", 1.0, "h", THURSDAY + 86400)[1] is None  # a new budget
+    assert isinstance(store.admit("lk_1", "req_c", 0.0, "h", THURSDAY + 86400)[1], RateLimited)
+
+
+def test_a_refused_client_may_come_back_after_retry_after(store):
+    store.add(key(rpm=1))
+    assert store.admit("lk_1", "req_a", 0.0, "h", 1000.0)[1] is None
+    refused = store.admit("lk_1", "req_b", 0.0, "h", 1000.5)[1]
+    assert isinstance(refused, RateLimited) and refused.retry_after == "60"
+    assert isinstance(store.admit("lk_1", "req_b", 0.0, "h", 1059.9)[1], RateLimited)
+    assert store.admit("lk_1", "req_b", 0.0, "h", 1060.0)[1] is None  # its second has left
+
+
+def test_a_sweep_drops_only_what_is_dead(store):
+    store.add(key(max_parallel=1, rpm=1))
+    now = time.time()
+    store.touch("alive", now - 1)
+    store.admit("lk_1", "req_long", 0.0, "alive", now - 10 * STALE_HOLDER)  # a long stream
+    assert store.sweep(now) == 0
+    assert isinstance(store.admit("lk_1", "req_new", 0.0, "alive", now)[1], RateLimited)
+    store.settle("req_long", 0.0, 0, now)
+    store.add(key(id="lk_2", name="bob", digest="d2", rpm=1))
+    store.admit("lk_2", "req_b1", 0.0, "alive", now - 5)
+    store.sweep(now)  # the rate window stays
+    assert isinstance(store.admit("lk_2", "req_b2", 0.0, "alive", now)[1], RateLimited)
+
+
+def test_writes_wait_for_the_hosts_flock(store):
+    import fcntl
+    import os
+    import threading
+    store.add(key(rpm=5))
+    fd = os.open(store.path + ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another worker is writing
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (store.admit("lk_1", "r", 0.0, "h", time.time()),
+                                              done.set()))
+    try:
+        thread.start()
+        assert not done.wait(0.3), "the admission did not wait for the lock"
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert done.wait(5)
+    thread.join(5)
+
+
+def test_the_book_follows_updates_and_rotations(tmp_path):
+    store = KeyStore(str(tmp_path / "keys.db"))
+    book = KeyBook(store, lambda: SECRET, refresh=0)
+    old = new_secret()
+    store.add(key(digest=key_digest(old, SECRET)))
+    assert book.lookup(old).models == ()
+    store.update("lk_1", models=("a*",))
+    assert book.lookup(old).models == ("a*",)
+    new = new_secret()
+    store.rotate("lk_1", key_digest(new, SECRET), hint_of(new))
+    assert book.lookup(old) is None and book.lookup(new).name == "alice"
+    store.close()
+
+
+def test_the_ledgers_thread_keeps_its_worker_alive_and_sweeps_dead_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "TOUCH_EVERY", 0.05)
+    store = KeyStore(str(tmp_path / "keys.db"))
+    store.add(key(max_parallel=5))
+    old = time.time() - STALE_HOLDER - 1
+    store.touch("dead", old)
+    store.admit("lk_1", "req_dead", 0.0, "dead", old)
+    ledger = Ledger(store)
+    holder = ledger.holder  # starts the thread
+    seen = lambda: store._read("SELECT seen_at FROM key_holders WHERE holder = ?",  # noqa: E731
+                               (holder,))[0][0]
+    first = seen()
+    deadline = time.monotonic() + 5
+    try:
+        while store.standing(store.find("lk_1"), time.time()).holds:
+            assert time.monotonic() < deadline, "the dead worker's reservation was never swept"
+            time.sleep(0.02)
+        while seen() == first:
+            assert time.monotonic() < deadline, "the worker's heartbeat never moved"
+            time.sleep(0.02)
+    finally:
+        ledger.close()
+
+
+def test_the_gate_finds_a_proxy_key_among_other_credentials_and_only_live_keys_read(tmp_path):
+    store = KeyStore(str(tmp_path / "keys.db"))
+    live, dead = new_secret(), new_secret()
+    store.add(key(digest=key_digest(live, SECRET)))
+    store.add(key(id="lk_2", name="bob", digest=key_digest(dead, SECRET), expires_at=1.0))
+    gate = Gate(GateDeps(True, KeyBook(store, lambda: SECRET), None, PriceTable({}),
+                         reserve_output_tokens=1000, max_continuations=0))
+    both = {"x-api-key": "sk-ant-someones-own-key", "authorization": f"Bearer {live}"}
+    assert gate.identify(both).name == "alice"
+    assert gate.live_key({"x-api-key": live}).name == "alice"
+    assert gate.live_key({"x-api-key": dead}) is None  # an expired key reads nothing
+    store.close()
+
+
+def test_only_billed_requests_of_limited_keys_reserve(tmp_path):
+    store = KeyStore(str(tmp_path / "keys.db"))
+    store.add(key(budget_usd=1.0))
+    ledger = Ledger(store)
+    prices = PriceTable({"m-dear": {"input": 1.0, "output": 10.0}})
+    try:
+        unlimited = Gate(GateDeps(True, None, None, prices, 1000, 0))  # no store to touch
+        assert unlimited.reserve(key(), _request(b"x" * 300), {}, billed=True) is None
+        gate = Gate(GateDeps(True, None, ledger, prices, 1000, 0))
+        # count_tokens bills nothing: no reservation, not even for a model without a price
+        hold = gate.reserve(store.find("lk_1"), _request(b"x" * 300, ("m-unknown",)), {},
+                            billed=False)
+        assert hold.amount == 0.0
+    finally:
+        ledger.close()
+
+
+def test_a_max_tokens_that_is_not_positive_reserves_the_cap():
+    prices = PriceTable({"m-dear": {"input": 1.0, "output": 10.0}})
+    gate = Gate(GateDeps(True, None, None, prices, reserve_output_tokens=1000,
+                         max_continuations=0))
+    for asked in (0, -5, True):
+        assert gate._worst_case(key(budget_usd=1.0), _request(b"x" * 300, ("m-dear",)),
+                                {"max_tokens": asked})[0] == pytest.approx((100 + 10000) / 1e6)
+
+
+def test_a_hold_taken_after_its_row_was_finished_is_settled_at_once():
+    from proxy.errors import ProxyError
+    from proxy.pipeline.finalize import RequestRecord
+
+    class Sink:
+        def record(self, rec):
+            pass
+
+    class Recorder:
+        def settle(self, *args):
+            settled.append(args)
+
+    settled = []
+    record = RequestRecord(Sink(), PriceTable({}), request_id="req", endpoint="anthropic",
+                           client_key_id=None, bytes_in=0)
+    record.failed(499, ProxyError("the client went away"))  # another thread finished it
+    record.holds(Hold(Recorder(), "req", 0.5))
+    assert settled == [("req", 0.0, 0)]
+
+
+def test_keys_mode_sends_no_client_credential_upstream(monkeypatch):
+    from proxy.config import Provider
+    from proxy.upstream.request import with_credentials
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-ant-provider")
+    headers = [("x-api-key", "sk-llmp-x"), ("authorization", "Bearer sk-llmp-x"),
+               ("api-key", "sk-llmp-x"), ("x-goog-api-key", "sk-llmp-x"),
+               ("anthropic-version", "2023-06-01")]
+    keyed = Provider("anthropic", "http://upstream", "anthropic", api_key_env="TEST_UPSTREAM_KEY")
+    keyless = Provider("local", "http://upstream", "anthropic")  # a local server: no key
+    assert with_credentials(headers, keyed, keep_client_keys=False) == [
+        ("anthropic-version", "2023-06-01"), ("x-api-key", "sk-ant-provider")]
+    assert with_credentials(headers, keyless, keep_client_keys=False) == [
+        ("anthropic-version", "2023-06-01")]
+    assert with_credentials(headers, keyless) == headers  # open mode: the client's key passes
+
+
+@pytest.mark.parametrize("bind, local", [
+    ("127.0.0.1:8080", True), ("[::1]:8080", True), ("localhost:8080", True),
+    ("unix:/run/llm-proxy.sock", True), ("0.0.0.0:8080", False), ("[::]:8080", False),
+    ("fd://3", False),
+    ("10.0.0.5:8080", False), ("proxy.example.com:8080", False),
+])
+def test_open_mode_with_a_provider_key_starts_on_loopback_or_when_allowed(bind, local):
+    from types import SimpleNamespace
+    from proxy.gunicorn_conf import _check_auth
+    quiet = SimpleNamespace(info=lambda *a: None, warning=lambda *a: None)
+    server = SimpleNamespace(cfg=SimpleNamespace(bind=[bind]), log=quiet)
+    provider = SimpleNamespace(name="anthropic", api_key_env="K")
+    config = lambda allowed: SimpleNamespace(  # noqa: E731
+        auth_mode="open", providers={"anthropic": provider}, open_on_network=allowed)
+    if local:
+        _check_auth(server, config(False))
+    else:
+        with pytest.raises(SystemExit):
+            _check_auth(server, config(False))
+    _check_auth(server, config(True))  # the operator said so
+
+
+def test_a_lock_held_elsewhere_costs_a_fault_in_bounded_time_not_a_hang(tmp_path):
+    import fcntl
+    import os
+
+    store = KeyStore(str(tmp_path / "keys.db"), busy_timeout_ms=200)
+    store.add(key(rpm=5))
+    fd = os.open(store.path + ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a process stopped while it held the lock
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreFault) as fault:
+            store.admit("lk_1", "req", 0.0, "h", time.time())
+        assert fault.value.kind == "locked" and time.monotonic() - started < 1.0
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert store.admit("lk_1", "req", 0.0, "h", time.time())[1] is None
+
+
+def test_the_keys_files_are_readable_by_their_owner_only(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setattr(os, "umask", os.umask)  # restored whatever happens
+    old = os.umask(0o022)
+    try:
+        store = KeyStore(str(tmp_path / "keys.db"))
+        store.add(key())
+        assert store.admit("lk_1", "req", 0.0, "h", time.time()) is not None
+        names = ["keys.db", "keys.db-wal", "keys.db-shm", "keys.db.lock"]
+        modes = {n: stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in names}
+        store.close()
+    finally:
+        os.umask(old)
+    assert modes == dict.fromkeys(names, 0o600)

@@ -64,13 +64,13 @@ ADMIN = "admin"
 
 
 def from_loopback(environ) -> bool:
-    """Did this request come from this host, directly?  (A Unix socket counts: its file
-    permissions decide who may connect.)"""
+    """Did this request come from this host, directly?  Not when it carries a forwarding
+    header, and not without an address (a Unix socket: nginx in front, most likely)."""
     if any(environ.get("HTTP_" + h.upper().replace("-", "_")) for h in FORWARDING_HEADERS):
         return False
     address = environ.get("REMOTE_ADDR") or ""
     if not address:
-        return True
+        return False
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
@@ -158,7 +158,8 @@ class AdminApp:
             self._admin_only(request, "/usage")  # says why it is refused
         own_key = None if who == ADMIN else who.id  # a client key sees its own rows only
         since, until, top = usage_bounds(request.args)
-        self._flush_unless_degraded(self.deps.tracker(), 2.0)
+        if own_key is None:  # a client's call holds no thread waiting for rows
+            self._flush_unless_degraded(self.deps.tracker(), 2.0)
         try:
             summary = report.summarize(self.deps.db_path, since=since, until=until, top=top,
                                        client_key=own_key)

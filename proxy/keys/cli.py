@@ -158,8 +158,8 @@ def _limits(args, partial: bool) -> dict:
     """The limits given on the command line (all of them, defaults filled, for `create`;
     only those given for `update`)."""
     given = {}
-    if args.models is not None:
-        given["models"] = parse_models(args.models)
+    if args.models is not None:  # `none` (like `*`) removes the list: any model
+        given["models"] = () if args.models.strip().lower() == CLEAR else parse_models(args.models)
     for attr, field, kind in (("budget", "budget_usd", float), ("rpm", "rpm", int),
                               ("tpm", "tpm", int), ("max_parallel", "max_parallel", int)):
         value = getattr(args, attr)

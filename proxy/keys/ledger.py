@@ -30,6 +30,8 @@ log = logging.getLogger("proxy.keys")
 
 REFRESH = 0.25  # seconds between checks of the keys' version
 MISS_REFRESH = 0.02  # ...after an unknown key (one made a moment ago): sooner, but bounded
+STALE_COPY = 10.0  # seconds the keys may go unread (a database fault) before none is accepted
+WAIT_FOR_RELOAD = 2.0  # seconds an unknown key waits for another thread's reload at most
 TOUCH_EVERY = 2.0  # seconds between heartbeats of a worker's holder row
 SWEEP_EVERY = 10.0  # seconds between sweeps of dead workers' reservations
 
@@ -46,25 +48,36 @@ class KeyBook:
         self._by_digest: dict[str, ClientKey] = {}
         self._version: int | None = None
         self._checked = 0.0
+        self._good = 0.0  # when the copy was last known to be current
 
     def lookup(self, secret: str) -> ClientKey | None:
         """The key this secret opens, as of at most `refresh` seconds ago; a key unknown
         here is looked for again if the last check is `MISS_REFRESH` old (a key created a
         moment ago works at once, and a flood of unknown keys costs one read per interval).
         Raises StoreFault while no copy could be read at all."""
-        self._fresh(self._refresh)
+        self._fresh(self._refresh, wait=False)
         digest = key_digest(secret, self._secret())
         key = self._by_digest.get(digest)
         if key is None:
-            self._fresh(MISS_REFRESH)
+            self._fresh(MISS_REFRESH, wait=True)
             key = self._by_digest.get(digest)
         return key
 
-    def _fresh(self, interval: float) -> None:
+    def _fresh(self, interval: float, wait: bool) -> None:
+        """Reload if `interval` has passed.  One thread reloads; a key found in the copy
+        goes on with it meanwhile (a slow disk delays nobody), a key not found (`wait`)
+        waits for the reload.  Raises StoreFault when there is no copy to go on with: none
+        read yet, or none for STALE_COPY seconds (a revoked key must not keep working for
+        as long as the database cannot be read)."""
         now = time.monotonic()
         if now - self._checked < interval:
             return
-        with self._lock:
+        if not self._lock.acquire(timeout=WAIT_FOR_RELOAD if wait or self._version is None
+                                  else 0):
+            if self._version is None:
+                raise StoreFault("locked", "the keys are being read by another thread")
+            return  # another thread is at it
+        try:
             if now - self._checked < interval:
                 return
             try:
@@ -72,12 +85,15 @@ class KeyBook:
                 if version != self._version:
                     self._by_digest = {k.digest: k for k in self._store.all_keys()}
                     self._version = version
-            except StoreFault as fault:  # the last good copy serves; said once per check
+                self._good = time.monotonic()
+            except StoreFault as fault:  # the last good copy serves a while; said per check
                 log.error("client keys could not be reloaded (%s): %s", fault.kind, fault.detail)
-                if self._version is None:
-                    raise  # no copy yet: no key can be told from an unknown one
+                if self._version is None or time.monotonic() - self._good > STALE_COPY:
+                    raise  # no key can be told from an unknown (or a revoked) one
             finally:
                 self._checked = time.monotonic()
+        finally:
+            self._lock.release()
 
 
 class Ledger:

@@ -135,16 +135,17 @@ def input_estimate(body_bytes: int) -> int:
 
 def worst_case_cost(input_tokens: int, output_tokens: int, prices: Iterable[Price | None],
                     calls: int = 1) -> float | None:
-    """USD a request may cost at most: its input (sent `calls` times: a stream that may be
-    continued sends its prompt again) at the dearest input-side rate, plus its output, at
-    the most expensive of the route's deployments.  None when a deployment has no price
-    (its cost could not be bounded)."""
+    """USD a request may cost at most: `calls` calls (a stream that may be continued makes
+    one more per continuation, each with the prompt and up to the output cap), each its
+    input at the dearest input-side rate plus its output, at the most expensive of the
+    route's deployments.  None when a deployment has no price (its cost could not be
+    bounded)."""
     worst = 0.0
     for price in prices:
         if price is None:
             return None
         rate_in = max(price.input, price.cache_write, price.cache_read)
-        worst = max(worst, input_tokens * calls * rate_in + output_tokens * price.output)
+        worst = max(worst, calls * (input_tokens * rate_in + output_tokens * price.output))
     return worst / 1_000_000
 
 

@@ -11,8 +11,9 @@ What makes the limits hold across workers: the admission of a request is one wri
 transaction that re-reads the key (a revocation counts at once), reads its counters,
 decides (`policy.refusal`) and writes the reservation; settling a finished request is one
 transaction keyed on its request id (done twice, it counts once).  A worker that dies
-with reservations open stops touching its holder row; its reservations are dropped once
-the row is `STALE_HOLDER` seconds old.
+with reservations open stops touching its holder row; once the row is `STALE_HOLDER`
+seconds old its reservations are charged as spent (the worst case: those requests may well
+have been billed), never dropped.
 
 This is the one module of `keys/` that sees `sqlite3`; its errors become `StoreFault`.
 """
@@ -69,10 +70,11 @@ _EDITABLE = frozenset({"name", "models", "budget_usd", "period", "rpm", "tpm", "
 class KeyStore:
     """The keys file at `path`: opened on first use in each process (gunicorn forks)."""
 
-    def __init__(self, path: str, busy_timeout_ms: int = 5000,
+    def __init__(self, path: str, busy_timeout_ms: int = 2000,
                  checkpoints_apart: bool = False) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
+        self.lock_timeout = busy_timeout_ms / 1000.0
         # A worker's ledger thread checkpoints the WAL; its requests then never pay for a
         # checkpoint inside their commit (measured: p99 of a settlement 3 ms -> 0.15 ms).
         self.checkpoints_apart = checkpoints_apart
@@ -168,11 +170,7 @@ class KeyStore:
                 return False
             key_id, start = found
             conn.execute("DELETE FROM key_holds WHERE request_id = ?", (request_id,))
-            conn.execute(
-                "INSERT INTO key_spend (key_id, period_start, spent_usd, requests, tokens) "
-                "VALUES (?, ?, ?, 1, ?) ON CONFLICT (key_id, period_start) DO UPDATE SET "
-                "spent_usd = spent_usd + excluded.spent_usd, requests = requests + 1, "
-                "tokens = tokens + excluded.tokens", (key_id, start, cost_usd, tokens))
+            _spend(conn, key_id, start, cost_usd, tokens)
             if tokens:
                 _count(conn, key_id, int(now), requests=0, tokens=tokens)
             return True
@@ -195,20 +193,24 @@ class KeyStore:
             conn.execute("DELETE FROM key_holders WHERE holder = ?", (holder,))
 
     def sweep(self, now: float) -> int:
-        """Drop the reservations of holders silent for STALE_HOLDER seconds (a worker
-        killed mid-request: its requests will never settle) and rate buckets out of the
-        window; how many reservations went."""
+        """Charge the reservations of holders silent for STALE_HOLDER seconds (a worker
+        killed mid-request: its requests will never settle, and the provider may well
+        have billed them: each is spent at its worst case, the safe side) and drop rate
+        buckets out of the window; how many reservations were charged."""
         with self._writing() as conn:
             stale = [h for (h,) in conn.execute(
                 "SELECT holder FROM key_holders WHERE seen_at < ?", (now - STALE_HOLDER,))]
             # A hold whose holder never registered is as good as stale once it is old.
-            dropped = conn.execute(
-                "DELETE FROM key_holds WHERE holder NOT IN (SELECT holder FROM key_holders "
-                "WHERE seen_at >= ?) AND at < ?", (now - STALE_HOLDER, now - STALE_HOLDER)
-            ).rowcount
+            orphans = conn.execute(
+                "SELECT request_id, key_id, amount, period_start FROM key_holds WHERE holder "
+                "NOT IN (SELECT holder FROM key_holders WHERE seen_at >= ?) AND at < ?",
+                (now - STALE_HOLDER, now - STALE_HOLDER)).fetchall()
+            for request_id, key_id, amount, start in orphans:
+                conn.execute("DELETE FROM key_holds WHERE request_id = ?", (request_id,))
+                _spend(conn, key_id, start, amount, 0)
             conn.executemany("DELETE FROM key_holders WHERE holder = ?", [(h,) for h in stale])
             conn.execute("DELETE FROM key_rate WHERE second < ?", (int(now) - 2 * WINDOW,))
-            return dropped
+            return len(orphans)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE: it waits for no writer and no reader),
@@ -226,7 +228,9 @@ class KeyStore:
     # -- connection and locks ----------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            return  # a thread is stuck inside: the process is ending anyway
+        try:
             if self._conn is not None and self._pid == os.getpid():
                 try:
                     self._conn.close()
@@ -235,15 +239,21 @@ class KeyStore:
             if self._lock_fd is not None and self._pid == os.getpid():
                 os.close(self._lock_fd)
             self._conn = self._lock_fd = self._pid = None
+        finally:
+            self._lock.release()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, alone on the host: thread lock, then flock, then BEGIN
-        IMMEDIATE (which then never waits on another worker)."""
-        with self._lock:
+        IMMEDIATE (which then never waits on another worker).  Each lock is waited for
+        `lock_timeout` seconds at most: a process stuck while holding it (stopped, on a
+        dead disk) costs a StoreFault, never every request of every worker."""
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            raise StoreFault("locked", "the keys database is busy in this process")
+        try:
             try:
                 conn, fd = self._opened()
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock_within(fd, self.lock_timeout)
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
@@ -257,15 +267,20 @@ class KeyStore:
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()
                 raise StoreFault(fault_kind(exc), loggable(exc, 300)) from None
+        finally:
+            self._lock.release()
 
     def _read(self, sql: str, params: tuple) -> list[tuple]:
-        with self._lock:
-            try:
-                conn, _ = self._opened()
-                return conn.execute(sql, params).fetchall()
-            except (sqlite3.Error, OSError) as exc:
-                self._drop_connection()
-                raise StoreFault(fault_kind(exc), loggable(exc, 300)) from None
+        if not self._lock.acquire(timeout=self.lock_timeout):
+            raise StoreFault("locked", "the keys database is busy in this process")
+        try:
+            conn, _ = self._opened()
+            return conn.execute(sql, params).fetchall()
+        except (sqlite3.Error, OSError) as exc:
+            self._drop_connection()
+            raise StoreFault(fault_kind(exc), loggable(exc, 300)) from None
+        finally:
+            self._lock.release()
 
     def _opened(self) -> tuple[sqlite3.Connection, int]:
         """This process's connection and lock descriptor (a forked worker opens its own)."""
@@ -295,12 +310,33 @@ class KeyStore:
         self._conn = self._lock_fd = self._pid = None
 
 
+def _flock_within(fd: int, timeout: float) -> None:
+    """flock(LOCK_EX), given up after `timeout` seconds (a StoreFault).  Polled: a blocking
+    flock cannot be interrupted; the first waits are a few microseconds, so a lock held for
+    one transaction (tens of microseconds) is taken about as soon as it is free."""
+    deadline = time.monotonic() + timeout
+    pause = 0.00002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StoreFault("locked", "another process holds the keys database") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+
 def _connect(path: str, busy_timeout_ms: int, lock_fd: int) -> sqlite3.Connection:
+    for name in (path, path + "-wal", path + "-shm"):  # digests and spend: nobody else's
+        if os.path.exists(name):
+            os.chmod(name, 0o600)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # SQLite gives its WAL this mode
     conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000.0, isolation_level=None,
                            check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # WAL switch and schema: one process at a time
+        _flock_within(lock_fd, busy_timeout_ms / 1000.0)  # WAL and schema: one process at once
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -312,7 +348,6 @@ def _connect(path: str, busy_timeout_ms: int, lock_fd: int) -> sqlite3.Connectio
                 conn.execute("COMMIT")
         finally:
             fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        os.chmod(path, 0o600)  # digests and spend are nobody else's business
     except BaseException:
         conn.close()
         raise
@@ -329,6 +364,15 @@ def _rollback(conn: sqlite3.Connection) -> None:
 def _bump_version(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO key_meta (name, value) VALUES ('version', 1) ON CONFLICT (name) "
                  "DO UPDATE SET value = value + 1")
+
+
+def _spend(conn: sqlite3.Connection, key_id: str, start: float, cost_usd: float,
+           tokens: int) -> None:
+    conn.execute(
+        "INSERT INTO key_spend (key_id, period_start, spent_usd, requests, tokens) "
+        "VALUES (?, ?, ?, 1, ?) ON CONFLICT (key_id, period_start) DO UPDATE SET "
+        "spent_usd = spent_usd + excluded.spent_usd, requests = requests + 1, "
+        "tokens = tokens + excluded.tokens", (key_id, start, cost_usd, tokens))
 
 
 def _count(conn: sqlite3.Connection, key_id: str, second: int, requests: int, tokens: int) -> None:

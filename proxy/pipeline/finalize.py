@@ -78,7 +78,8 @@ class RequestRecord:
             if not self._finished:
                 self._hold = hold
                 return
-        hold.settle(self.row)  # finished in the meantime: settle now
+        self._written.wait(5.0)  # finished meanwhile (shutdown): once its row is complete
+        hold.settle(self.row)
 
     def received(self, bytes_in: int) -> None:
         """The client's body arrived whole."""

@@ -49,20 +49,36 @@ class GateDeps:
 
 
 class Hold:
-    """A request's reservation, settled once when its row is finished."""
+    """A request's reservation, settled once when its row is finished.  `prompt_usd` and
+    `prompt_tokens` are the reservation's input side (one call's worth)."""
 
-    def __init__(self, ledger: Ledger, request_id: str, amount: float) -> None:
+    def __init__(self, ledger: Ledger, request_id: str, amount: float, prompt_usd: float = 0.0,
+                 prompt_tokens: int = 0) -> None:
         self.ledger = ledger
         self.request_id = request_id
         self.amount = amount
+        self.prompt_usd = prompt_usd
+        self.prompt_tokens = prompt_tokens
 
     def settle(self, row: UsageRecord) -> None:
-        """The real cost (the reservation when tokens were used at no known price) and every
-        token the provider counts; a replayed or joined answer (`paid_by`) cost nothing and
-        the provider counted none of its tokens for this request.  Never raises."""
-        tokens = 0 if row.paid_by else sum(getattr(row, kind) or 0 for kind in TOKEN_KINDS)
+        """What the request cost, as far as anyone can know; never raises.
+
+        - the real cost and every token the provider counts, for a complete answer;
+        - an answer cut short (a client that hung up, a timeout, a broken stream) that had
+          begun: what its row knows (at least the output that reached the client) plus, if
+          the provider had not reported the input yet (OpenAI reports usage last), the
+          prompt's estimate: the provider bills a prompt it has begun to answer;
+        - tokens used at no known price: the whole reservation;
+        - a replayed or joined answer (`paid_by`): nothing (another request paid).
+        """
+        if row.paid_by:
+            self.ledger.settle(self.request_id, 0.0, 0)
+            return
+        tokens = sum(getattr(row, kind) or 0 for kind in TOKEN_KINDS)
         cost = row.cost_usd if row.priced and row.cost_usd is not None else (
             self.amount if tokens else 0.0)
+        if row.ttft_ms is not None and row.input_tokens is None:
+            cost, tokens = cost + self.prompt_usd, tokens + self.prompt_tokens
         self.ledger.settle(self.request_id, cost, tokens)
 
 
@@ -117,8 +133,9 @@ class Gate:
         has a budget and the endpoint bills; None for a key without limits."""
         if key is None or not key.limited:
             return None
-        amount = self._worst_case(key, preq, payload) if billed and key.budget_usd is not None \
-            else 0.0
+        amount, prompt_usd, prompt_tokens = (
+            self._worst_case(key, preq, payload) if billed and key.budget_usd is not None
+            else (0.0, 0.0, 0))
         try:
             current, refused = self.deps.ledger.admit(key, preq.request_id, amount)
         except StoreFault as fault:
@@ -130,25 +147,29 @@ class Gate:
             raise Unauthenticated("unknown proxy key")
         if refused is not None:
             raise refused
-        return Hold(self.deps.ledger, preq.request_id, amount)
+        return Hold(self.deps.ledger, preq.request_id, amount, prompt_usd, prompt_tokens)
 
-    def _worst_case(self, key: ClientKey, preq: ProxyRequest, payload: Mapping | None) -> float:
-        """The input estimate plus the output cap, at the dearest deployment of the route
-        (a stream that may be continued sends its prompt again for each continuation)."""
+    def _worst_case(self, key: ClientKey, preq: ProxyRequest, payload: Mapping | None
+                    ) -> tuple[float, float, int]:
+        """(USD, and its prompt side: USD and tokens of one call's input): the input
+        estimate plus the output cap, at the dearest deployment of the route, for every
+        call the answer may take (a stream that may be continued makes up to
+        1 + max_continuations calls, each with the prompt and up to max_tokens)."""
         cap = self.deps.reserve_output_tokens
         asked = [v for v in (payload.get(f) for f in MAX_OUTPUT_FIELDS) if isinstance(v, int)
                  and not isinstance(v, bool) and v > 0] if payload else []
         output = min(max(asked), cap) if asked else cap
         models = [d.model or preq.model for d in preq.route.deployments]
+        prices = [self.deps.prices.price_for(m) for m in models]
         calls = 1 + self.deps.max_continuations if preq.stitch is not None else 1
-        cost = worst_case_cost(input_estimate(len(preq.body)), output,
-                               [self.deps.prices.price_for(m) for m in models], calls)
+        prompt = input_estimate(len(preq.body))
+        cost = worst_case_cost(prompt, output, prices, calls)
         if cost is None:
-            unpriced = [m for m in models if self.deps.prices.price_for(m) is None]
+            unpriced = [m for m, p in zip(models, prices) if p is None]
             raise Forbidden(f"key {key.name!r} has a budget, and model {unpriced[0]!r} has no "
                             "price, so its cost cannot be bounded; the operator can add it "
                             "under [prices]")
-        return cost
+        return cost, worst_case_cost(prompt, 0, prices), prompt
 
 
 # -- model lists ---------------------------------------------------------------------------------
