@@ -313,7 +313,7 @@ def test_model_lists_keep_only_the_allowed_models():
 
 @pytest.mark.parametrize("environ, local", [
     ({"REMOTE_ADDR": "127.0.0.1"}, True), ({"REMOTE_ADDR": "::1"}, True),
-    ({"REMOTE_ADDR": "::ffff:127.0.0.5"}, True), ({"REMOTE_ADDR": ""}, False),
+    ({"REMOTE_ADDR": "::ffff:127.0.0.5"}, True), ({"REMOTE_ADDR": ""}, False), ({}, True),
     ({"REMOTE_ADDR": "10.0.0.1"}, False), ({"REMOTE_ADDR": "garbage"}, False),
     ({"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.9"}, False),
     ({"REMOTE_ADDR": "127.0.0.1", "HTTP_FORWARDED": "for=203.0.113.9"}, False),
