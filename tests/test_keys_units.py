@@ -537,23 +537,31 @@ def test_open_mode_with_a_provider_key_starts_on_loopback_or_when_allowed(bind, 
     _check_auth(server, config(True))  # the operator said so
 
 
-def test_a_lock_held_elsewhere_costs_a_fault_in_bounded_time_not_a_hang(tmp_path):
+def test_a_lock_held_elsewhere_stalls_one_thread_not_the_worker(tmp_path):
+    """Another process stopped while it held the lock: one thread of this worker waits
+    for it, the next ones get a fault in bounded time, and keys are still read."""
     import fcntl
     import os
+    import threading
 
     store = KeyStore(str(tmp_path / "keys.db"), busy_timeout_ms=200)
     store.add(key(rpm=5))
     fd = os.open(store.path + ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a process stopped while it held the lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=store.admit, args=("lk_1", "req_a", 0.0, "h", time.time()))
     try:
+        waiting.start()
+        time.sleep(0.05)  # it is inside, blocked on the flock
         started = time.monotonic()
         with pytest.raises(StoreFault) as fault:
-            store.admit("lk_1", "req", 0.0, "h", time.time())
+            store.admit("lk_1", "req_b", 0.0, "h", time.time())
         assert fault.value.kind == "locked" and time.monotonic() - started < 1.0
+        assert store.find("alice").rpm == 5 and store.version() >= 1  # reads go on
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-    assert store.admit("lk_1", "req", 0.0, "h", time.time())[1] is None
+        waiting.join(5)
+    assert store.standing(store.find("lk_1"), time.time()).holds == 1  # it went through
 
 
 def test_the_keys_files_are_readable_by_their_owner_only(tmp_path, monkeypatch):

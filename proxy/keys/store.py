@@ -82,6 +82,9 @@ class KeyStore:
         self._pid: int | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid: int | None = None
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -238,22 +241,29 @@ class KeyStore:
                     pass
             if self._lock_fd is not None and self._pid == os.getpid():
                 os.close(self._lock_fd)
-            self._conn = self._lock_fd = self._pid = None
+            if self._reader is not None and self._reader_pid == os.getpid():
+                try:
+                    self._reader.close()
+                except sqlite3.Error:
+                    pass
+            self._conn = self._lock_fd = self._pid = self._reader = self._reader_pid = None
         finally:
             self._lock.release()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, alone on the host: thread lock, then flock, then BEGIN
-        IMMEDIATE (which then never waits on another worker).  Each lock is waited for
-        `lock_timeout` seconds at most: a process stuck while holding it (stopped, on a
-        dead disk) costs a StoreFault, never every request of every worker."""
+        IMMEDIATE (which then never waits on another worker).  flock blocks, so a waiting
+        worker is woken the moment the lock is free (polling it cost a third of the
+        admissions per second); the thread lock is waited for `lock_timeout` seconds at
+        most, so a process stuck while it holds the flock (stopped, on a dead disk) stalls
+        one thread per worker, and the others get a StoreFault; reads go on."""
         if not self._lock.acquire(timeout=self.lock_timeout):
             raise StoreFault("locked", "the keys database is busy in this process")
         try:
             try:
                 conn, fd = self._opened()
-                _flock_within(fd, self.lock_timeout)
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
@@ -271,16 +281,32 @@ class KeyStore:
             self._lock.release()
 
     def _read(self, sql: str, params: tuple) -> list[tuple]:
-        if not self._lock.acquire(timeout=self.lock_timeout):
+        """A read on a connection of its own (WAL: readers never wait for the writer), so
+        keys are looked up while a write waits for its lock."""
+        if not self._read_lock.acquire(timeout=self.lock_timeout):
             raise StoreFault("locked", "the keys database is busy in this process")
         try:
-            conn, _ = self._opened()
-            return conn.execute(sql, params).fetchall()
+            if self._reader is None or self._reader_pid != os.getpid():
+                self._opened_for_writes_once()
+                self._reader = sqlite3.connect(self.path, timeout=self.lock_timeout,
+                                               isolation_level=None, check_same_thread=False)
+                self._reader_pid = os.getpid()
+            return self._reader.execute(sql, params).fetchall()
         except (sqlite3.Error, OSError) as exc:
-            self._drop_connection()
+            self._reader = None
             raise StoreFault(fault_kind(exc), loggable(exc, 300)) from None
         finally:
-            self._lock.release()
+            self._read_lock.release()
+
+    def _opened_for_writes_once(self) -> None:
+        """The schema exists before the first read (the writer's connection creates it)."""
+        if self._pid != os.getpid() or self._conn is None:
+            if not self._lock.acquire(timeout=self.lock_timeout):
+                raise StoreFault("locked", "the keys database is busy in this process")
+            try:
+                self._opened()
+            finally:
+                self._lock.release()
 
     def _opened(self) -> tuple[sqlite3.Connection, int]:
         """This process's connection and lock descriptor (a forked worker opens its own)."""
@@ -311,9 +337,8 @@ class KeyStore:
 
 
 def _flock_within(fd: int, timeout: float) -> None:
-    """flock(LOCK_EX), given up after `timeout` seconds (a StoreFault).  Polled: a blocking
-    flock cannot be interrupted; the first waits are a few microseconds, so a lock held for
-    one transaction (tens of microseconds) is taken about as soon as it is free."""
+    """flock(LOCK_EX), given up after `timeout` seconds (a StoreFault): for opening, where
+    no thread lock bounds the wait."""
     deadline = time.monotonic() + timeout
     pause = 0.00002
     while True:

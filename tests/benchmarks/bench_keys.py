@@ -3,8 +3,9 @@
     python tests/benchmarks/bench_keys.py [--quick]
 
 1. Admission under load, in the proxy's own code: 4 processes (as 4 gunicorn workers) x 4
-   threads, all on one keys database, at an offered load (default 400 requests/s, far
-   above what LLM clients send one host; then flat out, for the capacity), each request
+   threads, all on one keys database, at an offered load (default 400 requests/s arriving
+   at random, far above what LLM clients send one host; then flat out, for the capacity),
+   each request
    doing what a worker does: key lookup
    (keyed hash, this worker's copy of the keys), the allowlist, the reservation (one
    transaction: the key re-read, parallel/RPM/TPM windows, the budget, the hold), and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -55,8 +57,9 @@ TARGET_P50_MS = 0.3
 
 
 def _worker(path: str, secrets: dict, n: int, worker: int, rate: float, out) -> None:
-    """One "worker": 4 threads, each admitting at `rate` requests/s (open loop: a request
-    that waits does not delay the next one's start), or flat out when `rate` is 0."""
+    """One "worker": 4 threads, each admitting `rate` requests/s on average, at random
+    (Poisson) moments (open loop: a request that waits does not delay the next one's
+    start), or flat out when `rate` is 0."""
     sys.setswitchinterval(0.0005)  # as proxy.worker sets it in each gunicorn worker
     store = KeyStore(path, checkpoints_apart=True)
     book = KeyBook(store, lambda: SECRET)
@@ -66,10 +69,12 @@ def _worker(path: str, secrets: dict, n: int, worker: int, rate: float, out) -> 
     lock = threading.Lock()
 
     def run(thread: int) -> None:
-        start = time.perf_counter()
+        arrivals = random.Random(worker * 100 + thread)
+        due = time.perf_counter()
         for i in range(n):
-            if rate:
-                pause = start + i / rate - time.perf_counter()
+            if rate:  # Poisson arrivals, as independent clients make them
+                due += arrivals.expovariate(rate)
+                pause = due - time.perf_counter()
                 if pause > 0:
                     time.sleep(pause)
             for kind, secret in secrets.items():
