@@ -580,3 +580,65 @@ def test_the_keys_files_are_readable_by_their_owner_only(tmp_path, monkeypatch):
     finally:
         os.umask(old)
     assert modes == dict.fromkeys(names, 0o600)
+
+
+def test_a_copy_of_the_keys_that_cannot_be_reloaded_is_refused_after_a_while(tmp_path,
+                                                                            monkeypatch):
+    """A revoked key must not keep working for as long as the keys cannot be read: once a
+    reload has failed for STALE_COPY seconds, no lookup is served from the copy, not even
+    between reloads."""
+    store = CountingStore(str(tmp_path / "keys.db"))
+    secret = new_secret()
+    store.add(key(digest=key_digest(secret, SECRET)))
+    book = KeyBook(store, lambda: SECRET, refresh=60)
+    assert book.lookup(secret).name == "alice"
+
+    def broken():
+        raise StoreFault("io_error", "disk I/O error")
+
+    monkeypatch.setattr(store, "version", broken)
+    time.sleep(ledger_module.MISS_REFRESH)
+    assert book.lookup(new_secret()) is None  # a miss reloads: it fails, the copy serves
+    assert book.lookup(secret).name == "alice"  # ...a while
+    monkeypatch.setattr(ledger_module, "STALE_COPY", 0.0)
+    for _ in range(3):  # ...then nothing is served from it, on every lookup
+        with pytest.raises(StoreFault):
+            book.lookup(secret)
+    monkeypatch.setattr(store, "version", lambda: KeyStore.version(store))  # readable again
+    time.sleep(ledger_module.MISS_REFRESH)
+    assert book.lookup(secret).name == "alice"  # failing, it reloads soon: served again
+
+
+def test_a_copy_past_its_age_is_not_used_while_another_thread_reloads_it(tmp_path, monkeypatch):
+    """Sixteen requests at once, a second after a revocation: the one that reloads must not
+    let the others through on the old copy ("revoked within a second", for every one)."""
+    import threading
+
+    store = KeyStore(str(tmp_path / "keys.db"))
+    secret = new_secret()
+    store.add(key(digest=key_digest(secret, SECRET)))
+    book = KeyBook(store, lambda: SECRET)
+    assert book.lookup(secret).state(time.time()) == "active"
+    store.revoke("lk_1", time.time())
+    inside, release = threading.Event(), threading.Event()
+    real = store.all_keys
+
+    def slow_reload():
+        inside.set()
+        release.wait(5)
+        return real()
+
+    monkeypatch.setattr(store, "all_keys", slow_reload)
+    time.sleep(ledger_module.MAX_AGE)  # the copy is past its age
+    found = {}
+    reloading = threading.Thread(target=lambda: found.setdefault("a", book.lookup(secret)))
+    reloading.start()
+    assert inside.wait(5)
+    other = threading.Thread(target=lambda: found.setdefault("b", book.lookup(secret)))
+    other.start()
+    other.join(0.2)
+    assert "b" not in found, "a lookup went on with a copy past its age"
+    release.set()
+    reloading.join(5)
+    other.join(5)
+    assert found["a"].state(time.time()) == found["b"].state(time.time()) == "revoked"

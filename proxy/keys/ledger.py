@@ -29,6 +29,7 @@ from .store import KeyStore
 log = logging.getLogger("proxy.keys")
 
 REFRESH = 0.25  # seconds between checks of the keys' version
+MAX_AGE = 0.5  # seconds after which a lookup waits for the reload rather than use the copy
 MISS_REFRESH = 0.02  # ...after an unknown key (one made a moment ago): sooner, but bounded
 STALE_COPY = 10.0  # seconds the keys may go unread (a database fault) before none is accepted
 WAIT_FOR_RELOAD = 2.0  # seconds an unknown key waits for another thread's reload at most
@@ -49,6 +50,7 @@ class KeyBook:
         self._version: int | None = None
         self._checked = 0.0
         self._good = 0.0  # when the copy was last known to be current
+        self._failing = False  # the last reload failed
 
     def lookup(self, secret: str) -> ClientKey | None:
         """The key this secret opens, as of at most `refresh` seconds ago; a key unknown
@@ -64,32 +66,40 @@ class KeyBook:
         return key
 
     def _fresh(self, interval: float, wait: bool) -> None:
-        """Reload if `interval` has passed.  One thread reloads; a key found in the copy
-        goes on with it meanwhile (a slow disk delays nobody), a key not found (`wait`)
-        waits for the reload.  Raises StoreFault when there is no copy to go on with: none
-        read yet, or none for STALE_COPY seconds (a revoked key must not keep working for
-        as long as the database cannot be read)."""
-        now = time.monotonic()
-        if now - self._checked < interval:
-            return
+        """Reload if `interval` has passed.  Raises StoreFault when there is no copy to go
+        on with: none read yet, or none for STALE_COPY seconds while reloads fail (a
+        revoked key must not keep working for as long as the database cannot be read)."""
+        if self._failing:  # recover as soon as the database does
+            interval = min(interval, MISS_REFRESH)
+        age = time.monotonic() - self._checked
+        if age >= interval:
+            # Past MAX_AGE nobody goes on with the copy while another thread reloads it:
+            # "revoked within a second" holds for every request, however many arrive.
+            self._reload(interval, wait or age >= MAX_AGE)
+        if self._version is None or (
+                self._failing and time.monotonic() - self._good > STALE_COPY):
+            raise StoreFault("unreadable", "the client keys cannot be read")
+
+    def _reload(self, interval: float, wait: bool) -> None:
+        """One thread reloads; a key found in a copy younger than MAX_AGE goes on with it
+        meanwhile (a slow disk delays nobody), others (`wait`) wait for the reload, at most
+        WAIT_FOR_RELOAD seconds.  Never raises: a failure is logged and remembered
+        (`_failing`)."""
         if not self._lock.acquire(timeout=WAIT_FOR_RELOAD if wait or self._version is None
                                   else 0):
-            if self._version is None:
-                raise StoreFault("locked", "the keys are being read by another thread")
             return  # another thread is at it
         try:
-            if now - self._checked < interval:
+            if time.monotonic() - self._checked < interval:
                 return
             try:
                 version = self._store.version()
                 if version != self._version:
                     self._by_digest = {k.digest: k for k in self._store.all_keys()}
                     self._version = version
-                self._good = time.monotonic()
-            except StoreFault as fault:  # the last good copy serves a while; said per check
+                self._good, self._failing = time.monotonic(), False
+            except StoreFault as fault:  # the last good copy serves a while
                 log.error("client keys could not be reloaded (%s): %s", fault.kind, fault.detail)
-                if self._version is None or time.monotonic() - self._good > STALE_COPY:
-                    raise  # no key can be told from an unknown (or a revoked) one
+                self._failing = True
             finally:
                 self._checked = time.monotonic()
         finally:
