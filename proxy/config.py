@@ -103,8 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tracker.enabled", bool, True, "LLM_PROXY_TRACKER",
             "Record one usage row per request.", lambda v: None),
     Setting("tracker.db", str, "", "LLM_PROXY_DB",
-            "SQLite file for usage rows (default: ~/.local/share/llm-proxy/usage.db).",
-            lambda v: None),
+            "Usage database: a SQLite file (default: ~/.local/share/llm-proxy/usage.db), or a "
+            "postgresql:// URL that several proxy hosts share.", lambda v: None),
     Setting("tracker.spill_dir", str, "", "LLM_PROXY_SPILL_DIR",
             "Directory for rows the database cannot take yet (default: <db>.spill); put it on "
             "another filesystem to keep rows through a full disk.", lambda v: None),
@@ -295,21 +295,42 @@ class Config:
 
     @property
     def db_path(self) -> str:
+        """The usage database: a SQLite file, or a PostgreSQL URL (never logged as it is:
+        it may hold a password; see `db_label`)."""
         return self.db or default_db_path()
 
     @property
+    def db_is_url(self) -> bool:
+        return self.db_path.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def db_label(self) -> str:
+        """The usage database as a log line may name it."""
+        if not self.db_is_url:
+            return self.db_path
+        from .store.postgres import redacted_url
+        return redacted_url(self.db_path)
+
+    @property
+    def data_dir(self) -> str:
+        """Where the proxy's local files go by default: beside the SQLite file, or the
+        default data directory when the database is a server."""
+        if self.db_is_url:
+            return os.path.dirname(default_db_path())
+        return os.path.dirname(os.path.abspath(self.db_path))
+
+    @property
     def spill_path(self) -> str:
-        return self.spill_dir or self.db_path + ".spill"
+        from .store import default_spill_dir
+        return self.spill_dir or default_spill_dir(self.db_path, self.data_dir)
 
     @property
     def secret_path(self) -> str:
-        return self.secret_file or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
-                                                "installation-secret")
+        return self.secret_file or os.path.join(self.data_dir, "installation-secret")
 
     @property
     def keys_db_path(self) -> str:
-        return self.keys_db or os.path.join(os.path.dirname(os.path.abspath(self.db_path)),
-                                            "keys.db")
+        return self.keys_db or os.path.join(self.data_dir, "keys.db")
 
     @property
     def auth_mode(self) -> str:

@@ -81,7 +81,7 @@ def on_starting(server):
     _check_auth(server, config)
     server.log.info("llm-proxy: listening on %s; upstreams: %s; usage database: %s",
                     ", ".join(server.cfg.bind), _upstreams(config),
-                    config.db_path if config.enabled else "off (tracker disabled)")
+                    config.db_label if config.enabled else "off (tracker disabled)")
     if server.cfg.graceful_timeout < config.shutdown_grace + 5:
         server.log.warning("llm-proxy: graceful_timeout %s s leaves under 5 s after "
                            "shutdown_grace %s s to end streams and store their rows",

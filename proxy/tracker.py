@@ -39,6 +39,8 @@ import time
 from typing import Any, Iterable, Iterator, Mapping
 
 from .store import RowRejected, StoreFault, open_store
+from .store import default_spill_dir as store_spill_dir
+from .store.postgres import redacted_url
 from .text import loggable, storable
 from .usage import DEFAULT_TEXT_LIMIT, RECORD_FIELDS, TEXT_LIMITS, UsageRecord
 
@@ -290,6 +292,7 @@ class Tracker:
         spill_after: float = 5.0,
     ) -> None:
         self.db_path = db_path
+        self.db_label = redacted_url(db_path)  # a URL's password never reaches a log line
         self.store = open_store(db_path, busy_timeout_ms)  # owned by the writer once started
         self.spill = SpillDir(spill_dir or default_spill_dir(db_path))
         self.batch_size = max(1, int(batch_size))
@@ -568,7 +571,7 @@ class Tracker:
             self._fault = fault
         if first:
             log.error("usage database %s refuses writes (%s): %s; requests go on, rows wait in "
-                      "memory for %g s, then go to %s", self.db_path, fault.kind, fault.detail,
+                      "memory for %g s, then go to %s", self.db_label, fault.kind, fault.detail,
                       self.spill_after, self.spill.path)
 
     def _note_recovered(self) -> None:
@@ -577,7 +580,7 @@ class Tracker:
                 return
             lasted = time.monotonic() - self._fault_since
             self._fault = None
-        log.warning("usage database %s takes writes again after %.1f s", self.db_path, lasted)
+        log.warning("usage database %s takes writes again after %.1f s", self.db_label, lasted)
         self._next_spill_check = 0.0  # replay what was spilled meanwhile, now
 
     def _relieve_memory(self) -> None:
@@ -697,9 +700,10 @@ def _backoff(attempt: int) -> float:
 
 
 def default_spill_dir(db_path: str) -> str:
-    """Beside the database, one directory per database (a shared one would replay rows into
-    the wrong file); point `tracker.spill_dir` at another filesystem to survive a full disk."""
-    return db_path + ".spill"
+    """One directory per database (see store.default_spill_dir); point `tracker.spill_dir`
+    at another filesystem to survive a full disk."""
+    from .config import default_db_path
+    return store_spill_dir(db_path, os.path.dirname(default_db_path()))
 
 
 class NullTracker:

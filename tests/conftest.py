@@ -78,6 +78,23 @@ def tls_cert(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (in a directory of its own: the cluster
+    belongs to the `postgres` user when the tests run as root)."""
+    import shutil
+    import tempfile
+
+    from support.postgres import PostgresServer
+
+    directory = tempfile.mkdtemp(prefix="llm-proxy-pg-")
+    os.chmod(directory, 0o755)
+    server = PostgresServer(Path(directory) / "cluster").start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def fake():
     upstream = FakeUpstream()
     upstream.start()

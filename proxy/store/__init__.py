@@ -2,7 +2,7 @@
 
 The tracker (queue, batching, retries, spill and replay) and the report (time bounds,
 rendering) sit above this seam and know nothing of the database behind it: SQLite now,
-PostgreSQL later (``tracker.db = "postgresql://..."``, issue 13).  So the interface speaks
+PostgreSQL (``tracker.db = "postgresql://..."``).  So the interface speaks
 only in plain values (row dicts, epoch seconds, counts) and in the exceptions below: each
 implementation translates its driver's errors into them, once, the way ``requests``
 translates urllib3's, and nothing above ever catches a driver's exception.
@@ -11,6 +11,8 @@ translates urllib3's, and nothing above ever catches a driver's exception.
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
 from typing import Any, TypedDict
 
 # The token counts a report sums, in the order it shows them.
@@ -154,9 +156,26 @@ ANSWER_FIELDS = ("shape", "digest", "stream", "variant", "fmt", "content_type", 
                  "hidden", "paid_by", "usage", "ended_at", "expires_at")
 
 
+def default_spill_dir(db: str, data_dir: str) -> str:
+    """Where rows wait that the database `db` cannot take yet, unless configured: one
+    directory per database (a shared one would replay rows into the wrong database).  A
+    file's beside it; a server's in `data_dir`, named after the URL (without its
+    password)."""
+    from .postgres import is_postgres_url, redacted_url
+
+    if not is_postgres_url(db):
+        return db + ".spill"
+    digest = hashlib.sha256(redacted_url(db).encode("utf-8")).hexdigest()[:16]
+    return os.path.join(data_dir, f"usage-{digest}.spill")
+
+
 def open_store(db: str, busy_timeout_ms: int = 5000) -> UsageStore:
-    """The store that the ``tracker.db`` setting names (a file path: SQLite).  Nothing is
-    opened yet; ``busy_timeout_ms`` bounds how long a call waits for another writer."""
+    """The store that the ``tracker.db`` setting names: a ``postgresql://`` URL, else a file
+    path (SQLite).  Nothing is opened yet; ``busy_timeout_ms`` bounds how long a call waits
+    for another writer."""
+    from .postgres import PostgresStore, is_postgres_url
     from .sqlite import SqliteStore
 
+    if is_postgres_url(db):
+        return PostgresStore(db, busy_timeout_ms)
     return SqliteStore(db, busy_timeout_ms)

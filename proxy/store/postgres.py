@@ -1,0 +1,352 @@
+"""Usage rows in PostgreSQL: what several proxy hosts share (`tracker.db = "postgresql://..."`).
+
+The same rows, reports and answers as the SQLite store, through the same interface; the
+driver is psycopg 3 (the optional extra `pip install 'llm-stream-proxy[postgres]'`).
+
+- Inserts are idempotent on the request id (a unique index and `ON CONFLICT DO NOTHING`):
+  a batch retried after a lost acknowledgement stores nothing twice, whatever `only_new`
+  says.
+- Migrations are versioned (table `llm_proxy_schema`) and run under a transaction-scoped
+  advisory lock, so hosts starting together on an empty database migrate it once.
+- A store owns at most one connection (opened on use, dropped after a fault and opened
+  afresh on the next call): the tracker's writer thread owns one, the dedup lookups of a
+  worker another, a report a third for as long as it reads.
+
+This is the one module that sees psycopg: its errors become StoreFault (the database, for
+now) or RowRejected (the row, for ever) here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from ..text import loggable
+from ..usage import DEDUP_REASONS, RECORD_FIELDS
+from . import (ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError,
+               UsageStore, empty_counts)
+
+log = logging.getLogger(__name__)
+
+TABLE = "usage_records"
+ANSWERS = "dedup_answers"
+MIGRATION_LOCK = 0x6C6C6D70  # "llmp": the advisory lock id migrations take
+CONNECT_TIMEOUT = 5  # seconds
+
+# Each entry upgrades the schema by one version; never edit a released entry, append a new one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"""CREATE TABLE {TABLE} (
+            id BIGSERIAL PRIMARY KEY,
+            request_id TEXT NOT NULL, started_at DOUBLE PRECISION, ended_at DOUBLE PRECISION,
+            ttfb_ms DOUBLE PRECISION, ttft_ms DOUBLE PRECISION, endpoint TEXT,
+            model_requested TEXT, deployment TEXT, upstream_model TEXT, attempts INTEGER,
+            fallbacks INTEGER, status INTEGER, end_reason TEXT, stop_reason TEXT,
+            input_tokens BIGINT, output_tokens BIGINT, cache_read_tokens BIGINT,
+            cache_write_tokens BIGINT, reasoning_tokens BIGINT, cost_usd DOUBLE PRECISION,
+            priced SMALLINT, usage_complete SMALLINT, client_key_id TEXT, bytes_in BIGINT,
+            bytes_out BIGINT, error TEXT, stream SMALLINT, attempt_log TEXT,
+            continuations INTEGER DEFAULT 0, continuation_cost_usd DOUBLE PRECISION,
+            paid_by TEXT, saved_cost_usd DOUBLE PRECISION, key_name TEXT
+        )""",
+        f"CREATE UNIQUE INDEX {TABLE}_request_id ON {TABLE} (request_id)",
+        f"CREATE INDEX {TABLE}_started_at ON {TABLE} (started_at)",
+        f"CREATE INDEX {TABLE}_model ON {TABLE} (upstream_model, model_requested)",
+        f"CREATE INDEX {TABLE}_client_key ON {TABLE} (client_key_id, started_at)",
+        f"CREATE INDEX {TABLE}_key_name ON {TABLE} (key_name, started_at)",
+        f"CREATE INDEX {TABLE}_end_reason ON {TABLE} (end_reason, started_at)",
+        f"""CREATE TABLE {ANSWERS} (
+            id BIGSERIAL PRIMARY KEY, shape TEXT NOT NULL, digest TEXT NOT NULL,
+            stream SMALLINT, variant TEXT, fmt TEXT, content_type TEXT, status INTEGER,
+            body BYTEA, hidden BYTEA, paid_by TEXT, usage TEXT, ended_at DOUBLE PRECISION,
+            expires_at DOUBLE PRECISION
+        )""",
+        f"CREATE INDEX {ANSWERS}_shape ON {ANSWERS} (shape, expires_at)",
+        f"CREATE INDEX {ANSWERS}_expires ON {ANSWERS} (expires_at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_COLUMNS = ", ".join(RECORD_FIELDS)
+_INSERT = (f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES "
+           f"({', '.join(f'%({name})s' for name in RECORD_FIELDS)}) "
+           "ON CONFLICT (request_id) DO NOTHING")
+_INSERT_ANSWER = (f"INSERT INTO {ANSWERS} ({', '.join(ANSWER_FIELDS)}) VALUES "
+                  f"({', '.join(f'%({name})s' for name in ANSWER_FIELDS)})")
+
+_DEDUP = "('" + "', '".join(DEDUP_REASONS) + "')"
+_BILLED = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4])
+_AGGREGATES = ", ".join(
+    ["COUNT(*)"]
+    + [f"COALESCE(SUM(CASE WHEN paid_by IS NULL THEN {c} END), 0)" for c in TOKEN_FIELDS]
+    + ["COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0)",
+       f"COUNT(*) FILTER (WHERE priced = 0 AND {_BILLED} > 0)",
+       "COUNT(*) FILTER (WHERE continuations > 0)",
+       "COALESCE(SUM(continuation_cost_usd), 0)",
+       f"COUNT(*) FILTER (WHERE end_reason IN {_DEDUP})",
+       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN {_BILLED} END), 0)",
+       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN saved_cost_usd END), 0)"]
+)
+_SPEND_FIRST = ("ORDER BY COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0) DESC, "
+                "COUNT(*) DESC")
+_GROUP_EXPRESSIONS = {
+    "day": "to_char(to_timestamp(started_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "model": "COALESCE(upstream_model, model_requested)",
+    "client_key": "client_key_id",
+    "key": "key_name",
+}
+_ALL_ROWS = "NULL::text"
+
+
+def is_postgres_url(db: str) -> bool:
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore(UsageStore):
+    """Usage rows in the PostgreSQL database at `url`."""
+
+    def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
+        self.url = url
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn = None
+
+    def check(self) -> str | None:
+        """A URL that can never work (no driver, a bad scheme) stops start-up; a server
+        that cannot be reached or refuses us for now is a warning: rows wait and spill."""
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise TrackerPathError("tracker.db is a PostgreSQL URL, but psycopg is not installed:"
+                                   " pip install 'llm-stream-proxy[postgres]'") from None
+        try:
+            self.open()
+        except StoreFault as fault:
+            return f"usage database {redacted_url(self.url)} is not usable yet ({fault.kind}): " \
+                   f"{fault.detail}"
+        finally:
+            self.close()
+        return None
+
+    def open(self) -> None:
+        if self._conn is None:
+            with self._faults():
+                self._conn = self._connect()
+                self._migrate()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+        self._conn = None
+
+    def insert_rows(self, rows: list[dict], only_new: bool = False) -> int:
+        self.open()
+        with self._faults(rows_may_be_wrong=True):
+            with self._conn.transaction():
+                with self._conn.cursor() as cursor:
+                    cursor.executemany(_INSERT, rows)
+                    return max(cursor.rowcount, 0)
+
+    # -- answers kept for replay --------------------------------------------------------------
+
+    def put_answers(self, answers: list[dict], now: float) -> None:
+        self.open()
+        with self._faults(rows_may_be_wrong=False):
+            with self._conn.transaction():
+                with self._conn.cursor() as cursor:
+                    cursor.executemany(_INSERT_ANSWER, answers)
+                    cursor.execute(f"DELETE FROM {ANSWERS} WHERE expires_at < %s", (now,))
+
+    def find_answers(self, shape: str, now: float) -> list[dict]:
+        found = self._query(
+            f"SELECT id, digest, stream, variant FROM {ANSWERS} WHERE shape = %s AND "
+            "expires_at > %s ORDER BY ended_at DESC LIMIT 64", (shape, now))
+        return [dict(zip(("id", "digest", "stream", "variant"), values)) for values in found]
+
+    def answer(self, answer_id: Any) -> dict | None:
+        found = self._query(f"SELECT {', '.join(ANSWER_FIELDS)} FROM {ANSWERS} WHERE id = %s",
+                            (answer_id,))
+        return dict(zip(ANSWER_FIELDS, found[0])) if found else None
+
+    # -- the report's queries ---------------------------------------------------------------
+
+    def totals(self, since: float | None, until: float | None,
+               client_key: str | None = None) -> Counts:
+        return self._grouped(_ALL_ROWS, since, until, client_key=client_key).get(None) \
+            or empty_counts()
+
+    def breakdown(self, grouping: str, since: float | None, until: float | None,
+                  top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
+        return self._grouped(_GROUP_EXPRESSIONS[grouping], since, until, top, client_key)
+
+    def group_count(self, grouping: str, since: float | None, until: float | None,
+                    client_key: str | None = None) -> int:
+        where, params = _window(since, until, client_key)
+        rows = self._query(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(where)} "
+                           f"GROUP BY {_GROUP_EXPRESSIONS[grouping]}) AS groups", params)
+        return rows[0][0] if rows else 0
+
+    def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
+        where, params = ([], []) if request_id is None else (["request_id = %s"], [request_id])
+        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id "
+                            f"LIMIT %s", [*params, limit])
+        return [dict(zip(RECORD_FIELDS, values)) for values in found]
+
+    def _grouped(self, expression: str, since: float | None, until: float | None,
+                 top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
+        where, params = _window(since, until, client_key)
+        limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
+        groups = {row[0]: _counts(row[1:]) for row in self._query(
+            f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(where)} "
+            f"GROUP BY k{limit}", params)}
+        failed = [*where, f"end_reason NOT IN ('complete', {_DEDUP[1:]}"]
+        failed_params = list(params)
+        if top is not None:
+            failed.append(_member_of(expression, list(groups), failed_params))
+        for key, reason, count in self._query(
+                f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed)} "
+                "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
+            groups[key]["failures"][reason] = count
+        return groups
+
+    # -- connection, schema and faults ---------------------------------------------------------
+
+    def _connect(self):
+        import psycopg
+
+        conn = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT, autocommit=True,
+                               application_name="llm-proxy")
+        conn.execute(f"SET statement_timeout = {max(int(self.busy_timeout_ms), 1000) * 6}")
+        return conn
+
+    def _migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION, once whatever the number of hosts: under a
+        transaction-scoped advisory lock, the version is read again before migrating."""
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            self._conn.execute("CREATE TABLE IF NOT EXISTS llm_proxy_schema (version INTEGER)")
+            row = self._conn.execute("SELECT max(version) FROM llm_proxy_schema").fetchone()
+            found = row[0] or 0
+            for statements in MIGRATIONS[found:]:
+                for statement in statements:
+                    self._conn.execute(statement)
+            if found < SCHEMA_VERSION:
+                self._conn.execute("INSERT INTO llm_proxy_schema (version) VALUES (%s)",
+                                   (SCHEMA_VERSION,))
+        if found > SCHEMA_VERSION:
+            log.warning("usage database schema v%d is newer than this proxy's v%d", found,
+                        SCHEMA_VERSION)
+        return found
+
+    def _query(self, sql: str, params) -> list[tuple]:
+        """All rows of a read; none while the tables do not exist yet (nothing recorded)."""
+        import psycopg
+
+        try:
+            if self._conn is None:
+                with self._faults():
+                    self._conn = self._connect()
+            with self._faults():
+                return self._conn.execute(sql, params).fetchall()
+        except StoreFault:
+            raise
+        except psycopg.errors.UndefinedTable:
+            return []
+
+    @contextlib.contextmanager
+    def _faults(self, rows_may_be_wrong: bool = False) -> Iterator[None]:
+        """psycopg's errors, translated once: a row the database will never take is
+        RowRejected; anything else is a StoreFault of a fixed kind (the connection is
+        dropped, and made afresh by the next call)."""
+        import psycopg
+
+        try:
+            yield
+        except psycopg.errors.UndefinedTable:
+            raise
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+            if rows_may_be_wrong and not isinstance(exc, psycopg.errors.UndefinedTable):
+                raise RowRejected(loggable(exc, 300)) from None
+            self.close()
+            raise StoreFault("error", loggable(exc, 300)) from None
+        except (psycopg.Error, OSError) as exc:
+            self.close()
+            raise StoreFault(fault_kind(exc), loggable(_without_password(str(exc), self.url),
+                                                       300)) from None
+
+
+def fault_kind(exc: BaseException) -> str:
+    """A fixed name for what a psycopg error says of the database."""
+    import psycopg
+
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return "disk_full"
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return "read_only"
+    if isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected,
+                        psycopg.errors.QueryCanceled)):
+        return "locked"
+    if isinstance(exc, psycopg.errors.InvalidPassword) or "authentication" in str(exc).lower():
+        return "refused"
+    if isinstance(exc, (psycopg.OperationalError, OSError)):
+        return "unreachable"
+    return "error"
+
+
+def _without_password(text: str, url: str) -> str:
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's SQL.
+
+
+def _window(since: float | None, until: float | None,
+            client_key: str | None = None) -> tuple[list[str], list]:
+    clauses, params = [], []
+    if client_key is not None:
+        clauses.append("client_key_id = %s")
+        params.append(client_key)
+    if since is not None:
+        clauses.append("started_at >= %s")
+        params.append(since)
+    if until is not None:
+        clauses.append("started_at < %s")
+        params.append(until)
+    return clauses, params
+
+
+def _where(clauses: list[str]) -> str:
+    return " WHERE " + " AND ".join(clauses) if clauses else ""
+
+
+def _member_of(expression: str, keys: list, params: list) -> str:
+    values = [k for k in keys if k is not None]
+    params.extend(values)
+    parts = [f"{expression} IN ({', '.join(['%s'] * len(values))})"] if values else []
+    if None in keys:
+        parts.append(f"{expression} IS NULL")
+    return "(" + " OR ".join(parts) + ")" if parts else "FALSE"
+
+
+def _counts(values: tuple) -> Counts:
+    requests, *tokens, cost, unpriced, continued, continuation_cost = values[:-3]
+    deduped, dedup_tokens, saved = values[-3:]
+    return Counts(requests=requests, **{k: int(v) for k, v in zip(TOKEN_FIELDS, tokens)},
+                  cost_usd=float(cost), unpriced_requests=unpriced, continued_requests=continued,
+                  continuation_cost_usd=float(continuation_cost), dedup_requests=deduped,
+                  dedup_tokens=int(dedup_tokens), dedup_saved_usd=float(saved), failures={})

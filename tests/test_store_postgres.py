@@ -1,0 +1,237 @@
+"""The usage store on a real PostgreSQL server: the same rows and reports as SQLite, inserts
+that a retried batch cannot double, migrations that several hosts starting at once run
+once, faults while the server is down, and the tracker's spill and replay across an outage
+(nothing lost, nothing twice)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.report import summarize
+from proxy.store import RowRejected, StoreFault, open_store
+from proxy.store.postgres import PostgresStore, redacted_url
+from proxy.store.sqlite import SqliteStore
+from proxy.tracker import Tracker, to_storage_row
+from proxy.usage import UsageRecord
+
+from support.postgres import PostgresServer
+from test_report import RECORDS, stored
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def row(request_id: str, **fields) -> dict:
+    return to_storage_row(UsageRecord(request_id=request_id, started_at=1_763_700_000.0,
+                                      endpoint="anthropic", **fields))
+
+
+@pytest.fixture
+def url(postgres) -> str:
+    return postgres.database()
+
+
+@pytest.fixture
+def store(url):
+    opened = open_store(url)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def own_server():
+    """A server of this test's own, to stop and start (the session's serves the others)."""
+    directory = tempfile.mkdtemp(prefix="llm-proxy-pg-")
+    os.chmod(directory, 0o755)
+    server = PostgresServer(Path(directory) / "cluster").start()
+    yield server
+    server.stop("immediate")
+
+
+def test_open_store_picks_postgres_for_a_url_and_opens_nothing_yet(url):
+    store = open_store(url)
+    assert isinstance(store, PostgresStore) and store._conn is None
+    assert isinstance(open_store("/tmp/x/usage.db"), SqliteStore)
+
+
+def test_a_batch_stored_twice_is_stored_once(store, url):
+    """A batch retried after a lost acknowledgement inserts nothing twice."""
+    batch = [row("req_a", input_tokens=10), row("req_b", output_tokens=5)]
+    assert store.insert_rows(batch) == 2
+    assert store.insert_rows(batch) == 0
+    assert store.insert_rows(batch + [row("req_c")], only_new=True) == 1
+    assert [r["request_id"] for r in store.rows()] == ["req_a", "req_b", "req_c"]
+    assert store.rows("req_a")[0]["input_tokens"] == 10
+
+
+def test_rows_read_back_as_sqlite_reads_them(store, tmp_path):
+    record = UsageRecord(request_id="req_x", started_at=1_763_700_000.5, endpoint="anthropic",
+                         model_requested="claude-x", input_tokens=3, output_tokens=4,
+                         cost_usd=0.25, priced=True, usage_complete=True, stream=True,
+                         error="an error with ünïcode", key_name="alice", paid_by=None)
+    sqlite = open_store(str(tmp_path / "usage.db"))
+    for each in (store, sqlite):
+        each.insert_rows([to_storage_row(record)])
+    assert store.rows() == sqlite.rows()
+    assert UsageRecord.from_row(store.rows()[0]) == UsageRecord.from_row(sqlite.rows()[0])
+    sqlite.close()
+
+
+def test_the_report_is_the_same_on_both_databases(url, tmp_path):
+    """The report's figures come from each store's own SQL: every total, group and failure
+    must agree, with and without a period, a top, or one client key."""
+    sqlite = stored(str(tmp_path / "usage.db"), RECORDS)
+    postgres = stored(url, RECORDS)
+    for options in ({}, {"since": "2026-11-21"}, {"top": 1}, {"client_key": "k1"},
+                    {"since": "2026-11-20", "until": "2026-11-20"}):
+        assert summarize(postgres, **options) == summarize(sqlite, **options), options
+
+
+def test_hosts_starting_together_migrate_an_empty_database_once(url):
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        found = pool.map(_open_and_report_version, [url] * 3)
+    assert sorted(found)[0] == 0 and set(found) <= {0, 1}  # one migrated, the others found it
+    assert found.count(0) == 1
+    store = open_store(url)
+    try:
+        assert store._query("SELECT count(*) FROM llm_proxy_schema", ()) == [(1,)]
+    finally:
+        store.close()
+
+
+def _open_and_report_version(url: str) -> int:
+    store = PostgresStore(url)
+    store._conn = store._connect()
+    try:
+        return store._migrate()
+    finally:
+        store.close()
+
+
+def test_a_value_postgres_refuses_is_the_rows_fault(store):
+    bad = row("req_bad")
+    bad["status"] = 2**40  # fits SQLite's integer, not PostgreSQL's INTEGER column
+    with pytest.raises(RowRejected):
+        store.insert_rows([row("req_ok"), bad])
+    assert store.rows() == []  # the batch is all or nothing
+    assert store.insert_rows([row("req_ok")]) == 1  # and the store goes on
+
+
+def test_a_server_that_is_down_is_an_unreachable_fault_and_the_store_reconnects(own_server):
+    store = open_store(own_server.database())
+    store.insert_rows([row("req_1")])
+    own_server.stop("immediate")
+    with pytest.raises(StoreFault) as fault:
+        store.insert_rows([row("req_2")])
+    assert fault.value.kind == "unreachable"
+    own_server.start()
+    assert store.insert_rows([row("req_2")]) == 1
+    assert [r["request_id"] for r in store.rows()] == ["req_1", "req_2"]
+    store.close()
+
+
+def test_rows_queued_while_the_server_is_down_spill_and_arrive_once(own_server, tmp_path):
+    url = own_server.database()
+    tracker = Tracker(url, spill_dir=str(tmp_path / "spill"), flush_interval=0.01,
+                      spill_after=0.2)
+    tracker.start()
+    try:
+        tracker.record(UsageRecord(request_id="req_before", started_at=time.time()))
+        assert tracker.flush(5)
+        own_server.stop("immediate")
+        for i in range(50):
+            tracker.record(UsageRecord(request_id=f"req_down_{i}", started_at=time.time()))
+        deadline = time.monotonic() + 10
+        while tracker.stats()["spilled"] < 50:
+            assert time.monotonic() < deadline, tracker.stats()
+            time.sleep(0.05)
+        own_server.start()
+        reader = open_store(url)
+        deadline = time.monotonic() + 20
+        while len(reader.rows()) < 51:  # the writer replays the spill once the server is back
+            assert time.monotonic() < deadline, tracker.stats()
+            time.sleep(0.1)
+        reader.close()
+    finally:
+        tracker.close(10)
+    ids = [r["request_id"] for r in open_store(url).rows()]
+    assert sorted(ids) == sorted(["req_before"] + [f"req_down_{i}" for i in range(50)])
+    assert tracker.stats()["replayed"] == 50
+
+
+def test_answers_kept_for_replay_round_trip(store):
+    answer = {"shape": "s1", "digest": "d1", "stream": 1, "variant": None, "fmt": "anthropic",
+              "content_type": "text/event-stream", "status": 200, "body": b"event: x\n\n",
+              "hidden": b"", "paid_by": "req_1", "usage": "{}", "ended_at": 10.0,
+              "expires_at": 20.0}
+    store.put_answers([answer], now=5.0)
+    [found] = store.find_answers("s1", now=15.0)
+    assert found["digest"] == "d1" and store.find_answers("s1", now=25.0) == []
+    whole = store.answer(found["id"])
+    assert bytes(whole["body"]) == b"event: x\n\n" and whole["paid_by"] == "req_1"
+    store.put_answers([], now=30.0)  # expired ones go
+    assert store.answer(found["id"]) is None
+
+
+def test_a_url_password_never_reaches_a_log_line(own_server, caplog, tmp_path):
+    own_server.sql("ALTER USER postgres PASSWORD 'sekrit-password-123'")
+    url = own_server.url().replace("postgres@", "postgres:sekrit-password-123@")
+    assert "sekrit" not in redacted_url(url) and "***" in redacted_url(url)
+    own_server.stop("immediate")
+    store = open_store(url)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(StoreFault) as fault:
+            store.insert_rows([row("req")])
+        tracker = Tracker(url, spill_dir=str(tmp_path / "spill"), spill_after=0.0,
+                          flush_interval=0.01)
+        tracker.start()
+        tracker.record(UsageRecord(request_id="req", started_at=time.time()))
+        tracker.close(2)
+    assert "sekrit" not in fault.value.detail
+    assert "sekrit" not in caplog.text
+    own_server.start()
+
+
+def test_the_proxy_records_its_rows_in_postgres(start_proxy, url, fake):
+    """Real gunicorn with `LLM_PROXY_DB` set to a URL: the rows, the /usage report, and no
+    SQLite file anywhere."""
+    from support.processes import http_get, local_session
+
+    server = start_proxy(workers=2, LLM_PROXY_DB=url)
+    with local_session() as session:
+        for stream in (False, True):
+            answer = session.post(server.url + "/v1/messages", timeout=30, json={
+                "model": "claude-sonnet-5", "max_tokens": 10, "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}]},
+                headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test-key-123456"})
+            assert answer.status_code == 200
+            answer.content  # noqa: B018 - the whole answer: its row is queued before the end
+    reader = open_store(url)
+    deadline = time.monotonic() + 10
+    while len(reader.rows()) < 2:
+        server.flush()
+        assert time.monotonic() < deadline, "the rows never reached PostgreSQL"
+    rows = reader.rows()
+    reader.close()
+    assert {(r["stream"], r["end_reason"]) for r in rows} == {(0, "complete"), (1, "complete")}
+    assert all(r["input_tokens"] for r in rows), rows
+    assert http_get(server.url + "/usage", timeout=10).json()["totals"]["requests"] == 2
+    assert "postgres@" in server.log() and "usage.db" not in server.log()
+
+
+def test_each_database_has_a_spill_directory_of_its_own(tmp_path):
+    """Rows spilled for one database must never be replayed into another."""
+    from proxy.store import default_spill_dir
+
+    one = default_spill_dir("postgresql://u:pw1@db.example/one", str(tmp_path))
+    two = default_spill_dir("postgresql://u:pw1@db.example/two", str(tmp_path))
+    assert one != two and one.startswith(str(tmp_path)) and "pw1" not in one
+    assert one == default_spill_dir("postgresql://u:rotated@db.example/one", str(tmp_path))
+    assert default_spill_dir("/data/usage.db", str(tmp_path)) == "/data/usage.db.spill"
