@@ -39,7 +39,7 @@ from .pipeline.fanout import LiveCalls
 from .pipeline.finalize import InFlight
 from .pipeline.gate import Gate, GateDeps, only_allowed_models
 from .keys.ledger import KeyBook, Ledger
-from .keys.store import KeyStore
+from .keys.pgstore import open_key_store
 from .pipeline.relay import RelayDeps, StreamRelay, serve_estimate, serve_plain
 from .pipeline.replies import StartResponse, error_parts, error_response
 from .pricing import PriceTable
@@ -178,7 +178,7 @@ class App:
             p.reasoning_content) for name, p in config.providers.items()})
         keys_mode = config.auth_mode == "keys"
         requests = UpstreamRequests(config.providers, keep_client_keys=not keys_mode)
-        self.key_store = KeyStore(config.keys_db_path, checkpoints_apart=keys_mode)
+        self.key_store = open_key_store(config, checkpoints_apart=keys_mode)
         self.ledger = Ledger(self.key_store) if keys_mode else None
         prices = PriceTable(config.prices)
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,

@@ -102,18 +102,24 @@ def _check_auth(server, config) -> None:
                   "or set auth.open_on_network = true (LLM_PROXY_OPEN_ON_NETWORK=1)")
         server.log.info("llm-proxy: auth open: clients' own provider keys pass through")
         return
-    from proxy.keys.store import KeyStore
+    from proxy.keys.pgstore import open_key_store
     from proxy.store import StoreFault
 
-    store = KeyStore(config.keys_db_path, busy_timeout_ms=2000)
+    where = "the usage database" if config.db_is_url and not config.keys_db \
+        else config.keys_db_path
+    store = open_key_store(config)
     try:
         live = [k for k in store.all_keys() if k.state(time.time()) == "active"]
     except StoreFault as err:
-        _stop(f"client keys database {config.keys_db_path}: {err.detail}")
+        if config.db_is_url and not config.keys_db:  # a server that is down for now
+            server.log.warning("llm-proxy: client keys in %s cannot be read yet (%s); keys "
+                               "with limits are refused until they can", where, err.kind)
+            return
+        _stop(f"client keys database {where}: {err.detail}")
     finally:
         store.close()  # each worker opens its own
-    server.log.info("llm-proxy: auth keys: %d live client keys in %s%s", len(live),
-                    config.keys_db_path, "" if live else
+    server.log.info("llm-proxy: auth keys: %d live client keys in %s%s", len(live), where,
+                    "" if live else
                     " (none yet: create one with `llm-proxy keys create --name NAME`)")
 
 

@@ -19,6 +19,7 @@ from proxy.keys.ledger import KeyBook, Ledger
 from proxy.keys.policy import (ClientKey, Standing, hint_of, input_estimate, key_digest,
                                new_secret, parse_models, period_end, period_start, refusal,
                                seconds_until_below, worst_case_cost)
+from proxy.keys.pgstore import PgKeyStore
 from proxy.keys.store import STALE_HOLDER, KeyStore
 from proxy.pipeline.gate import Gate, GateDeps, Hold, allowed_models_body
 from proxy.pipeline.request import ProxyRequest
@@ -108,11 +109,18 @@ def test_secrets_are_long_random_and_stored_only_as_keyed_hashes():
 # The ledger in SQLite
 
 
-@pytest.fixture
-def store(tmp_path):
-    keys = KeyStore(str(tmp_path / "keys.db"))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """The keys on SQLite (one host), then on PostgreSQL (every host): the same rules."""
+    keys = _store_on(request.param, request, tmp_path)
     yield keys
     keys.close()
+
+
+def _store_on(kind: str, request, tmp_path) -> KeyStore:
+    if kind == "sqlite":
+        return KeyStore(str(tmp_path / "keys.db"))
+    return PgKeyStore(request.getfixturevalue("postgres").database())
 
 
 def test_admission_reserves_and_settlement_counts_once(store):
@@ -172,16 +180,18 @@ def test_reservations_of_a_worker_that_died_are_swept(store):
 
 
 def _admit_many(path: str, worker: int, tries: int, results) -> None:
-    keys = KeyStore(path)
+    keys = PgKeyStore(path) if path.startswith("postgresql://") else KeyStore(path)
     admitted = sum(keys.admit("lk_1", f"req_{worker}_{i}", 1.0, f"w{worker}", time.time())[1]
                    is None for i in range(tries))
     results.put(admitted)
 
 
-def test_processes_admitting_at_once_never_overshoot(tmp_path):
-    """Eight processes, 40 admissions each, against a budget of 100 single dollars."""
-    path = str(tmp_path / "keys.db")
-    keys = KeyStore(path)
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_processes_admitting_at_once_never_overshoot(kind, request, tmp_path):
+    """Eight processes (eight workers, or hosts), 40 admissions each, against a budget of
+    100 single dollars."""
+    keys = _store_on(kind, request, tmp_path)
+    path = keys.path
     keys.add(key(budget_usd=100.0, period="total"))
     keys.close()
     context = multiprocessing.get_context("fork")
@@ -193,7 +203,8 @@ def test_processes_admitting_at_once_never_overshoot(tmp_path):
     for process in workers:
         process.join(10)
     assert sum(admitted) == 100
-    assert KeyStore(path).standing(key(budget_usd=100.0, period="total"), time.time()).holds == 100
+    assert keys.standing(key(budget_usd=100.0, period="total"), time.time()).holds == 100
+    keys.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +392,8 @@ def test_a_sweep_drops_only_what_is_dead(store):
     assert isinstance(store.admit("lk_2", "req_b2", 0.0, "alive", now)[1], RateLimited)
 
 
-def test_writes_wait_for_the_hosts_flock(store):
+def test_writes_wait_for_the_hosts_flock(tmp_path):
+    store = KeyStore(str(tmp_path / "keys.db"))
     import fcntl
     import os
     import threading

@@ -17,6 +17,7 @@ from ..redact import installation_secret
 from ..store import StoreFault
 from .policy import (PERIODS, ClientKey, hint_of, key_digest, new_key_id, new_secret,
                      parse_models, period_end, period_start)
+from .pgstore import open_key_store
 from .store import KeyStore
 
 CLEAR = "none"  # `--rpm none`: take the limit away
@@ -57,7 +58,7 @@ def _limit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_keys(args: argparse.Namespace, config) -> int:
-    store = KeyStore(config.keys_db_path)
+    store = open_key_store(config)
     try:
         command = {"create": _create, "list": _list, "show": _show, "revoke": _revoke,
                    "rotate": _rotate, "update": _update}[args.keys_command]
@@ -65,7 +66,7 @@ def run_keys(args: argparse.Namespace, config) -> int:
     except ValueError as err:
         return _complain(str(err), 2)
     except (StoreFault, OSError) as err:
-        return _complain(f"cannot use {config.keys_db_path}: {err}", 1)
+        return _complain(f"cannot use the keys database: {err}", 1)
     finally:
         store.close()
 

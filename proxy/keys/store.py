@@ -142,12 +142,17 @@ class KeyStore:
 
     # -- admission and settlement --------------------------------------------------------------
 
+    def lock_key(self, conn, key_id: str) -> None:
+        """Make this transaction the key's only one (here: the whole file already is, under
+        the flock; a database server locks the key's row)."""
+
     def admit(self, key_id: str, request_id: str, amount: float, holder: str,
               now: float) -> tuple[ClientKey | None, Exception | None]:
         """Reserve `amount` USD and one request slot for `request_id`, if the key's limits
         allow it, atomically for every worker: (the key as it is now, None) when admitted,
         (key, the refusal) otherwise; (None, None) when the key is gone."""
         with self._writing() as conn:
+            self.lock_key(conn, key_id)
             rows = conn.execute(f"{_SELECT_KEY} WHERE id = ?", (key_id,)).fetchall()
             if not rows:
                 return None, None
@@ -172,7 +177,10 @@ class KeyStore:
             if found is None:
                 return False
             key_id, start = found
-            conn.execute("DELETE FROM key_holds WHERE request_id = ?", (request_id,))
+            self.lock_key(conn, key_id)
+            if conn.execute("DELETE FROM key_holds WHERE request_id = ?",
+                            (request_id,)).rowcount == 0:
+                return False  # settled by another process meanwhile
             _spend(conn, key_id, start, cost_usd, tokens)
             if tokens:
                 _count(conn, key_id, int(now), requests=0, tokens=tokens)
@@ -206,11 +214,14 @@ class KeyStore:
             # A hold whose holder never registered is as good as stale once it is old.
             orphans = conn.execute(
                 "SELECT request_id, key_id, amount, period_start FROM key_holds WHERE holder "
-                "NOT IN (SELECT holder FROM key_holders WHERE seen_at >= ?) AND at < ?",
+                "NOT IN (SELECT holder FROM key_holders WHERE seen_at >= ?) AND at < ? "
+                "ORDER BY key_id",  # keys locked in one order: two sweeps never deadlock
                 (now - STALE_HOLDER, now - STALE_HOLDER)).fetchall()
             for request_id, key_id, amount, start in orphans:
-                conn.execute("DELETE FROM key_holds WHERE request_id = ?", (request_id,))
-                _spend(conn, key_id, start, amount, 0)
+                self.lock_key(conn, key_id)
+                if conn.execute("DELETE FROM key_holds WHERE request_id = ?",
+                                (request_id,)).rowcount:
+                    _spend(conn, key_id, start, amount, 0)
             conn.executemany("DELETE FROM key_holders WHERE holder = ?", [(h,) for h in stale])
             conn.execute("DELETE FROM key_rate WHERE second < ?", (int(now) - 2 * WINDOW,))
             return len(orphans)
@@ -388,7 +399,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def _bump_version(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO key_meta (name, value) VALUES ('version', 1) ON CONFLICT (name) "
-                 "DO UPDATE SET value = value + 1")
+                 "DO UPDATE SET value = key_meta.value + 1")
 
 
 def _spend(conn: sqlite3.Connection, key_id: str, start: float, cost_usd: float,
@@ -396,14 +407,15 @@ def _spend(conn: sqlite3.Connection, key_id: str, start: float, cost_usd: float,
     conn.execute(
         "INSERT INTO key_spend (key_id, period_start, spent_usd, requests, tokens) "
         "VALUES (?, ?, ?, 1, ?) ON CONFLICT (key_id, period_start) DO UPDATE SET "
-        "spent_usd = spent_usd + excluded.spent_usd, requests = requests + 1, "
-        "tokens = tokens + excluded.tokens", (key_id, start, cost_usd, tokens))
+        "spent_usd = key_spend.spent_usd + excluded.spent_usd, "
+        "requests = key_spend.requests + 1, tokens = key_spend.tokens + excluded.tokens",
+        (key_id, start, cost_usd, tokens))
 
 
 def _count(conn: sqlite3.Connection, key_id: str, second: int, requests: int, tokens: int) -> None:
     conn.execute("INSERT INTO key_rate (key_id, second, requests, tokens) VALUES (?, ?, ?, ?) "
-                 "ON CONFLICT (key_id, second) DO UPDATE SET requests = requests + "
-                 "excluded.requests, tokens = tokens + excluded.tokens",
+                 "ON CONFLICT (key_id, second) DO UPDATE SET requests = key_rate.requests + "
+                 "excluded.requests, tokens = key_rate.tokens + excluded.tokens",
                  (key_id, second, requests, tokens))
 
 
@@ -411,8 +423,8 @@ def _standing(conn: sqlite3.Connection, key_id: str, start: float, now: float) -
     spent = conn.execute("SELECT spent_usd FROM key_spend WHERE key_id = ? AND period_start = ?",
                          (key_id, start)).fetchone()
     held, holds = conn.execute(
-        "SELECT TOTAL(CASE WHEN period_start = ? THEN amount END), COUNT(*) FROM key_holds "
-        "WHERE key_id = ?", (start, key_id)).fetchone()
+        "SELECT COALESCE(SUM(CASE WHEN period_start = ? THEN amount END), 0), COUNT(*) "
+        "FROM key_holds WHERE key_id = ?", (start, key_id)).fetchone()
     window = conn.execute("SELECT second, requests, tokens FROM key_rate WHERE key_id = ? AND "
                           "second > ?", (key_id, now - WINDOW)).fetchall()
     return Standing(spent[0] if spent else 0.0, held, holds, [tuple(row) for row in window])

@@ -66,6 +66,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"CREATE INDEX {ANSWERS}_shape ON {ANSWERS} (shape, expires_at)",
         f"CREATE INDEX {ANSWERS}_expires ON {ANSWERS} (expires_at)",
     ),
+    # v2: client keys and their counters, shared by every host (proxy/keys/pgstore.py).
+    (
+        """CREATE TABLE client_keys (
+            id TEXT PRIMARY KEY, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, hint TEXT,
+            models TEXT, budget_usd DOUBLE PRECISION, period TEXT, rpm BIGINT, tpm BIGINT,
+            max_parallel BIGINT, expires_at DOUBLE PRECISION, revoked_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION)""",
+        "CREATE UNIQUE INDEX client_keys_live_name ON client_keys (name) WHERE revoked_at IS NULL",
+        "CREATE TABLE key_meta (name TEXT PRIMARY KEY, value BIGINT)",
+        """CREATE TABLE key_holds (
+            request_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, amount DOUBLE PRECISION NOT NULL,
+            period_start DOUBLE PRECISION NOT NULL, holder TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX key_holds_key ON key_holds (key_id, period_start)",
+        """CREATE TABLE key_spend (
+            key_id TEXT NOT NULL, period_start DOUBLE PRECISION NOT NULL,
+            spent_usd DOUBLE PRECISION NOT NULL DEFAULT 0, requests BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (key_id, period_start))""",
+        """CREATE TABLE key_rate (
+            key_id TEXT NOT NULL, second BIGINT NOT NULL, requests BIGINT NOT NULL DEFAULT 0,
+            tokens BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (key_id, second))""",
+        "CREATE TABLE key_holders (holder TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
