@@ -49,11 +49,13 @@ http {{
 """
 
 
-def render_site(listen_port: int, upstream: str) -> str:
-    """deploy/nginx.conf with the listen port and the upstream server address rewritten."""
+def render_site(listen_port: int, upstream: str | list[str]) -> str:
+    """deploy/nginx.conf with the listen port and the upstream server address(es) rewritten
+    (several: one `server` line each, as for several proxy hosts)."""
     text = SITE.read_text()
-    text, n = re.subn(r"^(\s*)server\s+127\.0\.0\.1:8080\s*;", rf"\g<1>server {upstream};", text,
-                      flags=re.M)
+    servers = [upstream] if isinstance(upstream, str) else upstream
+    lines = "\n".join(f"\\g<1>server {address};" for address in servers)
+    text, n = re.subn(r"^(\s*)server\s+127\.0\.0\.1:8080\s*;", lines, text, flags=re.M)
     assert n == 1, "deploy/nginx.conf: expected one `server 127.0.0.1:8080;` line in the upstream block"
     text, n = re.subn(r"^(\s*)listen\s+80\s*;", rf"\g<1>listen 127.0.0.1:{listen_port};", text, flags=re.M)
     assert n == 1, "deploy/nginx.conf: expected one `listen 80;` line"
@@ -63,7 +65,7 @@ def render_site(listen_port: int, upstream: str) -> str:
 class NginxProcess:
     """nginx in the foreground with its config, pid, logs and temp files in `tmp`."""
 
-    def __init__(self, tmp: Path, upstream: str, worker_connections: int = 256) -> None:
+    def __init__(self, tmp: Path, upstream: str | list[str], worker_connections: int = 256) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = tmp
