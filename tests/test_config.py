@@ -173,3 +173,13 @@ def test_the_admin_token_is_read_from_its_variable_and_keys_db_sits_beside_the_u
     monkeypatch.setenv("LLM_PROXY_ADMIN_TOKEN", "  secret-token  ")
     assert config.admin_token == "secret-token"
     assert config.keys_db_path == str(tmp_path / "keys.db")
+
+
+def test_the_several_hosts_example_loads(tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "deploy" / "hosts.example.toml"
+    config = load_config(str(example), env={"LLM_PROXY_DB": "postgresql://u:pw@db/llm"})
+    assert config.auth_mode == "keys" and config.db_is_url
+    assert config.spill_path == "/var/lib/llm-proxy/spill"
+    assert "pw" not in config.db_label

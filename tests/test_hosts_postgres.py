@@ -208,3 +208,26 @@ def test_a_database_stopped_for_10_s_under_load_loses_no_row_and_doubles_none(fa
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids)) == len(answers)  # none lost, none twice
     assert set(ids) == {rid for _, rid in answers}
+
+
+def test_three_hosts_starting_at_once_on_an_empty_database_migrate_it_once(fake, postgres,
+                                                                          tmp_path):
+    url = postgres.database()
+    with ThreadPoolExecutor(3) as pool:
+        folders = [tmp_path / f"start{i}" for i in range(3)]
+        for folder in folders:
+            folder.mkdir()
+        hosts = list(pool.map(lambda folder: ProxyProcess(
+            fake.url, folder, workers=2, LLM_PROXY_DB=url,
+            LLM_PROXY_SPILL_DIR=str(folder / "spill")).start(), folders))
+    try:
+        for host in hosts:
+            assert post(host, "sk-ant-client-key-123456", message()).status_code == 200
+        rows = wait_for_rows(url, 3)
+    finally:
+        for host in hosts:
+            host.stop()
+    assert len(rows) == 3
+    assert postgres.sql("SELECT count(*) FROM llm_proxy_schema", url.rsplit("/", 1)[1]) == "1"
+    for host in hosts:
+        assert "Traceback" not in host.log() and "ERROR" not in host.log()
