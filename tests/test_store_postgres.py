@@ -89,8 +89,26 @@ def test_the_report_is_the_same_on_both_databases(url, tmp_path):
     sqlite = stored(str(tmp_path / "usage.db"), RECORDS)
     postgres = stored(url, RECORDS)
     for options in ({}, {"since": "2026-11-21"}, {"top": 1}, {"client_key": "k1"},
-                    {"since": "2026-11-20", "until": "2026-11-20"}):
+                    {"since": "2026-11-20", "until": "2026-11-20"},
+                    # partial hours at both edges (raw rows there, rollups between)
+                    {"since": "2026-11-20T12:00:30Z", "until": "2026-11-21T09:30:02Z"},
+                    {"since": "2026-11-21T09:30:00.5Z", "until": "2026-11-21T09:59:00Z"},
+                    {"since": "2026-11-20T11:30:00Z", "client_key": "k2", "top": 5}):
         assert summarize(postgres, **options) == summarize(sqlite, **options), options
+
+
+def test_reports_read_the_hourly_rollups_not_the_raw_rows(url):
+    """Raw rows gone (as retention deletes them): whole hours are still counted, from the
+    rollups kept with each batch; a partial hour at the period's edge is read raw."""
+    stored(url, RECORDS)
+    before = summarize(url)
+    edge = "2026-11-21T09:30:00.5Z"  # r4-r6 are in the partial hour after it
+    assert summarize(url, since=edge)["totals"]["requests"] == 3
+    store = open_store(url)
+    store._query("DELETE FROM usage_records RETURNING id", ())
+    store.close()
+    assert summarize(url) == before
+    assert summarize(url, since=edge)["totals"]["requests"] == 0  # that hour was read raw
 
 
 def test_hosts_starting_together_migrate_an_empty_database_once(url):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,8 +33,33 @@ log = logging.getLogger(__name__)
 
 TABLE = "usage_records"
 ANSWERS = "dedup_answers"
+ROLLUPS = "usage_rollups"
+HOUR = 3600.0
 MIGRATION_LOCK = 0x6C6C6D70  # "llmp": the advisory lock id migrations take
 CONNECT_TIMEOUT = 5  # seconds
+
+_DEDUP = "('" + "', '".join(DEDUP_REASONS) + "')"
+_BILLED = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4])
+_ROLLUP_COLUMNS = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
+                   *TOKEN_FIELDS, "cost_usd", "unpriced", "continued", "continuation_cost_usd",
+                   "dedup_requests", "dedup_tokens", "dedup_saved_usd")
+# Raw rows in the rollups' shape, one row per hour and group: for the backfill, and for the
+# partial hours at the edges of a report's period.
+_RAW_AS_ROLLUP = (
+    f"SELECT floor(started_at / {HOUR}) * {HOUR} AS hour, "
+    "COALESCE(upstream_model, model_requested, '') AS model, "
+    "COALESCE(client_key_id, '') AS client_key_id, COALESCE(key_name, '') AS key_name, "
+    "COALESCE(end_reason, '') AS end_reason, COUNT(*) AS requests, "
+    + ", ".join(f"COALESCE(SUM(CASE WHEN paid_by IS NULL THEN {c} END), 0) AS {c}"
+                for c in TOKEN_FIELDS)
+    + ", COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0) AS cost_usd, "
+    f"COUNT(*) FILTER (WHERE priced = 0 AND {_BILLED} > 0) AS unpriced, "
+    "COUNT(*) FILTER (WHERE continuations > 0) AS continued, "
+    "COALESCE(SUM(continuation_cost_usd), 0) AS continuation_cost_usd, "
+    f"COUNT(*) FILTER (WHERE end_reason IN {_DEDUP}) AS dedup_requests, "
+    f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN {_BILLED} END), 0) AS dedup_tokens, "
+    f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN saved_cost_usd END), 0) "
+    f"AS dedup_saved_usd FROM {TABLE}{{where}} GROUP BY 1, 2, 3, 4, 5")
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -89,6 +115,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             tokens BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (key_id, second))""",
         "CREATE TABLE key_holders (holder TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
     ),
+    # v3: hourly rollups, kept in the transaction that stores the rows, so that reports read
+    # a few rows an hour whatever the raw table holds ('' stands for no value: a unique key).
+    (
+        f"""CREATE TABLE {ROLLUPS} (
+            hour DOUBLE PRECISION NOT NULL, model TEXT NOT NULL, client_key_id TEXT NOT NULL,
+            key_name TEXT NOT NULL, end_reason TEXT NOT NULL,
+            requests BIGINT NOT NULL, input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL, cache_write_tokens BIGINT NOT NULL,
+            reasoning_tokens BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+            unpriced BIGINT NOT NULL, continued BIGINT NOT NULL,
+            continuation_cost_usd DOUBLE PRECISION NOT NULL, dedup_requests BIGINT NOT NULL,
+            dedup_tokens BIGINT NOT NULL, dedup_saved_usd DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (hour, model, client_key_id, key_name, end_reason))""",
+        f"CREATE INDEX {ROLLUPS}_client_key ON {ROLLUPS} (client_key_id, hour)",
+        f"INSERT INTO {ROLLUPS} ({', '.join(_ROLLUP_COLUMNS)}) "
+        + _RAW_AS_ROLLUP.format(where=""),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -99,28 +142,20 @@ _INSERT = (f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES "
 _INSERT_ANSWER = (f"INSERT INTO {ANSWERS} ({', '.join(ANSWER_FIELDS)}) VALUES "
                   f"({', '.join(f'%({name})s' for name in ANSWER_FIELDS)})")
 
-_DEDUP = "('" + "', '".join(DEDUP_REASONS) + "')"
-_BILLED = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4])
-_AGGREGATES = ", ".join(
-    ["COUNT(*)"]
-    + [f"COALESCE(SUM(CASE WHEN paid_by IS NULL THEN {c} END), 0)" for c in TOKEN_FIELDS]
-    + ["COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0)",
-       f"COUNT(*) FILTER (WHERE priced = 0 AND {_BILLED} > 0)",
-       "COUNT(*) FILTER (WHERE continuations > 0)",
-       "COALESCE(SUM(continuation_cost_usd), 0)",
-       f"COUNT(*) FILTER (WHERE end_reason IN {_DEDUP})",
-       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN {_BILLED} END), 0)",
-       f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN saved_cost_usd END), 0)"]
-)
-_SPEND_FIRST = ("ORDER BY COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0) DESC, "
-                "COUNT(*) DESC")
+_ROLLUP_UPSERT = (
+    f"INSERT INTO {ROLLUPS} ({', '.join(_ROLLUP_COLUMNS)}) VALUES "
+    f"({', '.join(['%s'] * len(_ROLLUP_COLUMNS))}) "
+    "ON CONFLICT (hour, model, client_key_id, key_name, end_reason) DO UPDATE SET "
+    + ", ".join(f"{c} = {ROLLUPS}.{c} + excluded.{c}" for c in _ROLLUP_COLUMNS[5:]))
+_SUMS = ", ".join(f"SUM({c})" for c in _ROLLUP_COLUMNS[5:])
+_SPEND_FIRST = "ORDER BY SUM(cost_usd) DESC, SUM(requests) DESC"
+# What a report groups the rollups by ('' back to no value).
 _GROUP_EXPRESSIONS = {
-    "day": "to_char(to_timestamp(started_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "model": "COALESCE(upstream_model, model_requested)",
-    "client_key": "client_key_id",
-    "key": "key_name",
+    "day": "to_char(to_timestamp(hour) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "model": "NULLIF(model, '')",
+    "client_key": "NULLIF(client_key_id, '')",
+    "key": "NULLIF(key_name, '')",
 }
-_ALL_ROWS = "NULL::text"
 
 
 def is_postgres_url(db: str) -> bool:
@@ -176,12 +211,23 @@ class PostgresStore(UsageStore):
         self._conn = None
 
     def insert_rows(self, rows: list[dict], only_new: bool = False) -> int:
+        """The rows not stored yet, and their hourly rollups, in one transaction.  The
+        rollup rows are updated in the order of their keys, so writers of several hosts
+        that touch the same hours never deadlock."""
         self.open()
         with self._faults(rows_may_be_wrong=True):
             with self._conn.transaction():
                 with self._conn.cursor() as cursor:
-                    cursor.executemany(_INSERT, rows)
-                    return max(cursor.rowcount, 0)
+                    cursor.executemany(_INSERT + " RETURNING request_id", rows, returning=True)
+                    stored = set()
+                    while True:
+                        stored.update(found for (found,) in cursor.fetchall())
+                        if not cursor.nextset():
+                            break
+                    new = [r for r in rows if r["request_id"] in stored]
+                    if new:
+                        cursor.executemany(_ROLLUP_UPSERT, rollup_deltas(new))
+                    return len(new)
 
     # -- answers kept for replay --------------------------------------------------------------
 
@@ -208,7 +254,7 @@ class PostgresStore(UsageStore):
 
     def totals(self, since: float | None, until: float | None,
                client_key: str | None = None) -> Counts:
-        return self._grouped(_ALL_ROWS, since, until, client_key=client_key).get(None) \
+        return self._grouped("NULL::text", since, until, client_key=client_key).get(None) \
             or empty_counts()
 
     def breakdown(self, grouping: str, since: float | None, until: float | None,
@@ -217,32 +263,37 @@ class PostgresStore(UsageStore):
 
     def group_count(self, grouping: str, since: float | None, until: float | None,
                     client_key: str | None = None) -> int:
-        where, params = _window(since, until, client_key)
-        rows = self._query(f"SELECT COUNT(*) FROM (SELECT 1 FROM {TABLE}{_where(where)} "
-                           f"GROUP BY {_GROUP_EXPRESSIONS[grouping]}) AS groups", params)
+        source, params = _source(since, until, client_key)
+        rows = self._query(f"SELECT COUNT(*) FROM (SELECT {_GROUP_EXPRESSIONS[grouping]} FROM "
+                           f"({source}) AS src GROUP BY 1) AS groups", params)
         return rows[0][0] if rows else 0
 
     def rows(self, request_id: str | None = None, limit: int | None = None) -> list[dict]:
-        where, params = ([], []) if request_id is None else (["request_id = %s"], [request_id])
-        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{_where(where)} ORDER BY id "
-                            f"LIMIT %s", [*params, limit])
+        where, params = ("", []) if request_id is None else (" WHERE request_id = %s",
+                                                             [request_id])
+        found = self._query(f"SELECT {_COLUMNS} FROM {TABLE}{where} ORDER BY id LIMIT %s",
+                            [*params, limit])
         return [dict(zip(RECORD_FIELDS, values)) for values in found]
 
     def _grouped(self, expression: str, since: float | None, until: float | None,
                  top: int | None = None, client_key: str | None = None) -> dict[Any, Counts]:
-        where, params = _window(since, until, client_key)
+        """Counts per value of `expression` over the rollups of the period's whole hours
+        and the raw rows of its partial ones; with `top`, only the groups with the most
+        spend, then requests."""
+        source, params = _source(since, until, client_key)
         limit = f" {_SPEND_FIRST} LIMIT {int(top)}" if top is not None else ""
         groups = {row[0]: _counts(row[1:]) for row in self._query(
-            f"SELECT {expression} AS k, {_AGGREGATES} FROM {TABLE}{_where(where)} "
-            f"GROUP BY k{limit}", params)}
-        failed = [*where, f"end_reason NOT IN ('complete', {_DEDUP[1:]}"]
+            f"SELECT {expression} AS k, {_SUMS} FROM ({source}) AS src GROUP BY k{limit}",
+            params)}
+        failed = [f"end_reason NOT IN ('complete', {_DEDUP[1:]}"]
         failed_params = list(params)
         if top is not None:
             failed.append(_member_of(expression, list(groups), failed_params))
         for key, reason, count in self._query(
-                f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed)} "
-                "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
-            groups[key]["failures"][reason] = count
+                f"SELECT {expression} AS k, end_reason, SUM(requests) FROM ({source}) AS src "
+                f"WHERE {' AND '.join(failed)} GROUP BY k, end_reason ORDER BY k, end_reason",
+                failed_params):
+            groups[key]["failures"][reason] = int(count)
         return groups
 
     # -- connection, schema and faults ---------------------------------------------------------
@@ -338,23 +389,50 @@ def _without_password(text: str, url: str) -> str:
 # The report's SQL.
 
 
-def _window(since: float | None, until: float | None,
-            client_key: str | None = None) -> tuple[list[str], list]:
-    clauses, params = [], []
-    if client_key is not None:
-        clauses.append("client_key_id = %s")
-        params.append(client_key)
-    if since is not None:
-        clauses.append("started_at >= %s")
-        params.append(since)
-    if until is not None:
-        clauses.append("started_at < %s")
-        params.append(until)
-    return clauses, params
+def _source(since: float | None, until: float | None,
+            client_key: str | None) -> tuple[str, list]:
+    """SQL for the period's rows in the rollups' shape: the rollups of its whole hours, and
+    the raw rows of the partial hours at its edges (an hour at most at each)."""
+    low = since if since is not None else -1e18
+    high = until if until is not None else 1e18
+    first = math.ceil(low / HOUR) * HOUR if since is not None else low
+    last = math.floor(high / HOUR) * HOUR if until is not None else high
+    if last < first:  # within one hour: raw rows only
+        first = last = low
+    key_rollups = " AND client_key_id = %s" if client_key is not None else ""
+    key_raw = " AND client_key_id = %s" if client_key is not None else ""
+    raw = _RAW_AS_ROLLUP.format(where=" WHERE started_at >= %s AND started_at < %s AND NOT "
+                                      f"(started_at >= %s AND started_at < %s){key_raw}")
+    sql = (f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM {ROLLUPS} WHERE hour >= %s AND hour < %s"
+           f"{key_rollups} UNION ALL {raw}")
+    params = [first, last, *([client_key] if client_key is not None else []),
+              low, high, first, last, *([client_key] if client_key is not None else [])]
+    return sql, params
 
 
-def _where(clauses: list[str]) -> str:
-    return " WHERE " + " AND ".join(clauses) if clauses else ""
+def rollup_deltas(rows: list[dict]) -> list[tuple]:
+    """What `rows` (stored just now) add to the hourly rollups, sorted by the rollups' key;
+    the same sums as _RAW_AS_ROLLUP makes of raw rows."""
+    deltas: dict[tuple, list] = {}
+    for row in rows:
+        key = (math.floor((row["started_at"] or 0) / HOUR) * HOUR,
+               row["upstream_model"] or row["model_requested"] or "",
+               row["client_key_id"] or "", row["key_name"] or "", row["end_reason"] or "")
+        sums = deltas.setdefault(key, [0] * (len(_ROLLUP_COLUMNS) - 5))
+        billed = sum(row[c] or 0 for c in TOKEN_FIELDS[:4])
+        dedup = row["end_reason"] in DEDUP_REASONS
+        sums[0] += 1
+        for i, column in enumerate(TOKEN_FIELDS, start=1):
+            if row["paid_by"] is None:
+                sums[i] += row[column] or 0
+        sums[6] += (row["cost_usd"] or 0.0) if row["priced"] else 0.0
+        sums[7] += 1 if not row["priced"] and billed > 0 else 0
+        sums[8] += 1 if (row["continuations"] or 0) > 0 else 0
+        sums[9] += row["continuation_cost_usd"] or 0.0
+        sums[10] += 1 if dedup else 0
+        sums[11] += billed if dedup else 0
+        sums[12] += (row["saved_cost_usd"] or 0.0) if dedup else 0.0
+    return [key + tuple(sums) for key, sums in sorted(deltas.items())]
 
 
 def _member_of(expression: str, keys: list, params: list) -> str:
@@ -369,7 +447,8 @@ def _member_of(expression: str, keys: list, params: list) -> str:
 def _counts(values: tuple) -> Counts:
     requests, *tokens, cost, unpriced, continued, continuation_cost = values[:-3]
     deduped, dedup_tokens, saved = values[-3:]
-    return Counts(requests=requests, **{k: int(v) for k, v in zip(TOKEN_FIELDS, tokens)},
-                  cost_usd=float(cost), unpriced_requests=unpriced, continued_requests=continued,
-                  continuation_cost_usd=float(continuation_cost), dedup_requests=deduped,
+    return Counts(requests=int(requests), **{k: int(v) for k, v in zip(TOKEN_FIELDS, tokens)},
+                  cost_usd=float(cost), unpriced_requests=int(unpriced),
+                  continued_requests=int(continued),
+                  continuation_cost_usd=float(continuation_cost), dedup_requests=int(deduped),
                   dedup_tokens=int(dedup_tokens), dedup_saved_usd=float(saved), failures={})
