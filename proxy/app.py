@@ -238,7 +238,8 @@ class App:
         tracker = Tracker(self.config.db_path, spill_dir=self.config.spill_path,
                           batch_size=self.config.batch_size,
                           flush_interval=self.config.flush_interval,
-                          queue_max=self.config.queue_max, spill_after=self.config.spill_after)
+                          queue_max=self.config.queue_max, spill_after=self.config.spill_after,
+                          retention_days=self.config.retention_days)
         tracker.start()
         return tracker
 

@@ -114,6 +114,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tracker.secret_file", str, "", "LLM_PROXY_SECRET_FILE",
             "Per-installation secret that keys the client key ids in usage rows; created on "
             "first start (default: beside the database).", lambda v: None),
+    Setting("tracker.retention_days", float, 0.0, "LLM_PROXY_RETENTION_DAYS",
+            "Days raw usage rows are kept in PostgreSQL (reports read hourly rollups, which "
+            "stay); older rows are deleted in small batches. 0 keeps everything.",
+            _non_negative),
     Setting("tracker.batch_size", int, 200, None, "Rows per write transaction.", _positive),
     Setting("tracker.flush_interval", float, 0.05, None,
             "Longest wait (s) before a partial batch is written.", _positive),
@@ -244,6 +248,7 @@ class Config:
     spill_dir: str = ""
     spill_after: float = 5.0
     secret_file: str = ""
+    retention_days: float = 0.0
     batch_size: int = 200
     flush_interval: float = 0.05
     queue_max: int = 10000

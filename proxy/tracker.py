@@ -61,6 +61,9 @@ STALE_CLAIM = 15 * 60
 REPLAY_CHUNK = 500  # spilled rows inserted per transaction
 MAX_BACKOFF = 2.0
 ANSWER_QUEUE_BYTES = 64 * 1024 * 1024  # answers waiting for the store; the oldest go first
+PRUNE_BATCH = 1000  # old rows deleted per transaction (retention)
+PRUNE_PAUSE = 0.2  # seconds between two batches while there are more
+PRUNE_EVERY = 60.0  # seconds between looks for old rows once there are none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +293,7 @@ class Tracker:
         queue_max: int = 10000,
         busy_timeout_ms: int = 5000,
         spill_after: float = 5.0,
+        retention_days: float = 0.0,
     ) -> None:
         self.db_path = db_path
         self.db_label = redacted_url(db_path)  # a URL's password never reaches a log line
@@ -300,6 +304,8 @@ class Tracker:
         self.queue_max = max(1, int(queue_max))
         self.busy_timeout_ms = busy_timeout_ms
         self.spill_after = spill_after
+        self.retention = retention_days * 86400.0  # seconds; 0: keep every row
+        self._next_prune = 0.0
         self._rows: collections.deque[dict] = collections.deque()
         self._answers: collections.deque = collections.deque()  # StoredAnswers to keep
         self._answer_bytes = 0
@@ -322,7 +328,8 @@ class Tracker:
         self._done = 0
         self._failed_ranges: list[tuple[int, int]] = []
         self._counts = dict.fromkeys(
-            ("written", "batches", "retries", "spilled", "replayed", "rejected", "dropped"), 0)
+            ("written", "batches", "retries", "spilled", "replayed", "rejected", "dropped",
+             "pruned"), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -464,7 +471,24 @@ class Tracker:
             # Healthy: other workers may have spilled.  Degraded: the spilled rows are the
             # probe; the first chunk that commits ends the fault.
             self._replay_spills()
+        if self.retention and not batch and self._fault is None \
+                and time.monotonic() >= self._next_prune:
+            self._prune()
         return stop
+
+    def _prune(self) -> None:
+        """Retention, when the writer has nothing else to do: one batch of PRUNE_BATCH old
+        rows, again soon while there are more, else in PRUNE_EVERY seconds.  Small batches
+        keep each transaction short, so the rows of requests are never held up long."""
+        try:
+            deleted = self.store.prune(time.time() - self.retention, PRUNE_BATCH)
+        except StoreFault as fault:
+            log.warning("old usage rows could not be deleted (%s); retention tries again later",
+                        fault.kind)
+            deleted = 0
+        self._counts["pruned"] += deleted
+        self._next_prune = time.monotonic() + (PRUNE_PAUSE if deleted == PRUNE_BATCH
+                                               else PRUNE_EVERY)
 
     def _carry_on(self, step) -> bool:
         """Run a step of the writer; a failure nobody foresaw (a bug, a spill directory
@@ -728,4 +752,5 @@ class NullTracker:
 
     def stats(self) -> dict:
         return {"state": "off", "queued": 0, "written": 0, "batches": 0, "retries": 0,
-                "spilled": 0, "replayed": 0, "rejected": 0, "dropped": 0, "spill_bytes": 0}
+                "spilled": 0, "replayed": 0, "rejected": 0, "dropped": 0, "pruned": 0,
+                "spill_bytes": 0}

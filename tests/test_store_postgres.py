@@ -253,3 +253,29 @@ def test_each_database_has_a_spill_directory_of_its_own(tmp_path):
     assert one != two and one.startswith(str(tmp_path)) and "pw1" not in one
     assert one == default_spill_dir("postgresql://u:rotated@db.example/one", str(tmp_path))
     assert default_spill_dir("/data/usage.db", str(tmp_path)) == "/data/usage.db.spill"
+
+
+def test_retention_deletes_old_raw_rows_in_small_batches_and_reports_keep_them(url,
+                                                                             monkeypatch):
+    import proxy.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "PRUNE_BATCH", 3)
+    monkeypatch.setattr(tracker_module, "PRUNE_PAUSE", 0.0)
+    old = [UsageRecord(request_id=f"req_old_{i}", started_at=time.time() - 40 * 86400 - i,
+                       input_tokens=10) for i in range(8)]
+    stored(url, old)
+    before = summarize(url)
+    tracker = Tracker(url, retention_days=30, flush_interval=0.01)
+    tracker.start()
+    try:
+        tracker.record(UsageRecord(request_id="req_new", started_at=time.time(), input_tokens=1))
+        assert tracker.flush(5)
+        deadline = time.monotonic() + 10
+        while tracker.stats()["pruned"] < 8:
+            assert time.monotonic() < deadline, tracker.stats()
+            time.sleep(0.05)
+    finally:
+        tracker.close(5)
+    assert [r["request_id"] for r in open_store(url).rows()] == ["req_new"]
+    after = summarize(url, since=before["since"])
+    assert after["totals"]["requests"] == 9 and after["totals"]["input_tokens"] == 81

@@ -130,6 +130,12 @@ class UsageStore(abc.ABC):
         Raises as ``totals`` does."""
 
 
+    def prune(self, before: float, limit: int) -> int:
+        """Delete at most `limit` raw rows that started before `before` (retention), in one
+        short transaction; how many went.  Only a store whose reports read rollups prunes:
+        the others keep every row (their reports are the rows)."""
+        return 0
+
     # -- finished answers kept for replay (a cache shared by the workers; see proxy/dedup) --
 
     @abc.abstractmethod

@@ -229,6 +229,15 @@ class PostgresStore(UsageStore):
                         cursor.executemany(_ROLLUP_UPSERT, rollup_deltas(new))
                     return len(new)
 
+    def prune(self, before: float, limit: int) -> int:
+        """A bounded batch of old raw rows (their rollups stay): rows other hosts are
+        deleting meanwhile are skipped, not waited for."""
+        self.open()
+        with self._faults():
+            return self._conn.execute(
+                f"DELETE FROM {TABLE} WHERE id IN (SELECT id FROM {TABLE} WHERE started_at < %s "
+                "ORDER BY started_at LIMIT %s FOR UPDATE SKIP LOCKED)", (before, limit)).rowcount
+
     # -- answers kept for replay --------------------------------------------------------------
 
     def put_answers(self, answers: list[dict], now: float) -> None:
