@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.report import summarize
 from proxy.store import open_store
 from support.builders import DEFAULT_USAGE
 from support.nginx import NginxProcess
@@ -198,6 +199,7 @@ def test_a_database_stopped_for_10_s_under_load_loses_no_row_and_doubles_none(fa
             for future in running:
                 future.result()
         rows = wait_for_rows(url, len(answers), timeout=60)
+        totals = summarize(url)["totals"]
     finally:
         stop.set()
         for host in hosts:
@@ -208,6 +210,9 @@ def test_a_database_stopped_for_10_s_under_load_loses_no_row_and_doubles_none(fa
     ids = [r["request_id"] for r in rows]
     assert len(ids) == len(set(ids)) == len(answers)  # none lost, none twice
     assert set(ids) == {rid for _, rid in answers}
+    # ...in the rollups the reports read too (a retried batch must not count twice there)
+    assert totals["requests"] == len(answers)
+    assert totals["input_tokens"] == len(answers) * DEFAULT_USAGE["input"]
 
 
 def test_three_hosts_starting_at_once_on_an_empty_database_migrate_it_once(fake, postgres,

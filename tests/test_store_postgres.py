@@ -66,8 +66,11 @@ def test_a_batch_stored_twice_is_stored_once(store, url):
     assert store.insert_rows(batch) == 2
     assert store.insert_rows(batch) == 0
     assert store.insert_rows(batch + [row("req_c")], only_new=True) == 1
-    assert [r["request_id"] for r in store.rows()] == ["req_a", "req_b", "req_c"]
+    assert store.insert_rows([row("req_d", input_tokens=7)] * 2) == 1  # twice in one batch
+    assert [r["request_id"] for r in store.rows()] == ["req_a", "req_b", "req_c", "req_d"]
     assert store.rows("req_a")[0]["input_tokens"] == 10
+    totals = store.totals(None, None)  # the rollups counted each row once, too
+    assert (totals["requests"], totals["input_tokens"], totals["output_tokens"]) == (4, 17, 5)
 
 
 def test_rows_read_back_as_sqlite_reads_them(store, tmp_path):
@@ -83,11 +86,27 @@ def test_rows_read_back_as_sqlite_reads_them(store, tmp_path):
     sqlite.close()
 
 
+# Beside the report tests' rows: answers served without paying (a replay, a join), proxy
+# key names, and a row with no model at all.
+MORE_RECORDS = [
+    UsageRecord(request_id="r7", started_at=RECORDS[0].started_at + 30, end_reason="replay",
+                upstream_model="claude-sonnet-4-5", client_key_id="k1", key_name="alice",
+                input_tokens=100, output_tokens=50, cost_usd=0.0, priced=True, paid_by="r1",
+                saved_cost_usd=0.01),
+    UsageRecord(request_id="r8", started_at=RECORDS[2].started_at + 5, end_reason="joined",
+                upstream_model="claude-sonnet-4-5", client_key_id="k3", key_name="bob",
+                input_tokens=200, cost_usd=0.0, priced=True, paid_by="r3", saved_cost_usd=0.02),
+    UsageRecord(request_id="r9", started_at=RECORDS[2].started_at + 7, end_reason="rejected",
+                status=401, key_name="alice"),
+]
+
+
 def test_the_report_is_the_same_on_both_databases(url, tmp_path):
     """The report's figures come from each store's own SQL: every total, group and failure
     must agree, with and without a period, a top, or one client key."""
-    sqlite = stored(str(tmp_path / "usage.db"), RECORDS)
-    postgres = stored(url, RECORDS)
+    sqlite = stored(str(tmp_path / "usage.db"), RECORDS + MORE_RECORDS)
+    postgres = stored(url, RECORDS + MORE_RECORDS)
+    assert summarize(postgres)["totals"]["dedup_requests"] == 2
     for options in ({}, {"since": "2026-11-21"}, {"top": 1}, {"client_key": "k1"},
                     {"since": "2026-11-20", "until": "2026-11-20"},
                     # partial hours at both edges (raw rows there, rollups between)
@@ -256,7 +275,8 @@ def test_each_database_has_a_spill_directory_of_its_own(tmp_path):
 
 
 def test_retention_deletes_old_raw_rows_in_small_batches_and_reports_keep_them(url,
-                                                                             monkeypatch):
+                                                                             monkeypatch,
+                                                                             tmp_path):
     import proxy.tracker as tracker_module
 
     monkeypatch.setattr(tracker_module, "PRUNE_BATCH", 3)
@@ -265,7 +285,8 @@ def test_retention_deletes_old_raw_rows_in_small_batches_and_reports_keep_them(u
                        input_tokens=10) for i in range(8)]
     stored(url, old)
     before = summarize(url)
-    tracker = Tracker(url, retention_days=30, flush_interval=0.01)
+    tracker = Tracker(url, retention_days=30, flush_interval=0.01,
+                      spill_dir=str(tmp_path / "spill"))
     tracker.start()
     try:
         tracker.record(UsageRecord(request_id="req_new", started_at=time.time(), input_tokens=1))
@@ -279,3 +300,51 @@ def test_retention_deletes_old_raw_rows_in_small_batches_and_reports_keep_them(u
     assert [r["request_id"] for r in open_store(url).rows()] == ["req_new"]
     after = summarize(url, since=before["since"])
     assert after["totals"]["requests"] == 9 and after["totals"]["input_tokens"] == 81
+
+
+def test_a_url_that_cannot_work_stops_start_up_without_showing_its_password():
+    from proxy.store import TrackerPathError
+
+    with pytest.raises(TrackerPathError) as refused:
+        open_store("postgresql://u:p%zzsecret@127.0.0.1:1/db").check()
+    assert "secret" not in str(refused.value)
+    assert "secret" not in redacted_url("postgresql://u@h/db?password=secret")
+
+
+def test_a_database_of_a_newer_schema_is_not_written_to(url, tmp_path):
+    """A host still on older code during an upgrade would write rows without what the newer
+    schema keeps (rollups, say): its rows wait and spill instead."""
+    store = open_store(url)
+    store.insert_rows([row("req_1")])
+    store._query("INSERT INTO llm_proxy_schema (version) VALUES (99) RETURNING version", ())
+    store.close()
+    with pytest.raises(StoreFault) as fault:
+        open_store(url).insert_rows([row("req_2")])
+    assert fault.value.kind == "schema_newer"
+
+
+def test_keys_of_different_clients_do_not_wait_for_each_other(url):
+    """One key's row held by another host's transaction: that key waits at most the lock
+    timeout (then a fault, 503 to its client); another key is admitted meanwhile."""
+    import psycopg
+
+    from proxy.keys.pgstore import PgKeyStore
+    from proxy.keys.policy import ClientKey
+
+    keys = PgKeyStore(url, busy_timeout_ms=300)
+    for name in ("a", "b"):
+        keys.add(ClientKey(id=f"lk_{name}", name=name, digest=f"d_{name}", hint="h", rpm=100))
+    other_host = psycopg.connect(url, autocommit=False)
+    try:
+        other_host.execute("SELECT 1 FROM client_keys WHERE id = 'lk_a' FOR UPDATE")
+        started = time.monotonic()
+        assert keys.admit("lk_b", "req_b", 0.0, "h", time.time())[1] is None
+        assert time.monotonic() - started < 0.3
+        with pytest.raises(StoreFault) as fault:
+            keys.admit("lk_a", "req_a", 0.0, "h", time.time())
+        assert fault.value.kind == "locked" and time.monotonic() - started < 2.0
+    finally:
+        other_host.rollback()
+        other_host.close()
+    assert keys.admit("lk_a", "req_a", 0.0, "h", time.time())[1] is None
+    keys.close()

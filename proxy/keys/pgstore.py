@@ -9,6 +9,7 @@ same order (the key, then its holds, spend and rate rows), no two can deadlock. 
 different clients never wait for each other.
 
 The tables live in the usage database, created by its migrations (`store/postgres.py`).
+A worker holds a pool of at most POOL_SIZE connections for its keys.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 from typing import Iterator
 
 from ..store import StoreFault
-from ..store.postgres import PostgresStore
+from ..store.postgres import PostgresStore, connection_settings, translated_errors
 from .store import KeyStore
 
 
@@ -37,15 +38,21 @@ class _Connection:
             cursor.executemany(sql.replace("?", "%s"), rows)
 
 
-class PgKeyStore(KeyStore):
-    """KeyStore on the PostgreSQL database at `url` (one connection per process)."""
+POOL_SIZE = 4  # connections a worker's key store holds at most
 
-    def __init__(self, url: str, busy_timeout_ms: int = 2000) -> None:
+
+class PgKeyStore(KeyStore):
+    """KeyStore on the PostgreSQL database at `url`, through a small pool of connections per
+    process (psycopg_pool): admissions of different keys run side by side; two of the same
+    key take turns on its row lock, waited for `lock_timeout` at most."""
+
+    def __init__(self, url: str, busy_timeout_ms: int = 2000, pool_size: int = POOL_SIZE) -> None:
         super().__init__(url, busy_timeout_ms)
         self.url = url
-        self._usage = PostgresStore(url, busy_timeout_ms)  # its connection and migrations
-        self._pg_lock = threading.Lock()
-        self._pg_pid: int | None = None
+        self.pool_size = pool_size
+        self._pool = None
+        self._pool_pid: int | None = None
+        self._pool_lock = threading.Lock()
 
     def lock_key(self, conn, key_id: str) -> None:
         conn.execute("SELECT 1 FROM client_keys WHERE id = ? FOR UPDATE", (key_id,))
@@ -54,38 +61,46 @@ class PgKeyStore(KeyStore):
         """PostgreSQL checkpoints itself."""
 
     def close(self) -> None:
-        if self._pg_lock.acquire(timeout=self.lock_timeout):
-            try:
-                if self._pg_pid == os.getpid():
-                    self._usage.close()
-                self._pg_pid = None
-            finally:
-                self._pg_lock.release()
+        with self._pool_lock:
+            if self._pool is not None and self._pool_pid == os.getpid():
+                self._pool.close(timeout=self.lock_timeout)
+            self._pool = self._pool_pid = None
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[_Connection]:
-        if not self._pg_lock.acquire(timeout=self.lock_timeout):
-            raise StoreFault("locked", "the keys database is busy in this process")
-        try:
-            conn = self._connection()
-            with self._usage._faults():
-                with conn.transaction():
-                    yield _Connection(conn)
-        finally:
-            self._pg_lock.release()
+        from psycopg_pool import PoolTimeout
+
+        pool = self._opened_pool()
+        with translated_errors(self.url):
+            try:
+                with pool.connection(timeout=self.lock_timeout) as conn:
+                    with conn.transaction():
+                        yield _Connection(conn)
+            except PoolTimeout:
+                raise StoreFault("locked", "every connection of the key store is busy") from None
 
     def _read(self, sql: str, params: tuple) -> list[tuple]:
-        with self._writing() as conn:  # one connection per process: reads take their turn
+        with self._writing() as conn:
             return conn.execute(sql, params).fetchall()
 
-    def _connection(self):
-        """This process's connection, migrated (a forked worker opens its own)."""
-        if self._pg_pid != os.getpid():
-            self._usage._conn = None  # the parent's belongs to the parent
-            self._pg_pid = os.getpid()
-        if self._usage._conn is None:
-            self._usage.open()
-        return self._usage._conn
+    def _opened_pool(self):
+        """This process's pool (a forked worker makes its own), the schema migrated first."""
+        if self._pool_pid == os.getpid() and self._pool is not None:
+            return self._pool
+        with self._pool_lock:
+            if self._pool_pid != os.getpid() or self._pool is None:
+                from psycopg_pool import ConnectionPool
+
+                schema = PostgresStore(self.url, self.busy_timeout_ms)
+                try:
+                    schema.open()  # migrates (once, whatever the number of hosts)
+                finally:
+                    schema.close()
+                settings = connection_settings(self.busy_timeout_ms)
+                self._pool = ConnectionPool(self.url, min_size=1, max_size=self.pool_size,
+                                            kwargs=settings, open=True, name="llm-proxy-keys")
+                self._pool_pid = os.getpid()
+        return self._pool
 
 
 def open_key_store(config, busy_timeout_ms: int = 2000, checkpoints_apart: bool = False

@@ -91,9 +91,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         f"CREATE INDEX {ANSWERS}_shape ON {ANSWERS} (shape, expires_at)",
         f"CREATE INDEX {ANSWERS}_expires ON {ANSWERS} (expires_at)",
-    ),
-    # v2: client keys and their counters, shared by every host (proxy/keys/pgstore.py).
-    (
+        # Client keys and their counters, shared by every host (proxy/keys/pgstore.py).
         """CREATE TABLE client_keys (
             id TEXT PRIMARY KEY, name TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, hint TEXT,
             models TEXT, budget_usd DOUBLE PRECISION, period TEXT, rpm BIGINT, tpm BIGINT,
@@ -114,23 +112,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             key_id TEXT NOT NULL, second BIGINT NOT NULL, requests BIGINT NOT NULL DEFAULT 0,
             tokens BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (key_id, second))""",
         "CREATE TABLE key_holders (holder TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)",
-    ),
-    # v3: hourly rollups, kept in the transaction that stores the rows, so that reports read
-    # a few rows an hour whatever the raw table holds ('' stands for no value: a unique key).
-    (
+        # Hourly rollups, kept in the transaction that stores the rows, so that reports read
+        # a few rows an hour whatever the raw table holds ('' stands for no value: a key).
         f"""CREATE TABLE {ROLLUPS} (
             hour DOUBLE PRECISION NOT NULL, model TEXT NOT NULL, client_key_id TEXT NOT NULL,
             key_name TEXT NOT NULL, end_reason TEXT NOT NULL,
-            requests BIGINT NOT NULL, input_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL,
-            cache_read_tokens BIGINT NOT NULL, cache_write_tokens BIGINT NOT NULL,
-            reasoning_tokens BIGINT NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
-            unpriced BIGINT NOT NULL, continued BIGINT NOT NULL,
-            continuation_cost_usd DOUBLE PRECISION NOT NULL, dedup_requests BIGINT NOT NULL,
-            dedup_tokens BIGINT NOT NULL, dedup_saved_usd DOUBLE PRECISION NOT NULL,
+            requests NUMERIC NOT NULL, input_tokens NUMERIC NOT NULL,
+            output_tokens NUMERIC NOT NULL, cache_read_tokens NUMERIC NOT NULL,
+            cache_write_tokens NUMERIC NOT NULL, reasoning_tokens NUMERIC NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL, unpriced NUMERIC NOT NULL,
+            continued NUMERIC NOT NULL, continuation_cost_usd DOUBLE PRECISION NOT NULL,
+            dedup_requests NUMERIC NOT NULL, dedup_tokens NUMERIC NOT NULL,
+            dedup_saved_usd DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (hour, model, client_key_id, key_name, end_reason))""",
         f"CREATE INDEX {ROLLUPS}_client_key ON {ROLLUPS} (client_key_id, hour)",
-        f"INSERT INTO {ROLLUPS} ({', '.join(_ROLLUP_COLUMNS)}) "
-        + _RAW_AS_ROLLUP.format(where=""),
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -163,12 +158,21 @@ def is_postgres_url(db: str) -> bool:
 
 
 def redacted_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password (in the user part or as a `password=` parameter), for
+    logs and messages; one that cannot be parsed is not shown at all."""
+    if not is_postgres_url(url):
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+        query = "&".join("password=***" if pair.lower().startswith("password=") else pair
+                         for pair in parts.query.split("&")) if parts.query else ""
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
+    except ValueError:
+        return "postgresql://(a URL that cannot be parsed)"
 
 
 class PostgresStore(UsageStore):
@@ -187,6 +191,13 @@ class PostgresStore(UsageStore):
         except ImportError:
             raise TrackerPathError("tracker.db is a PostgreSQL URL, but psycopg is not installed:"
                                    " pip install 'llm-stream-proxy[postgres]'") from None
+        import psycopg
+
+        try:
+            psycopg.conninfo.conninfo_to_dict(self.url)
+        except psycopg.ProgrammingError as exc:
+            raise TrackerPathError(f"tracker.db is not a valid PostgreSQL URL: "
+                                   f"{_safe(exc, self.url)}") from None
         try:
             self.open()
         except StoreFault as fault:
@@ -224,7 +235,9 @@ class PostgresStore(UsageStore):
                         stored.update(found for (found,) in cursor.fetchall())
                         if not cursor.nextset():
                             break
-                    new = [r for r in rows if r["request_id"] in stored]
+                    # A request id twice in one batch (a replayed spill file) is one row.
+                    new = list({r["request_id"]: r for r in reversed(rows)
+                                if r["request_id"] in stored}.values())
                     if new:
                         cursor.executemany(_ROLLUP_UPSERT, rollup_deltas(new))
                     return len(new)
@@ -310,15 +323,16 @@ class PostgresStore(UsageStore):
     def _connect(self):
         import psycopg
 
-        conn = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT, autocommit=True,
-                               application_name="llm-proxy")
-        conn.execute(f"SET statement_timeout = {max(int(self.busy_timeout_ms), 1000) * 6}")
-        return conn
+        return psycopg.connect(self.url, **connection_settings(self.busy_timeout_ms))
 
     def _migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION, once whatever the number of hosts: under a
         transaction-scoped advisory lock, the version is read again before migrating."""
         with self._conn.transaction():
+            # A migration may take long (a big table): no statement limit for it, and the
+            # lock of a host migrating now is waited for.
+            self._conn.execute("SET LOCAL statement_timeout = 0")
+            self._conn.execute("SET LOCAL lock_timeout = 0")
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             self._conn.execute("CREATE TABLE IF NOT EXISTS llm_proxy_schema (version INTEGER)")
             row = self._conn.execute("SELECT max(version) FROM llm_proxy_schema").fetchone()
@@ -330,8 +344,10 @@ class PostgresStore(UsageStore):
                 self._conn.execute("INSERT INTO llm_proxy_schema (version) VALUES (%s)",
                                    (SCHEMA_VERSION,))
         if found > SCHEMA_VERSION:
-            log.warning("usage database schema v%d is newer than this proxy's v%d", found,
-                        SCHEMA_VERSION)
+            # Writing would skip what the newer schema keeps (rollups, say): rows wait and
+            # spill until this host runs the newer proxy too.
+            raise StoreFault("schema_newer", f"the usage database has schema v{found}, newer "
+                             f"than this proxy's v{SCHEMA_VERSION}: upgrade this host")
         return found
 
     def _query(self, sql: str, params) -> list[tuple]:
@@ -351,24 +367,51 @@ class PostgresStore(UsageStore):
 
     @contextlib.contextmanager
     def _faults(self, rows_may_be_wrong: bool = False) -> Iterator[None]:
-        """psycopg's errors, translated once: a row the database will never take is
-        RowRejected; anything else is a StoreFault of a fixed kind (the connection is
-        dropped, and made afresh by the next call)."""
-        import psycopg
-
+        """Errors translated (`translated_errors`); after a fault of the database the
+        connection is dropped, and made afresh by the next call."""
         try:
-            yield
-        except psycopg.errors.UndefinedTable:
+            with translated_errors(self.url, rows_may_be_wrong):
+                yield
+        except StoreFault:
+            self.close()
             raise
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
-            if rows_may_be_wrong and not isinstance(exc, psycopg.errors.UndefinedTable):
-                raise RowRejected(loggable(exc, 300)) from None
-            self.close()
-            raise StoreFault("error", loggable(exc, 300)) from None
-        except (psycopg.Error, OSError) as exc:
-            self.close()
-            raise StoreFault(fault_kind(exc), loggable(_without_password(str(exc), self.url),
-                                                       300)) from None
+
+
+def connection_settings(busy_timeout_ms: int) -> dict:
+    """How every connection is made, so that none can hang: TCP keepalives and a user
+    timeout notice a server that vanished without a reset (a failed-over primary) in
+    seconds, not the kernel's fifteen minutes; a statement, a wait for a row lock and an
+    idle open transaction have limits."""
+    wait_ms = max(int(busy_timeout_ms), 100)
+    return {"connect_timeout": CONNECT_TIMEOUT, "autocommit": True,
+            "application_name": "llm-proxy", "keepalives": 1, "keepalives_idle": 5,
+            "keepalives_interval": 2, "keepalives_count": 3, "tcp_user_timeout": 15000,
+            "options": f"-c statement_timeout={wait_ms * 6} -c lock_timeout={wait_ms} "
+                       f"-c idle_in_transaction_session_timeout={wait_ms * 12}"}
+
+
+@contextlib.contextmanager
+def translated_errors(url: str, rows_may_be_wrong: bool = False) -> Iterator[None]:
+    """psycopg's errors, translated once: a row the database will never take (SQLSTATE
+    classes 22 and 23, where rows are written) is RowRejected; anything else is a
+    StoreFault of a fixed kind, its text without the URL's password."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.errors.UndefinedTable:
+        raise
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
+        if rows_may_be_wrong:
+            raise RowRejected(_safe(exc, url)) from None
+        raise StoreFault("error", _safe(exc, url)) from None
+    except (psycopg.Error, OSError) as exc:  # the database's (42: a grant, a column...)
+        raise StoreFault(fault_kind(exc), _safe(exc, url)) from None
+
+
+def _safe(exc: BaseException, url: str) -> str:
+    """An error's text for a log line: the URL's password masked, capped, escaped."""
+    return loggable(_without_password(str(exc), url), 300)
 
 
 def fault_kind(exc: BaseException) -> str:
@@ -390,8 +433,18 @@ def fault_kind(exc: BaseException) -> str:
 
 
 def _without_password(text: str, url: str) -> str:
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
+    """`text` with every form of the URL's password masked (as written, and decoded)."""
+    from urllib.parse import parse_qs, unquote
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password] + parse_qs(parts.query).get("password", [])
+        raw = parts.netloc.rpartition("@")[0].partition(":")[2]
+    except ValueError:
+        return "(an error about a URL that cannot be parsed)"
+    for secret in {p for p in [*found, raw, unquote(raw)] if p}:
+        text = text.replace(secret, "***")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,8 +477,9 @@ def rollup_deltas(rows: list[dict]) -> list[tuple]:
     the same sums as _RAW_AS_ROLLUP makes of raw rows."""
     deltas: dict[tuple, list] = {}
     for row in rows:
-        key = (math.floor((row["started_at"] or 0) / HOUR) * HOUR,
-               row["upstream_model"] or row["model_requested"] or "",
+        model = next((m for m in (row["upstream_model"], row["model_requested"])
+                      if m is not None), "")  # as SQL's COALESCE: '' is a value
+        key = (math.floor((row["started_at"] or 0) / HOUR) * HOUR, model,
                row["client_key_id"] or "", row["key_name"] or "", row["end_reason"] or "")
         sums = deltas.setdefault(key, [0] * (len(_ROLLUP_COLUMNS) - 5))
         billed = sum(row[c] or 0 for c in TOKEN_FIELDS[:4])
@@ -435,7 +489,7 @@ def rollup_deltas(rows: list[dict]) -> list[tuple]:
             if row["paid_by"] is None:
                 sums[i] += row[column] or 0
         sums[6] += (row["cost_usd"] or 0.0) if row["priced"] else 0.0
-        sums[7] += 1 if not row["priced"] and billed > 0 else 0
+        sums[7] += 1 if row["priced"] == 0 and billed > 0 else 0
         sums[8] += 1 if (row["continuations"] or 0) > 0 else 0
         sums[9] += row["continuation_cost_usd"] or 0.0
         sums[10] += 1 if dedup else 0
