@@ -194,8 +194,8 @@ def usage_bounds(args) -> tuple[float, float, int]:
         top = int(args.get("top", USAGE_TOP))
     except ValueError as exc:
         raise BadRequest(f"bad since/until/top: {loggable(exc)}") from None
-    if since is None:
-        since = until - USAGE_DEFAULT_DAYS * 86400
+    if since is None:  # on the hour: a database that keeps rollups reads no raw rows there
+        since = (until - USAGE_DEFAULT_DAYS * 86400) // 3600 * 3600
     if until - since > USAGE_MAX_DAYS * 86400:
         raise BadRequest(f"the period is longer than {USAGE_MAX_DAYS} days; ask for less "
                          "(or use `llm-proxy usage` on the host)")
