@@ -8,6 +8,7 @@ from __future__ import annotations
 import calendar
 import json
 import multiprocessing
+import threading
 import time
 
 import pytest
@@ -396,7 +397,7 @@ def test_writes_wait_for_the_hosts_flock(tmp_path):
     store = KeyStore(str(tmp_path / "keys.db"))
     import fcntl
     import os
-    import threading
+
     store.add(key(rpm=5))
     fd = os.open(store.path + ".lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # another worker is writing
@@ -654,3 +655,90 @@ def test_a_copy_past_its_age_is_not_used_while_another_thread_reloads_it(tmp_pat
     reloading.join(5)
     other.join(5)
     assert found["a"].state(time.time()) == found["b"].state(time.time()) == "revoked"
+# ---- proposed additions to tests/test_keys_units.py (mutation pass) ----
+
+
+def _held_elsewhere(url: str, key_id: str):
+    """Another host's open transaction holding the key's row."""
+    import psycopg
+
+    other_host = psycopg.connect(url, autocommit=False)
+    other_host.execute("SELECT 1 FROM client_keys WHERE id = %s FOR UPDATE", (key_id,))
+    return other_host
+
+
+def test_settlements_and_sweeps_take_the_keys_row_first(postgres):
+    """Every transaction that changes a key's counters waits for its row (so admissions,
+    which read spend then holds in separate statements, never see half a settlement)."""
+    url = postgres.database()
+    keys = PgKeyStore(url, busy_timeout_ms=300)
+    keys.add(key(budget_usd=10.0))
+    now = time.time()
+    keys.admit("lk_1", "req_a", 1.0, "h", now)
+    keys.admit("lk_1", "req_dead", 1.0, "dead", now - STALE_HOLDER - 1)
+    other_host = _held_elsewhere(url, "lk_1")
+    try:
+        for attempt in (lambda: keys.settle("req_a", 0.5, 10, now), lambda: keys.sweep(now)):
+            with pytest.raises(StoreFault) as fault:
+                attempt()
+            assert fault.value.kind == "locked"
+    finally:
+        other_host.rollback()
+        other_host.close()
+    assert keys.settle("req_a", 0.5, 10, now) is True and keys.sweep(now) == 1
+    keys.close()
+
+
+def test_a_key_waiting_for_its_lock_does_not_hold_up_the_workers_other_keys(postgres):
+    url = postgres.database()
+    keys = PgKeyStore(url, busy_timeout_ms=1500)
+    for name in ("a", "b"):
+        keys.add(key(id=f"lk_{name}", name=name, digest=f"d_{name}"))
+    other_host = _held_elsewhere(url, "lk_a")
+    waiting = threading.Thread(target=lambda: pytest.raises(
+        StoreFault, keys.admit, "lk_a", "req_a", 0.0, "h", time.time()))
+    try:
+        waiting.start()
+        time.sleep(0.3)  # one pool connection now waits for lk_a's row
+        started = time.monotonic()
+        assert keys.admit("lk_b", "req_b", 0.0, "h", time.time())[1] is None
+        assert time.monotonic() - started < 0.5
+    finally:
+        waiting.join(5)
+        other_host.rollback()
+        other_host.close()
+    keys.close()
+
+
+def _backend_pid(keys, results) -> None:
+    results.put(keys._read("SELECT pg_backend_pid()", ())[0][0])
+    keys.close()
+
+
+def test_a_forked_worker_never_uses_its_parents_connections(postgres):
+    keys = PgKeyStore(postgres.database())
+    keys.add(key())  # the parent's pool is open
+    parent = {pid for (pid,) in keys._read(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+        "application_name = 'llm-proxy'", ())}
+    results = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_backend_pid, args=(keys, results))
+    child.start()
+    try:
+        assert results.get(timeout=20) not in parent
+    finally:
+        child.join(10)
+    assert keys._read("SELECT pg_backend_pid()", ())[0][0] in parent
+    keys.close()
+
+
+def test_keys_db_keeps_the_keys_in_sqlite_beside_a_postgres_usage_db(tmp_path):
+    from proxy.config import load_config
+    from proxy.keys.pgstore import open_key_store
+
+    config = load_config(env={"LLM_PROXY_DB": "postgresql://u@db.example/llm",
+                              "LLM_PROXY_KEYS_DB": str(tmp_path / "keys.db")})
+    keys = open_key_store(config)
+    assert type(keys) is KeyStore and keys.path == str(tmp_path / "keys.db")
+    shared = open_key_store(load_config(env={"LLM_PROXY_DB": "postgres://u@db.example/llm"}))
+    assert isinstance(shared, PgKeyStore) and shared.url == "postgres://u@db.example/llm"

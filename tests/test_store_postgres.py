@@ -9,14 +9,17 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from proxy.report import summarize
-from proxy.store import RowRejected, StoreFault, open_store
-from proxy.store.postgres import SCHEMA_VERSION, PostgresStore, redacted_url
+from proxy.store import RowRejected, StoreFault, empty_counts, open_store
+from proxy.store.postgres import (_ROLLUP_UPSERT, SCHEMA_VERSION, PostgresStore, fault_kind,
+                                  redacted_url, rollup_deltas)
 from proxy.store.sqlite import SqliteStore
 from proxy.tracker import Tracker, to_storage_row
 from proxy.usage import UsageRecord
@@ -348,3 +351,246 @@ def test_keys_of_different_clients_do_not_wait_for_each_other(url):
         other_host.close()
     assert keys.admit("lk_a", "req_a", 0.0, "h", time.time())[1] is None
     keys.close()
+# ---- proposed additions to tests/test_store_postgres.py (mutation pass) ----
+
+
+
+def test_a_row_in_an_edge_hour_before_midnight_counts_on_its_own_day(store):
+    """The raw rows of a partial hour are bucketed by floor(hour), as the rollups are."""
+    late = datetime(2026, 11, 20, 23, 30, tzinfo=timezone.utc).timestamp()
+    store.insert_rows([to_storage_row(UsageRecord(request_id="req_late", started_at=late,
+                                                  input_tokens=1))])
+    edge = late - 20 * 60  # 23:10: the hour 23:00-24:00 is read raw
+    assert list(store.breakdown("day", edge, None)) == ["2026-11-20"]
+    assert list(store.breakdown("day", None, None)) == ["2026-11-20"]  # from the rollups
+
+
+def test_one_clients_report_never_counts_another_clients_rows_in_an_edge_hour(store):
+    start = 1_763_700_000.0  # 04:40 UTC: a period that starts mid-hour is read raw there
+    store.insert_rows([to_storage_row(UsageRecord(request_id=f"req_{k}", started_at=start + 60,
+                                                  client_key_id=k, input_tokens=n))
+                       for k, n in (("k1", 1), ("k2", 10))])
+    assert store.totals(start, None, client_key="k1")["input_tokens"] == 1
+    assert store.totals(start, start + 600, client_key="k1")["input_tokens"] == 1
+    assert store.totals(None, None, client_key="k1")["input_tokens"] == 1
+
+
+def test_rollups_are_updated_in_key_order_so_two_writers_never_deadlock(url):
+    """Another host's batch holds the rollup of the earlier hour and then wants the later
+    one; ours must wait on the earlier hour, not take the later one first (the rows' order
+    in the batch must not matter)."""
+    import psycopg
+
+    early = to_storage_row(UsageRecord(request_id="req_early", started_at=1_763_700_000.0))
+    late = to_storage_row(UsageRecord(request_id="req_late", started_at=1_763_700_000.0 + 7200))
+    store = PostgresStore(url, busy_timeout_ms=5000)
+    store.open()
+    other_host = psycopg.connect(url, autocommit=False)
+    outcome = []
+    try:
+        with other_host.cursor() as cursor:
+            cursor.executemany(_ROLLUP_UPSERT, rollup_deltas([early]))  # holds the early hour
+        writer = threading.Thread(target=lambda: outcome.append(
+            _outcome(store.insert_rows, [early, late])))
+        writer.start()
+        time.sleep(0.5)  # our writer is waiting now
+        with other_host.cursor() as cursor:
+            cursor.executemany(_ROLLUP_UPSERT, rollup_deltas([late]))  # deadlock if held
+        other_host.commit()
+        writer.join(10)
+    finally:
+        other_host.close()
+        store.close()
+    assert outcome == [2]
+
+
+def _outcome(call, *args):
+    try:
+        return call(*args)
+    except Exception as exc:  # noqa: BLE001 - the test compares it
+        return exc
+
+
+def test_prune_deletes_at_most_its_limit_oldest_first_and_skips_rows_held_elsewhere(url):
+    import psycopg
+
+    store = PostgresStore(url, busy_timeout_ms=500)
+    store.insert_rows([to_storage_row(UsageRecord(request_id=f"req_{i}", started_at=1000.0 + i))
+                       for i in range(6)] + [row("req_new")])
+    assert store.prune(1000.0 + 6, 2) == 2
+    assert [r["request_id"] for r in store.rows()] == ["req_2", "req_3", "req_4", "req_5",
+                                                       "req_new"]
+    other_host = psycopg.connect(url, autocommit=False)  # another host deleting req_2 now
+    try:
+        other_host.execute("SELECT 1 FROM usage_records WHERE request_id = 'req_2' FOR UPDATE")
+        assert store.prune(1000.0 + 6, 100) == 3  # not waited for, not a fault
+    finally:
+        other_host.rollback()
+        other_host.close()
+    assert [r["request_id"] for r in store.rows()] == ["req_2", "req_new"]
+    store.close()
+
+
+def test_a_read_only_database_is_a_read_only_fault(url):
+    """A primary that failed over to a standby, say: the rows wait and spill."""
+    import psycopg
+
+    store = open_store(url)
+    store.insert_rows([row("req_1")])
+    store.close()
+    with psycopg.connect(url, autocommit=True) as admin:
+        name = admin.execute("SELECT current_database()").fetchone()[0]
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        with pytest.raises(StoreFault) as fault:
+            store.insert_rows([row("req_2")])
+        assert fault.value.kind == "read_only"
+    finally:
+        store.close()
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SET default_transaction_read_only = off")
+            admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+
+
+def test_faults_are_named_by_what_the_database_said():
+    import psycopg
+
+    assert fault_kind(psycopg.errors.DiskFull("could not extend file")) == "disk_full"
+    assert fault_kind(psycopg.errors.ReadOnlySqlTransaction("read-only")) == "read_only"
+    assert fault_kind(psycopg.errors.LockNotAvailable("lock timeout")) == "locked"
+    assert fault_kind(psycopg.OperationalError(
+        'connection failed: FATAL:  password authentication failed for user "u"')) == "refused"
+    assert fault_kind(psycopg.OperationalError("connection refused")) == "unreachable"
+    assert fault_kind(ConnectionResetError()) == "unreachable"
+    assert fault_kind(psycopg.errors.UndefinedColumn("no such column")) == "error"
+
+
+def test_an_error_never_shows_the_password_in_any_of_its_forms():
+    from proxy.store.postgres import _safe
+
+    url = "postgresql://u:p%40ss%2Fw0rd@db.example/llm?sslmode=require&password=q-secret"
+    text = "bad: p%40ss%2Fw0rd / p@ss/w0rd / q-secret"
+    assert _safe(ValueError(text), url) == "bad: *** / *** / ***"
+
+
+def test_a_server_that_cannot_be_reached_at_start_up_is_a_warning_not_an_error():
+    warning = open_store("postgresql://u:pw-secret@127.0.0.1:1/db").check()
+    assert warning is not None and "(unreachable)" in warning and "pw-secret" not in warning
+
+
+def test_a_database_nothing_was_recorded_in_yet_has_no_rows(url):
+    store = open_store(url)  # reads do not migrate: the tables do not exist
+    try:
+        assert store.totals(None, None) == empty_counts()
+        assert store.rows() == [] and store.breakdown("model", None, None) == {}
+        assert store.group_count("model", None, None) == 0
+    finally:
+        store.close()
+
+
+def test_an_empty_upstream_model_is_grouped_alike_in_rollups_and_raw_rows(store):
+    store.insert_rows([to_storage_row(UsageRecord(request_id="req_e", started_at=1_763_700_000.0,
+                                                  upstream_model="", model_requested="fast",
+                                                  input_tokens=1))])
+    whole = store.breakdown("model", None, None)  # the rollups
+    edge = store.breakdown("model", 1_763_700_000.0 - 60, 1_763_700_000.0 + 60)  # raw rows
+    assert list(whole) == list(edge) == [None]  # COALESCE keeps '', the report shows no value
+
+
+def test_a_postgres_scheme_url_is_a_server_too(tmp_path):
+    from proxy.config import load_config
+
+    assert isinstance(open_store("postgres://u@db.example/llm"), PostgresStore)
+    config = load_config(env={"LLM_PROXY_DB": "postgres://u:pw@db.example/llm"})
+    assert config.db_is_url and "pw" not in config.db_label
+    assert config.spill_path.startswith(config.data_dir) and "pw" not in config.spill_path
+
+
+def test_retention_days_are_days(url, tmp_path):
+    day = 86400
+    stored(url, [UsageRecord(request_id="req_2_days", started_at=time.time() - 2 * day),
+                 UsageRecord(request_id="req_40_days", started_at=time.time() - 40 * day)])
+    tracker = Tracker(url, retention_days=30, flush_interval=0.01,
+                      spill_dir=str(tmp_path / "spill"))
+    tracker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while tracker.stats()["pruned"] < 1:
+            assert time.monotonic() < deadline, tracker.stats()
+            time.sleep(0.05)
+    finally:
+        tracker.close(5)
+    assert [r["request_id"] for r in open_store(url).rows()] == ["req_2_days"]
+
+
+def test_rows_at_the_exact_edges_of_a_period_are_in_it(store):
+    """[since, until): a row at a whole hour before `until`, and one exactly at `since`
+    within one hour, are counted (raw rows; the rollups stop at the hour)."""
+    hour = 1_763_701_200.0  # 05:00 UTC
+    store.insert_rows([to_storage_row(UsageRecord(request_id=f"req_{i}", started_at=at))
+                       for i, at in enumerate((hour, hour + 600))])
+    assert store.totals(None, hour + 1800)["requests"] == 2
+    assert store.totals(hour + 600, hour + 1800)["requests"] == 1
+    assert store.totals(hour, hour + 1)["requests"] == 1
+
+
+def test_a_host_starting_while_another_migrates_waits_for_it(url):
+    """The migration lock: a host never reads the schema's version while another host is
+    still creating the tables."""
+    import psycopg
+
+    from proxy.store.postgres import MIGRATION_LOCK
+
+    migrating = psycopg.connect(url, autocommit=True)
+    migrating.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    store = open_store(url)
+    opening = threading.Thread(target=store.open)
+    try:
+        opening.start()
+        opening.join(0.5)
+        assert opening.is_alive()  # waits for the other host's migration
+    finally:
+        migrating.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        migrating.close()
+        opening.join(10)
+    assert store.insert_rows([row("req_1")]) == 1
+    store.close()
+
+
+def test_top_ranks_groups_by_spend_before_requests(store):
+    store.insert_rows([to_storage_row(UsageRecord(
+        request_id=f"req_{i}", started_at=1_763_700_000.0, client_key_id=k, cost_usd=cost,
+        priced=True, input_tokens=1))
+        for i, (k, cost) in enumerate([("k_dear", 5.0), ("k_busy", 0.1), ("k_busy", 0.1),
+                                       ("k_busy", 0.1)])])
+    assert list(store.breakdown("client_key", None, None, top=1)) == ["k_dear"]
+
+
+def test_a_row_held_by_another_host_is_waited_for_the_lock_timeout_only(url):
+    """lock_timeout (the busy timeout) ends a wait for a row lock, long before the
+    statement timeout (six times longer) would."""
+    import psycopg
+
+    store = PostgresStore(url, busy_timeout_ms=300)
+    first = row("req_1")
+    store.insert_rows([first])
+    other_host = psycopg.connect(url, autocommit=False)
+    try:
+        with other_host.cursor() as cursor:  # holds the rollup row of that hour
+            cursor.executemany(_ROLLUP_UPSERT, rollup_deltas([first]))
+        started = time.monotonic()
+        with pytest.raises(StoreFault) as fault:
+            store.insert_rows([row("req_2")])
+        assert fault.value.kind == "locked" and time.monotonic() - started < 1.0
+    finally:
+        other_host.rollback()
+        other_host.close()
+        store.close()
+
+
+def test_a_servers_local_files_go_to_the_default_data_directory():
+    from proxy.config import default_db_path, load_config
+
+    config = load_config(env={"LLM_PROXY_DB": "postgresql://u:pw@db.example/llm"})
+    assert config.data_dir == os.path.dirname(default_db_path())
+    assert os.path.dirname(config.keys_db_path) == config.data_dir
