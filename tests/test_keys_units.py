@@ -21,6 +21,7 @@ from proxy.keys.policy import (ClientKey, Standing, hint_of, input_estimate, key
                                new_secret, parse_models, period_end, period_start, refusal,
                                seconds_until_below, worst_case_cost)
 from proxy.keys.pgstore import PgKeyStore
+from support.postgres import wait_for_a_lock_wait
 from proxy.keys.store import STALE_HOLDER, KeyStore
 from proxy.pipeline.gate import Gate, GateDeps, Hold, allowed_models_body
 from proxy.pipeline.request import ProxyRequest
@@ -699,7 +700,7 @@ def test_a_key_waiting_for_its_lock_does_not_hold_up_the_workers_other_keys(post
         StoreFault, keys.admit, "lk_a", "req_a", 0.0, "h", time.time()))
     try:
         waiting.start()
-        time.sleep(0.3)  # one pool connection now waits for lk_a's row
+        wait_for_a_lock_wait(url)  # one pool connection now waits for lk_a's row
         started = time.monotonic()
         assert keys.admit("lk_b", "req_b", 0.0, "h", time.time())[1] is None
         assert time.monotonic() - started < 0.5

@@ -24,7 +24,7 @@ from proxy.store.sqlite import SqliteStore
 from proxy.tracker import Tracker, to_storage_row
 from proxy.usage import UsageRecord
 
-from support.postgres import PostgresServer
+from support.postgres import PostgresServer, wait_for_a_lock_wait
 from test_report import RECORDS, stored
 
 pytestmark = pytest.mark.timeout(120)
@@ -393,7 +393,7 @@ def test_rollups_are_updated_in_key_order_so_two_writers_never_deadlock(url):
         writer = threading.Thread(target=lambda: outcome.append(
             _outcome(store.insert_rows, [early, late])))
         writer.start()
-        time.sleep(0.5)  # our writer is waiting now
+        wait_for_a_lock_wait(url)  # our writer is waiting now
         with other_host.cursor() as cursor:
             cursor.executemany(_ROLLUP_UPSERT, rollup_deltas([late]))  # deadlock if held
         other_host.commit()

@@ -162,6 +162,17 @@ ANSWER_FIELDS = ("shape", "digest", "stream", "variant", "fmt", "content_type", 
                  "hidden", "paid_by", "usage", "ended_at", "expires_at")
 
 
+def member_of(expression: str, keys: list, params: list, mark: str) -> str:
+    """SQL for "expression is one of keys" (NULL included), appending the keys to params;
+    `mark` is the driver's placeholder (`?`, `%s`)."""
+    values = [k for k in keys if k is not None]
+    params.extend(values)
+    parts = [f"{expression} IN ({', '.join([mark] * len(values))})"] if values else []
+    if None in keys:
+        parts.append(f"{expression} IS NULL")
+    return "(" + " OR ".join(parts) + ")" if parts else "(1 = 0)"
+
+
 def default_spill_dir(db: str, data_dir: str) -> str:
     """Where rows wait that the database `db` cannot take yet, unless configured: one
     directory per database (a shared one would replay rows into the wrong database).  A

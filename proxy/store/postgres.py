@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..text import loggable
 from ..usage import DEDUP_REASONS, RECORD_FIELDS
 from . import (ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError,
-               UsageStore, empty_counts)
+               UsageStore, empty_counts, member_of)
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,10 @@ class PostgresStore(UsageStore):
         """A URL that can never work (no driver, a bad scheme) stops start-up; a server
         that cannot be reached or refuses us for now is a warning: rows wait and spill."""
         try:
-            import psycopg  # noqa: F401
+            import psycopg
         except ImportError:
             raise TrackerPathError("tracker.db is a PostgreSQL URL, but psycopg is not installed:"
                                    " pip install 'llm-stream-proxy[postgres]'") from None
-        import psycopg
-
         try:
             psycopg.conninfo.conninfo_to_dict(self.url)
         except psycopg.ProgrammingError as exc:
@@ -310,7 +308,7 @@ class PostgresStore(UsageStore):
         failed = [f"end_reason NOT IN ('complete', {_DEDUP[1:]}"]
         failed_params = list(params)
         if top is not None:
-            failed.append(_member_of(expression, list(groups), failed_params))
+            failed.append(member_of(expression, list(groups), failed_params, "%s"))
         for key, reason, count in self._query(
                 f"SELECT {expression} AS k, end_reason, SUM(requests) FROM ({source}) AS src "
                 f"WHERE {' AND '.join(failed)} GROUP BY k, end_reason ORDER BY k, end_reason",
@@ -496,15 +494,6 @@ def rollup_deltas(rows: list[dict]) -> list[tuple]:
         sums[11] += billed if dedup else 0
         sums[12] += (row["saved_cost_usd"] or 0.0) if dedup else 0.0
     return [key + tuple(sums) for key, sums in sorted(deltas.items())]
-
-
-def _member_of(expression: str, keys: list, params: list) -> str:
-    values = [k for k in keys if k is not None]
-    params.extend(values)
-    parts = [f"{expression} IN ({', '.join(['%s'] * len(values))})"] if values else []
-    if None in keys:
-        parts.append(f"{expression} IS NULL")
-    return "(" + " OR ".join(parts) + ")" if parts else "FALSE"
 
 
 def _counts(values: tuple) -> Counts:

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from ..text import loggable
 from ..usage import DEDUP_REASONS, RECORD_FIELDS
 from . import ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError, UsageStore, \
-    empty_counts
+    empty_counts, member_of
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class SqliteStore(UsageStore):
             f"GROUP BY k{limit}", params)}
         failed, failed_params = [*where, f"end_reason NOT IN ('complete', {_DEDUP[1:]}"], list(params)
         if top is not None:
-            failed.append(_member_of(expression, list(groups), failed_params))
+            failed.append(member_of(expression, list(groups), failed_params, "?"))
         for key, reason, count in self._query(
                 f"SELECT {expression} AS k, end_reason, COUNT(*) FROM {TABLE}{_where(failed)} "
                 "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
@@ -436,16 +436,6 @@ def _window(since: float | None, until: float | None,
 
 def _where(clauses: list[str]) -> str:
     return " WHERE " + " AND ".join(clauses) if clauses else ""
-
-
-def _member_of(expression: str, keys: list, params: list) -> str:
-    """SQL for "expression is one of keys" (NULL included), appending the keys to params."""
-    values = [k for k in keys if k is not None]
-    params.extend(values)
-    parts = [f"{expression} IN ({', '.join('?' * len(values))})"] if values else []
-    if None in keys:
-        parts.append(f"{expression} IS NULL")
-    return "(" + " OR ".join(parts) + ")" if parts else "0"
 
 
 def _counts(values: tuple) -> Counts:

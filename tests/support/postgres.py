@@ -97,3 +97,18 @@ def wait_until_down(server: PostgresServer, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("PostgreSQL did not stop")
         time.sleep(0.05)
+
+
+def wait_for_a_lock_wait(url: str, timeout: float = 10.0) -> None:
+    """Until a session of this database waits for a lock (what a test means by "the other
+    transaction is blocked now"), as PostgreSQL itself reports it."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'").fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise AssertionError("no session came to wait for a lock")
+            time.sleep(0.01)
