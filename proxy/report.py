@@ -29,11 +29,15 @@ import io
 import json
 import re
 import sys
+import time
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from . import views
 from .store import TOKEN_FIELDS, Counts, StoreFault, UsageStore, open_store
+from .store.rollups import hour_ceil, hour_floor
 from .usage import DEDUP_REASONS, END_REASONS
+from .views import STAT_FIELDS, VIEWS
 
 STAT_COLUMNS = ("requests", *TOKEN_FIELDS, "cache_hit_ratio", "cost_usd", "unpriced_requests",
                 "continued_requests", "continuation_cost_usd", "dedup_requests", "dedup_tokens",
@@ -273,13 +277,21 @@ def _failure_reasons(summary: dict) -> list[str]:
 
 def add_usage_arguments(parser) -> None:
     """Options of ``llm-proxy usage``."""
+    parser.add_argument("view", nargs="?", default="daily", choices=(*VIEWS, "summary"),
+                        help="daily (default), monthly, session, blocks (5-hour windows), "
+                        "models, keys; or summary (totals and every breakdown, as /usage)")
     parser.add_argument("--since", help="first day or time to include: YYYY-MM-DD or an ISO "
-                        "datetime (UTC unless it names a zone)")
+                        "datetime (UTC unless it names a zone); views count whole hours")
     parser.add_argument("--until", help="end of the report: a bare date includes that whole "
                         "day; an ISO datetime is exclusive")
+    parser.add_argument("--model", help="only this model (daily, monthly, blocks, models, keys)")
+    parser.add_argument("--key", help="only this proxy key, by name (daily, monthly, blocks, "
+                        "models, keys)")
+    parser.add_argument("--top", type=int, default=VIEW_TOP,
+                        help=f"rows of the session, models and keys views (default {VIEW_TOP})")
     output = parser.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print the summary as JSON")
-    output.add_argument("--csv", action="store_true", help="print the summary as CSV")
+    output.add_argument("--json", action="store_true", help="print the report as JSON")
+    output.add_argument("--csv", action="store_true", help="print the report as CSV")
     parser.add_argument("--db", help="usage database to read (default: the configured tracker "
                         "database)")
 
@@ -291,25 +303,217 @@ def run_usage(args, default_db_path: str | None) -> int:
     if not db_path:
         _complain("no usage database configured (use --db to name one)")
         return 1
+    name = getattr(args, "view", None) or "daily"
     try:
-        summary = summarize(db_path, getattr(args, "since", None), getattr(args, "until", None))
+        if name == "summary":
+            report = summarize(db_path, getattr(args, "since", None), getattr(args, "until", None))
+        else:
+            filters = {k: v for k in ("model", "key") if (v := getattr(args, k, None))}
+            report = view(db_path, name, getattr(args, "since", None),
+                          getattr(args, "until", None), filters=filters,
+                          top=getattr(args, "top", VIEW_TOP))
     except ValueError as exc:
         _complain(str(exc))
         return 2
     except StoreFault as exc:
         _complain(f"cannot read {db_path}: {exc}")
         return 1
-    sys.stdout.write(_render(summary, args))
+    sys.stdout.write(_render(report, args))
     return 0
 
 
-def _render(summary: dict, args) -> str:
+def _render(report: dict, args) -> str:
     if getattr(args, "json", False):
-        return json.dumps(summary, indent=2) + "\n"
+        return json.dumps(report, indent=2) + "\n"
+    if "view" not in report:  # the summary
+        return render_csv(report) if getattr(args, "csv", False) else render_table(report)
     if getattr(args, "csv", False):
-        return render_csv(summary)
-    return render_table(summary)
+        return render_view_csv(report)
+    return render_view(report, rich_terminal=sys.stdout.isatty())
 
 
 def _complain(message: str) -> None:
     print(f"llm-proxy usage: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Views (proxy/views.py): read from the rollups, rendered here.
+
+VIEW_TOP = 50
+SESSION_DAYS = 30  # the session view reads raw rows: the last 30 days unless told otherwise
+
+
+def view(db: str, name: str, since: Any = None, until: Any = None,
+         filters: dict | None = None, top: int = VIEW_TOP, now: float | None = None,
+         client_key: str | None = None) -> dict:
+    """One of views.VIEWS over [since, until) in whole UTC hours (all recorded time by
+    default; the last SESSION_DAYS for sessions).  Raises ValueError for bad bounds or
+    names, StoreFault when the database cannot be read now."""
+    if name not in VIEWS:
+        raise ValueError(f"no view {name!r}; one of {', '.join(VIEWS)}")
+    if not 1 <= int(top) <= 100_000:
+        raise ValueError("top must be between 1 and 100000")
+    now = time.time() if now is None else now
+    start, stop = view_bounds(since, until, now, SESSION_DAYS if name == "session" else None)
+    store = open_store(db)
+    try:
+        report = _view(store, name, start, stop, filters or {}, int(top), now, client_key)
+    finally:
+        store.close()
+    return {"view": name, "since": _iso(start) if start > 0 else None, "until": _iso(stop),
+            **report}
+
+
+def view_bounds(since: Any, until: Any, now: float, default_days: int | None) -> tuple[float, float]:
+    """[since, until) widened to whole hours."""
+    stop = parse_when(until, end=True)
+    stop = hour_ceil(stop) if stop is not None else hour_floor(now) + 3600
+    start = parse_when(since)
+    if start is None:
+        start = stop - default_days * 86400 if default_days else 0.0
+    return hour_floor(start), stop
+
+
+def _view(store: UsageStore, name: str, start: float, stop: float, filters: dict, top: int,
+          now: float, client_key: str | None) -> dict:
+    if name == "session":
+        return views.sessions(store.sessions(start, stop, top, client_key))
+    rows = store.hourly(start, stop, views.QUERIES[name], filters, client_key)
+    if name in ("daily", "monthly"):
+        return views.by_period(rows, name)
+    if name == "blocks":
+        report = views.blocks(rows, now)
+        last = report["rows"][-1] if report["rows"] else None
+        if last is not None and last["active"]:  # its burn rate runs from its first request
+            began = parse_when(last["block_start"])
+            first = store.first_started(began, stop, client_key)
+            report = views.blocks(rows, now, first)
+        return report
+    report = views.by_dimension(rows, name)
+    report["groups"] = len(report["rows"])
+    report["rows"] = report["rows"][:top]
+    return report
+
+
+_VIEW_LABELS = {"daily": ("day", "day"), "monthly": ("month", "month"),
+                "session": ("session", "session"), "blocks": ("block_start", "block (UTC)"),
+                "models": ("model", "model"), "keys": ("key", "proxy key")}
+WIDE = 140  # columns a terminal needs for the whole table
+_VIEW_TITLES = {"daily": "Usage per day", "monthly": "Usage per month",
+                "session": "Usage per session", "blocks": "Usage per 5-hour block",
+                "models": "Usage per model", "keys": "Usage per proxy key"}
+_VIEW_COLUMNS = (("requests", "requests"), ("input_tokens", "input"),
+                 ("output_tokens", "output"), ("cache_write_tokens", "cache write"),
+                 ("cache_read_tokens", "cache read"), ("cache_hit_ratio", "cache hit"),
+                 ("cost_usd", "cost USD"), ("ttft_p50_ms", "TTFT p50"),
+                 ("failed_requests", "failed"))
+
+
+def _view_cells(report: dict, row: dict, label: str, compact: bool = False) -> list[str]:
+    first = "-" if row.get(label) is None else str(row[label])
+    if report["view"] == "blocks":
+        first = row[label][:16].replace("T", " ") + (" (active)" if row["active"] else "")
+    cells = [first]
+    if "models" in row and not compact:
+        cells.append(", ".join(row["models"]) or "-")
+    return cells + [_view_cell(column, row[column], compact) for column, _ in _VIEW_COLUMNS]
+
+
+def _view_cell(column: str, value: Any, compact: bool = False) -> str:
+    if value is None:
+        return "-"
+    if compact and column.endswith("_tokens") and value >= 10_000:
+        return f"{value / 1e6:.1f}M" if value >= 1e6 else f"{value / 1e3:.1f}k"
+    if column == "cache_hit_ratio":
+        return f"{value:.1%}"
+    if column == "cost_usd":
+        return f"{value:,.2f}" if compact else f"{value:,.4f}"
+    if column == "ttft_p50_ms":
+        return f"{value:,.0f}" if compact else f"{value:,.0f} ms"
+    return f"{value:,}"
+
+
+def render_view(report: dict, rich_terminal: bool = False, width: int | None = None) -> str:
+    """A view as a table: drawn by rich for a terminal, plain aligned text when piped.  A
+    terminal narrower than WIDE gets token counts in k/M and no models column."""
+    label, title = _VIEW_LABELS[report["view"]]
+    if rich_terminal:
+        from rich.console import Console
+        width = width or Console().width
+    compact = rich_terminal and width < WIDE
+    with_models = report["view"] not in ("models", "keys") and not compact
+    header = [title] + (["models"] if with_models else []) + [
+        ("reqs" if compact and h == "requests" else "TTFT ms" if compact and h == "TTFT p50"
+         else h) for _, h in _VIEW_COLUMNS]
+    body = [_view_cells(report, row, label, compact) for row in report["rows"]]
+    totals = ["total"] + ([""] if with_models else []) + [
+        _view_cell(c, report["totals"][c], compact) for c, _ in _VIEW_COLUMNS]
+    heading = (f"{_VIEW_TITLES[report['view']]}, from {report['since'] or 'the beginning'} "
+               f"until {report['until']} (UTC)")
+    notes = _block_notes(report)
+    if rich_terminal:
+        return _rich_table(heading, header, body, totals, notes, width)
+    lines = [heading, ""]
+    if body:
+        widths = [max(len(r[i]) for r in [header, *body, totals]) for i in range(len(header))]
+        lines += [_view_line(r, widths, with_models) for r in [header, *body, totals]]
+    else:
+        lines.append("(no requests)")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _view_line(cells: list[str], widths: list[int], with_models: bool) -> str:
+    texts = 2 if with_models else 1  # the label (and models) left, the numbers right
+    return "  ".join(c.ljust(w) if i < texts else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def _block_notes(report: dict) -> list[str]:
+    if report["view"] != "blocks":
+        return []
+    active = [r for r in report["rows"] if r.get("active")]
+    if not active:
+        return ["", "No active block."]
+    block = active[0]
+    rate, projection = block["burn_rate"], block["projection"]
+    return ["", f"Active block until {block['block_end']}: burning "
+            f"${rate['cost_usd_per_hour']:,.4f}/hour, {rate['tokens_per_minute']:,.0f} tokens/minute;"
+            f" projected ${projection['cost_usd']:,.4f} and {projection['tokens']:,} tokens by its "
+            f"end ({projection['remaining_minutes']:,.0f} minutes left)."]
+
+
+def _rich_table(heading: str, header: list[str], body: list[list[str]], totals: list[str],
+                notes: list[str], width: int) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=heading, show_footer=bool(body), header_style="bold", padding=(0, 1),
+                  collapse_padding=True)
+    for index, (name, foot) in enumerate(zip([h.replace(" ", "\n") for h in header], totals)):
+        numeric = index >= (2 if header[1] == "models" else 1)
+        table.add_column(name, footer=foot, justify="right" if numeric else "left",
+                         no_wrap=numeric, overflow="fold", min_width=None if numeric else 10)
+    for row in body:
+        table.add_row(*row)
+    console = Console(force_terminal=True, width=width)
+    with console.capture() as captured:
+        console.print(table if body else f"{heading}\n(no requests)")
+        for line in notes:
+            console.print(line)
+    return captured.get()
+
+
+def render_view_csv(report: dict) -> str:
+    """One CSV row per view row: its label, its models (space-separated) and every figure."""
+    label, _ = _VIEW_LABELS[report["view"]]
+    extra = {"session": ["first_at", "last_at"], "blocks": ["block_end", "active"]}.get(
+        report["view"], [])
+    with_models = report["view"] not in ("models", "keys")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([label, *extra, *(["models"] if with_models else []), *STAT_FIELDS])
+    for row in report["rows"]:
+        writer.writerow([row.get(label), *(row[e] for e in extra),
+                         *([" ".join(row["models"])] if with_models else []),
+                         *("" if row[f] is None else row[f] for f in STAT_FIELDS)])
+    return out.getvalue()

@@ -103,6 +103,7 @@ class UsageRecord:
     paid_by: str | None = None  # a replayed or joined request: the request that paid
     saved_cost_usd: float | None = None  # ...and what its answer cost that request
     key_name: str | None = None  # the proxy key that made the request (keys mode)
+    session_id: str | None = None  # the client's session (proxy/sessions.py), for reports
 
     def apply_usage(self, usage: Usage) -> None:
         """Copy parsed usage in; the upstream's own model name wins over the routed one."""
@@ -141,7 +142,7 @@ _BOOL_FIELDS = ("priced", "usage_complete", "stream")
 # Longest text stored per field (longer values are cut with a marker that says so): a client
 # chooses the model name and an upstream its error message, and either can be megabytes.
 TEXT_LIMITS = {
-    "request_id": 64, "paid_by": 64, "key_name": 128, "endpoint": 64, "end_reason": 64, "client_key_id": 64,
+    "request_id": 64, "paid_by": 64, "key_name": 128, "session_id": 128, "endpoint": 64, "end_reason": 64, "client_key_id": 64,
     "model_requested": 256, "deployment": 256, "upstream_model": 256, "stop_reason": 128,
     "error": 2000, "attempt_log": 64 * 1024,
 }

@@ -45,7 +45,7 @@ def test_llm_proxy_serve_with_config_file_and_flags(fake, tmp_path):
     assert proc.returncode == 0
     assert b"proxy.worker.ProxyWorker" in err  # the worker class from the shared settings
     # The worker drained its queue on exit: `llm-proxy usage` sees the request.
-    out = subprocess.run([sys.executable, "-m", "proxy", "usage", "--config", str(config), "--json"],
+    out = subprocess.run([sys.executable, "-m", "proxy", "usage", "summary", "--config", str(config), "--json"],
                          env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
@@ -94,12 +94,15 @@ def test_llm_proxy_usage_on_a_missing_or_empty_database_prints_an_empty_report(t
     missing, blank = tmp_path / "missing.db", tmp_path / "blank.db"
     sqlite3.connect(blank).close()
     for db in (missing, blank):
-        table = run_cli("usage", "--db", str(db))
+        table = run_cli("usage", "summary", "--db", str(db))
         assert (table.returncode, table.stderr) == (0, ""), db
         assert table.stdout.startswith("Usage: all recorded requests")
         assert "(no requests)" in table.stdout
-        summary = json.loads(run_cli("usage", "--db", str(db), "--json").stdout)
+        summary = json.loads(run_cli("usage", "summary", "--db", str(db), "--json").stdout)
         assert summary["totals"]["requests"] == 0 and summary["by_model"] == []
+        daily = json.loads(run_cli("usage", "--db", str(db), "--json").stdout)
+        assert daily["view"] == "daily" and daily["rows"] == []
+        assert daily["totals"]["requests"] == 0
     assert not missing.exists()  # a report never creates the database
 
 

@@ -416,9 +416,10 @@ def test_a_client_key_sees_only_its_own_usage(keyed):
     assert [g["key"] for g in own["by_key"]] == [name]
     assert everyone["totals"]["requests"] > 3
     assert flush.status_code == 403
-    report = subprocess.run([sys.executable, "-m", "proxy", "usage", "--json"], env=keyed.env,
-                            cwd=str(ROOT), capture_output=True, text=True, timeout=30)
-    by_key = {g["key"]: g["requests"] for g in json.loads(report.stdout)["by_key"]}
+    report = subprocess.run([sys.executable, "-m", "proxy", "usage", "keys", "--json"],
+                            env=keyed.env, cwd=str(ROOT), capture_output=True, text=True,
+                            timeout=30)
+    by_key = {g["key"]: g["requests"] for g in json.loads(report.stdout)["rows"]}
     assert by_key[name] == 3
 
 

@@ -284,24 +284,27 @@ def parse(argv):
 
 
 def test_the_usage_command_prints_json_for_a_window(db, capsys):
-    assert run_usage(parse(["--json", "--since", "2026-11-21"]), db) == 0
+    assert run_usage(parse(["summary", "--json", "--since", "2026-11-21"]), db) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["requests"] == 4
 
 
 def test_the_usage_command_prints_csv_from_the_database_it_is_given(db, capsys):
-    assert run_usage(parse(["--csv", "--db", db]), "/nonexistent/default.db") == 0
+    assert run_usage(parse(["summary", "--csv", "--db", db]), "/nonexistent/default.db") == 0
     assert capsys.readouterr().out.startswith("group,key,requests,")
 
 
-def test_the_usage_command_prints_the_table_by_default(db, capsys):
-    assert run_usage(parse([]), db) == 0
+def test_the_usage_command_prints_the_summary_table(db, capsys):
+    assert run_usage(parse(["summary"]), db) == 0
     assert "By client key" in capsys.readouterr().out
 
 
 def test_run_usage_on_a_missing_database_prints_the_empty_report(tmp_path, capsys):
-    assert run_usage(parse([]), str(tmp_path / "usage.db")) == 0
+    assert run_usage(parse(["summary"]), str(tmp_path / "usage.db")) == 0
     out = capsys.readouterr().out
     assert out.startswith("Usage: all recorded requests") and "(no requests)" in out
+    assert run_usage(parse([]), str(tmp_path / "usage.db")) == 0  # the daily view
+    out = capsys.readouterr().out
+    assert out.startswith("Usage per day, from the beginning") and "(no requests)" in out
     assert run_usage(parse([]), None) == 1  # nothing configured at all
     assert "no usage database configured" in capsys.readouterr().err
 

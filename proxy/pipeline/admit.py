@@ -27,6 +27,7 @@ from ..limits import MemoryBudget, json_parse_cost
 from ..pricing import PriceTable
 from ..redact import Redactor, client_key_id, request_credentials
 from ..routing import Deployment, Route, Router, pass_through_route
+from ..sessions import session_of
 from ..text import loggable
 from ..upstream import encode_json_body, forwardable_headers
 from ..keys.policy import ClientKey
@@ -129,6 +130,7 @@ class Admission:
         payload, reservation = self._parse_within_budget(opened.record, body)
         model = endpoint.fmt.model_of(payload)
         opened.record.model_named(model)
+        opened.record.in_session(session_of(request.headers, payload))
         if endpoint.needs_model and not (model or "").strip():
             raise BadRequest("`model` is required and must be a non-empty string")
         self.deps.gate.check_model(opened.key, model)

@@ -68,6 +68,11 @@ class RequestRecord:
         """The model the client asked for (known before the request is fully checked)."""
         self._set(model_requested=model)
 
+    def in_session(self, session_id: str | None) -> None:
+        """The client's session (proxy/sessions.py), for the report's session view."""
+        if session_id is not None:
+            self._set(session_id=session_id)
+
     def keyed(self, key_id: str, key_name: str) -> None:
         """The request carries this proxy key: rows are the key's, by id and by name."""
         self._set(client_key_id=key_id, key_name=key_name)

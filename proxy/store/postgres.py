@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..text import loggable
 from ..usage import DEDUP_REASONS, RECORD_FIELDS
 from . import (ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError,
-               UsageStore, empty_counts, member_of)
+               UsageStore, empty_counts, member_of, rollups)
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,11 @@ CONNECT_TIMEOUT = 5  # seconds
 
 _DEDUP = "('" + "', '".join(DEDUP_REASONS) + "')"
 _BILLED = " + ".join(f"COALESCE({c}, 0)" for c in TOKEN_FIELDS[:4])
-_ROLLUP_COLUMNS = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
-                   *TOKEN_FIELDS, "cost_usd", "unpriced", "continued", "continuation_cost_usd",
-                   "dedup_requests", "dedup_tokens", "dedup_saved_usd")
-# Raw rows in the rollups' shape, one row per hour and group: for the backfill, and for the
-# partial hours at the edges of a report's period.
-_RAW_AS_ROLLUP = (
-    f"SELECT floor(started_at / {HOUR}) * {HOUR} AS hour, "
-    "COALESCE(upstream_model, model_requested, '') AS model, "
-    "COALESCE(client_key_id, '') AS client_key_id, COALESCE(key_name, '') AS key_name, "
-    "COALESCE(end_reason, '') AS end_reason, COUNT(*) AS requests, "
-    + ", ".join(f"COALESCE(SUM(CASE WHEN paid_by IS NULL THEN {c} END), 0) AS {c}"
-                for c in TOKEN_FIELDS)
-    + ", COALESCE(SUM(CASE WHEN priced <> 0 THEN cost_usd END), 0) AS cost_usd, "
-    f"COUNT(*) FILTER (WHERE priced = 0 AND {_BILLED} > 0) AS unpriced, "
-    "COUNT(*) FILTER (WHERE continuations > 0) AS continued, "
-    "COALESCE(SUM(continuation_cost_usd), 0) AS continuation_cost_usd, "
-    f"COUNT(*) FILTER (WHERE end_reason IN {_DEDUP}) AS dedup_requests, "
-    f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN {_BILLED} END), 0) AS dedup_tokens, "
-    f"COALESCE(SUM(CASE WHEN end_reason IN {_DEDUP} THEN saved_cost_usd END), 0) "
-    f"AS dedup_saved_usd FROM {TABLE}{{where}} GROUP BY 1, 2, 3, 4, 5")
+_ROLLUP_COLUMNS = rollups.COLUMNS
+PG_HOUR = f"floor(COALESCE(started_at, 0) / {HOUR}) * {HOUR}"
+# The first hour whose raw rows are all still there (retention deletes the oldest).
+_FIRST_WHOLE_HOUR = (f"(SELECT floor(min(started_at) / {HOUR}) * {HOUR} + {HOUR} "
+                     f"FROM {TABLE})")
 
 # Each entry upgrades the schema by one version; never edit a released entry, append a new one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -127,6 +112,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (hour, model, client_key_id, key_name, end_reason))""",
         f"CREATE INDEX {ROLLUPS}_client_key ON {ROLLUPS} (client_key_id, hour)",
     ),
+    # v2: the client's session; rollups per endpoint and deployment too, with retries,
+    # fallbacks and a histogram of time to first token (proxy/store/rollups.py).  The
+    # hours whose raw rows are all still there are rebuilt from them; older ones keep
+    # what they had (no endpoint, deployment or TTFT).
+    (
+        f"ALTER TABLE {TABLE} ADD COLUMN session_id TEXT",
+        f"CREATE INDEX {TABLE}_session ON {TABLE} (session_id, started_at)",
+        f"ALTER TABLE {ROLLUPS} "
+        + ", ".join([f"ADD COLUMN {c} TEXT NOT NULL DEFAULT ''" for c in ("endpoint", "deployment")]
+                    + [f"ADD COLUMN {c} "
+                       f"{'DOUBLE PRECISION' if c in rollups.FLOAT_SUMS else 'NUMERIC'} "
+                       "NOT NULL DEFAULT 0" for c in rollups.EXTRA_SUMS]),
+        f"ALTER TABLE {ROLLUPS} DROP CONSTRAINT {ROLLUPS}_pkey",
+        f"ALTER TABLE {ROLLUPS} ADD PRIMARY KEY ({', '.join(rollups.KEY_COLUMNS)})",
+        f"DELETE FROM {ROLLUPS} WHERE hour >= {_FIRST_WHOLE_HOUR}",
+        f"INSERT INTO {ROLLUPS} ({', '.join(rollups.COLUMNS)}) "
+        + rollups.raw_as_rollup(PG_HOUR, f" WHERE started_at >= {_FIRST_WHOLE_HOUR}"),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -137,12 +140,8 @@ _INSERT = (f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES "
 _INSERT_ANSWER = (f"INSERT INTO {ANSWERS} ({', '.join(ANSWER_FIELDS)}) VALUES "
                   f"({', '.join(f'%({name})s' for name in ANSWER_FIELDS)})")
 
-_ROLLUP_UPSERT = (
-    f"INSERT INTO {ROLLUPS} ({', '.join(_ROLLUP_COLUMNS)}) VALUES "
-    f"({', '.join(['%s'] * len(_ROLLUP_COLUMNS))}) "
-    "ON CONFLICT (hour, model, client_key_id, key_name, end_reason) DO UPDATE SET "
-    + ", ".join(f"{c} = {ROLLUPS}.{c} + excluded.{c}" for c in _ROLLUP_COLUMNS[5:]))
-_SUMS = ", ".join(f"SUM({c})" for c in _ROLLUP_COLUMNS[5:])
+_ROLLUP_UPSERT = rollups.upsert_sql("%s")
+_SUMS = ", ".join(f"SUM({c})" for c in rollups.COUNT_SUMS)
 _SPEND_FIRST = "ORDER BY SUM(cost_usd) DESC, SUM(requests) DESC"
 # What a report groups the rollups by ('' back to no value).
 _GROUP_EXPRESSIONS = {
@@ -175,8 +174,11 @@ def redacted_url(url: str) -> str:
         return "postgresql://(a URL that cannot be parsed)"
 
 
-class PostgresStore(UsageStore):
+class PostgresStore(rollups.RollupQueries, UsageStore):
     """Usage rows in the PostgreSQL database at `url`."""
+
+    MARK = "%s"
+    RAW_HOUR = PG_HOUR
 
     def __init__(self, url: str, busy_timeout_ms: int = 5000) -> None:
         self.url = url
@@ -315,6 +317,12 @@ class PostgresStore(UsageStore):
                 failed_params):
             groups[key]["failures"][reason] = int(count)
         return groups
+
+    def _has_rollups(self) -> bool:
+        """The rollups of this schema (v2); a database no proxy of this version has opened
+        yet is read from its raw rows."""
+        found = self._query("SELECT max(version) FROM llm_proxy_schema", [])
+        return bool(found) and (found[0][0] or 0) >= 2
 
     # -- connection, schema and faults ---------------------------------------------------------
 
@@ -461,8 +469,8 @@ def _source(since: float | None, until: float | None,
         first = last = low
     key_rollups = " AND client_key_id = %s" if client_key is not None else ""
     key_raw = " AND client_key_id = %s" if client_key is not None else ""
-    raw = _RAW_AS_ROLLUP.format(where=" WHERE started_at >= %s AND started_at < %s AND NOT "
-                                      f"(started_at >= %s AND started_at < %s){key_raw}")
+    raw = rollups.raw_as_rollup(PG_HOUR, " WHERE started_at >= %s AND started_at < %s AND NOT "
+                                f"(started_at >= %s AND started_at < %s){key_raw}")
     sql = (f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM {ROLLUPS} WHERE hour >= %s AND hour < %s"
            f"{key_rollups} UNION ALL {raw}")
     params = [first, last, *([client_key] if client_key is not None else []),
@@ -470,30 +478,7 @@ def _source(since: float | None, until: float | None,
     return sql, params
 
 
-def rollup_deltas(rows: list[dict]) -> list[tuple]:
-    """What `rows` (stored just now) add to the hourly rollups, sorted by the rollups' key;
-    the same sums as _RAW_AS_ROLLUP makes of raw rows."""
-    deltas: dict[tuple, list] = {}
-    for row in rows:
-        model = next((m for m in (row["upstream_model"], row["model_requested"])
-                      if m is not None), "")  # as SQL's COALESCE: '' is a value
-        key = (math.floor((row["started_at"] or 0) / HOUR) * HOUR, model,
-               row["client_key_id"] or "", row["key_name"] or "", row["end_reason"] or "")
-        sums = deltas.setdefault(key, [0] * (len(_ROLLUP_COLUMNS) - 5))
-        billed = sum(row[c] or 0 for c in TOKEN_FIELDS[:4])
-        dedup = row["end_reason"] in DEDUP_REASONS
-        sums[0] += 1
-        for i, column in enumerate(TOKEN_FIELDS, start=1):
-            if row["paid_by"] is None:
-                sums[i] += row[column] or 0
-        sums[6] += (row["cost_usd"] or 0.0) if row["priced"] else 0.0
-        sums[7] += 1 if row["priced"] == 0 and billed > 0 else 0
-        sums[8] += 1 if (row["continuations"] or 0) > 0 else 0
-        sums[9] += row["continuation_cost_usd"] or 0.0
-        sums[10] += 1 if dedup else 0
-        sums[11] += billed if dedup else 0
-        sums[12] += (row["saved_cost_usd"] or 0.0) if dedup else 0.0
-    return [key + tuple(sums) for key, sums in sorted(deltas.items())]
+rollup_deltas = rollups.deltas  # what stored rows add to the rollups, in key order
 
 
 def _counts(values: tuple) -> Counts:

@@ -24,6 +24,7 @@ from ..text import loggable
 from ..usage import DEDUP_REASONS, RECORD_FIELDS
 from . import ANSWER_FIELDS, TOKEN_FIELDS, Counts, RowRejected, StoreFault, TrackerPathError, UsageStore, \
     empty_counts, member_of
+from . import rollups
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v5: the proxy key (keys mode) a request was made with, by name.
     (f"ALTER TABLE {TABLE} ADD COLUMN key_name TEXT",
      f"CREATE INDEX {TABLE}_key_name ON {TABLE} (key_name, started_at)"),
+    # v6: the client's session; hourly rollups (proxy/store/rollups.py) for the report's
+    # views and the dashboard, filled from the rows stored so far.
+    (f"ALTER TABLE {TABLE} ADD COLUMN session_id TEXT",
+     f"CREATE INDEX {TABLE}_session ON {TABLE} (session_id, started_at)",
+     f"CREATE TABLE {rollups.ROLLUPS} ("
+     + ", ".join([f"{c} {'REAL' if c == 'hour' else 'TEXT'} NOT NULL"
+                  for c in rollups.KEY_COLUMNS]
+                 + [f"{c} {'REAL' if c in rollups.FLOAT_SUMS else 'INTEGER'} NOT NULL"
+                    for c in rollups.SUM_COLUMNS])
+     + f", PRIMARY KEY ({', '.join(rollups.KEY_COLUMNS)})) WITHOUT ROWID",
+     f"CREATE INDEX {rollups.ROLLUPS}_client_key ON {rollups.ROLLUPS} (client_key_id, hour)",
+     f"INSERT INTO {rollups.ROLLUPS} ({', '.join(rollups.COLUMNS)}) "
+     + rollups.raw_as_rollup("CAST(COALESCE(started_at, 0) / 3600 AS INTEGER) * 3600.0")),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,8 +90,7 @@ _PARAMS = ", ".join(f":{name}" for name in RECORD_FIELDS)
 _INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_PARAMS})"
 # Replayed rows may already be stored (a replay cut short, a batch spilled by close() while
 # a stuck writer committed it after all): the request id decides.
-_INSERT_NEW = (f"INSERT INTO {TABLE} ({_COLUMNS}) SELECT {_PARAMS} WHERE NOT EXISTS "
-               f"(SELECT 1 FROM {TABLE} WHERE request_id = :request_id)")
+_ROLLUP_UPSERT = rollups.upsert_sql("?")
 _INSERT_ANSWER = (f"INSERT INTO {ANSWERS} ({', '.join(ANSWER_FIELDS)}) VALUES "
                   f"({', '.join(':' + name for name in ANSWER_FIELDS)})")
 # Errors that belong to one row (a constraint, a value SQLite cannot bind), not to the
@@ -104,7 +117,8 @@ _AGGREGATES = ", ".join(
 # Columns later schema versions added: a database not migrated yet (the report reads, never
 # migrates; the server migrates on its first write) reads as if they held nothing.
 _ADDED_COLUMNS = {"attempt_log": "NULL", "continuations": "0", "continuation_cost_usd": "NULL",
-                  "paid_by": "NULL", "saved_cost_usd": "NULL", "key_name": "NULL"}
+                  "paid_by": "NULL", "saved_cost_usd": "NULL", "key_name": "NULL",
+                  "session_id": "NULL"}
 _SPEND_FIRST = "ORDER BY TOTAL(CASE WHEN priced THEN cost_usd END) DESC, COUNT(*) DESC"
 _GROUP_EXPRESSIONS = {
     "day": "date(started_at, 'unixepoch')",
@@ -115,9 +129,12 @@ _GROUP_EXPRESSIONS = {
 _ALL_ROWS = "NULL"  # the "group" of the totals: every row has the same key, None
 
 
-class SqliteStore(UsageStore):
+class SqliteStore(rollups.RollupQueries, UsageStore):
     """Usage rows in the SQLite file at ``path``: one connection for writing (opened,
     created and migrated by ``open``) and one for reading (the file as it is)."""
+
+    MARK = "?"
+    RAW_HOUR = "CAST(COALESCE(started_at, 0) / 3600 AS INTEGER) * 3600.0"
 
     def __init__(self, path: str, busy_timeout_ms: int = 5000) -> None:
         self.path = path
@@ -254,6 +271,12 @@ class SqliteStore(UsageStore):
                 "GROUP BY k, end_reason ORDER BY k, end_reason", failed_params):
             groups[key]["failures"][reason] = count
         return groups
+
+    def _has_rollups(self) -> bool:
+        """A database the proxy has not migrated yet (it migrates on its first write) is
+        read from its raw rows instead."""
+        return bool(self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                "name = ?", [rollups.ROLLUPS]))
 
     def _column(self, name: str, alias: bool = True) -> str:
         """`name`, or what it reads as in a database from before it was added."""
@@ -393,9 +416,28 @@ def _warn_if_newer(found: int) -> None:
 
 
 def _insert(conn: sqlite3.Connection, rows: list[dict], only_new: bool) -> int:
-    """Insert ``rows`` in one transaction (all of them are stored, or none); how many were."""
+    """Insert ``rows`` and their rollups in one transaction (all of them are stored, or
+    none); how many were.  With ``only_new``, a request id stored already, or met earlier
+    in the batch, is skipped."""
     with _write_transaction(conn):
-        return conn.executemany(_INSERT_NEW if only_new else _INSERT, rows).rowcount
+        if only_new:
+            rows = _not_stored(conn, rows)
+        if rows:
+            conn.executemany(_INSERT, rows)
+            conn.executemany(_ROLLUP_UPSERT, rollups.deltas(rows))
+        return len(rows)
+
+
+def _not_stored(conn: sqlite3.Connection, rows: list[dict]) -> list[dict]:
+    first = list({r["request_id"]: r for r in reversed(rows)}.values())[::-1]
+    ids = [r["request_id"] for r in first]
+    stored = set()
+    for start in range(0, len(ids), 500):
+        part = ids[start:start + 500]
+        stored.update(found for (found,) in conn.execute(
+            f"SELECT request_id FROM {TABLE} WHERE request_id IN "
+            f"({', '.join('?' * len(part))})", part))
+    return [r for r in first if r["request_id"] not in stored]
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ REQUEST_ID_HEADER = "x-llm-proxy-request-id"
 # to mask echoed keys and to cap decompression, so it asks upstreams for identity).
 _REQUEST_DROP = frozenset({"host", "content-length", "x-forwarded-for", "x-forwarded-host",
                            "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "forwarded",
-                           "accept-encoding", "x-llm-proxy-dedup"})
+                           "accept-encoding", "x-llm-proxy-dedup", "x-llm-proxy-session",
+                           "x-llm-proxy-cost-comment"})
 
 
 @dataclass(frozen=True)
