@@ -4,4 +4,4 @@
 # uses exactly the same ones; override any of them below or with LLM_PROXY_BIND,
 # LLM_PROXY_WORKERS, LLM_PROXY_THREADS, LLM_PROXY_GRACEFUL_TIMEOUT.
 from proxy.gunicorn_conf import *  # noqa: F401,F403
-from proxy.gunicorn_conf import on_starting, worker_exit  # noqa: F401
+from proxy.gunicorn_conf import child_exit, on_exit, on_starting, worker_exit  # noqa: F401

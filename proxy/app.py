@@ -29,6 +29,7 @@ from .errors import MethodNotAllowed, NotFound, ProxyError, ShuttingDown
 from .formats import Format
 from .formats.translate.bridge import Bridges, ProviderTranslation
 from .heartbeat import Heartbeat
+from .metrics import Metrics
 from .limits import MemoryBudget
 from .pipeline.admit import (ENDPOINTS, MODELS_PATH, Admission, AdmitDeps, Opened, format_for,
                              new_request_id)
@@ -36,7 +37,7 @@ from .dedup.answers import READ_BUSY_TIMEOUT_MS, AnswerCache, StoredAnswers
 from .pipeline.attempt import TryDeps
 from .pipeline.dedup import DEDUP_HEADER, Dedup, DedupDeps, DedupTicket, DedupTickets
 from .pipeline.fanout import LiveCalls
-from .pipeline.finalize import InFlight
+from .pipeline.finalize import ESTIMATE_DEPLOYMENT, InFlight
 from .pipeline.gate import Gate, GateDeps, only_allowed_models
 from .keys.ledger import KeyBook, Ledger
 from .keys.pgstore import open_key_store
@@ -161,8 +162,12 @@ class App:
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config = config or load_config()
-        self.heartbeat = Heartbeat(config.heartbeat_interval, config.client_probe_interval)
         self.router = Router(config.routes, Breakers(config.breaker_policy))
+        prices = PriceTable(config.prices)
+        self.metrics = Metrics(lambda model: known_model(config, prices, model),
+                               known_deployments(config), config.key_labels, config.collect)
+        self.heartbeat = Heartbeat(config.heartbeat_interval, config.client_probe_interval,
+                                   after_pass=self._after_heartbeat)
         self.budget = MemoryBudget(config.memory_budget)
         self.inflight = InFlight()
         self.stream_threads = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="stream")
@@ -180,7 +185,6 @@ class App:
         requests = UpstreamRequests(config.providers, keep_client_keys=not keys_mode)
         self.key_store = open_key_store(config, checkpoints_apart=keys_mode)
         self.ledger = Ledger(self.key_store) if keys_mode else None
-        prices = PriceTable(config.prices)
         tries = TryDeps(UpstreamClient(config.connect_timeout, config.idle_timeout), requests,
                         bridges, self.router, config.plain_timeout)
         live_calls = LiveCalls()
@@ -198,7 +202,7 @@ class App:
             secrets=Redactor(p.api_key for p in config.providers.values()), budget=self.budget,
             inflight=self.inflight, rows=lambda: self.tracker, key_secret=lambda: self.key_secret,
             dedup=DedupTickets(config.dedup_policy, config.cache_bytes, config.anonymous),
-            gate=gate))
+            gate=gate, metrics=self.metrics))
         self.proxy = ProxyApp(admission, RelayDeps(
             tries, self.heartbeat, self.stream_threads, config.commit_delay,
             config.max_event_bytes, config.max_continuations, live_calls), dedup,
@@ -209,7 +213,8 @@ class App:
             live_streams=self.heartbeat.live_count, breakers=self.router.breakers,
             budget=self.budget,
             dedup=lambda: {**self.answers.stats(), "live_shared_calls": len(live_calls)},
-            admin_token=lambda: config.admin_token, client_key=gate.live_key))
+            admin_token=lambda: config.admin_token, client_key=gate.live_key,
+            metrics_open=config.open_to_scrapers))
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
         # The path as werkzeug reads it (`//health` is `/health`), so both apps agree.
@@ -229,6 +234,16 @@ class App:
                     self._tracker_pid = pid
         return self._tracker
 
+    def _after_heartbeat(self, live: int, keepalives: int) -> None:
+        """After each heartbeat pass (about every client probe interval): the gauges that
+        describe this worker now, written off the requests' path."""
+        self.metrics.live_streams(live)
+        self.metrics.keepalives(keepalives)
+        self.metrics.breakers(self.router.breakers.snapshot())
+        tracker = self._started_tracker()
+        if tracker is not None:
+            self.metrics.queue_depth(tracker.queued())
+
     def _started_tracker(self) -> Tracker | NullTracker | None:
         return self._tracker if self._tracker_pid == os.getpid() else None
 
@@ -239,7 +254,8 @@ class App:
                           batch_size=self.config.batch_size,
                           flush_interval=self.config.flush_interval,
                           queue_max=self.config.queue_max, spill_after=self.config.spill_after,
-                          retention_days=self.config.retention_days)
+                          retention_days=self.config.retention_days,
+                          on_count=self.metrics.usage_rows)
         tracker.start()
         return tracker
 
@@ -324,6 +340,22 @@ class App:
     def refuse_unread(self, err: ProxyError, head: Head | None
                       ) -> tuple[int, list[tuple[str, str]], bytes]:
         return self.proxy.refuse_unread(err, head)
+
+
+def known_model(config: Config, prices: PriceTable, model: str) -> bool:
+    """May this model name be a metrics label?  When the config names it (a route, a
+    deployment's model) or the price table prices it."""
+    for route in config.routes:
+        if route.pattern == model or any(d.model == model for d in route.deployments):
+            return True
+    return prices.price_for(model) is not None
+
+
+def known_deployments(config: Config) -> set[str]:
+    """Every deployment a row can name: the routes' and the providers' own (unrouted
+    models go to the provider, named after it)."""
+    names = {d.name for route in config.routes for d in route.deployments}
+    return names | set(config.providers) | {ESTIMATE_DEPLOYMENT}
 
 
 class Mounted:

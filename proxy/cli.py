@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = {name: getattr(gunicorn_conf, name) for name in (
         "bind", "worker_class", "workers", "threads", "worker_connections", "timeout",
         "graceful_timeout", "keepalive", "max_requests", "errorlog", "loglevel", "control_socket_disable",
-        "on_starting", "worker_exit")}
+        "on_starting", "worker_exit", "child_exit", "on_exit")}
     if args.bind:
         settings["bind"] = args.bind
     if args.workers:

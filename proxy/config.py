@@ -169,6 +169,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth.reserve_output_tokens", int, 65536, None,
             "Output tokens a budget reservation assumes when a request sets no max_tokens "
             "(and the most it assumes when one does).", _positive),
+    Setting("stream.cost_comment", bool, False, "LLM_PROXY_COST_COMMENT",
+            "End every stream with an SSE comment that gives its cost and tokens (SDKs ignore "
+            "comments); a client can ask for it per request with `X-LLM-Proxy-Cost-Comment: 1`.",
+            lambda v: None),
+    Setting("metrics.collect", bool, True, "LLM_PROXY_METRICS",
+            "Collect Prometheus metrics (GET /metrics, every worker of the host at once).",
+            lambda v: None),
+    Setting("metrics.open_to_scrapers", bool, False, "LLM_PROXY_METRICS_OPEN",
+            "Serve /metrics to anyone who reaches the port (a scraper without the admin "
+            "token); else it is guarded like /usage.", lambda v: None),
+    Setting("metrics.key_labels", bool, False, "LLM_PROXY_METRICS_KEY_LABELS",
+            "Label request and cost metrics with the proxy key's name (one series per key: "
+            "keep it off with many keys).", lambda v: None),
     Setting("breaker.failure_threshold", int, 5, None,
             "Failures within the window that open a deployment's circuit.", _positive),
     Setting("breaker.failure_ratio", float, 0.5, None,
@@ -185,7 +198,8 @@ SETTINGS: tuple[Setting, ...] = (
             "must be DEBUG, INFO, WARNING or ERROR"),
 )
 
-SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "dedup", "auth", "breaker", "log")
+SCALAR_SECTIONS = ("stream", "server", "tracker", "retry", "dedup", "auth", "metrics", "breaker",
+                   "log")
 SECTIONS = set(SCALAR_SECTIONS) | {"providers", "prices", "routes"}
 
 
@@ -267,6 +281,10 @@ class Config:
     admin_token_env: str = "LLM_PROXY_ADMIN_TOKEN"
     keys_db: str = ""
     reserve_output_tokens: int = 65536
+    cost_comment: bool = False
+    collect: bool = True
+    open_to_scrapers: bool = False
+    key_labels: bool = False
     failure_threshold: int = 5
     failure_ratio: float = 0.5
     min_requests: int = 10

@@ -79,6 +79,9 @@ def on_starting(server):
     except (OSError, ValueError) as err:
         _stop(f"installation secret {config.secret_path}: {err}")
     _check_auth(server, config)
+    if config.collect:  # before any worker exists: each writes its values there
+        from proxy.metrics import prepare_directory
+        prepare_directory()
     server.log.info("llm-proxy: listening on %s; upstreams: %s; usage database: %s",
                     ", ".join(server.cfg.bind), _upstreams(config),
                     config.db_label if config.enabled else "off (tracker disabled)")
@@ -150,6 +153,18 @@ def _upstreams(config) -> str:
 def _stop(message: str) -> None:
     sys.stderr.write(f"llm-proxy: {message}\n")
     raise SystemExit(2)
+
+
+def child_exit(server, worker):
+    """In the master, after a worker exited (or was killed): its live gauges stop counting."""
+    from proxy.metrics import forget_worker
+    forget_worker(worker.pid)
+
+
+def on_exit(server):
+    """The master stops: the metrics directory it made goes with it."""
+    from proxy.metrics import remove_own_directory
+    remove_own_directory()
 
 
 def worker_exit(server, worker):

@@ -147,8 +147,11 @@ class Exchange:
 class Heartbeat:
     """The per-process thread that visits every live exchange."""
 
-    def __init__(self, heartbeat_interval: float, probe_interval: float) -> None:
+    def __init__(self, heartbeat_interval: float, probe_interval: float,
+                 after_pass: Callable[[int, int], None] | None = None) -> None:
         self.heartbeat_interval = heartbeat_interval
+        # Told (live exchanges, keepalives sent) after each pass: metrics, off the hot path.
+        self._after_pass = after_pass
         self.tick = max(0.001, min(probe_interval, heartbeat_interval / 4))
         self._live: set[Exchange] = set()
         self._lock = threading.Lock()
@@ -214,7 +217,9 @@ class Heartbeat:
         streams alive; once the shutdown grace is over, end every stream instead."""
         live = self._snapshot()
         if not self._shutdown_due(now, len(live)):
-            self._visit_each(live, now)
+            sent = self._visit_each(live, now)
+            if self._after_pass is not None:
+                self._after_pass(len(live), sent)
             # Checked again: on a loaded machine a pass takes a while, and the grace does
             # not wait for the next one.
             if not self._shutdown_due(time.monotonic(), len(live)):
@@ -225,15 +230,18 @@ class Heartbeat:
         with self._lock:
             return list(self._live)
 
-    def _visit_each(self, live: list[Exchange], now: float) -> None:
+    def _visit_each(self, live: list[Exchange], now: float) -> int:
+        """Probe, check deadlines, keep alive; how many keepalives went out."""
         gone = clients_hung_up(e.client_socket for e in live if e.client_socket is not None)
+        sent = 0
         for exchange in live:
             if exchange.client_socket in gone:
                 self._end(exchange, ClientGone("the client closed the connection"))
                 continue
             exchange.check_deadline(now)
             if exchange.writer is not None:
-                exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+                sent += exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+        return sent
 
     def _shutdown_due(self, now: float, live: int) -> bool:
         """Has the shutdown grace run out?  (Says once, from this thread, that it started:

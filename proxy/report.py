@@ -517,3 +517,35 @@ def render_view_csv(report: dict) -> str:
                          *([" ".join(row["models"])] if with_models else []),
                          *("" if row[f] is None else row[f] for f in STAT_FIELDS)])
     return out.getvalue()
+
+
+def dashboard_data(db: str, period: str, filters: dict | None = None,
+                   now: float | None = None, recent: int = 25) -> dict:
+    """What /dashboard shows for the last `period` (views.DASHBOARD_PERIODS), filtered by
+    model and proxy key: a few queries over the rollups, and the last `recent` rows."""
+    if period not in views.DASHBOARD_PERIODS:
+        raise ValueError(f"period must be one of {', '.join(views.DASHBOARD_PERIODS)}")
+    now = time.time() if now is None else now
+    until = hour_floor(now) + 3600
+    since = until - views.DASHBOARD_PERIODS[period] * 86400
+    filters = {k: v for k, v in (filters or {}).items() if v}
+    store = open_store(db)
+    try:
+        found = {name: store.hourly(since, until, dims, filters)
+                 for name, dims in views.DASHBOARD_QUERIES.items()}
+        choices = _choices(store, since, until, filters, found)
+        last = store.recent(recent, filters, since=since)
+    finally:
+        store.close()
+    return {"period": period, "filters": filters,
+            **views.dashboard(found, since, until, last, choices)}
+
+
+def _choices(store: UsageStore, since: float, until: float, filters: dict,
+             found: dict) -> dict:
+    """Every model and key of the period, for the filter menus (the filtered rows would
+    only offer what is chosen already)."""
+    models = found["models"] if not filters else store.hourly(since, until, ("model",))
+    keys = found["keys"] if not filters else store.hourly(since, until, ("key",))
+    return {"models": sorted({r["model"] for r in models if r["model"] is not None}),
+            "keys": sorted({r["key"] for r in keys if r["key"] is not None})}

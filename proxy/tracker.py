@@ -36,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .store import RowRejected, StoreFault, open_store
 from .store import default_spill_dir as store_spill_dir
@@ -294,8 +294,10 @@ class Tracker:
         busy_timeout_ms: int = 5000,
         spill_after: float = 5.0,
         retention_days: float = 0.0,
+        on_count: Callable[[str, int], None] | None = None,
     ) -> None:
         self.db_path = db_path
+        self._on_count = on_count  # the writer's counters, as they change (metrics)
         self.db_label = redacted_url(db_path)  # a URL's password never reaches a log line
         self.store = open_store(db_path, busy_timeout_ms)  # owned by the writer once started
         self.spill = SpillDir(spill_dir or default_spill_dir(db_path))
@@ -623,9 +625,8 @@ class Tracker:
         return rows
 
     def _mark_stored(self, count: int) -> None:
-        with self._cond:
-            self._counts["written"] += count
-            self._counts["batches"] += 1
+        self._count("written", count)
+        self._count("batches", 1)
 
     def _mark_done(self, count: int, ok: bool) -> None:
         """Called with self._cond held."""
@@ -706,6 +707,13 @@ class Tracker:
     def _count(self, name: str, n: int) -> None:
         with self._cond:
             self._counts[name] += n
+        if self._on_count is not None:
+            self._on_count(name, n)
+
+    def queued(self) -> int:
+        """Rows waiting for the writer (the batch being retried included)."""
+        with self._cond:
+            return len(self._rows) + len(self._held)
 
 
 def _parse_spill_lines(lines: list[str], path: str) -> tuple[list[dict], list[str]]:
@@ -749,6 +757,9 @@ class NullTracker:
 
     def close(self, timeout: float = 10.0) -> None:
         pass
+
+    def queued(self) -> int:
+        return 0
 
     def stats(self) -> dict:
         return {"state": "off", "queued": 0, "written": 0, "batches": 0, "retries": 0,

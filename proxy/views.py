@@ -192,3 +192,60 @@ def sessions(found: list[dict]) -> dict:
         add_sums(everything, {**row, "end_reason": "complete"})
         everything["failed"] += sums["failed"]
     return {"view": "session", "rows": out, "totals": stats(everything)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard's figures (GET /dashboard/data): rollup rows of a few queries in, one JSON
+# document out.
+
+DASHBOARD_PERIODS = {"24h": 1, "7d": 7, "30d": 30, "90d": 90}  # days
+DASHBOARD_QUERIES = {
+    "series": ("hour",),
+    "models": ("model", "end_reason"),
+    "deployments": ("deployment", "end_reason"),
+    "keys": ("key", "end_reason"),
+}
+
+
+def dashboard(found: dict[str, list[dict]], since: float, until: float,
+              recent: list[dict], choices: dict[str, list]) -> dict:
+    """`found` holds each of DASHBOARD_QUERIES' rows; `choices` the models and keys seen in
+    the period (whatever the filters), for the filters' menus."""
+    hourly = until - since <= 7 * 86400  # else one point per day
+    series = grouped(found["series"], lambda row: row["hour"] if hourly else day_of(row["hour"]))
+    everything = found["deployments"]
+    reasons: dict[str, int] = {}
+    for row in everything:
+        reasons[row["end_reason"] or "unknown"] = (reasons.get(row["end_reason"] or "unknown", 0)
+                                                   + row["requests"])
+    return {
+        "since": iso(since), "until": iso(until), "step": "hour" if hourly else "day",
+        "series": [_point(k if hourly else k, v, hourly) for k, v in sorted(series.items())],
+        "totals": total(everything),
+        "by_model": _ranked(found["models"], "model"),
+        "by_deployment": _ranked(found["deployments"], "deployment"),
+        "by_key": _ranked(found["keys"], "key"),
+        "end_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "recent": [_recent(row) for row in recent],
+        "choices": choices,
+    }
+
+
+def _point(key: Any, sums: dict, hourly: bool) -> dict:
+    figures = stats(sums)
+    return {"t": iso(key) if hourly else key + "T00:00:00Z",
+            **{name: figures[name] for name in ("requests", "cost_usd", *TOKEN_FIELDS[:4],
+                                                "failed_requests")}}
+
+
+def _ranked(rows: list[dict], label: str) -> list[dict]:
+    groups = grouped(rows, lambda row: row[label])
+    out = [{label: k, **stats(v)} for k, v in groups.items()]
+    out.sort(key=lambda r: (-r["cost_usd"], -r["requests"], r[label] or ""))
+    return out[:50]
+
+
+def _recent(row: dict) -> dict:
+    return {**row, "started_at": iso(row["started_at"]), "ended_at": iso(row["ended_at"]),
+            "model": row["upstream_model"] or row["model_requested"],
+            "priced": bool(row["priced"]), "stream": bool(row["stream"])}

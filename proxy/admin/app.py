@@ -1,4 +1,5 @@
-"""`/health` and `/usage`: what an operator, a load balancer and a test suite ask the proxy.
+"""`/health`, `/usage`, `/metrics` and `/dashboard`: what an operator, a load balancer, a
+scraper and a test suite ask the proxy.
 
 No usage rows are written for these requests, and their answers hold counts and states
 only (error texts can quote upstreams, and so keys).  Errors come in the shape the
@@ -35,7 +36,14 @@ from ..tracker import NullTracker, Tracker
 
 log = logging.getLogger("proxy.admin")
 
-ADMIN_PATHS = frozenset({"/health", "/usage"})
+ADMIN_PATHS = frozenset({"/health", "/usage", "/metrics", "/dashboard", "/dashboard/login",
+                         "/dashboard/data", "/dashboard/app.js", "/dashboard/app.css"})
+STATIC = os.path.join(os.path.dirname(__file__), "static")
+DASHBOARD_COOKIE = "llm_proxy_dashboard"
+# The dashboard loads nothing but its own files, and no other site may frame it.
+DASHBOARD_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+                    "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+                    "frame-ancestors 'none'; base-uri 'none'")
 
 USAGE_TOP = 50
 USAGE_MAX_TOP = 1000
@@ -55,6 +63,7 @@ class AdminDeps:
     dedup: Callable[[], dict] = lambda: {}  # this worker's kept answers and live shared calls
     admin_token: Callable[[], str | None] = lambda: None  # None: loopback is the admin
     client_key: Callable[[Mapping[str, str]], ClientKey | None] = lambda headers: None
+    metrics_open: bool = False  # /metrics without the admin token (a scraper on the network)
 
 
 # Headers a reverse proxy adds: a request that carries one came from elsewhere, whatever
@@ -87,7 +96,14 @@ class AdminApp:
     def __init__(self, deps: AdminDeps) -> None:
         self.deps = deps
         self.url_map = Map([Rule("/health", endpoint="health", methods=["GET"]),
-                            Rule("/usage", endpoint="usage", methods=["GET"])])
+                            Rule("/usage", endpoint="usage", methods=["GET"]),
+                            Rule("/metrics", endpoint="metrics", methods=["GET"]),
+                            Rule("/dashboard", endpoint="dashboard", methods=["GET"]),
+                            Rule("/dashboard/login", endpoint="login", methods=["POST"]),
+                            Rule("/dashboard/data", endpoint="dashboard_data",
+                                 methods=["GET"]),
+                            Rule("/dashboard/app.js", endpoint="static", methods=["GET"]),
+                            Rule("/dashboard/app.css", endpoint="static", methods=["GET"])])
         self._flush_lock = threading.Lock()
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -117,6 +133,10 @@ class AdminApp:
         if token is not None:
             presented = token.encode("utf-8")
             if any(hmac.compare_digest(c.encode("utf-8"), presented) for c in credentials):
+                return ADMIN
+            cookie = request.cookies.get(DASHBOARD_COOKIE, "")
+            if cookie and hmac.compare_digest(cookie.encode("utf-8"),
+                                              dashboard_session(token).encode("utf-8")):
                 return ADMIN
         key = self.deps.client_key(request.headers) if credentials else None
         if key is not None:  # a client asks as itself, wherever it runs
@@ -173,6 +193,81 @@ class AdminApp:
             raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
         return _json_response(start_response, 200, summary)
 
+    def _metrics(self, request: Request, start_response) -> Iterable[bytes]:
+        """Prometheus' text format, for every worker of this host (proxy/metrics.py)."""
+        if not self.deps.metrics_open:
+            self._admin_only(request, "/metrics")
+        from ..metrics import CONTENT_TYPE, exposition
+        body = exposition()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    # -- the dashboard: a page, its script and style, and its data --------------------------------
+
+    def _dashboard(self, request: Request, start_response) -> Iterable[bytes]:
+        if self.authority(request) != ADMIN:
+            return self._login_page(request, start_response, 401)
+        return _file_response(start_response, "dashboard.html", "text/html; charset=utf-8")
+
+    def _static(self, request: Request, start_response) -> Iterable[bytes]:
+        """The page's script and style: no data in them, so anyone may load them."""
+        name = request.path.rsplit("/", 1)[-1]
+        kind = "text/javascript" if name.endswith(".js") else "text/css"
+        return _file_response(start_response, name, f"{kind}; charset=utf-8")
+
+    def _login(self, request: Request, start_response) -> Iterable[bytes]:
+        """The admin token from the page's form: a browser cannot send a header, so a
+        session cookie (an HMAC of the token, never the token) stands for it."""
+        token = self.deps.admin_token()
+        given = request.form.get("token", "")
+        if token is None or not hmac.compare_digest(given.encode("utf-8"),
+                                                    token.encode("utf-8")):
+            log.warning("dashboard login refused (wrong token) from %s",
+                        loggable(request.remote_addr, 64))
+            return self._login_page(request, start_response, 401, failed=True)
+        where = request.script_root + "/dashboard"
+        cookie = (f"{DASHBOARD_COOKIE}={dashboard_session(token)}; Path={where}; HttpOnly; "
+                  f"SameSite=Strict{'; Secure' if request.scheme == 'https' else ''}")
+        start_response("303 See Other", [("Location", where), ("Set-Cookie", cookie),
+                                         ("Content-Length", "0")])
+        return [b""]
+
+    def _login_page(self, request: Request, start_response, status: int,
+                    failed: bool = False) -> Iterable[bytes]:
+        if self.deps.admin_token() is None:
+            message = ("The dashboard answers on loopback only: set an admin token "
+                       "(LLM_PROXY_ADMIN_TOKEN) to open it from elsewhere.")
+            form = ""
+        else:
+            message = "Wrong token." if failed else "The dashboard needs the admin token."
+            form = ('<form method="post" action="dashboard/login"><label>Admin token '
+                    '<input type="password" name="token" autofocus></label> '
+                    '<button type="submit">Open</button></form>')
+        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>llm-proxy '
+                f'dashboard</title></head><body><h1>llm-proxy dashboard</h1><p>{message}</p>'
+                f'{form}</body></html>').encode("utf-8")
+        start_response(f"{status} {reason_phrase(status)}",
+                       [("Content-Type", "text/html; charset=utf-8"),
+                        ("Content-Length", str(len(page))),
+                        ("Content-Security-Policy", DASHBOARD_POLICY)])
+        return [page]
+
+    def _dashboard_data(self, request: Request, start_response) -> Iterable[bytes]:
+        from .. import report
+        self._admin_only(request, "/dashboard")
+        filters = {name: request.args.get(name) or None for name in ("model", "key")}
+        if any(v is not None and len(v) > 256 for v in filters.values()):
+            raise BadRequest("model and key filters are 256 characters at most")
+        try:
+            data = report.dashboard_data(self.deps.db_path, request.args.get("period", "24h"),
+                                         filters)
+        except ValueError as exc:
+            raise BadRequest(loggable(exc)) from None
+        except StoreFault as exc:
+            raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
+        return _json_response(start_response, 200, data)
+
     def _flush_unless_degraded(self, tracker: Tracker | NullTracker, timeout: float) -> None:
         """Wait for queued rows, one caller at a time and not while the store refuses them:
         anyone may call these endpoints, and each wait holds a thread."""
@@ -204,9 +299,27 @@ def usage_bounds(args) -> tuple[float, float, int]:
     return since, until, top
 
 
+def dashboard_session(token: str) -> str:
+    """The dashboard's session cookie: derived from the admin token (a new token ends every
+    session), and useless as the token itself."""
+    return hmac.new(token.encode("utf-8"), b"llm-proxy dashboard session",
+                    "sha256").hexdigest()
+
+
+def _file_response(start_response, name: str, content_type: str) -> list[bytes]:
+    with open(os.path.join(STATIC, name), "rb") as f:
+        body = f.read()
+    start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                              ("Content-Security-Policy", DASHBOARD_POLICY),
+                              ("X-Content-Type-Options", "nosniff"),
+                              ("Cache-Control", "no-cache")])
+    return [body]
+
+
 def _as_proxy_error(exc: HTTPException, request: Request) -> ProxyError:
     if exc.code == 405:
-        return MethodNotAllowed(f"{request.path} accepts GET only")
+        allowed = "POST" if request.path.endswith("/login") else "GET"
+        return MethodNotAllowed(f"{request.path} accepts {allowed} only")
     return NotFound(f"no route for {loggable(request.method, 32)} {loggable(request.path, 200)}")
 
 

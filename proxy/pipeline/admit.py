@@ -24,6 +24,7 @@ from ..errors import BadRequest, NotConfigured, Overloaded, PayloadTooLarge, Req
 from ..formats import ANTHROPIC, Format
 from ..formats.translate.bridge import Bridges
 from ..limits import MemoryBudget, json_parse_cost
+from ..metrics import Metrics
 from ..pricing import PriceTable
 from ..redact import Redactor, client_key_id, request_credentials
 from ..routing import Deployment, Route, Router, pass_through_route
@@ -81,6 +82,7 @@ class AdmitDeps:
     key_secret: Callable[[], bytes]  # keys client key ids (read on first use)
     dedup: DedupTickets  # which requests may share an answer, and their keys
     gate: Gate  # proxy keys and their limits (keys mode)
+    metrics: Metrics | None = None  # what finished requests add to /metrics
 
 
 @dataclass
@@ -109,7 +111,8 @@ class Admission:
         key_id = ids[0] if ids else None
         record = RequestRecord(self.deps.rows(), self.deps.prices, request_id=request_id,
                                endpoint=endpoint, client_key_id=key_id, bytes_in=bytes_in,
-                               redactor=redactor, on_finish=self.deps.inflight.done)
+                               redactor=redactor, on_finish=self.deps.inflight.done,
+                               metrics=self.deps.metrics)
         self.deps.inflight.add(record)
         return Opened(request_id, redactor, record, ids)
 

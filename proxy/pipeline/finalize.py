@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 from ..errors import ProxyError
 from ..formats import Format, UsageParser
 from ..limits import Reservation, parse_upstream_json
+from ..metrics import Metrics, StreamTiming
 from ..pricing import PriceTable
 from ..redact import Redactor
 from ..text import loggable
@@ -43,8 +44,12 @@ class RequestRecord:
 
     def __init__(self, sink: RowSink, prices: PriceTable, *, request_id: str, endpoint: str,
                  client_key_id: str | None, bytes_in: int, redactor: Redactor | None = None,
-                 on_finish: Callable[["RequestRecord"], None] | None = None) -> None:
+                 on_finish: Callable[["RequestRecord"], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._sink = sink
+        self._metrics = metrics
+        self.timing = StreamTiming()  # the stream's content events, for the metrics
+        self._upstream_at: float | None = None  # when the first upstream call went out
         self._prices = prices
         self._redactor = redactor or Redactor()
         self._on_finish = on_finish
@@ -109,6 +114,8 @@ class RequestRecord:
         the client got) is kept, to be added up with it, each priced for its own model.
         `new_break`: the first continuation try after a break (the row counts breaks
         continued, not the tries it took)."""
+        if self._upstream_at is None:
+            self._upstream_at = time.monotonic()
         if continuation:
             self._keep_earlier_call(new_break)
         self._set(deployment=deployment)
@@ -140,6 +147,10 @@ class RequestRecord:
     def first_token(self) -> None:
         if self.row.ttft_ms is None:
             self._set(ttft_ms=self._elapsed_ms())
+
+    def content_event(self) -> None:
+        """A content event went to the client (the metrics' time per chunk)."""
+        self.timing.content_event(time.monotonic())
 
     # -- copies of the answer ------------------------------------------------------------
     def observe_event(self, name: str | None, payload: Any) -> None:
@@ -230,6 +241,8 @@ class RequestRecord:
             self._sink.record(rec)
             self._written.set()
             self._log(rec)
+            if self._metrics is not None:
+                self._metrics.observe_request(rec, self.timing, self._overhead())
         finally:
             self._written.set()
             if self._on_finish is not None:
@@ -312,6 +325,10 @@ class RequestRecord:
             return parse_upstream_json(bytes(self._body))
         except ValueError:
             return None
+
+    def _overhead(self) -> float | None:
+        """The proxy's own time before the upstream call (admission, keys, routing)."""
+        return self._upstream_at - self._t0 if self._upstream_at is not None else None
 
     def _elapsed_ms(self) -> float:
         return round((time.monotonic() - self._t0) * 1000.0, 3)

@@ -529,10 +529,12 @@ class StreamRelay:
                 current.held.append((event, payload, kind))
                 return
             self._release_held(current)
-        if kind is EventKind.CONTENT and not current.content_seen:
-            current.content_seen = True
-            self.exchange.content_arrived()
-            self.record.first_token()
+        if kind is EventKind.CONTENT:
+            if not current.content_seen:
+                current.content_seen = True
+                self.exchange.content_arrived()
+                self.record.first_token()
+            self.record.content_event()
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
         frames = self._stitched(current.client_frames(event, payload, kind, self.view), current,
                                 event, payload)

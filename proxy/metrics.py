@@ -1,0 +1,347 @@
+"""Prometheus metrics: what `/metrics` shows, for every worker of a host at once.
+
+prometheus_client's multiprocess mode does the aggregation: each worker writes its values
+to memory-mapped files in one directory, and `/metrics` (served by any worker) reads them
+all.  The gunicorn master makes that directory before it forks (`prepare_directory`, from
+gunicorn_conf.on_starting) and forgets a dead worker's live gauges (`forget_worker`, from
+child_exit).  Without gunicorn (an embedding application, a test's WSGI server) the
+environment variable is not set and the values live in this process, which is then the
+whole service.
+
+Names follow the OpenTelemetry GenAI semantic conventions where one exists
+(`gen_ai.server.time_to_first_token` becomes `gen_ai_server_time_to_first_token_seconds`);
+the proxy's own figures are `llm_proxy_*`.  Labels are bounded: endpoints, deployments and
+end reasons come from the code and the config; a model is named only when the config or
+the price table knows it (else "other"); key names only with `metrics.key_labels`.
+
+Most values are observed once per request, from its finished usage row (`observe_request`),
+so the hot path of a stream pays nothing per event: the time per output chunk is measured
+by the relay as two timestamps and a count.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .usage import DEDUP_REASONS, UsageRecord
+
+log = logging.getLogger("proxy.metrics")
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OTHER = "other"
+# Values of the breaker-state gauge (the worst of the host's workers is shown).
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+SECONDS_TTFT = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)  # as the rollups' TTFT
+SECONDS_CHUNK = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SECONDS_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SECONDS_DURATION = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+SECONDS_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)  # OTel's
+
+
+# ---------------------------------------------------------------------------------------------
+# The gunicorn master's part.
+
+
+def prepare_directory() -> str:
+    """Give the workers a fresh directory for their values (before any of them starts):
+    the operator's `PROMETHEUS_MULTIPROC_DIR` emptied of old values, or a new private one."""
+    path = os.environ.get(ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for old in glob.glob(os.path.join(path, "*.db")):  # a previous run's: stale
+            os.unlink(old)
+        return path
+    path = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.environ[ENV] = path
+    os.environ["LLM_PROXY_OWN_METRICS_DIR"] = path  # ours to remove at exit
+    return path
+
+
+def forget_worker(pid: int) -> None:
+    """A worker exited: its live gauges (streams, queue depth, breakers) no longer count."""
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid)
+
+
+def remove_own_directory() -> None:
+    path = os.environ.get("LLM_PROXY_OWN_METRICS_DIR")
+    if path and path == os.environ.get(ENV):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exposition.
+
+
+def exposition() -> bytes:
+    """The text format of every metric: the whole host's in multiprocess mode."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    if os.environ.get(ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(_metrics().registry)
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics themselves, made once per process on first use (after the fork, so that they
+# write to this worker's files).
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=registry)
+
+        def histogram(name, doc, labels, buckets):
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        def gauge(name, doc, labels=(), mode="livesum"):
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)
+
+        self.requests = counter("llm_proxy_requests", "Requests by endpoint, deployment and "
+                                "end reason (complete is the only success).",
+                                ("endpoint", "deployment", "end_reason", "key"))
+        self.duration = histogram("gen_ai_server_request_duration_seconds",
+                                  "Time from the request's arrival to its last byte.",
+                                  ("endpoint", "deployment", "end_reason"), SECONDS_DURATION)
+        self.ttft = histogram("gen_ai_server_time_to_first_token_seconds",
+                              "Time from the request's arrival to the first content event "
+                              "of a stream (not to the headers, not to a ping).",
+                              ("endpoint", "deployment"), SECONDS_TTFT)
+        self.per_chunk = histogram("llm_proxy_time_per_output_chunk_seconds",
+                                   "Mean time between a stream's content events after the "
+                                   "first, per request.", ("deployment",), SECONDS_CHUNK)
+        self.per_token = histogram("gen_ai_server_time_per_output_token_seconds",
+                                   "Mean time per output token after the first, per "
+                                   "complete stream.", ("deployment",), SECONDS_TOKEN)
+        self.overhead = histogram("llm_proxy_overhead_seconds",
+                                  "The proxy's own time before a request's first upstream "
+                                  "call: reading and checking it, keys, routing, dedup.",
+                                  ("endpoint",), SECONDS_OVERHEAD)
+        self.tokens = histogram("gen_ai_client_token_usage",
+                                "Tokens per request by type: input counts the whole prompt "
+                                "(cached included, as the conventions define it), output "
+                                "includes reasoning; cache_read, cache_write and reasoning "
+                                "are the parts.",
+                                ("gen_ai_token_type", "deployment", "gen_ai_request_model"),
+                                TOKENS)
+        self.cost = counter("llm_proxy_cost_usd", "Spend in US dollars of priced requests.",
+                            ("deployment", "gen_ai_request_model", "key"))
+        self.unpriced = counter("llm_proxy_unpriced_requests",
+                                "Requests that used tokens but have no price (unknown model).",
+                                ("deployment",))
+        self.retries = counter("llm_proxy_retries", "Tries again on the same deployment.",
+                               ("deployment",))
+        self.fallbacks = counter("llm_proxy_fallbacks", "Moves from one deployment to the "
+                                 "next.", ("from_deployment", "to_deployment"))
+        self.continuations = counter("llm_proxy_continuations",
+                                     "Answers continued after their stream broke mid-answer.",
+                                     ("deployment",))
+        self.dedup = counter("llm_proxy_dedup_hits", "Duplicates answered without an upstream "
+                             "call: replayed, or joined to a live call.", ("kind",))
+        self.breaker = gauge("llm_proxy_breaker_state", "Circuit breaker per deployment: 0 "
+                             "closed, 1 half open, 2 open (the worst of the workers).",
+                             ("deployment",), mode="livemax")
+        self.keepalives = counter("llm_proxy_keepalives", "Keepalive comments sent.")
+        self.live_streams = gauge("llm_proxy_live_streams", "Requests being relayed now.")
+        self.queue_depth = gauge("llm_proxy_usage_queue_depth",
+                                 "Usage rows waiting for the writer.")
+        self.rows = counter("llm_proxy_usage_rows", "Usage rows by what became of them: "
+                            "written, spilled (to the file beside the database), replayed "
+                            "(from it), rejected or dropped (lost).", ("outcome",))
+        self.batches = counter("llm_proxy_usage_batches", "Batches the writer committed.")
+
+
+_lock = threading.Lock()
+_made: _Metrics | None = None
+_made_in: int | None = None
+
+
+def _metrics() -> _Metrics:
+    global _made, _made_in
+    if _made is None or _made_in != os.getpid():
+        with _lock:
+            if _made is None or _made_in != os.getpid():
+                _made, _made_in = _Metrics(), os.getpid()
+    return _made
+
+
+# ---------------------------------------------------------------------------------------------
+# What the stages report.
+
+
+@dataclass
+class StreamTiming:
+    """What the relay measured of a stream's content events (monotonic seconds)."""
+
+    first: float | None = None
+    last: float | None = None
+    count: int = 0
+
+    def content_event(self, now: float) -> None:
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.count += 1
+
+
+class Metrics:
+    """The proxy's recorder: one per app, bounded by what the config names."""
+
+    MAX_MODELS = 256  # model labels per process; beyond, "other"
+
+    def __init__(self, is_known_model: Callable[[str], bool] = lambda name: False,
+                 known_deployments: Iterable[str] = (), key_labels: bool = False,
+                 enabled: bool = True) -> None:
+        self._is_known_model = is_known_model
+        self._models: dict[str, str] = {}
+        self.known_deployments = frozenset(known_deployments)
+        self.key_labels = key_labels
+        self.enabled = enabled
+        self._breakers: dict[str, int] = {}
+        self._breaker_lock = threading.Lock()
+
+    def _deployment(self, name: str | None) -> str:
+        if not name:
+            return "none"
+        if not self.known_deployments or name in self.known_deployments:
+            return name
+        return OTHER
+
+    def _model(self, name: str | None) -> str:
+        """The model's own name when the config or the price table knows it: a client
+        chooses model names, and each would be a series of its own."""
+        if not name:
+            return "none"
+        label = self._models.get(name)
+        if label is None:
+            label = name if self._is_known_model(name) else OTHER
+            if len(self._models) < self.MAX_MODELS:
+                self._models[name] = label
+            elif label != OTHER:
+                label = OTHER
+        return label
+
+    def observe_request(self, row: UsageRecord, timing: StreamTiming | None = None,
+                        overhead: float | None = None) -> None:
+        """One finished request, from its row; never raises (metrics must not cost a row)."""
+        if not self.enabled:
+            return
+        try:
+            self._observe(row, timing, overhead)
+        except Exception:  # noqa: BLE001
+            log.exception("request %s: metrics could not be recorded", row.request_id)
+
+    def _observe(self, row: UsageRecord, timing: StreamTiming | None,
+                 overhead: float | None) -> None:
+        m = _metrics()
+        deployment = self._deployment(row.deployment)
+        reason = str(row.end_reason)
+        key = (row.key_name or "none") if self.key_labels else ""
+        m.requests.labels(row.endpoint, deployment, reason, key).inc()
+        m.duration.labels(row.endpoint, deployment, reason).observe(
+            max(row.ended_at - row.started_at, 0.0))
+        if row.ttft_ms is not None and row.paid_by is None:
+            m.ttft.labels(row.endpoint, deployment).observe(row.ttft_ms / 1000.0)
+        if overhead is not None:
+            m.overhead.labels(row.endpoint).observe(overhead)
+        if reason in DEDUP_REASONS:
+            m.dedup.labels(reason).inc()
+            return  # its tokens were paid for (and counted) by another request
+        self._observe_stream(m, row, deployment, timing)
+        self._observe_tokens(m, row, deployment, key)
+        if row.attempts > 1 or row.fallbacks:
+            self._observe_tries(m, row, deployment)
+        if row.continuations:
+            m.continuations.labels(deployment).inc(row.continuations)
+
+    @staticmethod
+    def _observe_stream(m: _Metrics, row: UsageRecord, deployment: str,
+                        timing: StreamTiming | None) -> None:
+        if timing is None or timing.count < 2:
+            return
+        span = timing.last - timing.first
+        m.per_chunk.labels(deployment).observe(span / (timing.count - 1))
+        if row.end_reason == "complete" and (row.output_tokens or 0) > 1:
+            m.per_token.labels(deployment).observe(span / (row.output_tokens - 1))
+
+    def _observe_tokens(self, m: _Metrics, row: UsageRecord, deployment: str, key: str) -> None:
+        model = self._model(row.upstream_model or row.model_requested)
+        parts = {"cache_read": row.cache_read_tokens, "cache_write": row.cache_write_tokens,
+                 "output": row.output_tokens, "reasoning": row.reasoning_tokens}
+        if row.input_tokens is not None or row.cache_read_tokens or row.cache_write_tokens:
+            parts["input"] = ((row.input_tokens or 0) + (row.cache_read_tokens or 0)
+                              + (row.cache_write_tokens or 0))
+        for kind, count in parts.items():
+            if count is not None:
+                m.tokens.labels(kind, deployment, model).observe(count)
+        if row.priced and row.cost_usd:
+            m.cost.labels(deployment, model, key).inc(row.cost_usd)
+        elif not row.priced and any((row.input_tokens, row.output_tokens,
+                                     row.cache_read_tokens, row.cache_write_tokens)):
+            m.unpriced.labels(deployment).inc()
+
+    def _observe_tries(self, m: _Metrics, row: UsageRecord, deployment: str) -> None:
+        """Retries and fallbacks, from the failed tries the row logs (in order)."""
+        try:
+            failed = json.loads(row.attempt_log or "{}").get("failed", [])
+        except ValueError:
+            failed = []
+        path = [self._deployment(entry.get("deployment")) for entry in failed
+                if isinstance(entry, dict)] + [deployment]
+        for before, after in zip(path, path[1:]):
+            if before == after:
+                m.retries.labels(after).inc()
+            else:
+                m.fallbacks.labels(before, after).inc()
+
+    def breakers(self, snapshot: dict) -> None:
+        """Breaker states as this worker sees them (only changes are written)."""
+        if not self.enabled:
+            return
+        with self._breaker_lock:
+            changed = {name: BREAKER_STATES.get(state.get("state"), 0)
+                       for name, state in snapshot.items()}
+            changed = {n: v for n, v in changed.items() if self._breakers.get(n) != v}
+            self._breakers.update(changed)
+        for name, value in changed.items():
+            _metrics().breaker.labels(self._deployment(name)).set(value)
+
+    def keepalives(self, count: int) -> None:
+        if self.enabled and count:
+            _metrics().keepalives.inc(count)
+
+    def live_streams(self, count: int) -> None:
+        if self.enabled:
+            _metrics().live_streams.set(count)
+
+    def queue_depth(self, count: int) -> None:
+        if self.enabled:
+            _metrics().queue_depth.set(count)
+
+    def usage_rows(self, outcome: str, count: int) -> None:
+        """The writer's counters: written, spilled, replayed, rejected, dropped; batches."""
+        if not self.enabled or not count:
+            return
+        if outcome == "batches":
+            _metrics().batches.inc(count)
+        elif outcome in ("written", "spilled", "replayed", "rejected", "dropped"):
+            _metrics().rows.labels(outcome).inc(count)
