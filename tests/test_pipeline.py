@@ -41,6 +41,7 @@ class StubResponse:
         self.is_json = content_type == "application/json"
         self.is_event_stream = content_type == "text/event-stream"
         self.closed = False
+        self.whole = False  # read whole before the headers (prefetch_answer)
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -452,6 +453,36 @@ def test_a_plain_answer_queues_its_row_before_its_last_piece_is_handed_to_the_se
     if declared:
         assert [piece for piece, _ in handed] == list(answer.pieces)  # none held back
     assert (sink.rows[0].end_reason, sink.rows[0].output_tokens) == ("complete", 4)
+
+
+def test_a_json_answer_read_whole_is_recorded_before_its_headers_which_carry_its_cost():
+    """The headers of a whole JSON answer say what it cost: its row is finished (and
+    queued) before start_response, with the usage the body reports."""
+    from proxy.heartbeat import Heartbeat
+    from proxy.pipeline.commit import Answer
+    from proxy.pipeline.relay import PassThrough
+
+    body = b'{"type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":1000,' \
+           b'"output_tokens":200,"cache_read_input_tokens":50}}'
+    answer = StubResponse(200, body, headers=[("Content-Length", "999")])
+    answer.whole, answer.whole_body = True, body
+    loop, record = tries(StubUpstream(), "a")
+    record.admitted(stream=False, usage_format=formats.ANTHROPIC)
+    sink = record._sink
+    seen = {}
+
+    def start(status, headers):
+        seen.update(rows=len(sink.rows), headers=dict((k.lower(), v) for k, v in headers))
+
+    out = PassThrough(Heartbeat(60.0, 60.0), loop.preq, record, Exchange(None, None, lambda e: None),
+                      Answer(answer, "a")).respond(start)
+    assert b"".join(out) == body and seen["rows"] == 1 and answer.closed
+    headers = seen["headers"]
+    assert headers["content-length"] == str(len(body))  # the upstream's wrong one is not kept
+    assert headers["x-llm-proxy-usage"] == "input=1000; output=200; cache_read=50"
+    row = sink.rows[0]
+    assert row.priced and float(headers["x-llm-proxy-cost-usd"]) == pytest.approx(row.cost_usd)
+    assert row.cost_usd > 0
 
 
 def test_a_streams_row_has_its_time_to_first_token():

@@ -366,16 +366,31 @@ def test_every_event_stream_carries_the_anti_buffering_headers(proxy, fake, name
     assert r.complete and body.replace(KEEPALIVE, b"") == b"".join(proto.events)
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["json-request", "stream-request"])
-def test_a_slow_json_body_gets_no_keepalive_and_keeps_its_length(proxy, fake, stream):
-    payload = json.dumps(anthropic_message(), separators=(",", ":")).encode()
-    cut = len(payload) // 3
-    parts = [payload[:cut], payload[cut:2 * cut], payload[2 * cut:]]
-    gaps = [threading.Event(), threading.Event()]
-    fake.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode="length"),
-                  Send(parts[0]), WaitFor(gaps[0], 8), Send(parts[1]), WaitFor(gaps[1], 8),
-                  Send(parts[2]), End()])
-    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=stream),
+def test_a_slow_json_answer_is_read_whole_before_its_headers_with_no_keepalive(proxy, fake):
+    """A JSON answer is read whole before its headers (they carry its cost): while the
+    upstream trickles it, nothing reaches the client, keepalives least of all."""
+    payload, parts, gaps = slow_json_answer(fake)
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False),
+                    timeout=5)
+    for gap in gaps:
+        fake.wait_for_requests(1)
+        assert_nothing_arrives(r, 0.4)  # the upstream is silent now, for many heartbeats
+        gap.set()
+    r.read_head()
+    assert r.status == 200
+    assert r.header("content-length") == str(len(payload))
+    assert r.header("x-accel-buffering") is None and r.header("cache-control") is None
+    assert r.header("transfer-encoding") is None
+    assert r.header("x-llm-proxy-usage") is not None
+    body = r.read_all()
+    assert r.complete and body == payload
+    assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def test_a_slow_json_body_for_a_streaming_request_gets_no_keepalive_and_keeps_its_length(
+        proxy, fake):
+    payload, parts, gaps = slow_json_answer(fake)
+    r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=True),
                     timeout=5).read_head()
     assert r.status == 200
     assert r.header("content-length") == str(len(payload))
@@ -390,6 +405,18 @@ def test_a_slow_json_body_gets_no_keepalive_and_keeps_its_length(proxy, fake, st
     assert r.complete and body == payload
     assert KEEPALIVE not in body
     assert proxy.row(r.request_id)["end_reason"] == "complete"
+
+
+def slow_json_answer(fake):
+    """A JSON answer the upstream sends in three parts, each after the test lets it."""
+    payload = json.dumps(anthropic_message(), separators=(",", ":")).encode()
+    cut = len(payload) // 3
+    parts = [payload[:cut], payload[cut:2 * cut], payload[2 * cut:]]
+    gaps = [threading.Event(), threading.Event()]
+    fake.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode="length"),
+                  Send(parts[0]), WaitFor(gaps[0], 8), Send(parts[1]), WaitFor(gaps[1], 8),
+                  Send(parts[2]), End()])
+    return payload, parts, gaps
 
 
 def assert_nothing_arrives(r: RawResponse, seconds: float) -> None:
@@ -783,25 +810,21 @@ def test_a_chat_stream_cut_inside_an_event_after_its_finish_reason_is_not_comple
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
-def test_a_json_answer_cut_by_the_upstream_is_cut_at_the_client_too(proxy, fake, framing):
-    """A JSON body that breaks off after its headers went out may not end cleanly at the
-    client: a clean end would hand the SDK half an answer as if it were whole (mutant r21).
-    With a Content-Length each piece goes on as it comes; without one the last piece
-    waits for the next (so the row is queued before the end), but the headers go at once."""
+def test_a_json_answer_cut_by_the_upstream_fails_before_any_header(proxy, fake, framing):
+    """A JSON answer is read whole before its headers go out, so one that breaks off is
+    the try's failure: the client gets a 502 in its API's error shape, never half an answer
+    that looks whole (mutant r21)."""
     payload = json.dumps(anthropic_message()).encode()
     half = payload[:len(payload) // 2]
-    got_half = threading.Event()
     fake.enqueue([Status(200, headers={"Content-Type": "application/json"}, body_mode=framing,
                          content_length=len(payload) if framing == "length" else None),
-                  Send(half), WaitFor(got_half, 8), Cut()])
+                  Send(half), Cut()])
     r = RawResponse(proxy.url, "/v1/messages", dict(PROTOS["anthropic"].body, stream=False),
                     timeout=5).read_head()
-    assert r.status == 200
-    if framing == "length":
-        r.read_until(lambda b: b == half, "the first half of the body")
-    got_half.set()
-    assert half.startswith(r.read_all())
-    assert not r.complete, "a cut body ended as if it were whole"
+    assert r.status == 502
+    body = json.loads(r.read_all())
+    assert body["type"] == "error" and body["error"]["type"] == "api_error"
+    assert half.decode() not in json.dumps(body)
     assert proxy.row(r.request_id)["end_reason"] != "complete"
 
 

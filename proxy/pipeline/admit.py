@@ -35,6 +35,7 @@ from ..keys.policy import ClientKey
 from .dedup import DedupTickets
 from .finalize import InFlight, RequestRecord, RowSink
 from .gate import Gate
+from .replies import COST_COMMENT_HEADER
 from .request import ProxyRequest
 
 
@@ -161,7 +162,8 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
-            redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup)
+            redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup,
+            cost_comment=self._wants_cost_comment(request.headers))
         hold = self.deps.gate.reserve(opened.key, preq, payload,
                                       billed=endpoint.bills_usage and not estimate)
         if hold is not None:
@@ -252,6 +254,11 @@ class Admission:
         if provider is None:
             raise NotConfigured(f"this proxy has no {fmt.provider_format} provider configured")
         return provider.name
+
+    def _wants_cost_comment(self, headers: Mapping[str, str]) -> bool:
+        """The stream's cost in a trailing SSE comment: set for every stream, or asked for."""
+        asked = (headers.get(COST_COMMENT_HEADER) or "").strip().lower()
+        return self.deps.config.cost_comment or asked in ("1", "true", "yes", "on")
 
     def _keepalive(self, route: Route) -> bool:
         """Keepalive comments, unless turned off (for all, or for the first deployment's

@@ -37,9 +37,14 @@ from .commit import Answer, CommitRule, Phase
 from .fanout import LiveCall, LiveCalls, Member
 from .finalize import RequestRecord
 from .replies import (SSE_CONTENT_TYPE, DEPLOYMENT_HEADER, StartResponse,
-                      committed_stream_headers, error_response, proxy_headers, reason_phrase,
-                      reply_response, safe_reason, stream_headers)
+                      committed_stream_headers, cost_comment, cost_headers, error_response,
+                      proxy_headers, reason_phrase, reply_response, safe_reason,
+                      stream_headers)
 from .request import ProxyRequest
+
+# A successful JSON answer up to this size is read whole before the client's headers, so
+# they can carry its cost; a larger one streams through without them.
+WHOLE_ANSWER_LIMIT = 8 * 1024 * 1024
 
 # Error events an upstream sends mid-answer that are worth a continuation (it was busy or
 # failed inside); anything else (an invalid request, a refusal) would only come back.
@@ -97,8 +102,8 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
         try:
             if bridge is not None:  # read whole and rewritten, or this try fails
                 taken.append(TranslatedBody.read(resp, bridge, record, attempt.deployment.name))
-            else:
-                resp.prefetch()  # an unreadable body fails this try, before any header goes out
+            else:  # an unreadable body fails this try, before any header goes out
+                resp.prefetch_answer(WHOLE_ANSWER_LIMIT)
                 taken.append(Answer(resp, attempt.deployment.name))
         except ProxyError as err:
             resp.close()
@@ -191,7 +196,8 @@ class TranslatedBody:
         record.complete(self.status, len(body))  # queued before the client has the answer
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         start_response(f"{self.status} {reason_phrase(self.status)}",
-                       headers + proxy_headers(preq.request_id, self.deployment))
+                       headers + proxy_headers(preq.request_id, self.deployment)
+                       + cost_headers(record.row))
         return [body]
 
 
@@ -209,8 +215,29 @@ class PassThrough:
                                                                       self.deployment)
         status = self.resp.status
         reason = safe_reason(redactor.text(self.resp.reason)) or reason_phrase(status)
+        if self.resp.whole:
+            return self._whole(f"{status} {reason}", headers, start_response)
         start_response(f"{status} {reason}", headers)
         return self._body()
+
+    def _whole(self, status: str, headers: list[tuple[str, str]],
+               start_response: StartResponse) -> list[bytes]:
+        """A JSON answer read whole: its row is finished first, so its cost goes out in
+        the headers (and the row is queued before the client has the answer)."""
+        try:
+            body = self.preq.redactor.data(self.resp.whole_body)
+            self.record.add_body_copy(body)
+            pending = self._pending()
+            if pending is not None:
+                pending.add(body)
+            self._finish(sent_all=True)
+        finally:
+            self.resp.close()
+            self.heartbeat.unregister(self.exchange)
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, headers + [("Content-Length", str(len(body)))]
+                       + cost_headers(self.record.row))
+        return [body]
 
     def _pending(self):
         """The answer to keep for replay, if this request's is kept (see pipeline/dedup)."""
@@ -452,6 +479,8 @@ class StreamRelay:
                 "the upstream answered a streaming request with a non-stream body"))
         if not resp.is_event_stream:
             try:
+                # Only the start: the commit rule is waiting (a streaming request, answered
+                # with JSON, gets it as it comes, without the cost headers).
                 resp.prefetch()  # an unreadable body fails this try, before the commit
             except ProxyError as err:
                 resp.close()
@@ -635,7 +664,15 @@ class StreamRelay:
         else:
             self.record.upstream_error(200, current.view.format.event_error_message(payload),
                                        self.writer.bytes_out)
+        self._tell_cost()
         self._end_body_once_settled(current)
+
+    def _tell_cost(self) -> None:
+        """The opt-in trailing comment with the stream's cost, once its row is finished.  A
+        shared call's clients each have their own cost (a joined one paid nothing): none
+        gets the payer's."""
+        if self.preq.cost_comment and self.live is None and self.record.ended:
+            self.writer.write_event(cost_comment(self.record.row, self.writer.saw_id))
 
     def _end_body_once_settled(self, current: TryStream) -> None:
         """Close the body once the last event is whole on the wire (see `SSEFramer.settle`)."""
@@ -741,6 +778,7 @@ class StreamRelay:
                 return
             frame = getattr(failure, "client_frame", None) or self.view.terminal_error(failure)
             self.record.failed(status, failure, self.writer.bytes_out + len(frame))
+            self._tell_cost()  # before the terminal error, after which clients stop reading
             self.writer.close(frame)
         finally:
             self.deps.heartbeat.unregister(self.exchange)

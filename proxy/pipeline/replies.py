@@ -61,6 +61,41 @@ def safe_reason(reason: str) -> str:
     return reason if reason.isascii() and reason.isprintable() else ""
 
 
+COST_HEADER = "x-llm-proxy-cost-usd"
+USAGE_HEADER = "x-llm-proxy-usage"
+COST_COMMENT_HEADER = "x-llm-proxy-cost-comment"  # a client asks for the stream's comment
+_USAGE_PARTS = (("input", "input_tokens"), ("output", "output_tokens"),
+                ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"),
+                ("reasoning", "reasoning_tokens"))
+
+
+def cost_headers(row) -> list[tuple[str, str]]:
+    """What a non-streaming answer cost, for a caller that accounts per request: the
+    dollars ("unpriced" for a model without a price) and the tokens, as its row has them
+    (tokens in the proxy's terms: input is the uncached part)."""
+    parts = [(name, getattr(row, field)) for name, field in _USAGE_PARTS]
+    if all(count is None for _, count in parts):
+        return []  # nothing billed, nothing to say (a model list, an error)
+    cost = _dollars(row.cost_usd) if row.priced and row.cost_usd is not None else "unpriced"
+    usage = "; ".join(f"{name}={count}" for name, count in parts if count is not None)
+    return [(COST_HEADER, cost), (USAGE_HEADER, usage)]
+
+
+def cost_comment(row, after_id: bool = False) -> bytes:
+    """The stream's cost and tokens as one SSE comment, which every SDK ignores.  After an
+    upstream `id:` field the comment ends without a blank line (protocols.md section 0)."""
+    data = {"request_id": row.request_id,
+            "cost_usd": row.cost_usd if row.priced else None, "priced": bool(row.priced),
+            **{field: getattr(row, field) for _, field in _USAGE_PARTS},
+            "usage_complete": bool(row.usage_complete)}
+    text = json.dumps(data, separators=(",", ":"))
+    return f": llm-proxy-usage {text}\n{'' if after_id else chr(10)}".encode("utf-8")
+
+
+def _dollars(value: float) -> str:
+    return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
+
+
 def proxy_headers(request_id: str, deployment: str | None) -> list[tuple[str, str]]:
     """What the proxy adds to every answer: the request id and the deployment that answered."""
     headers = [(REQUEST_ID_HEADER, request_id)]

@@ -35,3 +35,4 @@ class ProxyRequest:
     estimate_locally: bool = False  # count_tokens the proxy answers itself (see admit)
     stitch: Stitch | None = None  # splices a continuation in, if this answer may be continued
     dedup: "DedupTicket | None" = None  # may share an answer (see pipeline/dedup)
+    cost_comment: bool = False  # the stream ends with its cost in an SSE comment (opt-in)

@@ -191,6 +191,7 @@ class UpstreamResponse:
         self.headers = headers
         self._pieces: Iterator[bytes] | None = None
         self._prefetched: list[bytes] = []
+        self.whole = False  # the whole body is read (prefetch_answer)
         self._decoder: BodyDecoder | None = None
         if resp.raw.chunked:  # urllib3's own reader of chunk-size lines has no bound
             resp.raw._update_chunk_length = functools.partial(_read_chunk_size, resp.raw)
@@ -224,6 +225,27 @@ class UpstreamResponse:
             size += len(piece)
             if size >= enough or not self._has_more_now():
                 break
+
+    def prefetch_answer(self, limit: int) -> None:
+        """A successful JSON answer of at most `limit` decoded bytes is read whole now (its
+        usage, and so its cost, is then known before the client's headers go out, and a
+        body cut short fails the try instead of the client's answer); anything else only
+        has its start read (`prefetch`).  `whole` says which."""
+        if not (self.is_json and 200 <= self.status < 300) or self._pieces is not None:
+            self.prefetch()
+            return
+        self._pieces = self._decode()
+        size = 0
+        for piece in self._pieces:
+            self._prefetched.append(piece)
+            size += len(piece)
+            if size > limit:
+                return
+        self.whole = True
+
+    @property
+    def whole_body(self) -> bytes:
+        return b"".join(self._prefetched)
 
     def _has_more_now(self) -> bool:
         """More of the current read is still to be decoded (no wait on the network)."""
