@@ -273,9 +273,11 @@ class App:
         return self._key_secret
 
     def start(self) -> None:
-        """Worker start: the usage writer and the key secret, before the first request."""
+        """Worker start: the usage writer, the key secret and the metrics, before the first
+        request."""
         self.tracker
         self.key_secret
+        self.metrics.start()
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, let live streams run `shutdown_grace`, then end them."""

@@ -219,6 +219,12 @@ class Metrics:
         self._breakers: dict[str, int] = {}
         self._breaker_lock = threading.Lock()
 
+    def start(self) -> None:
+        """In the worker, before its first request: its series exist (at 0) from now on,
+        so a scrape of a quiet host is not empty."""
+        if self.enabled:
+            _metrics().live_streams.set(0)
+
     def _deployment(self, name: str | None) -> str:
         if not name:
             return "none"

@@ -28,8 +28,8 @@ import openai
 import pytest
 
 from support.builders import DEFAULT_ANTHROPIC_MODEL, DEFAULT_CHAT_MODEL, DEFAULT_USAGE
-from support.processes import GUNICORN_CONF, ROOT, ProxyProcess, group_members, local_session, \
-    without_proxy_variables
+from support.processes import GUNICORN_CONF, ROOT, ProxyProcess, connections_to_every_worker, \
+    group_members, local_session, without_proxy_variables
 from support.rawhttp import RID, RawConnection, RawResponse
 from support.builders import chat_stream
 from support.steps import Send, Stall, Status, WaitFor, default_script
@@ -121,27 +121,6 @@ def worker_of(proxy: ProxyProcess, request_ids: list[str]) -> dict[str, int]:
     """The worker pid that logged each request's line."""
     found = {rid: int(pid) for pid, rid in LOG_LINE.findall(proxy.log())}
     return {rid: found[rid] for rid in request_ids if rid in found}
-
-
-def connections_to_every_worker(proxy: ProxyProcess) -> list[tuple[int, RawConnection]]:
-    """A kept-alive connection to each worker: each is opened while the workers already
-    reached are stopped (SIGSTOP, for the few milliseconds it takes), so another one must
-    accept it.  No admission runs meanwhile: a stopped worker holds no one up."""
-    workers = [p for p in group_members(proxy.proc.pid) if p != proxy.proc.pid]
-    reached: list[tuple[int, RawConnection]] = []
-    while len(reached) < len(workers):
-        for pid, _ in reached:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            conn = RawConnection(proxy.url)
-            answer = RawResponse(proxy.url, "/health", method="GET", conn=conn).read_head()
-            answer.read_all()
-        finally:
-            for pid, _ in reached:
-                os.kill(pid, signal.SIGCONT)
-        assert answer.json()["pid"] not in [pid for pid, _ in reached]
-        reached.append((answer.json()["pid"], conn))
-    return reached
 
 
 def post_on(conn: RawConnection, proxy: ProxyProcess, key: str, body: dict) -> RawResponse:

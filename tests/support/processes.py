@@ -229,3 +229,32 @@ def peak_rss(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmHWM for {pid}")
+
+
+def connections_to_every_worker(proxy: ProxyProcess) -> list[tuple[int, RawConnection]]:
+    """A kept-alive connection to each worker: each is opened while the workers already
+    reached are stopped (SIGSTOP, for the few milliseconds it takes), so another one must
+    accept it.  No admission runs meanwhile: a stopped worker holds no one up."""
+    from support.rawhttp import RawConnection, RawResponse
+
+    expected = int(proxy.env.get("LLM_PROXY_WORKERS", "1"))
+    deadline = time.monotonic() + 20
+    while True:  # gunicorn forks its workers one after the other
+        workers = [p for p in group_members(proxy.proc.pid) if p != proxy.proc.pid]
+        if len(workers) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    reached: list[tuple[int, RawConnection]] = []
+    while len(reached) < len(workers):
+        for pid, _ in reached:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            conn = RawConnection(proxy.url)
+            answer = RawResponse(proxy.url, "/health", method="GET", conn=conn).read_head()
+            answer.read_all()
+        finally:
+            for pid, _ in reached:
+                os.kill(pid, signal.SIGCONT)
+        assert answer.json()["pid"] not in [pid for pid, _ in reached]
+        reached.append((answer.json()["pid"], conn))
+    return reached

@@ -1,0 +1,209 @@
+"""/metrics under real gunicorn with 2 workers: after a scripted set of requests, each
+worker served part of them, and either worker's /metrics shows the whole host's counts,
+histogram buckets, tokens, retries, fallbacks, breaker states, keepalives and the writer's
+rows (prometheus_client's multiprocess mode)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from support.builders import DEFAULT_USAGE, DEFAULT_TOTAL_INPUT, anthropic_stream
+from support.processes import ProxyProcess, connections_to_every_worker
+from support.rawhttp import RawResponse
+from support.steps import Send, Sleep, Status, End, default_script, json_reply
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "claude-sonnet-4-5"  # priced, so it is a label of its own
+ROUTED = "claude-metrics-1"
+
+
+@pytest.fixture
+def host(fake, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[providers.backup]
+base_url = "{fake.url}"
+format = "anthropic"
+
+[routes."claude-metrics-*"]
+deployments = [{{ provider = "anthropic", model = "{MODEL}", name = "primary" }},
+               {{ provider = "backup", model = "{MODEL}", name = "backup" }}]
+
+[retry]
+backoff_base = 0.01
+
+[breaker]
+failure_threshold = 2
+cooldown = 600
+""")
+    server = ProxyProcess(fake.url, tmp_path, workers=2, LLM_PROXY_CONFIG=str(config),
+                          LLM_PROXY_REPLAY_WINDOW="0").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def scrape(host, conn=None) -> dict:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    r = RawResponse(host.url, "/metrics", method="GET", conn=conn).read_head()
+    assert r.status == 200 and r.header("content-type").startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.read_all().decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum over samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def post(host, conn, body: dict) -> RawResponse:
+    r = RawResponse(host.url, "/v1/messages", body, conn=conn,
+                    headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test"})
+    r.read_head().read_all()
+    assert r.status == 200, r.body
+    return r
+
+
+def message(model=MODEL, stream=True) -> dict:
+    return {"model": model, "max_tokens": 32, "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]}
+
+
+def silent_stream():
+    """A stream that stays silent for many heartbeats between its first two text deltas."""
+    events = anthropic_stream(model=MODEL)
+    second = [i for i, e in enumerate(events) if b"content_block_delta" in e][1]
+    return [Status(200, headers={"Content-Type": "text/event-stream"}),
+            *[Send(e) for e in events[:second]], Sleep(0.4),
+            *[Send(e) for e in events[second:]], End()]
+
+
+def server_error():
+    return json_reply({"type": "error", "error": {"type": "api_error", "message": "boom"}},
+                      status=500)
+
+
+def wait_for(condition, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not seen within {timeout} s")
+
+
+def test_metrics_add_up_every_worker_of_the_host(host, fake):
+    (pid_a, a), (pid_b, b) = connections_to_every_worker(host)
+    fake.enqueue(lambda request: default_script(request))  # worker a: two streams
+    fake.enqueue(lambda request: default_script(request))
+    post(host, a, message())
+    post(host, a, message())
+    fake.enqueue(lambda request: default_script(request))  # a: one JSON answer
+    post(host, a, message(stream=False))
+    fake.enqueue(silent_stream())  # worker b: a stream kept alive through a silence
+    post(host, b, message())
+    fake.enqueue(server_error())  # b: primary fails twice (a retry), backup answers
+    fake.enqueue(server_error())
+    fake.enqueue(lambda request: default_script(request))
+    routed = post(host, b, message(ROUTED))
+    host.flush()
+    row = host.row(routed.request_id)
+    assert (row["deployment"], row["attempts"], row["fallbacks"]) == ("backup", 3, 1)
+
+    # The live gauges are written by each worker's heartbeat pass: wait for its next ones.
+    def settled():
+        found = scrape(host, a)
+        return found if (value(found, "llm_proxy_breaker_state", deployment="primary") == 2
+                         and value(found, "llm_proxy_live_streams") == 0) else None
+
+    samples = wait_for(settled, "the open breaker of primary, and no live stream")
+    assert scrape(host, b).keys() == samples.keys()  # either worker shows the whole host
+
+    assert value(samples, "llm_proxy_requests_total", end_reason="complete") == 5
+    assert value(samples, "llm_proxy_requests_total", endpoint="anthropic",
+                 deployment="anthropic", end_reason="complete") == 4
+    assert value(samples, "llm_proxy_requests_total", deployment="backup") == 1
+    # Time to first token: the four streams only, every one in a bucket.
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count") == 4
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_bucket", le="+Inf") == 4
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_bucket", le="0.1") <= 4
+    assert value(samples, "llm_proxy_time_per_output_chunk_seconds_count") == 4
+    # The silent stream's chunks were 0.4 s apart around the silence: not in the lowest bucket.
+    assert value(samples, "llm_proxy_time_per_output_chunk_seconds_bucket", le="0.001") < 4
+    assert value(samples, "gen_ai_server_request_duration_seconds_count") == 5
+    assert value(samples, "gen_ai_server_request_duration_seconds_bucket", le="0.25") < 5
+    assert value(samples, "llm_proxy_overhead_seconds_count") == 5
+    # Tokens: input as the conventions count it (the whole prompt), per request.
+    for kind, each in (("input", DEFAULT_TOTAL_INPUT), ("output", DEFAULT_USAGE["output"]),
+                       ("cache_read", DEFAULT_USAGE["cache_read"]),
+                       ("cache_write", DEFAULT_USAGE["cache_write"])):
+        assert value(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type=kind) == 5 * each
+        assert value(samples, "gen_ai_client_token_usage_count", gen_ai_token_type=kind) == 5
+    assert value(samples, "llm_proxy_cost_usd_total", gen_ai_request_model=MODEL) > 0
+    assert value(samples, "llm_proxy_retries_total", deployment="primary") == 1
+    assert value(samples, "llm_proxy_fallbacks_total", from_deployment="primary",
+                 to_deployment="backup") == 1
+    assert value(samples, "llm_proxy_breaker_state", deployment="backup") == 0
+    assert value(samples, "llm_proxy_keepalives_total") >= 2
+    assert value(samples, "llm_proxy_live_streams") == 0
+    assert value(samples, "llm_proxy_usage_rows_total", outcome="written") >= 5
+    assert value(samples, "llm_proxy_usage_batches_total") >= 2  # each worker wrote its own
+    assert value(samples, "llm_proxy_usage_queue_depth") == 0
+    # Both workers served (and so wrote) part of it: the counts above are their sum.
+    served = {json.loads(RawResponse(host.url, "/health", method="GET", conn=c).read_head()
+                         .read_all())["pid"] for c in (a, b)}
+    assert served == {pid_a, pid_b}
+    assert "sk-test" not in repr(samples)
+
+
+def test_metrics_are_guarded_like_usage_unless_opened_for_scrapers(fake, tmp_path):
+    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_ADMIN_TOKEN="admin-secret").start()
+    try:
+        refused = RawResponse(server.url, "/metrics", method="GET").read_head()
+        assert refused.status == 401 and b"admin token" in refused.read_all()
+        allowed = RawResponse(server.url, "/metrics", method="GET",
+                              headers={"Authorization": "Bearer admin-secret"}).read_head()
+        assert allowed.status == 200 and b"llm_proxy_" in allowed.read_all()
+    finally:
+        server.stop()
+    opened = ProxyProcess(fake.url, tmp_path, LLM_PROXY_ADMIN_TOKEN="admin-secret",
+                          LLM_PROXY_METRICS_OPEN="true").start()
+    try:
+        r = RawResponse(opened.url, "/metrics", method="GET",
+                        headers={"X-Forwarded-For": "10.0.0.1"}).read_head()
+        assert r.status == 200
+        r.read_all()
+    finally:
+        opened.stop()
+
+
+def test_a_worker_killed_leaves_no_live_gauge_behind(host, fake):
+    """A killed worker's live streams stop counting (the master forgets its files)."""
+    import os
+    import signal
+
+    (pid_a, a), (pid_b, b) = connections_to_every_worker(host)
+    release = threading.Event()
+    events = anthropic_stream(model=MODEL)
+    fake.enqueue([Status(200, headers={"Content-Type": "text/event-stream"}), Send(events[0]),
+                  Sleep(30), End()])
+    stuck = RawResponse(host.url, "/v1/messages", message(), conn=b,
+                        headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test"})
+    stuck.read_head()
+    wait_for(lambda: value(scrape(host, a), "llm_proxy_live_streams") == 1, "one live stream")
+    os.kill(pid_b, signal.SIGKILL)
+    wait_for(lambda: value(scrape(host, a), "llm_proxy_live_streams") == 0,
+             "the dead worker's stream gone from the gauge")
+    release.set()
