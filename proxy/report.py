@@ -534,7 +534,7 @@ def dashboard_data(db: str, period: str, filters: dict | None = None,
         found = {name: store.hourly(since, until, dims, filters)
                  for name, dims in views.DASHBOARD_QUERIES.items()}
         choices = _choices(store, since, until, filters, found)
-        last = store.recent(recent, filters, since=since)
+        last = store.recent(recent, filters, since=since, until=until)
     finally:
         store.close()
     return {"period": period, "filters": filters,

@@ -207,3 +207,45 @@ def test_a_worker_killed_leaves_no_live_gauge_behind(host, fake):
     wait_for(lambda: value(scrape(host, a), "llm_proxy_live_streams") == 0,
              "the dead worker's stream gone from the gauge")
     release.set()
+
+
+def test_a_stream_may_end_with_its_cost_in_a_comment_that_the_sdk_ignores(fake, tmp_path):
+    import anthropic
+
+    server = ProxyProcess(fake.url, tmp_path).start()
+    try:
+        client = anthropic.Anthropic(base_url=server.url, api_key="sk-test", max_retries=0)
+        fake.enqueue(lambda request: default_script(request))
+        with client.messages.stream(model=MODEL, max_tokens=32, messages=[
+                {"role": "user", "content": "hi"}],
+                extra_headers={"X-LLM-Proxy-Cost-Comment": "1"}) as stream:
+            text = stream.get_final_text()
+            request_id = stream.response.headers["x-llm-proxy-request-id"]
+        assert text  # the SDK read the whole answer past the comment
+        fake.enqueue(lambda request: default_script(request))
+        raw = RawResponse(server.url, "/v1/messages", message(),
+                          headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test",
+                                   "X-LLM-Proxy-Cost-Comment": "1"}).read_head()
+        body = raw.read_all()
+        assert body.rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b": llm-proxy-usage {")
+        told = json.loads(body.rstrip(b"\n").rsplit(b"\n", 1)[-1].split(b" ", 2)[2])
+        row = server.row(raw.request_id)
+        assert told["cost_usd"] == pytest.approx(row["cost_usd"]) and told["priced"]
+        assert told["output_tokens"] == DEFAULT_USAGE["output"] == row["output_tokens"]
+        assert server.row(request_id)["end_reason"] == "complete"
+        fake.enqueue(lambda request: default_script(request))
+        plain = RawResponse(server.url, "/v1/messages", message(),
+                            headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test"})
+        assert b"llm-proxy-usage" not in plain.read_head().read_all()  # opt-in only
+        fake.enqueue(lambda request: default_script(request))
+        answer = client.messages.with_raw_response.create(
+            model=MODEL, max_tokens=32, messages=[{"role": "user", "content": "hi"}])
+        cost = float(answer.headers["x-llm-proxy-cost-usd"])
+        row = server.row(answer.headers["x-llm-proxy-request-id"])
+        assert cost == pytest.approx(row["cost_usd"]) and cost > 0
+        assert answer.headers["x-llm-proxy-usage"] == (
+            f"input={DEFAULT_USAGE['input']}; output={DEFAULT_USAGE['output']}; "
+            f"cache_read={DEFAULT_USAGE['cache_read']}; cache_write={DEFAULT_USAGE['cache_write']}")
+        assert answer.parse().content[0].text
+    finally:
+        server.stop()

@@ -9,6 +9,7 @@ client's SDK understands, like every other answer of the proxy.
 from __future__ import annotations
 
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -241,11 +242,12 @@ class AdminApp:
             form = ""
         else:
             message = "Wrong token." if failed else "The dashboard needs the admin token."
-            form = ('<form method="post" action="dashboard/login"><label>Admin token '
+            action = html.escape(request.script_root + "/dashboard/login", quote=True)
+            form = (f'<form method="post" action="{action}"><label>Admin token '
                     '<input type="password" name="token" autofocus></label> '
                     '<button type="submit">Open</button></form>')
-        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>llm-proxy '
-                f'dashboard</title></head><body><h1>llm-proxy dashboard</h1><p>{message}</p>'
+        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" '
+                f'href="data:,"><title>llm-proxy dashboard</title></head><body><h1>llm-proxy dashboard</h1><p>{message}</p>'
                 f'{form}</body></html>').encode("utf-8")
         start_response(f"{status} {reason_phrase(status)}",
                        [("Content-Type", "text/html; charset=utf-8"),

@@ -250,8 +250,10 @@ class RollupQueries:
         return found[0][0] if found else None
 
     def recent(self, limit: int, filters: dict[str, str | None] | None = None,
-               client_key: str | None = None, since: float | None = None) -> list[dict]:
-        """The last `limit` requests (newest first), of `filters`' model and key."""
+               client_key: str | None = None, since: float | None = None,
+               until: float | None = None) -> list[dict]:
+        """The last `limit` requests (newest first) that started in [since, until), of
+        `filters`' model and key."""
         where, params = [], []
         raw = {"model": "COALESCE(upstream_model, model_requested)", "key": "key_name",
                "deployment": "deployment", "client_key": "client_key_id"}
@@ -265,6 +267,9 @@ class RollupQueries:
         if since is not None:
             where.append(f"started_at >= {self.MARK}")
             params.append(since)
+        if until is not None:
+            where.append(f"started_at < {self.MARK}")
+            params.append(until)
         fields = RECENT_FIELDS
         clause = " WHERE " + " AND ".join(where) if where else ""
         found = self._query(f"SELECT {', '.join(fields)} FROM {TABLE}{clause} "

@@ -1,0 +1,287 @@
+"""The report's views and the dashboard's figures, against seeded databases (SQLite and
+PostgreSQL): the rollups say what the raw rows say, each view adds up to known numbers,
+and `llm-proxy usage VIEW` prints them as JSON, CSV, a plain table or a terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import subprocess
+import sys
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from proxy import report, views
+from proxy.sessions import session_of
+from proxy.store import open_store
+from proxy.store.rollups import TTFT_BOUNDS_MS, deltas, quantile
+from proxy.tracker import to_storage_row
+from proxy.usage import RECORD_FIELDS, UsageRecord
+
+from support.processes import ROOT
+
+DAY1 = datetime(2026, 11, 2, tzinfo=timezone.utc).timestamp()
+DAY2 = datetime(2026, 11, 3, tzinfo=timezone.utc).timestamp()
+DEC = datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()
+
+
+def row(at: float, **fields) -> dict:
+    values = dict(request_id=uuid.uuid4().hex, started_at=at, ended_at=at + 2.0,
+                  endpoint="anthropic", model_requested="claude-a", deployment="d1",
+                  status=200, end_reason="complete", input_tokens=100, output_tokens=10,
+                  cache_read_tokens=50, cache_write_tokens=0, reasoning_tokens=0,
+                  cost_usd=0.5, priced=True, usage_complete=True, ttft_ms=400.0, stream=True)
+    values.update(fields)
+    return to_storage_row(UsageRecord(**values))
+
+
+SEEDED = [
+    row(DAY1 + 3600, key_name="alice", session_id="s1"),
+    row(DAY1 + 3600 + 60, key_name="alice", session_id="s1", ttft_ms=1500.0),
+    row(DAY1 + 7 * 3600, model_requested="gpt-b", deployment="d2", key_name="bob",
+        end_reason="upstream_error", output_tokens=None, cost_usd=0.25, ttft_ms=None,
+        session_id="s2"),
+    row(DAY2 + 60, upstream_model="claude-a-2026", model_requested="claude-a",
+        attempts=3, fallbacks=1, deployment="d2"),
+    row(DAY2 + 120, end_reason="replay", paid_by="x", cost_usd=0.0, saved_cost_usd=0.5),
+    row(DEC + 600, cost_usd=2.0, priced=True, continuations=1, key_name="alice"),
+]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """A seeded usage database of either kind."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "usage.db")
+    else:
+        path = request.getfixturevalue("postgres").database()
+    store = open_store(path)
+    store.insert_rows(SEEDED)
+    store.close()
+    return path
+
+
+def test_the_rollups_say_what_the_raw_rows_say(db):
+    """Every dimension the views group by: the rollups kept at insert time against the same
+    sums computed from the raw rows (the store's fallback for a database not migrated)."""
+    store = open_store(db)
+    try:
+        for dims in (("hour",), ("model", "end_reason"), ("deployment",), ("key",),
+                     ("hour", "endpoint", "deployment", "model", "client_key", "key",
+                      "end_reason")):
+            kept = store.hourly(0, 2e9, dims)
+            store._has_rollups = lambda: False
+            raw = store.hourly(0, 2e9, dims)
+            del store._has_rollups
+            assert _sorted(kept) == _sorted(raw), dims
+    finally:
+        store.close()
+
+
+def _sorted(rows: list[dict]) -> list:
+    return sorted((json.dumps(r, sort_keys=True, default=str) for r in rows))
+
+
+def test_deltas_add_rows_of_one_hour_and_group_together():
+    found = deltas(SEEDED[:2])
+    assert len(found) == 1  # same hour, same group
+    sums = dict(zip(("hour", "endpoint", "deployment", "model", "client_key_id", "key_name",
+                     "end_reason"), found[0][:7]))
+    assert sums == {"hour": DAY1 + 3600, "endpoint": "anthropic", "deployment": "d1",
+                    "model": "claude-a", "client_key_id": "", "key_name": "alice",
+                    "end_reason": "complete"}
+
+
+def test_ttft_quantiles_fall_in_the_right_bucket_and_interpolate_within_it():
+    buckets = [0] * (len(TTFT_BOUNDS_MS) + 1)
+    buckets[2] = 10  # ten requests between 250 and 500 ms
+    assert quantile(buckets, 0.5) == pytest.approx(375.0)
+    buckets[4] = 10  # ten more between 1000 and 2000 ms
+    assert 1000 <= quantile(buckets, 0.95) <= 2000
+    assert quantile([0] * len(buckets), 0.5) is None
+    assert quantile([0] * len(TTFT_BOUNDS_MS) + [3], 0.5) == TTFT_BOUNDS_MS[-1]
+
+
+def test_the_daily_view_adds_up_each_utc_day(db):
+    daily = report.view(db, "daily", now=DEC + 3600)
+    days = {r["day"]: r for r in daily["rows"]}
+    assert list(days) == ["2026-11-02", "2026-11-03", "2026-12-01"]
+    first = days["2026-11-02"]
+    assert (first["requests"], first["input_tokens"], first["output_tokens"],
+            first["cache_read_tokens"]) == (3, 300, 20, 150)
+    assert first["cost_usd"] == pytest.approx(1.25)
+    assert first["failed_requests"] == 1 and first["models"] == ["claude-a", "gpt-b"]
+    assert first["cache_hit_ratio"] == pytest.approx(150 / 450)
+    assert 250 <= first["ttft_p50_ms"] <= 2000  # two requests: 400 and 1500 ms
+    second = days["2026-11-03"]
+    # The replay paid nothing: its tokens are not counted, its request is (a dedup hit).
+    assert (second["requests"], second["input_tokens"], second["dedup_requests"]) == (2, 100, 1)
+    assert second["retries"] == 1 and second["fallbacks"] == 1
+    assert second["models"] == ["claude-a", "claude-a-2026"]
+    assert daily["totals"]["requests"] == 6
+    assert daily["totals"]["cost_usd"] == pytest.approx(3.75)
+
+
+def test_the_monthly_models_and_keys_views(db):
+    monthly = {r["month"]: r for r in report.view(db, "monthly", now=DEC + 3600)["rows"]}
+    assert monthly["2026-11"]["requests"] == 5 and monthly["2026-12"]["cost_usd"] == 2.0
+    models = report.view(db, "models", now=DEC + 3600)["rows"]
+    assert [m["model"] for m in models] == ["claude-a", "claude-a-2026", "gpt-b"]  # by spend
+    assert models[0]["requests"] == 4 and models[0]["cost_usd"] == pytest.approx(3.0)
+    keys = {k["key"]: k for k in report.view(db, "keys", now=DEC + 3600)["rows"]}
+    assert keys["alice"]["requests"] == 3 and keys["bob"]["failed_requests"] == 1
+    assert keys[None]["requests"] == 2
+    only = report.view(db, "daily", filters={"key": "alice"}, now=DEC + 3600)
+    assert only["totals"]["requests"] == 3
+    november = report.view(db, "models", since="2026-11-01", until="2026-11-30", now=DEC)
+    assert november["totals"]["requests"] == 5
+
+
+def test_the_session_view_groups_by_session_newest_first(db):
+    found = report.view(db, "session", since="2026-11-01", now=DEC + 3600)
+    assert [s["session"] for s in found["rows"]] == ["s2", "s1"]
+    s1 = found["rows"][1]
+    assert s1["requests"] == 2 and s1["models"] == ["claude-a"]
+    assert s1["first_at"].startswith("2026-11-02T01:00") and s1["failed_requests"] == 0
+    assert found["rows"][0]["failed_requests"] == 1
+    assert found["totals"]["requests"] == 3
+
+
+def test_the_blocks_view_starts_a_block_at_the_first_hour_after_the_last_one_ended(db):
+    now = DEC + 600 + 1800  # half an hour after the last request
+    found = report.view(db, "blocks", now=now)
+    starts = [b["block_start"] for b in found["rows"]]
+    # 01:00 and 01:01 open a block at 01:00; 07:00 is past its end (06:00): a new one.
+    assert starts == ["2026-11-02T01:00:00Z", "2026-11-02T07:00:00Z", "2026-11-03T00:00:00Z",
+                      "2026-12-01T00:00:00Z"]
+    assert [b["requests"] for b in found["rows"]] == [2, 1, 2, 1]
+    last = found["rows"][-1]
+    assert last["active"] and not any(b["active"] for b in found["rows"][:-1])
+    # $2 in the 30 minutes since its first request (00:10): $4 an hour, and at that rate
+    # the block ends ($2 + 4 h 20 min more) at about $19.33.
+    assert last["burn_rate"]["cost_usd_per_hour"] == pytest.approx(4.0)
+    assert last["projection"]["cost_usd"] == pytest.approx(2.0 + 4.0 * (4 * 3600 + 1200) / 3600)
+    assert last["projection"]["remaining_minutes"] == pytest.approx(260.0)
+
+
+def test_the_dashboard_figures_of_a_filtered_period(db):
+    data = report.dashboard_data(db, "7d", {"model": "claude-a"}, now=DAY2 + 3600)
+    assert data["totals"]["requests"] == 3  # the upstream's own model name counts apart
+    assert data["choices"]["models"] == ["claude-a", "claude-a-2026", "gpt-b"]
+    assert data["choices"]["keys"] == ["alice", "bob"]
+    assert [r["deployment"] for r in data["by_deployment"]] == ["d1"]
+    assert data["by_deployment"][0]["ttft_p50_ms"] is not None
+    assert data["end_reasons"] == {"complete": 2, "replay": 1}
+    assert [r["end_reason"] for r in data["recent"]] == ["replay", "complete", "complete"]
+    assert data["step"] == "hour" and sum(p["requests"] for p in data["series"]) == 3
+    with pytest.raises(ValueError):
+        report.dashboard_data(db, "1y")
+
+
+def test_views_of_a_database_that_does_not_exist_are_empty(tmp_path):
+    path = str(tmp_path / "none.db")
+    for name in views.VIEWS:
+        found = report.view(path, name)
+        assert found["rows"] == [] and found["totals"]["requests"] == 0
+    assert not (tmp_path / "none.db").exists()
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy", "usage", *args], capture_output=True,
+                          text=True, timeout=30, cwd=str(ROOT))
+
+
+def test_each_view_prints_json_csv_and_a_plain_table_when_piped(tmp_path):
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(SEEDED)
+    store.close()
+    for name in views.VIEWS:
+        as_json = cli(name, "--db", path, "--json", "--since", "2026-11-01")
+        assert as_json.returncode == 0, as_json.stderr
+        found = json.loads(as_json.stdout)
+        assert found["view"] == name and found["totals"]["requests"] >= 3
+        as_csv = list(csv.DictReader(io.StringIO(cli(name, "--db", path, "--csv",
+                                                     "--since", "2026-11-01").stdout)))
+        assert len(as_csv) == len(found["rows"]) and "ttft_p50_ms" in as_csv[0]
+        table = cli(name, "--db", path, "--since", "2026-11-01").stdout
+        assert "\x1b[" not in table and "┃" not in table  # piped: plain text
+        assert "TTFT p50" in table and "cache hit" in table
+    assert cli("--db", path).stdout.startswith("Usage per day")  # daily is the default
+    assert cli("weekly", "--db", path).returncode == 2
+
+
+def test_a_terminal_gets_a_drawn_table_narrowed_to_its_width(tmp_path):
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(SEEDED)
+    store.close()
+    found = report.view(path, "daily", now=DEC + 3600)
+    wide = report.render_view(found, rich_terminal=True, width=200)
+    assert "┃" in wide and "claude-a, gpt-b" in wide
+    narrow = report.render_view(found, rich_terminal=True, width=80)
+    assert all(len(line) <= 80 for line in _plain(narrow).splitlines())
+
+
+def _plain(text: str) -> str:
+    import re
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers, body, expected", [
+    ({"X-LLM-Proxy-Session": "job-42"}, {}, "job-42"),
+    ({"x-claude-code-session-id": "54c1eb09-bc4c-4d2f-98eb-6d2ab2d5e2fe"}, {},
+     "54c1eb09-bc4c-4d2f-98eb-6d2ab2d5e2fe"),
+    ({}, {"metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "abc-1"})}},
+     "abc-1"),
+    ({}, {"metadata": {"user_id": "user_ff00_account__session_57a121ec-f78c-48c3"}},
+     "57a121ec-f78c-48c3"),
+    ({"X-LLM-Proxy-Session": "mine"}, {"metadata": {"user_id": '{"session_id":"cc"}'}}, "mine"),
+    ({"X-LLM-Proxy-Session": "has space"}, {}, None),
+    ({"X-LLM-Proxy-Session": "x" * 129}, {}, None),
+    ({"X-LLM-Proxy-Session": "bad\x1bescape"}, {}, None),
+    ({}, {"metadata": {"user_id": "plain-user"}}, None),
+    ({}, {"metadata": "not a dict"}, None),
+    ({}, {"metadata": {"user_id": "{not json"}}, None),
+])
+def test_a_requests_session_comes_from_its_header_or_claude_codes_metadata(headers, body,
+                                                                             expected):
+    from werkzeug.datastructures import Headers
+    assert session_of(Headers(headers), body) == expected
+
+
+def test_rows_keep_their_session_id():
+    assert "session_id" in RECORD_FIELDS
+
+
+@pytest.mark.timeout(120)
+def test_views_stay_fast_on_a_big_database(tmp_path):
+    """200,000 rows over 90 days: the dashboard's queries read the rollups, not the rows."""
+    import time
+
+    path = str(tmp_path / "big.db")
+    store = open_store(path)
+    rng = random.Random(7)
+    start = DEC - 90 * 86400 + 3600  # the period's first whole hour
+    for _ in range(20):
+        store.insert_rows([row(start + rng.random() * (90 * 86400 - 3600),
+                               model_requested=rng.choice(["claude-a", "gpt-b", "claude-c"]),
+                               deployment=rng.choice(["d1", "d2", "d3"]),
+                               key_name=rng.choice(["alice", "bob", None]),
+                               ttft_ms=rng.random() * 4000) for _ in range(10_000)])
+    store.close()
+    began = time.perf_counter()
+    data = report.dashboard_data(path, "90d", now=DEC - 1)
+    elapsed = time.perf_counter() - began
+    assert data["totals"]["requests"] == 200_000
+    assert elapsed < 5.0, f"the dashboard's data took {elapsed:.2f} s"
