@@ -45,6 +45,7 @@ SECONDS_TTFT = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)  # as the rollu
 SECONDS_CHUNK = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 SECONDS_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 SECONDS_DURATION = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+SECONDS_RELAY = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
 SECONDS_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)  # OTel's
 
@@ -136,6 +137,10 @@ class _Metrics:
                                   "The proxy's own time before a request's first upstream "
                                   "call: reading and checking it, keys, routing, dedup.",
                                   ("endpoint",), SECONDS_OVERHEAD)
+        self.relay = histogram("llm_proxy_relay_time_per_chunk_seconds",
+                               "Mean time the proxy held a stream's upstream chunks (framing, "
+                               "usage copy, translation, queueing for the client), per "
+                               "request.", ("endpoint",), SECONDS_RELAY)
         self.tokens = histogram("gen_ai_client_token_usage",
                                 "Tokens per request by type: input counts the whole prompt "
                                 "(cached included, as the conventions define it), output "
@@ -168,6 +173,16 @@ class _Metrics:
                             "written, spilled (to the file beside the database), replayed "
                             "(from it), rejected or dropped (lost).", ("outcome",))
         self.batches = counter("llm_proxy_usage_batches", "Batches the writer committed.")
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered: prometheus_client checks and locks on
+        every call, and a request makes a dozen of them."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 _lock = threading.Lock()
@@ -190,17 +205,25 @@ def _metrics() -> _Metrics:
 
 @dataclass
 class StreamTiming:
-    """What the relay measured of a stream's content events (monotonic seconds)."""
+    """What the relay measured of a stream: its content events (monotonic seconds), and
+    the time it held the upstream's chunks (from a chunk's arrival to its frames queued
+    for the client)."""
 
     first: float | None = None
     last: float | None = None
     count: int = 0
+    held: float = 0.0
+    chunks: int = 0
 
     def content_event(self, now: float) -> None:
         if self.first is None:
             self.first = now
         self.last = now
         self.count += 1
+
+    def relayed(self, seconds: float) -> None:
+        self.held += seconds
+        self.chunks += 1
 
 
 class Metrics:
@@ -262,32 +285,36 @@ class Metrics:
         deployment = self._deployment(row.deployment)
         reason = str(row.end_reason)
         key = (row.key_name or "none") if self.key_labels else ""
-        m.requests.labels(row.endpoint, deployment, reason, key).inc()
-        m.duration.labels(row.endpoint, deployment, reason).observe(
+        m.child(m.requests, row.endpoint, deployment, reason, key).inc()
+        m.child(m.duration, row.endpoint, deployment, reason).observe(
             max(row.ended_at - row.started_at, 0.0))
         if row.ttft_ms is not None and row.paid_by is None:
-            m.ttft.labels(row.endpoint, deployment).observe(row.ttft_ms / 1000.0)
+            m.child(m.ttft, row.endpoint, deployment).observe(row.ttft_ms / 1000.0)
         if overhead is not None:
-            m.overhead.labels(row.endpoint).observe(overhead)
+            m.child(m.overhead, row.endpoint).observe(overhead)
         if reason in DEDUP_REASONS:
-            m.dedup.labels(reason).inc()
+            m.child(m.dedup, reason).inc()
             return  # its tokens were paid for (and counted) by another request
         self._observe_stream(m, row, deployment, timing)
         self._observe_tokens(m, row, deployment, key)
         if row.attempts > 1 or row.fallbacks:
             self._observe_tries(m, row, deployment)
         if row.continuations:
-            m.continuations.labels(deployment).inc(row.continuations)
+            m.child(m.continuations, deployment).inc(row.continuations)
 
     @staticmethod
     def _observe_stream(m: _Metrics, row: UsageRecord, deployment: str,
                         timing: StreamTiming | None) -> None:
-        if timing is None or timing.count < 2:
+        if timing is None:
+            return
+        if timing.chunks:
+            m.child(m.relay, row.endpoint).observe(timing.held / timing.chunks)
+        if timing.count < 2:
             return
         span = timing.last - timing.first
-        m.per_chunk.labels(deployment).observe(span / (timing.count - 1))
+        m.child(m.per_chunk, deployment).observe(span / (timing.count - 1))
         if row.end_reason == "complete" and (row.output_tokens or 0) > 1:
-            m.per_token.labels(deployment).observe(span / (row.output_tokens - 1))
+            m.child(m.per_token, deployment).observe(span / (row.output_tokens - 1))
 
     def _observe_tokens(self, m: _Metrics, row: UsageRecord, deployment: str, key: str) -> None:
         model = self._model(row.upstream_model or row.model_requested)
@@ -298,12 +325,12 @@ class Metrics:
                               + (row.cache_write_tokens or 0))
         for kind, count in parts.items():
             if count is not None:
-                m.tokens.labels(kind, deployment, model).observe(count)
+                m.child(m.tokens, kind, deployment, model).observe(count)
         if row.priced and row.cost_usd:
-            m.cost.labels(deployment, model, key).inc(row.cost_usd)
+            m.child(m.cost, deployment, model, key).inc(row.cost_usd)
         elif not row.priced and any((row.input_tokens, row.output_tokens,
                                      row.cache_read_tokens, row.cache_write_tokens)):
-            m.unpriced.labels(deployment).inc()
+            m.child(m.unpriced, deployment).inc()
 
     def _observe_tries(self, m: _Metrics, row: UsageRecord, deployment: str) -> None:
         """Retries and fallbacks, from the failed tries the row logs (in order)."""
@@ -315,9 +342,9 @@ class Metrics:
                 if isinstance(entry, dict)] + [deployment]
         for before, after in zip(path, path[1:]):
             if before == after:
-                m.retries.labels(after).inc()
+                m.child(m.retries, after).inc()
             else:
-                m.fallbacks.labels(before, after).inc()
+                m.child(m.fallbacks, before, after).inc()
 
     def breakers(self, snapshot: dict) -> None:
         """Breaker states as this worker sees them (only changes are written)."""
@@ -329,7 +356,7 @@ class Metrics:
             changed = {n: v for n, v in changed.items() if self._breakers.get(n) != v}
             self._breakers.update(changed)
         for name, value in changed.items():
-            _metrics().breaker.labels(self._deployment(name)).set(value)
+            _metrics().child(_metrics().breaker, self._deployment(name)).set(value)
 
     def keepalives(self, count: int) -> None:
         if self.enabled and count:
@@ -350,4 +377,4 @@ class Metrics:
         if outcome == "batches":
             _metrics().batches.inc(count)
         elif outcome in ("written", "spilled", "replayed", "rejected", "dropped"):
-            _metrics().rows.labels(outcome).inc(count)
+            _metrics().child(_metrics().rows, outcome).inc(count)

@@ -30,7 +30,7 @@ import json
 import re
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 from . import views
@@ -287,6 +287,9 @@ def add_usage_arguments(parser) -> None:
     parser.add_argument("--model", help="only this model (daily, monthly, blocks, models, keys)")
     parser.add_argument("--key", help="only this proxy key, by name (daily, monthly, blocks, "
                         "models, keys)")
+    parser.add_argument("--timezone", help="days and months of the daily and monthly views, "
+                        "and bare dates of --since/--until, in this IANA zone (default UTC), "
+                        "e.g. Europe/Berlin")
     parser.add_argument("--top", type=int, default=VIEW_TOP,
                         help=f"rows of the session, models and keys views (default {VIEW_TOP})")
     output = parser.add_mutually_exclusive_group()
@@ -311,7 +314,8 @@ def run_usage(args, default_db_path: str | None) -> int:
             filters = {k: v for k in ("model", "key") if (v := getattr(args, k, None))}
             report = view(db_path, name, getattr(args, "since", None),
                           getattr(args, "until", None), filters=filters,
-                          top=getattr(args, "top", VIEW_TOP))
+                          top=getattr(args, "top", VIEW_TOP),
+                          zone=getattr(args, "timezone", None))
     except ValueError as exc:
         _complain(str(exc))
         return 2
@@ -345,42 +349,73 @@ SESSION_DAYS = 30  # the session view reads raw rows: the last 30 days unless to
 
 def view(db: str, name: str, since: Any = None, until: Any = None,
          filters: dict | None = None, top: int = VIEW_TOP, now: float | None = None,
-         client_key: str | None = None) -> dict:
-    """One of views.VIEWS over [since, until) in whole UTC hours (all recorded time by
-    default; the last SESSION_DAYS for sessions).  Raises ValueError for bad bounds or
-    names, StoreFault when the database cannot be read now."""
+         client_key: str | None = None, zone: str | None = None) -> dict:
+    """One of views.VIEWS over [since, until) in whole hours (all recorded time by
+    default; the last SESSION_DAYS for sessions); days and months in `zone` (an IANA
+    name; UTC by default).  Raises ValueError for bad bounds, names or zones, StoreFault
+    when the database cannot be read now."""
     if name not in VIEWS:
         raise ValueError(f"no view {name!r}; one of {', '.join(VIEWS)}")
     if not 1 <= int(top) <= 100_000:
         raise ValueError("top must be between 1 and 100000")
+    tz = time_zone(zone)
     now = time.time() if now is None else now
-    start, stop = view_bounds(since, until, now, SESSION_DAYS if name == "session" else None)
+    start, stop = view_bounds(since, until, now, SESSION_DAYS if name == "session" else None,
+                              tz)
     store = open_store(db)
     try:
-        report = _view(store, name, start, stop, filters or {}, int(top), now, client_key)
+        report = _view(store, name, start, stop, filters or {}, int(top), now, client_key, tz)
     finally:
         store.close()
     return {"view": name, "since": _iso(start) if start > 0 else None, "until": _iso(stop),
-            **report}
+            **({"timezone": zone} if zone else {}), **report}
 
 
-def view_bounds(since: Any, until: Any, now: float, default_days: int | None) -> tuple[float, float]:
-    """[since, until) widened to whole hours."""
-    stop = parse_when(until, end=True)
+def time_zone(name: str | None) -> tzinfo:
+    if not name:
+        return timezone.utc
+    try:
+        from zoneinfo import ZoneInfo
+        return ZoneInfo(name)
+    except (ValueError, KeyError, OSError) as exc:  # ZoneInfoNotFoundError is a KeyError
+        raise ValueError(f"unknown time zone {name!r} (an IANA name such as Europe/Berlin)") \
+            from exc
+
+
+def view_bounds(since: Any, until: Any, now: float, default_days: int | None,
+                zone: tzinfo = timezone.utc) -> tuple[float, float]:
+    """[since, until) widened to whole hours; bare dates are midnights in `zone`."""
+    stop = _zoned(until, zone, end=True)
     stop = hour_ceil(stop) if stop is not None else hour_floor(now) + 3600
-    start = parse_when(since)
+    start = _zoned(since, zone)
     if start is None:
         start = stop - default_days * 86400 if default_days else 0.0
     return hour_floor(start), stop
 
 
+def _zoned(value: Any, zone: tzinfo, end: bool = False) -> float | None:
+    """parse_when, with bare dates (and times without a zone) in `zone`."""
+    if isinstance(value, str) and zone is not timezone.utc:
+        text = value.strip()
+        try:
+            if _DATE_ONLY.fullmatch(text):
+                day = date.fromisoformat(text) + timedelta(days=1 if end else 0)
+                return datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                return moment.replace(tzinfo=zone).timestamp()
+        except ValueError:
+            pass  # parse_when says what is wrong
+    return parse_when(value, end=end)
+
+
 def _view(store: UsageStore, name: str, start: float, stop: float, filters: dict, top: int,
-          now: float, client_key: str | None) -> dict:
+          now: float, client_key: str | None, zone: tzinfo = timezone.utc) -> dict:
     if name == "session":
         return views.sessions(store.sessions(start, stop, top, client_key))
     rows = store.hourly(start, stop, views.QUERIES[name], filters, client_key)
     if name in ("daily", "monthly"):
-        return views.by_period(rows, name)
+        return views.by_period(rows, name, zone)
     if name == "blocks":
         report = views.blocks(rows, now)
         last = report["rows"][-1] if report["rows"] else None
@@ -449,7 +484,8 @@ def render_view(report: dict, rich_terminal: bool = False, width: int | None = N
     totals = ["total"] + ([""] if with_models else []) + [
         _view_cell(c, report["totals"][c], compact) for c, _ in _VIEW_COLUMNS]
     heading = (f"{_VIEW_TITLES[report['view']]}, from {report['since'] or 'the beginning'} "
-               f"until {report['until']} (UTC)")
+               f"until {report['until']}"
+               + (f" (days in {report['timezone']})" if report.get("timezone") else " (UTC)"))
     notes = _block_notes(report)
     if rich_terminal:
         return _rich_table(heading, header, body, totals, notes, width)

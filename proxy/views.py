@@ -16,7 +16,7 @@ the TTFT histogram (linear within a bucket, see rollups.TTFT_BOUNDS_MS).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from typing import Any, Iterable
 
 from .store import TOKEN_FIELDS
@@ -99,12 +99,14 @@ QUERIES = {
 }
 
 
-def day_of(hour: float) -> str:
-    return datetime.fromtimestamp(hour, timezone.utc).strftime("%Y-%m-%d")
+def day_of(hour: float, zone: tzinfo = timezone.utc) -> str:
+    """The day an hour starts in, in `zone` (a zone with a half-hour offset counts each
+    hour whole in the day it starts in: the rollups' grain is the hour)."""
+    return datetime.fromtimestamp(hour, zone).strftime("%Y-%m-%d")
 
 
-def month_of(hour: float) -> str:
-    return datetime.fromtimestamp(hour, timezone.utc).strftime("%Y-%m")
+def month_of(hour: float, zone: tzinfo = timezone.utc) -> str:
+    return datetime.fromtimestamp(hour, zone).strftime("%Y-%m")
 
 
 def iso(epoch: float | None) -> str | None:
@@ -113,9 +115,13 @@ def iso(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def by_period(rows: list[dict], view: str) -> dict:
-    """daily or monthly: one row per UTC day (month), oldest first, with its models."""
-    label, period = ("day", day_of) if view == "daily" else ("month", month_of)
+def by_period(rows: list[dict], view: str, zone: tzinfo = timezone.utc) -> dict:
+    """daily or monthly: one row per day (month) in `zone`, oldest first, with its models."""
+    label, of = ("day", day_of) if view == "daily" else ("month", month_of)
+
+    def period(hour: float) -> str:
+        return of(hour, zone)
+
     models: dict[str, set] = {}
     for row in rows:
         if row["model"] is not None and row["requests"]:

@@ -145,6 +145,7 @@ def test_metrics_add_up_every_worker_of_the_host(host, fake):
     assert value(samples, "gen_ai_server_request_duration_seconds_count") == 5
     assert value(samples, "gen_ai_server_request_duration_seconds_bucket", le="0.25") < 5
     assert value(samples, "llm_proxy_overhead_seconds_count") == 5
+    assert value(samples, "llm_proxy_relay_time_per_chunk_seconds_count") == 4
     # Tokens: input as the conventions count it (the whole prompt), per request.
     for kind, each in (("input", DEFAULT_TOTAL_INPUT), ("output", DEFAULT_USAGE["output"]),
                        ("cache_read", DEFAULT_USAGE["cache_read"]),

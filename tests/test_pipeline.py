@@ -485,6 +485,27 @@ def test_a_json_answer_read_whole_is_recorded_before_its_headers_which_carry_its
     assert row.cost_usd > 0
 
 
+def test_the_cost_comment_is_one_comment_that_ends_without_a_blank_line_after_an_id():
+    """After an upstream `id:` the blank line would dispatch an empty event that the OpenAI
+    SDK cannot parse (protocols.md section 0): the comment then stands alone."""
+    from proxy.pipeline.replies import cost_comment
+    from proxy.usage import UsageRecord
+
+    row = UsageRecord(request_id="r1", cost_usd=0.25, priced=True, input_tokens=3,
+                      output_tokens=4, usage_complete=True)
+    plain = cost_comment(row)
+    assert plain.startswith(b": llm-proxy-usage {") and plain.endswith(b"}\n\n")
+    assert plain.count(b"\n") == 2
+    assert json.loads(plain[len(b": llm-proxy-usage "):]) == {
+        "request_id": "r1", "cost_usd": 0.25, "priced": True, "input_tokens": 3,
+        "output_tokens": 4, "cache_read_tokens": None, "cache_write_tokens": None,
+        "reasoning_tokens": None, "usage_complete": True}
+    assert cost_comment(row, after_id=True).endswith(b"}\n") and \
+        cost_comment(row, after_id=True).count(b"\n") == 1
+    unpriced = UsageRecord(request_id="r2", cost_usd=None, priced=False, output_tokens=1)
+    assert json.loads(cost_comment(unpriced)[18:])["cost_usd"] is None
+
+
 def test_a_streams_row_has_its_time_to_first_token():
     status, body, row = relay_through(StubUpstream(StubStream(START, DELTA, STOP)), "a")
     assert status == "200 OK" and row.end_reason == "complete"

@@ -285,3 +285,122 @@ def test_views_stay_fast_on_a_big_database(tmp_path):
     elapsed = time.perf_counter() - began
     assert data["totals"]["requests"] == 200_000
     assert elapsed < 5.0, f"the dashboard's data took {elapsed:.2f} s"
+
+
+# --- migrations of databases that hold rows already ------------------------------------------
+
+
+def test_a_sqlite_database_of_v5_gets_rollups_of_the_rows_it_holds(tmp_path):
+    """The v6 migration fills the rollups from the rows stored before it, so the views see
+    the past; rows stored after it add to them."""
+    from proxy.store.sqlite import MIGRATIONS, connect
+
+    path = str(tmp_path / "usage.db")
+    conn = connect(path)
+    for statements in MIGRATIONS[:5]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 5")
+    old = [{k: v for k, v in r.items() if k != "session_id"} for r in SEEDED[:4]]
+    conn.executemany(f"INSERT INTO usage_records ({', '.join(old[0])}) VALUES "
+                     f"({', '.join('?' * len(old[0]))})", [tuple(r.values()) for r in old])
+    conn.close()
+    store = open_store(path)
+    try:
+        assert report.view(path, "daily", now=DEC)["totals"]["requests"] == 4  # raw fallback
+        store.insert_rows(SEEDED[4:])  # migrates, then adds
+        kept = store.hourly(0, 2e9, ("deployment", "end_reason"))
+        store._has_rollups = lambda: False
+        raw = store.hourly(0, 2e9, ("deployment", "end_reason"))
+    finally:
+        store.close()
+    assert _sorted(kept) == _sorted(raw)
+    assert sum(r["requests"] for r in kept) == 6
+
+
+def test_a_postgres_database_of_v1_gets_the_new_rollups_for_the_hours_it_still_has(postgres):
+    """v2 adds endpoint, deployment and TTFT to the rollups: hours whose raw rows are all
+    there are rebuilt from them; the first hour (retention may have cut into it) keeps what
+    it had, so no total changes."""
+    import psycopg
+
+    from proxy.store.postgres import MIGRATIONS, PG_HOUR, TABLE
+    from proxy.store.rollups import raw_as_rollup
+
+    url = postgres.database()
+    v1_columns = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
+                  "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                  "reasoning_tokens", "cost_usd", "unpriced", "continued",
+                  "continuation_cost_usd", "dedup_requests", "dedup_tokens", "dedup_saved_usd")
+    rows = [{k: v for k, v in r.items() if k != "session_id"} for r in SEEDED]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE llm_proxy_schema (version INTEGER)")
+        conn.execute("INSERT INTO llm_proxy_schema VALUES (1)")
+        with conn.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {TABLE} ({', '.join(rows[0])}) VALUES "
+                               f"({', '.join(['%s'] * len(rows[0]))})",
+                               [tuple(r.values()) for r in rows])
+        # v1's rollups, as v1 kept them (the shape of its SQL: no endpoint, deployment, TTFT)
+        old = raw_as_rollup(PG_HOUR)
+        conn.execute(f"INSERT INTO usage_rollups ({', '.join(v1_columns)}) SELECT hour, model, "
+                     f"client_key_id, key_name, end_reason, {', '.join(v1_columns[5:])} "
+                     f"FROM ({old}) AS r")
+        conn.execute(f"DELETE FROM {TABLE} WHERE started_at < %s", (DAY1 + 3600 + 30,))
+    store = open_store(url)
+    try:
+        store.open()  # migrates to v2
+        by_deployment = {r["deployment"]: r for r in store.hourly(0, 2e9, ("deployment",))}
+        totals = store.hourly(0, 2e9, ())
+    finally:
+        store.close()
+    assert totals[0]["requests"] == 6 and totals[0]["cost_usd"] == pytest.approx(3.75)
+    # The first hour's raw rows were cut: its rollup stays as v1 made it (no deployment).
+    assert by_deployment[None]["requests"] == 2
+    assert by_deployment["d2"]["requests"] == 2 and by_deployment["d1"]["requests"] == 2
+    assert by_deployment["d1"]["ttft_count"] == 1  # the rebuilt hours have their TTFT
+
+
+def test_the_usage_endpoint_gives_a_view_and_a_client_key_only_its_own(tmp_path):
+    from werkzeug.test import Client
+
+    from proxy.app import App
+    from proxy.config import load_config
+
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(SEEDED[:5])
+    store.close()
+    app = App(load_config(env={"LLM_PROXY_DB": path, "LLM_PROXY_TRACKER": "false"}))
+    try:
+        client = Client(app)
+        daily = client.get("/usage", query_string={"view": "daily", "since": "2026-11-01",
+                                                   "until": "2026-11-30"}).json
+        assert daily["view"] == "daily" and daily["totals"]["requests"] == 5
+        keys = client.get("/usage", query_string={"view": "keys", "since": "2026-11-01",
+                                                  "key": "alice"}).json
+        assert [r["key"] for r in keys["rows"]] == ["alice"]
+        bad = client.get("/usage", query_string={"view": "weekly", "since": "2026-11-01"})
+        assert bad.status_code == 400 and "weekly" in bad.json["error"]["message"]
+        zoned = client.get("/usage", query_string={"view": "daily", "since": "2026-11-01",
+                                                   "timezone": "Asia/Tokyo"}).json
+        # 07:00 UTC on the 2nd is 16:00 in Tokyo; 01:00 UTC is 10:00: all on the 2nd there
+        assert zoned["rows"][0]["day"] == "2026-11-02" and zoned["timezone"] == "Asia/Tokyo"
+    finally:
+        app.close()
+
+
+def test_days_in_a_time_zone_and_bare_dates_at_its_midnight(tmp_path):
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(SEEDED)
+    store.close()
+    # 2026-12-01 00:10 UTC is still November 30 in New York.
+    found = report.view(path, "daily", zone="America/New_York", now=DEC + 3600)
+    assert [r["day"] for r in found["rows"]][-1] == "2026-11-30"
+    december = report.view(path, "daily", since="2026-12-01", zone="America/New_York",
+                           now=DEC + 3600)
+    assert december["rows"] == []  # New York's December had not begun
+    with pytest.raises(ValueError):
+        report.view(path, "daily", zone="Nowhere/Land")

@@ -176,7 +176,9 @@ class AdminApp:
         """The usage summary, bounded whatever the database holds: a period of at most
         USAGE_MAX_DAYS (the last USAGE_DEFAULT_DAYS unless `since` says otherwise) and the
         `top` models and client keys (USAGE_TOP by default).  The admin sees every row;
-        a client key (keys mode) sees its own."""
+        a client key (keys mode) sees its own.  With `view` (daily, monthly, session,
+        blocks, models, keys; `model` and `key` filter), one of the report's views instead,
+        over the same period."""
         from .. import report
         who = self.authority(request)
         if who is None:
@@ -185,11 +187,18 @@ class AdminApp:
         since, until, top = usage_bounds(request.args)
         if own_key is None:  # a client's call holds no thread waiting for rows
             self._flush_unless_degraded(self.deps.tracker(), 2.0)
+        view = request.args.get("view")
         try:
-            summary = report.summarize(self.deps.db_path, since=since, until=until, top=top,
-                                       client_key=own_key)
+            if view:  # one of the report's views (`llm-proxy usage VIEW`), as JSON
+                filters = {k: v for k in ("model", "key") if (v := request.args.get(k))}
+                summary = report.view(self.deps.db_path, view, since, until, filters=filters,
+                                      top=top, client_key=own_key,
+                                      zone=request.args.get("timezone"))
+            else:
+                summary = report.summarize(self.deps.db_path, since=since, until=until,
+                                           top=top, client_key=own_key)
         except ValueError as exc:
-            raise BadRequest(f"bad since/until: {exc}") from None
+            raise BadRequest(f"bad since/until/view: {loggable(exc)}") from None
         except StoreFault as exc:
             raise ReportUnavailable(f"the usage database cannot be read now ({exc.kind})") from None
         return _json_response(start_response, 200, summary)

@@ -519,9 +519,12 @@ class StreamRelay:
     def _pump(self, current: TryStream) -> Outcome:
         failure: ProxyError | None = None
         try:
+            timing = self.record.timing
             for chunk in current.resp.decoded_chunks():
+                began = time.perf_counter()
                 for event in current.events(chunk):
                     self._forward(event, current)
+                timing.relayed(time.perf_counter() - began)
                 if self._protocol_end is not None and not self.writer.closed:
                     self._end_body_once_settled(current)
                 if self.writer.closed and self._protocol_end is None:
