@@ -19,7 +19,7 @@ from support.steps import Send, Sleep, Status, End, default_script, json_reply
 
 pytestmark = pytest.mark.timeout(120)
 
-MODEL = "claude-sonnet-4-5"  # priced, so it is a label of its own
+MODEL = "claude-sonnet-5"  # priced, so it is a label of its own
 ROUTED = "claude-metrics-1"
 
 
@@ -126,7 +126,8 @@ def test_metrics_add_up_every_worker_of_the_host(host, fake):
     def settled():
         found = scrape(host, a)
         return found if (value(found, "llm_proxy_breaker_state", deployment="primary") == 2
-                         and value(found, "llm_proxy_live_streams") == 0) else None
+                         and value(found, "llm_proxy_live_streams") == 0
+                         and value(found, "llm_proxy_usage_queue_depth") == 0) else None
 
     samples = wait_for(settled, "the open breaker of primary, and no live stream")
     assert scrape(host, b).keys() == samples.keys()  # either worker shows the whole host
