@@ -845,6 +845,29 @@ def test_a_stream_whose_end_splits_its_crlf_closes_without_waiting_for_the_upstr
     assert r.complete and body.replace(KEEPALIVE, b"") == transcript
 
 
+def test_the_cost_comment_waits_for_the_last_event_to_be_whole(proxy, fake):
+    """The last event's blank line is a CRLF whose LF comes in a later read: the cost
+    comment goes after that LF, never inside the event (a comment is only ever written
+    between events)."""
+    split = 1
+    proto = PROTOS["chat"]
+    transcript = b"".join(chat_stream(newline="\r\n"))
+    lf_may_go = threading.Event()
+    fake.enqueue([Status(200, headers=SSE_CT), Send(transcript[:-split]), WaitFor(lf_may_go, 8),
+                  Send(transcript[-split:]), Stall()])
+    r = RawResponse(proxy.url, proto.path, proto.body, timeout=3,
+                    headers={"X-LLM-Proxy-Cost-Comment": "1"}).read_head()
+    r.read_until(lambda b: b.replace(KEEPALIVE, b"").endswith(transcript[:-split]),
+                 "the [DONE] event but its end")
+    assert_nothing_arrives(r, 0.2)
+    lf_may_go.set()
+    body = r.read_all().replace(KEEPALIVE, b"")
+    assert r.complete and body.startswith(transcript)
+    comment = body[len(transcript):]
+    assert comment.startswith(b": llm-proxy-usage {") and comment.endswith(b"}\n\n")
+    assert json.loads(comment[len(b": llm-proxy-usage "):])["request_id"] == r.request_id
+
+
 def test_count_tokens_is_never_a_stream_even_when_its_body_says_stream(proxy, fake):
     """count_tokens answers with JSON: `"stream": true` in its body must not make the proxy
     commit to an event stream while the upstream takes its time (mutant d3)."""

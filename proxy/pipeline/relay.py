@@ -667,13 +667,12 @@ class StreamRelay:
         else:
             self.record.upstream_error(200, current.view.format.event_error_message(payload),
                                        self.writer.bytes_out)
-        self._tell_cost()
         self._end_body_once_settled(current)
 
     def _tell_cost(self) -> None:
-        """The opt-in trailing comment with the stream's cost, once its row is finished.  A
-        shared call's clients each have their own cost (a joined one paid nothing): none
-        gets the payer's."""
+        """The opt-in comment with the stream's cost, once its row is finished and the last
+        event is whole on the wire (never inside an event).  A shared call's clients each
+        have their own cost (a joined one paid nothing): none gets the payer's."""
         if self.preq.cost_comment and self.live is None and self.record.ended:
             self.writer.write_event(cost_comment(self.record.row, self.writer.saw_id))
 
@@ -684,6 +683,7 @@ class StreamRelay:
             return  # the next read (or the end of the stream) completes it
         if tail:
             self.writer.write_event(tail)
+        self._tell_cost()
         self.writer.close()
 
     def _conclude(self, current: TryStream, failure: ProxyError | None) -> Outcome:
@@ -701,6 +701,8 @@ class StreamRelay:
             tail = current.tail(final=True)
             if tail:
                 self.writer.write_event(tail)
+            if not self.writer.closed:
+                self._tell_cost()
             self.writer.close()  # recorded when the protocol's end went out
             self.deps.heartbeat.unregister(self.exchange)
             return Outcome.taken()
