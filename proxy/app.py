@@ -55,6 +55,8 @@ from .upstream import UpstreamClient, UpstreamRequests
 
 log = logging.getLogger("proxy.app")
 
+METRICS_INTERVAL = 0.5  # seconds between writes of a worker's live gauges
+
 
 class ProxyApp:
     """The proxied endpoints (`/v1/...`): admit, then relay; one error boundary."""
@@ -164,8 +166,10 @@ class App:
         self.config = config = config or load_config()
         self.router = Router(config.routes, Breakers(config.breaker_policy))
         prices = PriceTable(config.prices)
-        self.metrics = Metrics(lambda model: known_model(config, prices, model),
+        self.metrics = Metrics(lambda model: model_label(config, prices, model),
                                known_deployments(config), config.key_labels, config.collect)
+        self._metrics_due = 0.0
+        self._keepalives_seen = 0
         self.heartbeat = Heartbeat(config.heartbeat_interval, config.client_probe_interval,
                                    after_pass=self._after_heartbeat)
         self.budget = MemoryBudget(config.memory_budget)
@@ -235,14 +239,18 @@ class App:
         return self._tracker
 
     def _after_heartbeat(self, live: int, keepalives: int) -> None:
-        """After each heartbeat pass (about every client probe interval): the gauges that
-        describe this worker now, written off the requests' path."""
-        self.metrics.live_streams(live)
-        self.metrics.keepalives(keepalives)
-        self.metrics.breakers(self.router.breakers.snapshot())
+        """After each heartbeat pass: the gauges that describe this worker now, written off
+        the requests' path, at most every METRICS_INTERVAL (keepalives add up meanwhile)."""
+        self._keepalives_seen += keepalives
+        now = time.monotonic()
+        if now < self._metrics_due:
+            return
+        self._metrics_due = now + METRICS_INTERVAL
         tracker = self._started_tracker()
-        if tracker is not None:
-            self.metrics.queue_depth(tracker.queued())
+        self.metrics.worker_state(live, self._keepalives_seen,
+                                  tracker.queued() if tracker is not None else 0)
+        self._keepalives_seen = 0
+        self.metrics.breakers(self.router.breakers.snapshot())
 
     def _started_tracker(self) -> Tracker | NullTracker | None:
         return self._tracker if self._tracker_pid == os.getpid() else None
@@ -344,13 +352,13 @@ class App:
         return self.proxy.refuse_unread(err, head)
 
 
-def known_model(config: Config, prices: PriceTable, model: str) -> bool:
-    """May this model name be a metrics label?  When the config names it (a route, a
-    deployment's model) or the price table prices it."""
+def model_label(config: Config, prices: PriceTable, model: str) -> str | None:
+    """The metrics label of a model name: the config's name when a route or a deployment
+    names it, else the price table's own name for it; None for a name neither knows."""
     for route in config.routes:
         if route.pattern == model or any(d.model == model for d in route.deployments):
-            return True
-    return prices.price_for(model) is not None
+            return model
+    return prices.known_name(model)
 
 
 def known_deployments(config: Config) -> set[str]:

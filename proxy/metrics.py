@@ -60,13 +60,22 @@ def prepare_directory() -> str:
     path = os.environ.get(ENV)
     if path:
         os.makedirs(path, exist_ok=True)
-        for old in glob.glob(os.path.join(path, "*.db")):  # a previous run's: stale
+        for old in _value_files(path):  # a previous run's: stale
             os.unlink(old)
         return path
     path = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
     os.environ[ENV] = path
     os.environ["LLM_PROXY_OWN_METRICS_DIR"] = path  # ours to remove at exit
     return path
+
+
+def _value_files(path: str, pid: str = "*") -> list[str]:
+    """prometheus_client's own files in `path` (counter_123.db, gauge_livesum_123.db, ...),
+    and nothing else that may live there."""
+    found = []
+    for kind in ("counter", "gauge_*", "histogram", "summary"):
+        found += glob.glob(os.path.join(path, f"{kind}_{pid}.db"))
+    return found
 
 
 def forget_worker(pid: int) -> None:
@@ -91,10 +100,33 @@ def exposition() -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     if os.environ.get(ENV):
+        _forget_dead_workers(os.environ[ENV])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest(_metrics().registry)
+
+
+def _forget_dead_workers(path: str) -> None:
+    """Live gauges of workers that are gone, forgotten at scrape time too: a master whose
+    configuration lacks the child_exit hook (an old copy of deploy/gunicorn.conf.py)
+    would otherwise show a killed worker's streams for ever."""
+    from prometheus_client import multiprocess
+
+    pids = {name.rsplit("_", 1)[-1][:-3] for name in glob.glob(os.path.join(path, "gauge_live*_*.db"))}
+    for pid in pids:
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +167,8 @@ class _Metrics:
                                    "complete stream.", ("deployment",), SECONDS_TOKEN)
         self.overhead = histogram("llm_proxy_overhead_seconds",
                                   "The proxy's own time before a request's first upstream "
-                                  "call: reading and checking it, keys, routing, dedup.",
+                                  "call, from its body's last byte: checking it, keys, "
+                                  "routing, dedup.",
                                   ("endpoint",), SECONDS_OVERHEAD)
         self.relay = histogram("llm_proxy_relay_time_per_chunk_seconds",
                                "Mean time the proxy held a stream's upstream chunks (framing, "
@@ -229,24 +262,36 @@ class StreamTiming:
 class Metrics:
     """The proxy's recorder: one per app, bounded by what the config names."""
 
-    MAX_MODELS = 256  # model labels per process; beyond, "other"
+    MAX_REMEMBERED = 1024  # names whose label is remembered (a client chooses names)
 
-    def __init__(self, is_known_model: Callable[[str], bool] = lambda name: False,
+    def __init__(self, model_label: Callable[[str], str | None] = lambda name: None,
                  known_deployments: Iterable[str] = (), key_labels: bool = False,
                  enabled: bool = True) -> None:
-        self._is_known_model = is_known_model
+        self._model_label = model_label
         self._models: dict[str, str] = {}
+        self._failed: set[str] = set()
         self.known_deployments = frozenset(known_deployments)
         self.key_labels = key_labels
         self.enabled = enabled
         self._breakers: dict[str, int] = {}
         self._breaker_lock = threading.Lock()
 
+    def _safely(self, what: str, action: Callable[[], None]) -> None:
+        """Metrics must never cost a worker, a row or a heartbeat: a failure (a metrics
+        directory gone, a disk full) is logged once per kind and the caller goes on."""
+        if not self.enabled:
+            return
+        try:
+            action()
+        except Exception:  # noqa: BLE001
+            if what not in self._failed:
+                self._failed.add(what)
+                log.exception("metrics: %s failed (logged once; the proxy goes on)", what)
+
     def start(self) -> None:
         """In the worker, before its first request: its series exist (at 0) from now on,
         so a scrape of a quiet host is not empty."""
-        if self.enabled:
-            _metrics().live_streams.set(0)
+        self._safely("start", lambda: _metrics().live_streams.set(0))
 
     def _deployment(self, name: str | None) -> str:
         if not name:
@@ -256,28 +301,23 @@ class Metrics:
         return OTHER
 
     def _model(self, name: str | None) -> str:
-        """The model's own name when the config or the price table knows it: a client
-        chooses model names, and each would be a series of its own."""
+        """The config's or the price table's own name for the model, else "other": a
+        client chooses model names (any case, any snapshot suffix), and each would be a
+        series of its own.  Only known names are remembered, so junk never crowds out a
+        real model."""
         if not name:
             return "none"
         label = self._models.get(name)
         if label is None:
-            label = name if self._is_known_model(name) else OTHER
-            if len(self._models) < self.MAX_MODELS:
+            label = self._model_label(name) or OTHER
+            if label != OTHER and len(self._models) < self.MAX_REMEMBERED:
                 self._models[name] = label
-            elif label != OTHER:
-                label = OTHER
         return label
 
     def observe_request(self, row: UsageRecord, timing: StreamTiming | None = None,
                         overhead: float | None = None) -> None:
         """One finished request, from its row; never raises (metrics must not cost a row)."""
-        if not self.enabled:
-            return
-        try:
-            self._observe(row, timing, overhead)
-        except Exception:  # noqa: BLE001
-            log.exception("request %s: metrics could not be recorded", row.request_id)
+        self._safely("observing a request", lambda: self._observe(row, timing, overhead))
 
     def _observe(self, row: UsageRecord, timing: StreamTiming | None,
                  overhead: float | None) -> None:
@@ -348,8 +388,9 @@ class Metrics:
 
     def breakers(self, snapshot: dict) -> None:
         """Breaker states as this worker sees them (only changes are written)."""
-        if not self.enabled:
-            return
+        self._safely("breaker states", lambda: self._breaker_states(snapshot))
+
+    def _breaker_states(self, snapshot: dict) -> None:
         with self._breaker_lock:
             changed = {name: BREAKER_STATES.get(state.get("state"), 0)
                        for name, state in snapshot.items()}
@@ -358,22 +399,23 @@ class Metrics:
         for name, value in changed.items():
             _metrics().child(_metrics().breaker, self._deployment(name)).set(value)
 
-    def keepalives(self, count: int) -> None:
-        if self.enabled and count:
-            _metrics().keepalives.inc(count)
-
-    def live_streams(self, count: int) -> None:
-        if self.enabled:
-            _metrics().live_streams.set(count)
-
-    def queue_depth(self, count: int) -> None:
-        if self.enabled:
-            _metrics().queue_depth.set(count)
+    def worker_state(self, live: int, keepalives: int, queued: int) -> None:
+        """This worker's live gauges and keepalives (the heartbeat thread, now and then)."""
+        def write() -> None:
+            m = _metrics()
+            m.live_streams.set(live)
+            m.queue_depth.set(queued)
+            if keepalives:
+                m.keepalives.inc(keepalives)
+        self._safely("worker state", write)
 
     def usage_rows(self, outcome: str, count: int) -> None:
         """The writer's counters: written, spilled, replayed, rejected, dropped; batches."""
-        if not self.enabled or not count:
-            return
+        if count:
+            self._safely("usage rows", lambda: self._usage_rows(outcome, count))
+
+    @staticmethod
+    def _usage_rows(outcome: str, count: int) -> None:
         if outcome == "batches":
             _metrics().batches.inc(count)
         elif outcome in ("written", "spilled", "replayed", "rejected", "dropped"):

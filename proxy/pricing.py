@@ -120,6 +120,14 @@ class PriceTable:
             return self._prices[name]
         return self._prices.get(_base_of_snapshot(name, self._prices))
 
+    def known_name(self, model: str | None) -> str | None:
+        """The table's own name for `model` (a snapshot's base, lower case), or None: a
+        bounded label for a name a client chose."""
+        if not model:
+            return None
+        name = model.strip().lower()
+        return name if name in self._prices else _base_of_snapshot(name, self._prices)
+
     def cost(self, usage_like: Any, model: str | None = None) -> float | None:
         """USD for one request's tokens; None when the model or every count is unknown.
 

@@ -307,6 +307,11 @@ def run_usage(args, default_db_path: str | None) -> int:
         _complain("no usage database configured (use --db to name one)")
         return 1
     name = getattr(args, "view", None) or "daily"
+    ignored = [f"--{flag}" for flag in ("model", "key", "timezone")
+               if getattr(args, flag, None) and name in _WITHOUT.get(flag, ())]
+    if ignored:
+        _complain(f"{' and '.join(ignored)} do not apply to the {name} view")
+        return 2
     try:
         if name == "summary":
             report = summarize(db_path, getattr(args, "since", None), getattr(args, "until", None))
@@ -344,6 +349,9 @@ def _complain(message: str) -> None:
 # Views (proxy/views.py): read from the rollups, rendered here.
 
 VIEW_TOP = 50
+# Views an option does not apply to (an error, rather than a report that ignores it).
+_WITHOUT = {"model": ("session", "summary"), "key": ("session", "summary"),
+            "timezone": ("session", "blocks", "models", "keys", "summary")}
 SESSION_DAYS = 30  # the session view reads raw rows: the last 30 days unless told otherwise
 
 
@@ -385,15 +393,49 @@ def time_zone(name: str | None) -> tzinfo:
 def view_bounds(since: Any, until: Any, now: float, default_days: int | None,
                 zone: tzinfo = timezone.utc) -> tuple[float, float]:
     """[since, until) widened to whole hours; bare dates are midnights in `zone`."""
-    stop = _zoned(until, zone, end=True)
+    stop = zoned(until, zone, end=True)
     stop = hour_ceil(stop) if stop is not None else hour_floor(now) + 3600
-    start = _zoned(since, zone)
+    start = zoned(since, zone)
     if start is None:
         start = stop - default_days * 86400 if default_days else 0.0
     return hour_floor(start), stop
 
 
-def _zoned(value: Any, zone: tzinfo, end: bool = False) -> float | None:
+BLOCKS_LOOKBACK_DAYS = 7
+
+
+def _blocks(store: UsageStore, start: float, stop: float, filters: dict, now: float,
+            client_key: str | None) -> dict:
+    """Blocks start where the activity says, not where the period does: the rows are read
+    from the last silence of 5 hours before `start` (looking back at most a week)."""
+    anchor = _last_silence_before(store, start, filters, client_key)
+    rows = store.hourly(anchor, stop, views.QUERIES["blocks"], filters, client_key)
+    report = views.blocks(rows, now, since=start)
+    last = report["rows"][-1] if report["rows"] else None
+    if last is not None and last["active"]:  # its burn rate runs from its first request
+        began = parse_when(last["block_start"])
+        report = views.blocks(rows, now, store.first_started(began, stop, client_key), start)
+    return report
+
+
+def _last_silence_before(store: UsageStore, start: float, filters: dict,
+                         client_key: str | None) -> float:
+    """The first hour of activity after the last gap of 5 hours or more before `start`
+    (a block can only begin there), or `start` when there is none to look at."""
+    if start <= 0:
+        return start
+    hours = sorted(r["hour"] for r in store.hourly(start - BLOCKS_LOOKBACK_DAYS * 86400, start,
+                                                   ("hour",), filters, client_key))
+    if not hours:
+        return start
+    anchor = hours[0]
+    for before, after in zip(hours, hours[1:]):
+        if after - before >= views.BLOCK:
+            anchor = after
+    return anchor if start - hours[-1] < views.BLOCK else start
+
+
+def zoned(value: Any, zone: tzinfo, end: bool = False) -> float | None:
     """parse_when, with bare dates (and times without a zone) in `zone`."""
     if isinstance(value, str) and zone is not timezone.utc:
         text = value.strip()
@@ -417,13 +459,7 @@ def _view(store: UsageStore, name: str, start: float, stop: float, filters: dict
     if name in ("daily", "monthly"):
         return views.by_period(rows, name, zone)
     if name == "blocks":
-        report = views.blocks(rows, now)
-        last = report["rows"][-1] if report["rows"] else None
-        if last is not None and last["active"]:  # its burn rate runs from its first request
-            began = parse_when(last["block_start"])
-            first = store.first_started(began, stop, client_key)
-            report = views.blocks(rows, now, first)
-        return report
+        return _blocks(store, start, stop, filters, now, client_key)
     report = views.by_dimension(rows, name)
     report["groups"] = len(report["rows"])
     report["rows"] = report["rows"][:top]
@@ -522,20 +558,21 @@ def _rich_table(heading: str, header: list[str], body: list[list[str]], totals: 
                 notes: list[str], width: int) -> str:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=heading, show_footer=bool(body), header_style="bold", padding=(0, 1),
                   collapse_padding=True)
     for index, (name, foot) in enumerate(zip([h.replace(" ", "\n") for h in header], totals)):
         numeric = index >= (2 if header[1] == "models" else 1)
-        table.add_column(name, footer=foot, justify="right" if numeric else "left",
+        table.add_column(name, footer=Text(foot), justify="right" if numeric else "left",
                          no_wrap=numeric, overflow="fold", min_width=None if numeric else 10)
-    for row in body:
-        table.add_row(*row)
+    for row in body:  # Text: a model or session a client named is never read as markup
+        table.add_row(*(Text(cell) for cell in row))
     console = Console(force_terminal=True, width=width)
     with console.capture() as captured:
-        console.print(table if body else f"{heading}\n(no requests)")
+        console.print(table if body else Text(f"{heading}\n(no requests)"))
         for line in notes:
-            console.print(line)
+            console.print(Text(line))
     return captured.get()
 
 
@@ -549,10 +586,17 @@ def render_view_csv(report: dict) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([label, *extra, *(["models"] if with_models else []), *STAT_FIELDS])
     for row in report["rows"]:
-        writer.writerow([row.get(label), *(row[e] for e in extra),
-                         *([" ".join(row["models"])] if with_models else []),
+        writer.writerow([_csv_text(row.get(label)), *(row[e] for e in extra),
+                         *([_csv_text(" ".join(row["models"]))] if with_models else []),
                          *("" if row[f] is None else row[f] for f in STAT_FIELDS)])
     return out.getvalue()
+
+
+def _csv_text(value: Any) -> Any:
+    """A name a client chose, made inert for a spreadsheet (=, +, -, @ start a formula)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def dashboard_data(db: str, period: str, filters: dict | None = None,

@@ -141,11 +141,14 @@ def by_dimension(rows: list[dict], view: str) -> dict:
     return {"view": view, "rows": out, "totals": total(rows)}
 
 
-def blocks(rows: list[dict], now: float, first_started: float | None = None) -> dict:
+def blocks(rows: list[dict], now: float, first_started: float | None = None,
+           since: float | None = None) -> dict:
     """ccusage's 5-hour blocks: a block starts at the hour of the first request after the
     last block ended, and lasts 5 hours.  The block that is still running gets its burn
     rate (since its first request, given as `first_started` when known) and a projection
-    to its end at that rate."""
+    to its end at that rate.  `rows` may start before `since` (so that the blocks start
+    where they really do); only blocks that reach past `since` are shown, and the totals
+    count the rows from `since` on."""
     hours = grouped(rows, lambda row: row["hour"])
     models: dict[float, set] = {}
     for row in rows:
@@ -161,8 +164,10 @@ def blocks(rows: list[dict], now: float, first_started: float | None = None) -> 
         current["sums"]["failed"] += hours[hour]["failed"]
         current["models"] |= models.get(hour, set())
         current["last"] = hour
-    result = [_block_row(b, now, first_started) for b in out]
-    return {"view": "blocks", "rows": result, "totals": total(rows)}
+    shown = [b for b in out if since is None or b["start"] + BLOCK > since]
+    result = [_block_row(b, now, first_started) for b in shown]
+    counted = rows if since is None else [r for r in rows if r["hour"] >= since]
+    return {"view": "blocks", "rows": result, "totals": total(counted)}
 
 
 def _block_row(block: dict, now: float, first_started: float | None) -> dict:
@@ -206,7 +211,7 @@ def sessions(found: list[dict]) -> dict:
 
 DASHBOARD_PERIODS = {"24h": 1, "7d": 7, "30d": 30, "90d": 90}  # days
 DASHBOARD_QUERIES = {
-    "series": ("hour",),
+    "series": ("hour", "end_reason"),
     "models": ("model", "end_reason"),
     "deployments": ("deployment", "end_reason"),
     "keys": ("key", "end_reason"),
@@ -219,6 +224,8 @@ def dashboard(found: dict[str, list[dict]], since: float, until: float,
     the period (whatever the filters), for the filters' menus."""
     hourly = until - since <= 7 * 86400  # else one point per day
     series = grouped(found["series"], lambda row: row["hour"] if hourly else day_of(row["hour"]))
+    for point in _steps(since, until, hourly):  # quiet hours (days) are on the chart too
+        series.setdefault(point, empty_sums())
     everything = found["deployments"]
     reasons: dict[str, int] = {}
     for row in everything:
@@ -226,7 +233,7 @@ def dashboard(found: dict[str, list[dict]], since: float, until: float,
                                                    + row["requests"])
     return {
         "since": iso(since), "until": iso(until), "step": "hour" if hourly else "day",
-        "series": [_point(k if hourly else k, v, hourly) for k, v in sorted(series.items())],
+        "series": [_point(k, v, hourly) for k, v in sorted(series.items())],
         "totals": total(everything),
         "by_model": _ranked(found["models"], "model"),
         "by_deployment": _ranked(found["deployments"], "deployment"),
@@ -235,6 +242,12 @@ def dashboard(found: dict[str, list[dict]], since: float, until: float,
         "recent": [_recent(row) for row in recent],
         "choices": choices,
     }
+
+
+def _steps(since: float, until: float, hourly: bool) -> list:
+    """Every hour (or UTC day) of [since, until), as the series keys them."""
+    hours = [since + i * HOUR for i in range(int((until - since) // HOUR))]
+    return hours if hourly else sorted({day_of(hour) for hour in hours})
 
 
 def _point(key: Any, sums: dict, hourly: bool) -> dict:

@@ -45,6 +45,19 @@ def seeded_rows(now: float) -> list[dict]:
     return rows
 
 
+HOSTILE_MODEL = '<img src=x onerror="window.pwned=1">'
+HOSTILE_KEY = '"><script>window.pwned=2</script>'
+
+
+def hostile_rows(now: float) -> list[dict]:
+    """A client chose these names: they must show as text, never run."""
+    return [to_storage_row(UsageRecord(
+        request_id=uuid.uuid4().hex, started_at=now - 120, ended_at=now - 119,
+        endpoint="anthropic", model_requested=HOSTILE_MODEL, deployment="d1", status=200,
+        end_reason="complete", input_tokens=1, output_tokens=1, stream=False,
+        key_name=HOSTILE_KEY))]
+
+
 @pytest.fixture
 def browser():
     for path in (CHROMIUM, CHROMEDRIVER):
@@ -64,10 +77,10 @@ def browser():
         driver.quit()
 
 
-def proxy_with_data(fake, tmp_path, **env) -> ProxyProcess:
+def proxy_with_data(fake, tmp_path, extra=(), **env) -> ProxyProcess:
     server = ProxyProcess(fake.url, tmp_path, **env)
     store = open_store(server.db_path)
-    store.insert_rows(seeded_rows(time.time()))
+    store.insert_rows(seeded_rows(time.time()) + list(extra))
     store.close()
     return server.start()
 
@@ -125,6 +138,28 @@ def test_the_dashboard_draws_the_seeded_data_and_a_filter_changes_it(fake, tmp_p
         assert [d.text for d in deployments][:1] == ["d2"]
         assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-requests rect")) == 12
         screenshot(browser, tmp_path, "dashboard-gpt-b.png")
+        assert console_errors(browser) == []
+    finally:
+        server.stop()
+
+
+def test_names_a_client_chose_are_shown_as_text_and_never_run(fake, tmp_path, browser):
+    server = proxy_with_data(fake, tmp_path, extra=hostile_rows(time.time()))
+    try:
+        browser.get(server.url + "/dashboard")
+        loaded(browser, "period=24h")
+        assert browser.execute_script("return window.pwned") is None
+        models = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#by-model td:first-child")]
+        assert HOSTILE_MODEL in models
+        keys = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#by-key td:first-child")]
+        assert HOSTILE_KEY in keys
+        assert browser.find_elements(By.CSS_SELECTOR, "#by-model img") == []
+        options = [o.get_attribute("value") for o in
+                   browser.find_elements(By.CSS_SELECTOR, "#model option")]
+        assert HOSTILE_MODEL in options
+        Select(browser.find_element(By.ID, "model")).select_by_value(HOSTILE_MODEL)
+        WebDriverWait(browser, 15).until(lambda d: tile(d, "Requests") == "1")
+        assert browser.execute_script("return window.pwned") is None
         assert console_errors(browser) == []
     finally:
         server.stop()

@@ -52,6 +52,21 @@ SEEDED = [
 ]
 
 
+# Rows at the edges of what the sums treat apart: unpriced with tokens, no usage at all,
+# TTFT exactly on bucket bounds and past the last one, a dedup join, no model, no start.
+EDGES = [
+    row(DAY1 + 600, cost_usd=None, priced=False, ttft_ms=100.0),
+    row(DAY1 + 610, input_tokens=None, output_tokens=None, cache_read_tokens=None,
+        cache_write_tokens=None, cost_usd=None, priced=False, ttft_ms=250.0,
+        end_reason="client_gone"),
+    row(DAY1 + 620, ttft_ms=120000.0, reasoning_tokens=7),
+    row(DAY1 + 630, ttft_ms=500000.0, model_requested=None, deployment=None),
+    row(DAY1 + 640, end_reason="joined", paid_by="y", saved_cost_usd=0.125, ttft_ms=50.0),
+    row(DAY1 + 650, attempts=4, fallbacks=2, continuations=2, continuation_cost_usd=0.01,
+        endpoint="openai_chat", client_key_id="ck_1"),
+]
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, tmp_path):
     """A seeded usage database of either kind."""
@@ -63,6 +78,31 @@ def db(request, tmp_path):
     store.insert_rows(SEEDED)
     store.close()
     return path
+
+
+def test_the_rollups_say_what_the_raw_rows_say_at_the_edges(tmp_path):
+    """Python's sums of new rows (deltas) against SQL's sums of the same stored rows."""
+    path = str(tmp_path / "edges.db")
+    store = open_store(path)
+    try:
+        store.insert_rows(EDGES)
+        dims = ("hour", "endpoint", "deployment", "model", "client_key", "key", "end_reason")
+        kept = store.hourly(0, 2e9, dims)
+        store._has_rollups = lambda: False
+        raw = store.hourly(0, 2e9, dims)
+    finally:
+        store.close()
+    assert _sorted(kept) == _sorted(raw)
+    everything = views.total([{**r, "end_reason": r["end_reason"] or "complete"} for r in kept])
+    assert everything["unpriced_requests"] == 1 and everything["dedup_requests"] == 1
+    assert (everything["retries"], everything["fallbacks"]) == (1, 2)
+    ttft = {c: sum(r[c] for r in kept) for c in ("ttft_le_100", "ttft_le_250", "ttft_le_120000",
+                                                 "ttft_le_inf", "ttft_count")}
+    # 100 and 250 fall in their own bucket (<=), 120000 in the last bounded one, and the
+    # last row's 400 in ttft_le_500; the joined request's TTFT is not the deployment's
+    # (another request paid for the call).
+    assert ttft == {"ttft_le_100": 1, "ttft_le_250": 1, "ttft_le_120000": 1, "ttft_le_inf": 1,
+                    "ttft_count": 5}
 
 
 def test_the_rollups_say_what_the_raw_rows_say(db):
@@ -168,6 +208,46 @@ def test_the_blocks_view_starts_a_block_at_the_first_hour_after_the_last_one_end
     assert last["projection"]["remaining_minutes"] == pytest.approx(260.0)
 
 
+def test_blocks_start_where_the_activity_does_not_where_the_period_does(tmp_path):
+    """Requests at 10, 14, 16 and 19 h: blocks at 10 and 16, whether the report starts at
+    the beginning or at 11 h (a block that reaches into the period is shown whole)."""
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows([row(DAY1 + h * 3600 + 60) for h in (10, 14, 16, 19)])
+    store.close()
+    now = DAY1 + 20 * 3600
+    for since in (None, DAY1 + 11 * 3600):
+        found = report.view(path, "blocks", since=since, now=now)
+        assert [b["block_start"][11:16] for b in found["rows"]] == ["10:00", "16:00"], since
+        assert found["rows"][-1]["active"]
+    late = report.view(path, "blocks", since=DAY1 + 11 * 3600, now=now)
+    assert late["totals"]["requests"] == 3  # the period's own rows
+
+
+def test_options_that_do_not_apply_to_a_view_are_an_error(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    report.add_usage_arguments(parser)
+    path = str(tmp_path / "usage.db")
+    assert report.run_usage(parser.parse_args(["session", "--model", "m"]), path) == 2
+    assert "--model do not apply to the session view" in capsys.readouterr().err
+    assert report.run_usage(parser.parse_args(["models", "--timezone", "UTC"]), path) == 2
+
+
+def test_names_a_client_chose_are_text_in_a_terminal_and_inert_in_a_spreadsheet(tmp_path):
+    path = str(tmp_path / "usage.db")
+    hostile = ["[/evil]", "[link=http://phish.example]safe[/link]", "=HYPERLINK(\"x\")"]
+    store = open_store(path)
+    store.insert_rows([row(DAY1 + 60 * i, model_requested=name) for i, name in enumerate(hostile)])
+    store.close()
+    found = report.view(path, "models", now=DAY2)
+    drawn = report.render_view(found, rich_terminal=True, width=200)  # no MarkupError
+    assert "[/evil]" in drawn and "phish.example" in drawn and "\x1b]8;" not in drawn
+    lines = list(csv.reader(io.StringIO(report.render_view_csv(found))))
+    assert "'=HYPERLINK(\"x\")" in [line[0] for line in lines]
+
+
 def test_the_dashboard_figures_of_a_filtered_period(db):
     data = report.dashboard_data(db, "7d", {"model": "claude-a"}, now=DAY2 + 3600)
     assert data["totals"]["requests"] == 3  # the upstream's own model name counts apart
@@ -178,6 +258,11 @@ def test_the_dashboard_figures_of_a_filtered_period(db):
     assert data["end_reasons"] == {"complete": 2, "replay": 1}
     assert [r["end_reason"] for r in data["recent"]] == ["replay", "complete", "complete"]
     assert data["step"] == "hour" and sum(p["requests"] for p in data["series"]) == 3
+    assert len(data["series"]) == 7 * 24  # every hour, the quiet ones too
+    assert sum(p["failed_requests"] for p in data["series"]) == 0
+    failed = report.dashboard_data(db, "30d", now=DAY2 + 3600)
+    assert sum(p["failed_requests"] for p in failed["series"]) == 1
+    assert len(failed["series"]) in (30, 31) and failed["step"] == "day"
     with pytest.raises(ValueError):
         report.dashboard_data(db, "1y")
 
@@ -362,7 +447,7 @@ def test_a_postgres_database_of_v1_gets_the_new_rollups_for_the_hours_it_still_h
     assert by_deployment["d1"]["ttft_count"] == 1  # the rebuilt hours have their TTFT
 
 
-def test_the_usage_endpoint_gives_a_view_and_a_client_key_only_its_own(tmp_path):
+def test_the_usage_endpoint_gives_a_view_of_the_period_asked_for(tmp_path):
     from werkzeug.test import Client
 
     from proxy.app import App

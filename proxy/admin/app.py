@@ -41,6 +41,12 @@ ADMIN_PATHS = frozenset({"/health", "/usage", "/metrics", "/dashboard", "/dashbo
                          "/dashboard/data", "/dashboard/app.js", "/dashboard/app.css"})
 STATIC = os.path.join(os.path.dirname(__file__), "static")
 DASHBOARD_COOKIE = "llm_proxy_dashboard"
+SESSION_SECONDS = 12 * 3600  # a dashboard session lasts this long
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>llm-proxy dashboard</title></head>
+<body><h1>llm-proxy dashboard</h1><p>{message}</p>{form}</body></html>
+"""
 # The dashboard loads nothing but its own files, and no other site may frame it.
 DASHBOARD_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                     "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
@@ -106,6 +112,7 @@ class AdminApp:
                             Rule("/dashboard/app.js", endpoint="static", methods=["GET"]),
                             Rule("/dashboard/app.css", endpoint="static", methods=["GET"])])
         self._flush_lock = threading.Lock()
+        self._logins = LoginFailures()
 
     def __call__(self, environ, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
@@ -126,26 +133,26 @@ class AdminApp:
         fmt = formats.for_client(request.headers)
         return _json_response(start_response, fmt.status_of(err), fmt.error_body(err))
 
-    def authority(self, request: Request) -> str | ClientKey | None:
-        """Who asks: ADMIN (the admin token), a client key (keys mode: it may see its own
-        usage), ADMIN again for loopback when no token is set, or nobody in particular."""
+    def authority(self, request: Request, session: bool = False) -> str | ClientKey | None:
+        """Who asks: ADMIN (the admin token; or, with `session`, the dashboard's session
+        cookie), a client key (keys mode: it may see its own usage), ADMIN again for
+        loopback when no token is set, or nobody in particular."""
         token = self.deps.admin_token()
         credentials = request_credentials(request.headers)
         if token is not None:
             presented = token.encode("utf-8")
             if any(hmac.compare_digest(c.encode("utf-8"), presented) for c in credentials):
                 return ADMIN
-            cookie = request.cookies.get(DASHBOARD_COOKIE, "")
-            if cookie and hmac.compare_digest(cookie.encode("utf-8"),
-                                              dashboard_session(token).encode("utf-8")):
+            if session and is_dashboard_session(request.cookies.get(DASHBOARD_COOKIE, ""),
+                                                token, time.time()):
                 return ADMIN
         key = self.deps.client_key(request.headers) if credentials else None
         if key is not None:  # a client asks as itself, wherever it runs
             return key
         return ADMIN if token is None and from_loopback(request.environ) else None
 
-    def _admin_only(self, request: Request, what: str) -> None:
-        who = self.authority(request)
+    def _admin_only(self, request: Request, what: str, session: bool = False) -> None:
+        who = self.authority(request, session)
         if who == ADMIN:
             return
         if who is not None:
@@ -184,10 +191,11 @@ class AdminApp:
         if who is None:
             self._admin_only(request, "/usage")  # says why it is refused
         own_key = None if who == ADMIN else who.id  # a client key sees its own rows only
-        since, until, top = usage_bounds(request.args)
+        view = request.args.get("view")
+        since, until, top = usage_bounds(request.args, request.args.get("timezone") if view
+                                         else None)
         if own_key is None:  # a client's call holds no thread waiting for rows
             self._flush_unless_degraded(self.deps.tracker(), 2.0)
-        view = request.args.get("view")
         try:
             if view:  # one of the report's views (`llm-proxy usage VIEW`), as JSON
                 filters = {k: v for k in ("model", "key") if (v := request.args.get(k))}
@@ -216,7 +224,7 @@ class AdminApp:
     # -- the dashboard: a page, its script and style, and its data --------------------------------
 
     def _dashboard(self, request: Request, start_response) -> Iterable[bytes]:
-        if self.authority(request) != ADMIN:
+        if self.authority(request, session=True) != ADMIN:
             return self._login_page(request, start_response, 401)
         return _file_response(start_response, "dashboard.html", "text/html; charset=utf-8")
 
@@ -230,15 +238,21 @@ class AdminApp:
         """The admin token from the page's form: a browser cannot send a header, so a
         session cookie (an HMAC of the token, never the token) stands for it."""
         token = self.deps.admin_token()
+        if self._logins.too_many(time.monotonic()):
+            return self._login_page(request, start_response, 429, failed=True)
         given = request.form.get("token", "")
         if token is None or not hmac.compare_digest(given.encode("utf-8"),
                                                     token.encode("utf-8")):
+            self._logins.failed(time.monotonic())
             log.warning("dashboard login refused (wrong token) from %s",
                         loggable(request.remote_addr, 64))
             return self._login_page(request, start_response, 401, failed=True)
         where = request.script_root + "/dashboard"
-        cookie = (f"{DASHBOARD_COOKIE}={dashboard_session(token)}; Path={where}; HttpOnly; "
-                  f"SameSite=Strict{'; Secure' if request.scheme == 'https' else ''}")
+        secure = request.scheme == "https" or \
+            request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+        value = dashboard_session(token, int(time.time()) + SESSION_SECONDS)
+        cookie = (f"{DASHBOARD_COOKIE}={value}; Path={where}; Max-Age={SESSION_SECONDS}; "
+                  f"HttpOnly; SameSite=Strict{'; Secure' if secure else ''}")
         start_response("303 See Other", [("Location", where), ("Set-Cookie", cookie),
                                          ("Content-Length", "0")])
         return [b""]
@@ -250,14 +264,13 @@ class AdminApp:
                        "(LLM_PROXY_ADMIN_TOKEN) to open it from elsewhere.")
             form = ""
         else:
-            message = "Wrong token." if failed else "The dashboard needs the admin token."
+            message = ("Too many wrong tokens: try again in a minute." if status == 429 else
+                       "Wrong token." if failed else "The dashboard needs the admin token.")
             action = html.escape(request.script_root + "/dashboard/login", quote=True)
             form = (f'<form method="post" action="{action}"><label>Admin token '
                     '<input type="password" name="token" autofocus></label> '
                     '<button type="submit">Open</button></form>')
-        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><link rel="icon" '
-                f'href="data:,"><title>llm-proxy dashboard</title></head><body><h1>llm-proxy dashboard</h1><p>{message}</p>'
-                f'{form}</body></html>').encode("utf-8")
+        page = LOGIN_PAGE.format(message=message, form=form).encode("utf-8")
         start_response(f"{status} {reason_phrase(status)}",
                        [("Content-Type", "text/html; charset=utf-8"),
                         ("Content-Length", str(len(page))),
@@ -266,7 +279,7 @@ class AdminApp:
 
     def _dashboard_data(self, request: Request, start_response) -> Iterable[bytes]:
         from .. import report
-        self._admin_only(request, "/dashboard")
+        self._admin_only(request, "/dashboard", session=True)
         filters = {name: request.args.get(name) or None for name in ("model", "key")}
         if any(v is not None and len(v) > 256 for v in filters.values()):
             raise BadRequest("model and key filters are 256 characters at most")
@@ -291,12 +304,14 @@ class AdminApp:
             self._flush_lock.release()
 
 
-def usage_bounds(args) -> tuple[float, float, int]:
-    """(since, until, top) of a /usage request as epoch seconds, within the limits."""
-    from ..report import parse_when
+def usage_bounds(args, zone: str | None = None) -> tuple[float, float, int]:
+    """(since, until, top) of a /usage request as epoch seconds, within the limits; bare
+    dates are midnights in `zone` (a view's time zone), else in UTC."""
+    from ..report import time_zone, zoned
     try:
-        until = parse_when(args.get("until"), end=True) or time.time()
-        since = parse_when(args.get("since"))
+        tz = time_zone(zone)
+        until = zoned(args.get("until"), tz, end=True) or time.time()
+        since = zoned(args.get("since"), tz)
         top = int(args.get("top", USAGE_TOP))
     except ValueError as exc:
         raise BadRequest(f"bad since/until/top: {loggable(exc)}") from None
@@ -310,11 +325,41 @@ def usage_bounds(args) -> tuple[float, float, int]:
     return since, until, top
 
 
-def dashboard_session(token: str) -> str:
-    """The dashboard's session cookie: derived from the admin token (a new token ends every
-    session), and useless as the token itself."""
-    return hmac.new(token.encode("utf-8"), b"llm-proxy dashboard session",
-                    "sha256").hexdigest()
+def dashboard_session(token: str, expires: int) -> str:
+    """The dashboard's session cookie: when it expires, and a MAC of that under the admin
+    token (a new token ends every session); useless as the token itself, and only good
+    for the dashboard's own endpoints."""
+    mac = hmac.new(token.encode("utf-8"), f"llm-proxy dashboard session {expires}".encode(),
+                   "sha256").hexdigest()
+    return f"{expires}.{mac}"
+
+
+def is_dashboard_session(cookie: str, token: str, now: float) -> bool:
+    expires, _, _ = cookie.partition(".")
+    if not expires.isdigit() or int(expires) < now:
+        return False
+    return hmac.compare_digest(cookie.encode("utf-8"),
+                               dashboard_session(token, int(expires)).encode("utf-8"))
+
+
+class LoginFailures:
+    """Wrong tokens at the dashboard's login, per worker: past LIMIT in a minute, logins
+    are refused for the rest of it (a guessing loop gets nowhere, and holds no thread)."""
+
+    LIMIT = 10
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._times: list[float] = []
+
+    def failed(self, now: float) -> None:
+        with self._lock:
+            self._times = [t for t in self._times if now - t < self.WINDOW] + [now]
+
+    def too_many(self, now: float) -> bool:
+        with self._lock:
+            return sum(1 for t in self._times if now - t < self.WINDOW) >= self.LIMIT
 
 
 def _file_response(start_response, name: str, content_type: str) -> list[bytes]:

@@ -163,7 +163,7 @@ class Admission:
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
             redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup,
-            cost_comment=self._wants_cost_comment(request.headers))
+            cost_comment=self._wants_cost_comment(request.headers, route))
         hold = self.deps.gate.reserve(opened.key, preq, payload,
                                       billed=endpoint.bills_usage and not estimate)
         if hold is not None:
@@ -255,10 +255,14 @@ class Admission:
             raise NotConfigured(f"this proxy has no {fmt.provider_format} provider configured")
         return provider.name
 
-    def _wants_cost_comment(self, headers: Mapping[str, str]) -> bool:
-        """The stream's cost in a trailing SSE comment: set for every stream, or asked for."""
+    def _wants_cost_comment(self, headers: Mapping[str, str], route: Route) -> bool:
+        """The stream's cost in a trailing SSE comment: asked for by the request, or set
+        for every stream whose client takes comments (a provider with `keepalive = false`
+        has clients that cannot parse them)."""
         asked = (headers.get(COST_COMMENT_HEADER) or "").strip().lower()
-        return self.deps.config.cost_comment or asked in ("1", "true", "yes", "on")
+        if asked in ("1", "true", "yes", "on"):
+            return True
+        return self.deps.config.cost_comment and self._keepalive(route)
 
     def _keepalive(self, route: Route) -> bool:
         """Keepalive comments, unless turned off (for all, or for the first deployment's

@@ -48,8 +48,11 @@ class RequestRecord:
                  metrics: Metrics | None = None) -> None:
         self._sink = sink
         self._metrics = metrics
-        self.timing = StreamTiming()  # the stream's content events, for the metrics
+        # The stream's content events and chunks, for the metrics (None: metrics are off,
+        # and the relay times nothing).
+        self.timing = StreamTiming() if metrics is not None and metrics.enabled else None
         self._upstream_at: float | None = None  # when the first upstream call went out
+        self._received_at: float | None = None  # when the client's body was read
         self._prices = prices
         self._redactor = redactor or Redactor()
         self._on_finish = on_finish
@@ -92,7 +95,9 @@ class RequestRecord:
         hold.settle(self.row)
 
     def received(self, bytes_in: int) -> None:
-        """The client's body arrived whole."""
+        """The client's body arrived whole (the proxy's own time starts now: the upload
+        is the client's)."""
+        self._received_at = time.monotonic()
         self._set(bytes_in=bytes_in)
 
     def admitted(self, *, stream: bool, usage_format: Format | None) -> None:
@@ -150,7 +155,8 @@ class RequestRecord:
 
     def content_event(self) -> None:
         """A content event went to the client (the metrics' time per chunk)."""
-        self.timing.content_event(time.monotonic())
+        if self.timing is not None:
+            self.timing.content_event(time.monotonic())
 
     # -- copies of the answer ------------------------------------------------------------
     def observe_event(self, name: str | None, payload: Any) -> None:
@@ -327,8 +333,11 @@ class RequestRecord:
             return None
 
     def _overhead(self) -> float | None:
-        """The proxy's own time before the upstream call (admission, keys, routing)."""
-        return self._upstream_at - self._t0 if self._upstream_at is not None else None
+        """The proxy's own time before the upstream call: from the request's arrival (or,
+        with a body, from its last byte) to the call (parsing, keys, routing, dedup)."""
+        if self._upstream_at is None:
+            return None
+        return self._upstream_at - (self._received_at or self._t0)
 
     def _elapsed_ms(self) -> float:
         return round((time.monotonic() - self._t0) * 1000.0, 3)

@@ -44,7 +44,7 @@ from .request import ProxyRequest
 
 # A successful JSON answer up to this size is read whole before the client's headers, so
 # they can carry its cost; a larger one streams through without them.
-WHOLE_ANSWER_LIMIT = 8 * 1024 * 1024
+WHOLE_ANSWER_LIMIT = 2 * 1024 * 1024
 
 # Error events an upstream sends mid-answer that are worth a continuation (it was busy or
 # failed inside); anything else (an invalid request, a refusal) would only come back.
@@ -103,7 +103,7 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
             if bridge is not None:  # read whole and rewritten, or this try fails
                 taken.append(TranslatedBody.read(resp, bridge, record, attempt.deployment.name))
             else:  # an unreadable body fails this try, before any header goes out
-                resp.prefetch_answer(WHOLE_ANSWER_LIMIT)
+                resp.prefetch_answer(WHOLE_ANSWER_LIMIT, on_start=exchange.content_arrived)
                 taken.append(Answer(resp, attempt.deployment.name))
         except ProxyError as err:
             resp.close()
@@ -519,12 +519,13 @@ class StreamRelay:
     def _pump(self, current: TryStream) -> Outcome:
         failure: ProxyError | None = None
         try:
-            timing = self.record.timing
+            timing = self.record.timing  # None: metrics are off
             for chunk in current.resp.decoded_chunks():
-                began = time.perf_counter()
+                began = time.perf_counter() if timing is not None else 0.0
                 for event in current.events(chunk):
                     self._forward(event, current)
-                timing.relayed(time.perf_counter() - began)
+                if timing is not None:
+                    timing.relayed(time.perf_counter() - began)
                 if self._protocol_end is not None and not self.writer.closed:
                     self._end_body_once_settled(current)
                 if self.writer.closed and self._protocol_end is None:
@@ -671,10 +672,10 @@ class StreamRelay:
 
     def _tell_cost(self) -> None:
         """The opt-in comment with the stream's cost, once its row is finished and the last
-        event is whole on the wire (never inside an event).  A shared call's clients each
-        have their own cost (a joined one paid nothing): none gets the payer's."""
-        if self.preq.cost_comment and self.live is None and self.record.ended:
-            self.writer.write_event(cost_comment(self.record.row, self.writer.saw_id))
+        event is whole on the wire (never inside an event).  On a shared call it goes to
+        the paying client's own writer only: the clients that joined paid nothing."""
+        if self.preq.cost_comment and self.record.ended:
+            self.client.write_event(cost_comment(self.record.row, self.client.saw_id))
 
     def _end_body_once_settled(self, current: TryStream) -> None:
         """Close the body once the last event is whole on the wire (see `SSEFramer.settle`)."""

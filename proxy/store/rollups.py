@@ -36,6 +36,7 @@ TTFT_COLUMNS = tuple(f"ttft_le_{b}" for b in TTFT_BOUNDS_MS) + ("ttft_le_inf",)
 EXTRA_SUMS = ("retries", "fallbacks", "ttft_count", "ttft_sum_ms", *TTFT_COLUMNS)
 SUM_COLUMNS = COUNT_SUMS + EXTRA_SUMS
 COLUMNS = KEY_COLUMNS + SUM_COLUMNS
+_SUM_INDEX = {column: index for index, column in enumerate(SUM_COLUMNS)}
 FLOAT_SUMS = frozenset({"cost_usd", "continuation_cost_usd", "dedup_saved_usd", "ttft_sum_ms"})
 
 # What a view may group by or filter on, and the rollup column behind each.
@@ -97,27 +98,33 @@ def deltas(rows: Iterable[dict]) -> list[tuple]:
 
 
 def _add(sums: list, row: dict) -> None:
+    """Add one stored row to a rollup's sums (in SUM_COLUMNS' order)."""
+    for column, amount in _amounts(row).items():
+        sums[_SUM_INDEX[column]] += amount
+
+
+def _amounts(row: dict) -> dict:
+    """What one stored row adds to each sum of its rollup (the Python twin of the SQL in
+    raw_as_rollup: change both together)."""
     billed = sum(row[c] or 0 for c in TOKEN_FIELDS[:4])
     dedup = row["end_reason"] in DEDUP_REASONS
     paid = row["paid_by"] is None
-    sums[0] += 1
-    for i, column in enumerate(TOKEN_FIELDS, start=1):
-        if paid:
-            sums[i] += row[column] or 0
-    sums[6] += (row["cost_usd"] or 0.0) if row["priced"] else 0.0
-    sums[7] += 1 if not row["priced"] and billed > 0 else 0
-    sums[8] += 1 if (row["continuations"] or 0) > 0 else 0
-    sums[9] += row["continuation_cost_usd"] or 0.0
-    sums[10] += 1 if dedup else 0
-    sums[11] += billed if dedup else 0
-    sums[12] += (row["saved_cost_usd"] or 0.0) if dedup else 0.0
     fallbacks = row["fallbacks"] or 0
-    sums[13] += max((row["attempts"] or 0) - 1 - fallbacks, 0)
-    sums[14] += fallbacks
+    amounts = {"requests": 1,
+               **{c: (row[c] or 0) if paid else 0 for c in TOKEN_FIELDS},
+               "cost_usd": (row["cost_usd"] or 0.0) if row["priced"] else 0.0,
+               "unpriced": 1 if not row["priced"] and billed > 0 else 0,
+               "continued": 1 if (row["continuations"] or 0) > 0 else 0,
+               "continuation_cost_usd": row["continuation_cost_usd"] or 0.0,
+               "dedup_requests": 1 if dedup else 0,
+               "dedup_tokens": billed if dedup else 0,
+               "dedup_saved_usd": (row["saved_cost_usd"] or 0.0) if dedup else 0.0,
+               "retries": max((row["attempts"] or 0) - 1 - fallbacks, 0),
+               "fallbacks": fallbacks}
     if paid and row["ttft_ms"] is not None:
-        sums[15] += 1
-        sums[16] += row["ttft_ms"]
-        sums[17 + ttft_bucket(row["ttft_ms"])] += 1
+        amounts.update({"ttft_count": 1, "ttft_sum_ms": row["ttft_ms"],
+                        TTFT_COLUMNS[ttft_bucket(row["ttft_ms"])]: 1})
+    return amounts
 
 
 def raw_as_rollup(hour: str, where: str = "", group: str | None = None) -> str:
@@ -209,7 +216,10 @@ class RollupQueries:
     def sessions(self, since: float, until: float, top: int,
                  client_key: str | None = None) -> list[dict]:
         """The `top` sessions most recently active in [since, until), newest first, each
-        with the sums of its rows there, when it began and ended, and its models."""
+        with the sums of its rows there, when it began and ended, and its models.  A
+        database the proxy has not migrated yet has no sessions."""
+        if not self._has_rollups():  # the same schema version added both
+            return []
         where, params = self._raw_window(since, until, client_key)
         where.append("session_id IS NOT NULL")
         sql = raw_as_rollup(self.RAW_HOUR, " WHERE " + " AND ".join(where), group="session_id")
@@ -272,8 +282,10 @@ class RollupQueries:
             params.append(until)
         fields = RECENT_FIELDS
         clause = " WHERE " + " AND ".join(where) if where else ""
+        # By start time: the index on it is walked backwards and the walk stops after
+        # `limit` rows (ordering by id would sort every row of the period first).
         found = self._query(f"SELECT {', '.join(fields)} FROM {TABLE}{clause} "
-                            f"ORDER BY id DESC LIMIT {int(limit)}", params)
+                            f"ORDER BY started_at DESC LIMIT {int(limit)}", params)
         return [dict(zip(fields, values)) for values in found]
 
     def _raw_window(self, since: float, until: float,
