@@ -209,7 +209,7 @@ class App:
             gate=gate, metrics=self.metrics))
         self.proxy = ProxyApp(admission, RelayDeps(
             tries, self.heartbeat, self.stream_threads, config.commit_delay,
-            config.max_event_bytes, config.max_continuations, live_calls), dedup,
+            config.max_event_bytes, config.max_continuations, live_calls, self.budget), dedup,
             lambda: self.shutting_down)
         self.admin = AdminApp(AdminDeps(
             db_path=config.db_path, started_tracker=self._started_tracker,

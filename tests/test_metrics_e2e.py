@@ -279,3 +279,22 @@ def test_the_cost_comment_after_upstream_ids_keeps_the_openai_sdk_reading(fake, 
         assert body.rsplit(b"\n", 2)[-2].startswith(b": llm-proxy-usage {")
     finally:
         server.stop()
+
+
+def test_a_worker_short_of_memory_streams_a_json_answer_through_without_its_cost(fake,
+                                                                                 tmp_path):
+    """Reading a JSON answer whole costs memory from the worker's budget: without room
+    (a budget below the 2 MiB a read may take) the answer streams through, whole and
+    correct, only without the cost headers."""
+    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_MEMORY_BUDGET=str(1 << 20)).start()
+    try:
+        fake.enqueue(lambda request: default_script(request))
+        r = RawResponse(server.url, "/v1/messages", message(stream=False),
+                        headers={"anthropic-version": "2023-06-01",
+                                 "x-api-key": "sk-test"}).read_head()
+        body = json.loads(r.read_all())
+        assert r.status == 200 and body["usage"]["output_tokens"] == DEFAULT_USAGE["output"]
+        assert r.header("x-llm-proxy-cost-usd") is None
+        assert server.row(r.request_id)["end_reason"] == "complete"
+    finally:
+        server.stop()

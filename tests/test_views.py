@@ -349,6 +349,33 @@ def test_rows_keep_their_session_id():
     assert "session_id" in RECORD_FIELDS
 
 
+def test_the_last_requests_walk_the_start_time_index_instead_of_sorting_the_period(tmp_path):
+    """The dashboard's list of recent requests stops after its rows, whatever the period
+    holds: SQLite reads them off the index in order, with no sort of the whole period."""
+    from proxy.store.sqlite import SqliteStore
+
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(SEEDED)
+    captured = []
+    query = SqliteStore._query
+
+    def explained(self, sql, params):
+        if sql.startswith("SELECT request_id"):
+            captured.extend(row[-1] for row in query(self, "EXPLAIN QUERY PLAN " + sql, params))
+        return query(self, sql, params)
+
+    try:
+        SqliteStore._query = explained
+        found = store.recent(3, {"model": "claude-a"}, since=0, until=2e9)
+    finally:
+        SqliteStore._query = query
+        store.close()
+    assert [r["started_at"] for r in found] == sorted((r["started_at"] for r in found), reverse=True)
+    assert captured and not any("TEMP B-TREE" in step for step in captured), captured
+    assert any("started_at" in step for step in captured), captured
+
+
 @pytest.mark.timeout(120)
 def test_views_stay_fast_on_a_big_database(tmp_path):
     """200,000 rows over 90 days: the dashboard's queries read the rollups, not the rows."""

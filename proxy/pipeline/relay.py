@@ -27,7 +27,7 @@ from ..formats.base import compact_json
 from ..formats.translate.anthropic_chat import estimate_input_tokens
 from ..formats.translate.bridge import Bridge, EventTranslator, status_of_error_type
 from ..heartbeat import Exchange, Heartbeat
-from ..limits import TooComplex, parse_upstream_json
+from ..limits import MemoryBudget, Reservation, TooComplex, parse_upstream_json
 from ..routing import Attempt
 from ..sse import Event, EventTooLarge, SSEFramer
 from ..upstream import UpstreamResponse, shutdown_quietly
@@ -71,6 +71,7 @@ class RelayDeps:
     max_event_bytes: int
     max_continuations: int = 0  # continuations per request after a stream broke mid-answer
     live_calls: LiveCalls = field(default_factory=LiveCalls)  # streams others may join
+    budget: MemoryBudget | None = None  # JSON answers read whole count against it
 
 
 def decode_event_data(event: Event) -> object | None:
@@ -97,13 +98,14 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
     exchange = Exchange(preq.client_socket, None, on_end=lambda err: None)
     deps.heartbeat.register(exchange)
     taken: list[Answer | TranslatedBody] = []
+    held: list[Reservation] = []  # the memory of a JSON answer read whole
 
     def take(resp: UpstreamResponse, attempt: Attempt, bridge: Bridge | None) -> Outcome:
         try:
             if bridge is not None:  # read whole and rewritten, or this try fails
                 taken.append(TranslatedBody.read(resp, bridge, record, attempt.deployment.name))
             else:  # an unreadable body fails this try, before any header goes out
-                resp.prefetch_answer(WHOLE_ANSWER_LIMIT, on_start=exchange.content_arrived)
+                held[:] = read_answer(resp, deps.budget, exchange)
                 taken.append(Answer(resp, attempt.deployment.name))
         except ProxyError as err:
             resp.close()
@@ -113,11 +115,36 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
 
     outcome = TryLoop(deps.tries, preq, record, exchange).run(take)
     if outcome.answered and isinstance(taken[0], Answer):
-        return PassThrough(deps.heartbeat, preq, record, exchange, taken[0]).respond(start_response)
+        return PassThrough(deps.heartbeat, preq, record, exchange, taken[0],
+                           held[0] if held else None).respond(start_response)
     deps.heartbeat.unregister(exchange)
     if outcome.answered:
         return taken[0].respond(preq, record, start_response)
     return render_refusal(preq, record, outcome, start_response)
+
+
+def read_answer(resp: UpstreamResponse, budget: MemoryBudget | None,
+                exchange: Exchange) -> list[Reservation]:
+    """Read a JSON answer whole when the worker's memory budget has room for it (so its
+    cost can go out in the headers), else only its start; the memory it holds, if any.
+    Raises the ProxyError that fails the try."""
+    reservation = budget.reserve(WHOLE_ANSWER_LIMIT) if budget is not None else None
+    if budget is not None and reservation is None:
+        resp.prefetch()  # a worker short of memory streams it through, without the headers
+        return []
+    try:
+        resp.prefetch_answer(WHOLE_ANSWER_LIMIT, on_start=exchange.content_arrived)
+    except BaseException:
+        if reservation is not None:
+            reservation.release()
+        raise
+    if reservation is None:
+        return []
+    if not resp.whole:  # only its start was read: it streams through
+        reservation.release()
+        return []
+    reservation.shrink(len(resp.whole_body))
+    return [reservation]
 
 
 def render_refusal(preq: ProxyRequest, record: RequestRecord, outcome: Outcome,
@@ -205,9 +232,11 @@ class PassThrough:
     """A non-event-stream upstream answer, streamed through with its own headers."""
 
     def __init__(self, heartbeat: Heartbeat, preq: ProxyRequest, record: RequestRecord,
-                 exchange: Exchange, answer: Answer) -> None:
+                 exchange: Exchange, answer: Answer,
+                 reservation: Reservation | None = None) -> None:
         self.heartbeat, self.preq, self.record, self.exchange = heartbeat, preq, record, exchange
         self.resp, self.deployment = answer.response, answer.deployment
+        self.reservation = reservation  # the memory of a body read whole
 
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
         redactor = self.preq.redactor
@@ -234,6 +263,8 @@ class PassThrough:
         finally:
             self.resp.close()
             self.heartbeat.unregister(self.exchange)
+            if self.reservation is not None:
+                self.reservation.release()  # the server holds the body from here on
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(status, headers + [("Content-Length", str(len(body)))]
                        + cost_headers(self.record.row))
