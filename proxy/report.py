@@ -414,7 +414,8 @@ def _blocks(store: UsageStore, start: float, stop: float, filters: dict, now: fl
     last = report["rows"][-1] if report["rows"] else None
     if last is not None and last["active"]:  # its burn rate runs from its first request
         began = parse_when(last["block_start"])
-        report = views.blocks(rows, now, store.first_started(began, stop, client_key), start)
+        first = store.first_started(began, stop, client_key, filters)
+        report = views.blocks(rows, now, first, start)
     return report
 
 

@@ -298,3 +298,145 @@ def test_a_worker_short_of_memory_streams_a_json_answer_through_without_its_cost
         assert server.row(r.request_id)["end_reason"] == "complete"
     finally:
         server.stop()
+
+
+# --- in process: what one finished request adds (found by mutation testing) ------------------
+
+
+@pytest.fixture
+def own_deployment(monkeypatch):
+    """This process's own metrics (no multiprocess directory), and a deployment name of
+    this test's own, so that what other tests recorded does not count."""
+    import uuid
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    return f"unit-{uuid.uuid4().hex[:8]}"
+
+
+def local_samples() -> dict:
+    """Every sample of this process's /metrics, as scrape() gives a host's."""
+    from proxy.metrics import exposition
+
+    samples = {}
+    for family in text_string_to_metric_families(exposition().decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def finished(deployment: str, **fields):
+    """A finished request's row, as the record hands it to Metrics."""
+    import uuid
+
+    from proxy.usage import UsageRecord
+
+    values = dict(request_id=uuid.uuid4().hex, started_at=100.0, ended_at=101.5,
+                  endpoint="anthropic", deployment=deployment, model_requested=MODEL,
+                  status=200, end_reason="complete", input_tokens=10, output_tokens=11,
+                  cache_read_tokens=0, cache_write_tokens=0, cost_usd=0.01, priced=True,
+                  usage_complete=True, ttft_ms=300.0, stream=True)
+    values.update(fields)
+    return UsageRecord(**values)
+
+
+def test_time_per_chunk_and_per_token_are_means_after_the_first(own_deployment):
+    """Five content events over one second: 0.25 s per chunk after the first; 11 output
+    tokens over that second: 0.1 s per token after the first (the first is the TTFT's)."""
+    from proxy.metrics import Metrics, StreamTiming
+
+    dep = own_deployment
+    Metrics(known_deployments={dep}).observe_request(
+        finished(dep), StreamTiming(first=10.0, last=11.0, count=5))
+    samples = local_samples()
+    assert value(samples, "llm_proxy_time_per_output_chunk_seconds_sum",
+                 deployment=dep) == pytest.approx(0.25)
+    assert value(samples, "gen_ai_server_time_per_output_token_seconds_sum",
+                 deployment=dep) == pytest.approx(0.1)
+
+
+def test_a_stream_of_one_content_event_has_no_time_per_chunk_and_keeps_its_tokens(
+        own_deployment):
+    """One content event has no gap to measure: nothing per chunk, and the rest of the
+    request (its tokens) is recorded all the same."""
+    from proxy.metrics import Metrics, StreamTiming
+
+    dep = own_deployment
+    Metrics(known_deployments={dep}).observe_request(
+        finished(dep, output_tokens=3), StreamTiming(first=10.0, last=10.0, count=1))
+    samples = local_samples()
+    assert value(samples, "llm_proxy_time_per_output_chunk_seconds_count", deployment=dep) == 0
+    assert value(samples, "gen_ai_client_token_usage_sum", deployment=dep,
+                 gen_ai_token_type="output") == 3
+
+
+def test_a_replayed_answer_is_a_dedup_hit_not_tokens_nor_a_first_token(own_deployment):
+    """A replay's tokens and first token were the paying request's: counting them again
+    would double the tokens and pull the TTFT toward the cache's speed."""
+    from proxy.metrics import Metrics
+
+    dep = own_deployment
+    hits = value(local_samples(), "llm_proxy_dedup_hits_total", kind="replay")
+    Metrics(known_deployments={dep}).observe_request(
+        finished(dep, end_reason="replay", paid_by="req-payer", cost_usd=0.0, ttft_ms=2.0))
+    samples = local_samples()
+    assert value(samples, "llm_proxy_dedup_hits_total", kind="replay") == hits + 1
+    assert value(samples, "llm_proxy_requests_total", deployment=dep, end_reason="replay") == 1
+    assert value(samples, "gen_ai_server_time_to_first_token_seconds_count", deployment=dep) == 0
+    assert value(samples, "gen_ai_client_token_usage_count", deployment=dep) == 0
+
+
+def test_labels_stay_bounded_unknown_names_are_other_and_keys_only_when_asked(own_deployment):
+    """A client chooses model names and a row may name a deployment the config does not
+    (an old row, a renamed one): those become "other".  Key names are labels only with
+    metrics.key_labels."""
+    import uuid
+
+    from proxy.metrics import Metrics
+
+    dep = own_deployment
+    made_up, key = f"made-up-{uuid.uuid4().hex[:8]}", f"key-{uuid.uuid4().hex[:8]}"
+    metrics = Metrics(lambda name: name == MODEL, known_deployments={dep})
+    metrics.observe_request(finished(dep, model_requested=made_up, key_name=key))
+    metrics.observe_request(finished(f"gone-{dep}", key_name=key))
+    samples = local_samples()
+    assert value(samples, "gen_ai_client_token_usage_count", deployment=dep,
+                 gen_ai_request_model="other", gen_ai_token_type="output") == 1
+    assert value(samples, "llm_proxy_requests_total", deployment=dep, key="") == 1
+    labels = repr(samples)
+    assert made_up not in labels and key not in labels and f"gone-{dep}" not in labels
+    Metrics(lambda name: True, known_deployments={dep}, key_labels=True).observe_request(
+        finished(dep, key_name=key))
+    assert value(local_samples(), "llm_proxy_requests_total", deployment=dep, key=key) == 1
+
+
+def test_the_queue_depth_counts_the_batch_the_writer_retries(tmp_path):
+    """The gauge reads Tracker.queued(): while the database is locked, the batch the
+    writer took and keeps retrying still waits for it, as do the rows queued behind it."""
+    import sqlite3
+
+    from proxy.tracker import Tracker
+    from proxy.usage import UsageRecord
+
+    path = str(tmp_path / "usage.db")
+    tracker = Tracker(path, busy_timeout_ms=20, spill_after=60.0, batch_size=2)
+    blocker = None
+    try:
+        tracker.start()
+        blocker = sqlite3.connect(path, isolation_level=None)  # another worker, writing
+        blocker.execute("BEGIN IMMEDIATE")
+        rows = [UsageRecord(request_id=f"req-{i}", started_at=100.0 + i, ended_at=101.0 + i,
+                            endpoint="anthropic", status=200) for i in range(3)]
+        for rec in rows[:2]:
+            tracker.record(rec)
+        wait_for(lambda: tracker.stats()["retries"] >= 1, "the writer retrying its batch")
+        tracker.record(rows[2])
+        assert tracker.queued() == 3
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        blocker = None
+        assert tracker.flush(timeout=10) and tracker.queued() == 0
+    finally:
+        if blocker is not None:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        tracker.close(timeout=5)

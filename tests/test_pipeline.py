@@ -719,3 +719,97 @@ def test_a_flush_asked_of_a_degraded_store_does_not_wait(tmp_path):
     answer = Client(admin).get("/health?flush=1")
     assert (answer.status_code, answer.json["status"]) == (200, "degraded")
     assert DegradedTracker.flushes == 0
+
+
+def test_a_part_priced_answer_says_unpriced_and_never_a_partial_cost():
+    """A continued answer with a call the price table does not know keeps the known calls'
+    sum in cost_usd but is not priced (finalize): that sum would understate what it cost,
+    so the header says "unpriced" and the comment null.  A priced cost keeps its digits."""
+    from proxy.pipeline.replies import cost_comment, cost_headers
+    from proxy.usage import UsageRecord
+
+    part = UsageRecord(request_id="r4", cost_usd=0.125, priced=False, input_tokens=10,
+                       output_tokens=5)
+    assert dict(cost_headers(part))["x-llm-proxy-cost-usd"] == "unpriced"
+    told = json.loads(cost_comment(part)[len(b": llm-proxy-usage "):])
+    assert told["cost_usd"] is None and told["priced"] is False
+    small = UsageRecord(request_id="r5", cost_usd=0.0001234567, priced=True, input_tokens=10)
+    assert dict(cost_headers(small))["x-llm-proxy-cost-usd"] == "0.0001234567"
+
+
+def dashboard_admin(tmp_path, token: str | None = "the-admin-token"):
+    """The admin app with an admin token, and a client key (keys mode) for `sk-client`."""
+    from proxy.admin import AdminApp, AdminDeps
+    from proxy.keys.policy import ClientKey
+    from proxy.limits import MemoryBudget
+
+    key = ClientKey("k1", "alice", "digest", "ient")
+    return AdminApp(AdminDeps(
+        db_path=str(tmp_path / "u.db"), started_tracker=lambda: None, tracker=lambda: None,
+        shutting_down=lambda: False, live_streams=lambda: 0,
+        breakers=Breakers(BreakerPolicy()), budget=MemoryBudget(1 << 20),
+        admin_token=lambda: token,
+        client_key=lambda headers: key if headers.get("x-api-key") == "sk-client" else None))
+
+
+def test_the_dashboard_opens_with_the_admin_token_or_its_own_session_cookie_only(tmp_path):
+    """With an admin token, the dashboard's page and data need it, or the cookie its login
+    form sets (an expiry and its HMAC under the token, for /dashboard only, HttpOnly,
+    never sent by another site).  Another cookie and a client key get the login page (the
+    data: 401 and 403)."""
+    from proxy.admin.app import DASHBOARD_COOKIE, DASHBOARD_POLICY, dashboard_session
+
+    client = Client(dashboard_admin(tmp_path), use_cookies=False)
+    assert client.get("/dashboard/data").status_code == 401
+    forged = {"Cookie": f"{DASHBOARD_COOKIE}=0123abcd"}
+    assert client.get("/dashboard/data", headers=forged).status_code == 401
+    for headers in (forged, {"x-api-key": "sk-client"}):
+        page = client.get("/dashboard", headers=headers)
+        assert page.status_code == 401 and b'name="token"' in page.data
+    assert client.get("/dashboard/data", headers={"x-api-key": "sk-client"}).status_code == 403
+
+    login = client.post("/dashboard/login", data={"token": "the-admin-token"})
+    assert login.status_code == 303 and login.headers["Location"] == "/dashboard"
+    parts = [p.strip() for p in login.headers["Set-Cookie"].split(";")]
+    name, _, session = parts[0].partition("=")
+    expires = int(session.partition(".")[0])
+    assert name == DASHBOARD_COOKIE and session == dashboard_session("the-admin-token", expires)
+    assert "the-admin-token" not in parts[0]
+    assert {"Path=/dashboard", "HttpOnly", "SameSite=Strict"} <= set(parts)
+    cookie = {"Cookie": f"{DASHBOARD_COOKIE}={session}"}
+    page = client.get("/dashboard", headers=cookie)
+    assert page.status_code == 200 and b"<script" in page.data
+    assert page.headers["Content-Security-Policy"] == DASHBOARD_POLICY
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    data = client.get("/dashboard/data", headers=cookie)
+    assert data.status_code == 200 and data.json["period"] == "24h"
+
+
+def test_the_login_form_escapes_the_path_it_posts_to(tmp_path):
+    """The form's action is built from the script root (a mount prefix, or what a front
+    server sets): it is escaped, so it cannot end the attribute and add markup."""
+    page = Client(dashboard_admin(tmp_path)).get(
+        "/dashboard", environ_overrides={"SCRIPT_NAME": '/p"><img src=x onerror=alert(1)>'})
+    assert page.status_code == 401
+    assert b"<img" not in page.data
+    assert b'action="/p&quot;&gt;&lt;img src=x onerror=alert(1)&gt;/dashboard/login"' in page.data
+
+
+def test_a_json_answer_read_whole_goes_out_with_one_content_length_its_own():
+    """The upstream's Content-Length may be of another body (an encoded one the proxy
+    decoded): a whole answer goes out with exactly one, the length of what is sent, never
+    with two that disagree."""
+    from proxy.heartbeat import Heartbeat
+    from proxy.pipeline.commit import Answer
+    from proxy.pipeline.relay import PassThrough
+
+    body = b'{"type":"message","model":"claude-sonnet-4-5","usage":{"input_tokens":10,' \
+           b'"output_tokens":2}}'
+    answer = StubResponse(200, body, headers=[("Content-Length", "57")])
+    answer.whole, answer.whole_body = True, body
+    loop, record = tries(StubUpstream(), "a")
+    record.admitted(stream=False, usage_format=formats.ANTHROPIC)
+    seen = []
+    PassThrough(Heartbeat(60.0, 60.0), loop.preq, record, Exchange(None, None, lambda e: None),
+                Answer(answer, "a")).respond(lambda status, headers: seen.extend(headers))
+    assert [v for k, v in seen if k.lower() == "content-length"] == [str(len(body))]

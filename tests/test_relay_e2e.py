@@ -914,3 +914,67 @@ def test_the_clients_addresses_never_reach_the_provider(proxy, fake, stream):
     for name in ("x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "forwarded"):
         assert name not in upstream.headers, upstream.raw_head
     assert b"203.0.113.7" not in upstream.raw_head
+
+
+def test_a_broken_stream_tells_its_cost_before_its_terminal_error(proxy, fake):
+    """A stream that breaks after content ends with the proxy's terminal error, after which
+    a client stops reading: the cost comment it asked for goes just before that error, so
+    the tokens already used are accounted for too."""
+    proto = PROTOS["anthropic"]
+    fake.enqueue([Status(200, headers=SSE_CT)] + [Send(e) for e in proto.content] + [Cut()])
+    r = RawResponse(proxy.url, proto.path, proto.body, timeout=10,
+                    headers={"X-LLM-Proxy-Cost-Comment": "1"}).read_head()
+    body = r.read_all().replace(KEEPALIVE, b"")
+    assert r.complete
+    content = b"".join(proto.content)
+    assert body.startswith(content)
+    comment, error = body[len(content):].split(b"\n\n", 1)
+    assert comment.startswith(b": llm-proxy-usage {")
+    told = json.loads(comment[len(b": llm-proxy-usage "):])
+    assert told["request_id"] == r.request_id and told["usage_complete"] is False
+    assert error.startswith(b"event: error\n")
+    assert proxy.row(r.request_id)["end_reason"] == "upstream_error"
+
+
+def test_a_joined_stream_never_gets_the_cost_comment_of_the_request_that_paid(fake, tmp_path):
+    """A client that joined another's live upstream call paid nothing (its row: joined,
+    cost 0): the payer's cost comment must not reach it, even when it asks for one, while
+    the payer gets it; and the shared call ends without a failure of its stream thread."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[providers.anthropic]\nbase_url = "{fake.url}"\n\n'
+                      '[routes."join-*"]\njoin_live = true\ndeployments = [{ provider = '
+                      '"anthropic", model = "claude-sonnet-4-5", name = "join" }]\n')
+    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=str(config)).start()
+    try:
+        events = anthropic_stream(model="claude-sonnet-4-5")
+        release = threading.Event()
+        fake.enqueue([Status(200, headers=SSE_CT), *[Send(e) for e in events[:4]],
+                      WaitFor(release, 20), *[Send(e) for e in events[4:]], End()])
+        body = dict(PROTOS["anthropic"].body, model="join-cost")
+        headers = {"x-api-key": "sk-joiners", "anthropic-version": "2023-06-01",
+                   "X-LLM-Proxy-Cost-Comment": "1"}
+        head = b"".join(events[:4])
+        clients = []
+        for _ in range(2):
+            r = RawResponse(server.url, "/v1/messages", body, headers=headers,
+                            timeout=20).read_head()
+            r.read_until(lambda got: got.replace(KEEPALIVE, b"").startswith(head),
+                         "the events so far")
+            clients.append(r)
+        payer, joined = clients
+        assert joined.header("x-llm-proxy-dedup") == "joined"
+        release.set()
+        paid = payer.read_all().replace(KEEPALIVE, b"").rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        assert paid.startswith(b": llm-proxy-usage ")  # the payer's own, to its own writer
+        assert json.loads(paid[len(b": llm-proxy-usage "):])["request_id"] == payer.request_id
+        body = joined.read_all().replace(KEEPALIVE, b"")
+        assert joined.complete and body.startswith(b"".join(events))
+        assert server.row(joined.request_id)["end_reason"] == "joined"
+        assert payer.request_id.encode() not in body
+        for line in body.split(b"\n"):
+            if line.startswith(b": llm-proxy-usage "):
+                assert json.loads(line[len(b": llm-proxy-usage "):])["request_id"] == \
+                    joined.request_id
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()

@@ -255,3 +255,18 @@ def test_a_database_from_before_continuations_can_be_reported_without_migrating(
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # not migrated by reading
     conn.close()
+
+
+def test_only_new_stores_a_request_id_met_twice_in_one_batch_once_the_first_as_it_came(store):
+    """With only_new (a retried batch, a replayed spill file) a row may come twice in one
+    batch: it is stored once, the first copy, and its rollup counts it once."""
+    assert store.insert_rows([row("d", status=200), row("d", status=500), row("e")],
+                             only_new=True) == 2
+    assert stored_ids(store.path) == ["d", "e"]
+    conn = sqlite3.connect(store.path)
+    try:
+        assert conn.execute(f"SELECT status FROM {TABLE} WHERE request_id = 'd'").fetchall() == [
+            (200,)]
+    finally:
+        conn.close()
+    assert sum(r["requests"] for r in store.hourly(0, 2e9, ())) == 2

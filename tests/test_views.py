@@ -516,3 +516,287 @@ def test_days_in_a_time_zone_and_bare_dates_at_its_midnight(tmp_path):
     assert december["rows"] == []  # New York's December had not begun
     with pytest.raises(ValueError):
         report.view(path, "daily", zone="Nowhere/Land")
+
+
+# --- found by mutation testing: bounds, filters and edges the tests above do not reach ---------
+
+
+def seeded_sqlite(tmp_path, rows=SEEDED) -> str:
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows(rows)
+    store.close()
+    return path
+
+
+def test_a_ttft_on_a_buckets_bound_counts_in_that_bucket_in_rollups_and_raw_rows_alike(db):
+    """Bucket bounds are inclusive upper bounds (Prometheus' `le`): 500 ms is in the
+    250..500 bucket, 1000 ms in 500..1000.  The rollups kept at insert time (Python) and the
+    raw rows' SQL (the backfill, the fallback) must put a value on a bound in the same one."""
+    hour = DEC + 7200
+    store = open_store(db)
+    try:
+        store.insert_rows([row(hour + 60, ttft_ms=500.0), row(hour + 120, ttft_ms=1000.0)])
+        kept = store.hourly(hour, hour + 3600)
+        store._has_rollups = lambda: False
+        raw = store.hourly(hour, hour + 3600)
+        del store._has_rollups
+    finally:
+        store.close()
+    for found in (kept, raw):
+        [sums] = found
+        assert (sums["ttft_le_250"], sums["ttft_le_500"], sums["ttft_le_1000"],
+                sums["ttft_le_2000"]) == (0, 1, 1, 0)
+
+
+def test_a_quantile_stays_in_the_bucket_it_falls_in_and_the_first_bucket_starts_at_zero():
+    """The median of four requests under 100 ms is half way up that bucket (from 0 ms, not
+    from some other floor); when the rank is exactly a bucket's count, the quantile is that
+    bucket's bound, not the start of the next bucket that has requests."""
+    buckets = [0] * (len(TTFT_BOUNDS_MS) + 1)
+    buckets[0] = 4
+    assert quantile(buckets, 0.5) == pytest.approx(50.0)
+    buckets[5] = 4  # four more between 2 and 3 s: the 4th of 8 is still the first bucket's
+    assert quantile(buckets, 0.5) == pytest.approx(100.0)
+
+
+def test_p95_is_the_95th_percentile_of_the_ttft_histogram(tmp_path):
+    """19 requests with their first token at 50 ms and one at 200 ms: the 95th percentile
+    is the 19th request, the top of the first bucket (100 ms); the median is within it."""
+    path = seeded_sqlite(tmp_path, [row(DEC + 60 + i, ttft_ms=50.0) for i in range(19)]
+                         + [row(DEC + 120, ttft_ms=200.0)])
+    totals = report.view(path, "daily", now=DEC + 3600)["totals"]
+    assert totals["ttft_p95_ms"] == pytest.approx(100.0)
+    assert totals["ttft_p50_ms"] == pytest.approx(round(100 * 10 / 19, 1))
+
+
+def test_a_request_without_tokens_is_not_unpriced(tmp_path):
+    """unpriced_requests counts requests that used tokens the proxy has no price for; a
+    failed request that used none has nothing to price (rollups and raw rows agree)."""
+    none = dict.fromkeys(("input_tokens", "output_tokens", "cache_read_tokens",
+                          "cache_write_tokens", "reasoning_tokens"))
+    path = seeded_sqlite(tmp_path, [
+        row(DEC + 60, end_reason="upstream_error", priced=False, cost_usd=None, ttft_ms=None,
+            **none),
+        row(DEC + 120, model_requested="mystery-model", priced=False, cost_usd=None)])
+    assert report.view(path, "daily", now=DEC + 3600)["totals"]["unpriced_requests"] == 1
+    store = open_store(path)
+    try:
+        store._has_rollups = lambda: False
+        assert store.hourly(0, 2e9, ())[0]["unpriced"] == 1
+    finally:
+        store.close()
+
+
+def test_a_filter_of_none_keeps_the_rows_without_that_dimension(tmp_path):
+    """`filters` with None select the rows that have no value there (as the keys view's
+    row of None shows them): here the two requests made without a proxy key."""
+    store = open_store(seeded_sqlite(tmp_path))
+    try:
+        keyless = store.hourly(0, 2e9, ("model",), {"key": None})
+        recent = store.recent(10, {"key": None})
+    finally:
+        store.close()
+    assert sum(r["requests"] for r in keyless) == 2
+    assert {r["model"] for r in keyless} == {"claude-a", "claude-a-2026"}
+    assert len(recent) == 2 and {r["key_name"] for r in recent} == {None}
+
+
+def test_a_period_without_requests_has_no_rows_even_without_dimensions(tmp_path):
+    """Only groups that had requests are rows: a sum over nothing (SQL's one row of NULLs
+    when nothing is grouped) is no row, not a row of zeros."""
+    store = open_store(seeded_sqlite(tmp_path))
+    try:
+        assert store.hourly(DEC + 86400, DEC + 2 * 86400, ()) == []
+        assert store.hourly(DEC + 86400, DEC + 2 * 86400, ("model",)) == []
+    finally:
+        store.close()
+
+
+def test_the_session_view_keeps_top_sessions_and_no_model_for_rows_without_one(tmp_path):
+    """`top` bounds the sessions (the newest first); a request of a session that named no
+    model (refused before one was known) adds no None to the session's models; and the
+    totals count the failures of every session."""
+    path = seeded_sqlite(tmp_path, SEEDED + [
+        row(DAY1 + 3600 + 120, session_id="s1", model_requested=None, status=400,
+            end_reason="rejected", input_tokens=None, output_tokens=None,
+            cache_read_tokens=None, cost_usd=None, priced=False, ttft_ms=None)])
+    found = report.view(path, "session", since="2026-11-01", now=DEC + 3600)
+    assert [s["session"] for s in found["rows"]] == ["s2", "s1"]
+    assert found["rows"][1]["models"] == ["claude-a"]
+    assert found["totals"]["failed_requests"] == 2  # s2's upstream error, s1's rejected one
+    top = report.view(path, "session", since="2026-11-01", top=1, now=DEC + 3600)
+    assert [s["session"] for s in top["rows"]] == ["s2"]
+
+
+def test_the_session_view_reads_the_last_30_days_unless_told(tmp_path):
+    """Sessions are read from raw rows: without --since, only the last SESSION_DAYS."""
+    path = seeded_sqlite(tmp_path)
+    later = DEC + 40 * 86400
+    found = report.view(path, "session", now=later)
+    assert found["rows"] == []
+    assert found["since"] == report._iso(report.hour_floor(later) + 3600
+                                         - report.SESSION_DAYS * 86400)
+    assert len(report.view(path, "session", since="2026-11-01", now=later)["rows"]) == 2
+
+
+def test_a_client_key_sees_only_its_own_rows_in_every_view(tmp_path):
+    """A client key (keys mode, /usage?view=) reads its own rows: the rollups' views, the
+    session view and the block's first request alike."""
+    mine = [row(DEC + 600, client_key_id="k-mine", session_id="mine", cost_usd=1.0),
+            row(DEC + 1200, client_key_id="k-mine", session_id="mine", cost_usd=1.0)]
+    theirs = [row(DEC + 60, client_key_id="k-theirs", session_id="theirs", cost_usd=5.0)]
+    path = seeded_sqlite(tmp_path, mine + theirs)
+    now = DEC + 2400
+    for name in ("daily", "models", "keys", "blocks"):
+        found = report.view(path, name, now=now, client_key="k-mine")
+        assert found["totals"]["requests"] == 2, name
+    sessions = report.view(path, "session", now=now, client_key="k-mine")
+    assert [s["session"] for s in sessions["rows"]] == ["mine"]
+    # The burn rate runs from this key's first request (00:10), not the other key's (00:01).
+    block = report.view(path, "blocks", now=now, client_key="k-mine")["rows"][-1]
+    assert block["burn_rate"]["cost_usd_per_hour"] == pytest.approx(2.0 / 1800 * 3600)
+
+
+def test_a_blocks_burn_rate_runs_from_its_first_request_and_counts_every_token(tmp_path):
+    """Two requests in the active block, at 00:10 and 00:30, now 00:40: $2 in 30 minutes
+    is $4 an hour (from the first request, not the last); the tokens are all four billed
+    kinds (input, output, cache read, cache write)."""
+    path = seeded_sqlite(tmp_path, [row(DEC + 600, cost_usd=1.0, cache_write_tokens=40),
+                                    row(DEC + 1800, cost_usd=1.0, cache_write_tokens=40)])
+    now = DEC + 2400
+    block = report.view(path, "blocks", now=now)["rows"][-1]
+    assert block["active"]
+    assert block["burn_rate"]["cost_usd_per_hour"] == pytest.approx(4.0)
+    tokens = 2 * (100 + 10 + 50 + 40)
+    assert block["burn_rate"]["tokens_per_minute"] == pytest.approx(round(tokens / 30, 1))
+    remaining = DEC + 5 * 3600 - now
+    assert block["projection"]["tokens"] == int(tokens * (1 + remaining / 1800))
+
+
+def test_a_burn_rate_waits_a_minute_before_it_extrapolates(tmp_path):
+    """Ten seconds after a block's first request, its rate is taken over a minute: a blip
+    is not extrapolated to five hours."""
+    path = seeded_sqlite(tmp_path, [row(DEC + 600, cost_usd=1.0)])
+    block = report.view(path, "blocks", now=DEC + 610)["rows"][-1]
+    assert block["burn_rate"]["cost_usd_per_hour"] == pytest.approx(60.0)
+
+
+def test_a_block_ends_five_hours_after_it_starts_and_is_no_longer_active_then(tmp_path):
+    """A request in the hour that starts when the first block ends opens a new block (a
+    block is 5 hours, not 6); at its end a block is over: no burn rate, no projection."""
+    path = seeded_sqlite(tmp_path, [row(DEC + 600), row(DEC + 5 * 3600 + 60)])
+    found = report.view(path, "blocks", now=DEC + 5 * 3600 + 120)
+    assert [b["block_start"] for b in found["rows"]] == ["2026-12-01T00:00:00Z",
+                                                         "2026-12-01T05:00:00Z"]
+    at_end = report.view(path, "blocks", until="2026-12-01T01:00:00Z", now=DEC + 5 * 3600)
+    assert not at_end["rows"][0]["active"] and "burn_rate" not in at_end["rows"][0]
+    assert "No active block." in report.render_view(at_end)
+
+
+def test_the_dashboards_totals_end_reasons_and_recent_requests(tmp_path):
+    """Unfiltered: the totals count the failed request, the end reasons come most frequent
+    first (the page lists them in that order), and a recent request names the model that
+    answered (the upstream's own name) over the one asked for."""
+    data = report.dashboard_data(seeded_sqlite(tmp_path), "7d", now=DAY2 + 3600)
+    assert data["totals"]["requests"] == 5 and data["totals"]["failed_requests"] == 1
+    counts = list(data["end_reasons"].values())
+    assert list(data["end_reasons"])[0] == "complete" and counts == sorted(counts, reverse=True)
+    fallback = next(r for r in data["recent"] if r["fallbacks"] == 1)
+    assert fallback["model"] == "claude-a-2026"
+
+
+def test_until_is_widened_to_the_whole_hour_it_falls_in(tmp_path):
+    """Views count whole hours: an `until` of 00:05 counts the hour from 00:00 to 01:00
+    (and so the request at 00:10)."""
+    path = seeded_sqlite(tmp_path)
+    found = report.view(path, "daily", until="2026-12-01T00:05:00Z", now=DEC + 86400)
+    assert found["totals"]["requests"] == 6 and found["until"] == "2026-12-01T01:00:00Z"
+
+
+def test_bare_dates_are_whole_days_in_the_time_zone_and_zoned_times_keep_their_zone(tmp_path):
+    """With a time zone, a bare `until` includes that whole day there (New York's November
+    30 ends at 05:00 UTC on December 1, after the request at 00:10 UTC); a time that names
+    its own zone is read in that zone, not moved to the report's."""
+    path = seeded_sqlite(tmp_path)
+    nov = report.view(path, "daily", until="2026-11-30", zone="America/New_York", now=DEC + 86400)
+    assert nov["totals"]["requests"] == 6 and nov["rows"][-1]["day"] == "2026-11-30"
+    dec = report.view(path, "daily", since="2026-12-01T00:00:00+00:00", zone="America/New_York",
+                      now=DEC + 86400)
+    assert dec["totals"]["requests"] == 1
+
+
+def test_the_models_and_keys_views_keep_the_top_rows_and_count_every_group(tmp_path):
+    """`top` cuts the rows (the biggest spenders first); `groups` says how many there were."""
+    found = report.view(seeded_sqlite(tmp_path), "models", top=1, now=DEC + 3600)
+    assert [r["model"] for r in found["rows"]] == ["claude-a"] and found["groups"] == 3
+    assert found["totals"]["requests"] == 6  # the totals are of every group
+
+
+@pytest.mark.parametrize("headers, body, expected", [
+    ({"X-LLM-Proxy-Session": "mine", "X-Claude-Code-Session-Id": "cc-1"}, {}, "mine"),
+    ({"X-LLM-Proxy-Session": "  job-7 "}, {}, "job-7"),
+    ({}, {"metadata": {"user_id": json.dumps({"session_id": "has space"})}}, None),
+    ({}, {"metadata": {"user_id": json.dumps({"session_id": 42})}}, None),
+    ({}, {"metadata": {"user_id": "user_" + "a" * 5000 + "_session_abc"}}, None),
+])
+def test_a_session_id_is_the_proxys_header_first_and_always_a_short_printable_label(
+        headers, body, expected):
+    """The proxy's own header wins over Claude Code's; surrounding spaces go; an id from
+    the body's metadata is checked like a header's (no spaces, a text); a user_id beyond
+    4 KB is not searched at all."""
+    from werkzeug.datastructures import Headers
+    assert session_of(Headers(headers), body) == expected
+
+
+def test_a_postgres_v1_migration_rebuilds_the_first_whole_hour_in_place_of_its_old_rollup(
+        postgres):
+    """The first whole hour's v1 rollup (no deployment) must go before the hour is rebuilt
+    from its raw rows, or its requests count twice; the hour before it (whose raw rows
+    retention may have cut) keeps its v1 rollup."""
+    import psycopg
+
+    from proxy.store.postgres import MIGRATIONS, PG_HOUR, TABLE
+    from proxy.store.rollups import raw_as_rollup
+
+    url = postgres.database()
+    v1_columns = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
+                  "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                  "reasoning_tokens", "cost_usd", "unpriced", "continued",
+                  "continuation_cost_usd", "dedup_requests", "dedup_tokens", "dedup_saved_usd")
+    rows = [{k: v for k, v in r.items() if k != "session_id"}
+            for r in (row(DAY1 + 3600 + 60), row(DAY1 + 7200 + 60), row(DAY1 + 7200 + 120))]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE llm_proxy_schema (version INTEGER)")
+        conn.execute("INSERT INTO llm_proxy_schema VALUES (1)")
+        with conn.cursor() as cursor:
+            cursor.executemany(f"INSERT INTO {TABLE} ({', '.join(rows[0])}) VALUES "
+                               f"({', '.join(['%s'] * len(rows[0]))})",
+                               [tuple(r.values()) for r in rows])
+        conn.execute(f"INSERT INTO usage_rollups ({', '.join(v1_columns)}) SELECT hour, model, "
+                     f"client_key_id, key_name, end_reason, {', '.join(v1_columns[5:])} "
+                     f"FROM ({raw_as_rollup(PG_HOUR)}) AS r")
+    store = open_store(url)
+    try:
+        store.open()  # migrates to v2
+        found = store.hourly(0, 2e9, ("hour", "deployment"))
+    finally:
+        store.close()
+    # The hour before keeps its v1 rollup (no deployment); the first whole hour is rebuilt.
+    assert sorted((float(r["hour"]), r["deployment"] or "", r["requests"]) for r in found) == [
+        (DAY1 + 3600, "", 1), (DAY1 + 7200, "d1", 2)]
+
+
+def test_a_filtered_blocks_burn_rate_runs_from_that_models_first_request(tmp_path):
+    """`--model claude-a`: the active block's rate runs from claude-a's first request
+    (00:30), not from another model's (00:01): $1 over 10 minutes is $6 an hour."""
+    path = str(tmp_path / "usage.db")
+    store = open_store(path)
+    store.insert_rows([row(DEC + 60, model_requested="gpt-b", cost_usd=9.0),
+                       row(DEC + 1800, model_requested="claude-a", cost_usd=1.0)])
+    store.close()
+    block = report.view(path, "blocks", filters={"model": "claude-a"}, now=DEC + 2400)["rows"][-1]
+    assert block["requests"] == 1
+    assert block["burn_rate"]["cost_usd_per_hour"] == pytest.approx(6.0)

@@ -251,10 +251,12 @@ class RollupQueries:
         for row in sessions:
             row["models"] = models[row["session"]]
 
-    def first_started(self, since: float, until: float,
-                      client_key: str | None = None) -> float | None:
-        """When the first request in [since, until) started (a block's start of activity)."""
+    def first_started(self, since: float, until: float, client_key: str | None = None,
+                      filters: dict[str, str | None] | None = None) -> float | None:
+        """When the first request in [since, until) of `filters`' model and key started (a
+        block's start of activity)."""
         where, params = self._raw_window(since, until, client_key)
+        self._raw_filters(filters, where, params)
         found = self._query(f"SELECT MIN(started_at) FROM {TABLE} WHERE "
                             f"{' AND '.join(where)}", params)
         return found[0][0] if found else None
@@ -265,15 +267,10 @@ class RollupQueries:
         """The last `limit` requests (newest first) that started in [since, until), of
         `filters`' model and key."""
         where, params = [], []
-        raw = {"model": "COALESCE(upstream_model, model_requested)", "key": "key_name",
-               "deployment": "deployment", "client_key": "client_key_id"}
         wanted = dict(filters or {})
         if client_key is not None:
             wanted["client_key"] = client_key
-        for name, value in wanted.items():
-            where.append(f"{raw[name]} IS NULL" if value is None else
-                         f"{raw[name]} = {self.MARK}")
-            params += [] if value is None else [value]
+        self._raw_filters(wanted, where, params)
         if since is not None:
             where.append(f"started_at >= {self.MARK}")
             params.append(since)
@@ -288,6 +285,14 @@ class RollupQueries:
                             f"ORDER BY started_at DESC LIMIT {int(limit)}", params)
         return [dict(zip(fields, values)) for values in found]
 
+    def _raw_filters(self, filters: dict[str, str | None] | None, where: list[str],
+                     params: list) -> None:
+        """Raw rows of a dimension's value (None: rows without one), as the rollups see it."""
+        for name, value in (filters or {}).items():
+            column = _RAW_DIMENSIONS[name]
+            where.append(f"{column} IS NULL" if value is None else f"{column} = {self.MARK}")
+            params += [] if value is None else [value]
+
     def _raw_window(self, since: float, until: float,
                     client_key: str | None) -> tuple[list[str], list]:
         where = [f"started_at >= {self.MARK}", f"started_at < {self.MARK}"]
@@ -297,6 +302,11 @@ class RollupQueries:
             params.append(client_key)
         return where, params
 
+
+# A dimension of the rollups, as the raw rows have it.
+_RAW_DIMENSIONS = {"model": "COALESCE(upstream_model, model_requested)", "key": "key_name",
+                   "deployment": "deployment", "client_key": "client_key_id",
+                   "endpoint": "endpoint", "end_reason": "end_reason"}
 
 # What the dashboard's list of recent requests shows (no error texts: they can quote
 # upstreams, and the page is for reading at a glance).
