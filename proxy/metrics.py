@@ -15,8 +15,8 @@ end reasons come from the code and the config; a model is named only when the co
 the price table knows it (else "other"); key names only with `metrics.key_labels`.
 
 Most values are observed once per request, from its finished usage row (`observe_request`),
-so the hot path of a stream pays nothing per event: the time per output chunk is measured
-by the relay as two timestamps and a count.
+so a stream's hot path pays almost nothing per event: a clock read and a count per content
+event, two clock reads per upstream chunk (0.25 µs in all, bench_metrics.py).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def _forget_dead_workers(path: str) -> None:
     would otherwise show a killed worker's streams for ever."""
     from prometheus_client import multiprocess
 
-    pids = {name.rsplit("_", 1)[-1][:-3] for name in glob.glob(os.path.join(path, "gauge_live*_*.db"))}
+    files = glob.glob(os.path.join(path, "gauge_live*_*.db"))
+    pids = {name.rsplit("_", 1)[-1][:-3] for name in files}
     for pid in pids:
         if pid.isdigit() and not _alive(int(pid)):
             multiprocess.mark_process_dead(int(pid), path)

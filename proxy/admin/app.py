@@ -236,7 +236,8 @@ class AdminApp:
 
     def _login(self, request: Request, start_response) -> Iterable[bytes]:
         """The admin token from the page's form: a browser cannot send a header, so a
-        session cookie (an HMAC of the token, never the token) stands for it."""
+        session cookie stands for it (dashboard_session: an expiry and its HMAC under the
+        token, never the token)."""
         token = self.deps.admin_token()
         if self._logins.too_many(time.monotonic()):
             return self._login_page(request, start_response, 429, failed=True)
