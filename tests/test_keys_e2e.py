@@ -12,9 +12,7 @@ and no key, the client's or the provider's, ends up anywhere it should not.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +27,7 @@ import pytest
 
 from support.builders import DEFAULT_ANTHROPIC_MODEL, DEFAULT_CHAT_MODEL, DEFAULT_USAGE
 from support.processes import GUNICORN_CONF, ROOT, ProxyProcess, connections_to_every_worker, \
-    group_members, local_session, without_proxy_variables
+    local_session, without_proxy_variables
 from support.rawhttp import RID, RawConnection, RawResponse
 from support.builders import chat_stream
 from support.steps import Send, Stall, Status, WaitFor, default_script

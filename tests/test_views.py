@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from proxy import report, views
+from proxy import report, tables, views
 from proxy.sessions import session_of
 from proxy.store import open_store
 from proxy.store.rollups import TTFT_BOUNDS_MS, deltas, quantile
@@ -242,9 +242,9 @@ def test_names_a_client_chose_are_text_in_a_terminal_and_inert_in_a_spreadsheet(
     store.insert_rows([row(DAY1 + 60 * i, model_requested=name) for i, name in enumerate(hostile)])
     store.close()
     found = report.view(path, "models", now=DAY2)
-    drawn = report.render_view(found, rich_terminal=True, width=200)  # no MarkupError
+    drawn = tables.render_view(found, rich_terminal=True, width=200)  # no MarkupError
     assert "[/evil]" in drawn and "phish.example" in drawn and "\x1b]8;" not in drawn
-    lines = list(csv.reader(io.StringIO(report.render_view_csv(found))))
+    lines = list(csv.reader(io.StringIO(tables.render_view_csv(found))))
     assert "'=HYPERLINK(\"x\")" in [line[0] for line in lines]
 
 
@@ -309,9 +309,9 @@ def test_a_terminal_gets_a_drawn_table_narrowed_to_its_width(tmp_path):
     store.insert_rows(SEEDED)
     store.close()
     found = report.view(path, "daily", now=DEC + 3600)
-    wide = report.render_view(found, rich_terminal=True, width=200)
+    wide = tables.render_view(found, rich_terminal=True, width=200)
     assert "┃" in wide and "claude-a, gpt-b" in wide
-    narrow = report.render_view(found, rich_terminal=True, width=80)
+    narrow = tables.render_view(found, rich_terminal=True, width=80)
     assert all(len(line) <= 80 for line in _plain(narrow).splitlines())
 
 
@@ -691,7 +691,7 @@ def test_a_block_ends_five_hours_after_it_starts_and_is_no_longer_active_then(tm
                                                          "2026-12-01T05:00:00Z"]
     at_end = report.view(path, "blocks", until="2026-12-01T01:00:00Z", now=DEC + 5 * 3600)
     assert not at_end["rows"][0]["active"] and "burn_rate" not in at_end["rows"][0]
-    assert "No active block." in report.render_view(at_end)
+    assert "No active block." in tables.render_view(at_end)
 
 
 def test_the_dashboards_totals_end_reasons_and_recent_requests(tmp_path):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -231,7 +232,11 @@ def peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-def connections_to_every_worker(proxy: ProxyProcess) -> list[tuple[int, RawConnection]]:
+if TYPE_CHECKING:
+    from support.rawhttp import RawConnection
+
+
+def connections_to_every_worker(proxy: ProxyProcess) -> list[tuple[int, "RawConnection"]]:
     """A kept-alive connection to each worker: each is opened while the workers already
     reached are stopped (SIGSTOP, for the few milliseconds it takes), so another one must
     accept it.  No admission runs meanwhile: a stopped worker holds no one up."""
