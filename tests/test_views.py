@@ -430,21 +430,19 @@ def test_a_sqlite_database_of_v5_gets_rollups_of_the_rows_it_holds(tmp_path):
     assert sum(r["requests"] for r in kept) == 6
 
 
-def test_a_postgres_database_of_v1_gets_the_new_rollups_for_the_hours_it_still_has(postgres):
-    """v2 adds endpoint, deployment and TTFT to the rollups: hours whose raw rows are all
-    there are rebuilt from them; the first hour (retention may have cut into it) keeps what
-    it had, so no total changes."""
+def v1_database(url: str, rows: list[dict]) -> None:
+    """A PostgreSQL database as schema v1 left it: its raw rows (no session) and its
+    rollups, in v1's shape (no endpoint, deployment or TTFT)."""
     import psycopg
 
     from proxy.store.postgres import MIGRATIONS, PG_HOUR, TABLE
     from proxy.store.rollups import raw_as_rollup
 
-    url = postgres.database()
     v1_columns = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
                   "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
                   "reasoning_tokens", "cost_usd", "unpriced", "continued",
                   "continuation_cost_usd", "dedup_requests", "dedup_tokens", "dedup_saved_usd")
-    rows = [{k: v for k, v in r.items() if k != "session_id"} for r in SEEDED]
+    rows = [{k: v for k, v in r.items() if k != "session_id"} for r in rows]
     with psycopg.connect(url, autocommit=True) as conn:
         for statement in MIGRATIONS[0]:
             conn.execute(statement)
@@ -454,11 +452,22 @@ def test_a_postgres_database_of_v1_gets_the_new_rollups_for_the_hours_it_still_h
             cursor.executemany(f"INSERT INTO {TABLE} ({', '.join(rows[0])}) VALUES "
                                f"({', '.join(['%s'] * len(rows[0]))})",
                                [tuple(r.values()) for r in rows])
-        # v1's rollups, as v1 kept them (the shape of its SQL: no endpoint, deployment, TTFT)
-        old = raw_as_rollup(PG_HOUR)
         conn.execute(f"INSERT INTO usage_rollups ({', '.join(v1_columns)}) SELECT hour, model, "
                      f"client_key_id, key_name, end_reason, {', '.join(v1_columns[5:])} "
-                     f"FROM ({old}) AS r")
+                     f"FROM ({raw_as_rollup(PG_HOUR)}) AS r")
+
+
+def test_a_postgres_database_of_v1_gets_the_new_rollups_for_the_hours_it_still_has(postgres):
+    """v2 adds endpoint, deployment and TTFT to the rollups: hours whose raw rows are all
+    there are rebuilt from them; the first hour (retention may have cut into it) keeps what
+    it had, so no total changes."""
+    import psycopg
+
+    from proxy.store.postgres import TABLE
+
+    url = postgres.database()
+    v1_database(url, SEEDED)
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DELETE FROM {TABLE} WHERE started_at < %s", (DAY1 + 3600 + 30,))
     store = open_store(url)
     try:
@@ -754,30 +763,8 @@ def test_a_postgres_v1_migration_rebuilds_the_first_whole_hour_in_place_of_its_o
     """The first whole hour's v1 rollup (no deployment) must go before the hour is rebuilt
     from its raw rows, or its requests count twice; the hour before it (whose raw rows
     retention may have cut) keeps its v1 rollup."""
-    import psycopg
-
-    from proxy.store.postgres import MIGRATIONS, PG_HOUR, TABLE
-    from proxy.store.rollups import raw_as_rollup
-
     url = postgres.database()
-    v1_columns = ("hour", "model", "client_key_id", "key_name", "end_reason", "requests",
-                  "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-                  "reasoning_tokens", "cost_usd", "unpriced", "continued",
-                  "continuation_cost_usd", "dedup_requests", "dedup_tokens", "dedup_saved_usd")
-    rows = [{k: v for k, v in r.items() if k != "session_id"}
-            for r in (row(DAY1 + 3600 + 60), row(DAY1 + 7200 + 60), row(DAY1 + 7200 + 120))]
-    with psycopg.connect(url, autocommit=True) as conn:
-        for statement in MIGRATIONS[0]:
-            conn.execute(statement)
-        conn.execute("CREATE TABLE llm_proxy_schema (version INTEGER)")
-        conn.execute("INSERT INTO llm_proxy_schema VALUES (1)")
-        with conn.cursor() as cursor:
-            cursor.executemany(f"INSERT INTO {TABLE} ({', '.join(rows[0])}) VALUES "
-                               f"({', '.join(['%s'] * len(rows[0]))})",
-                               [tuple(r.values()) for r in rows])
-        conn.execute(f"INSERT INTO usage_rollups ({', '.join(v1_columns)}) SELECT hour, model, "
-                     f"client_key_id, key_name, end_reason, {', '.join(v1_columns[5:])} "
-                     f"FROM ({raw_as_rollup(PG_HOUR)}) AS r")
+    v1_database(url, [row(DAY1 + 3600 + 60), row(DAY1 + 7200 + 60), row(DAY1 + 7200 + 120)])
     store = open_store(url)
     try:
         store.open()  # migrates to v2
