@@ -360,7 +360,10 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
         f"({workers} workers x {threads} threads, heartbeat {heartbeat:g} s, ~{silent:.0f} s silence)",
         ["measure", "value", "notes"], rows)
     return {"established": established, "enough": enough, "clean": clean, "end_reasons": end_reasons,
-            "log": proxy.log()}
+            "log": proxy.log(),
+            "rss_kib_per_stream": (rss_peak - rss_idle) / max(established, 1),
+            "cpu_pct_silent": 100 * (cpu_b - cpu_a) / window,
+            "max_keepalive_gap": max(intervals, default=float("nan"))}
 
 
 # ---------------------------------------------------------------------------------------------
