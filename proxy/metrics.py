@@ -274,8 +274,7 @@ class Metrics:
         self.known_deployments = frozenset(known_deployments)
         self.key_labels = key_labels
         self.enabled = enabled
-        self._breakers: dict[str, int] = {}
-        self._breaker_lock = threading.Lock()
+        self._breakers: dict[str, int] = {}  # states written last (the heartbeat thread's)
 
     def _safely(self, what: str, action: Callable[[], None]) -> None:
         """Metrics must never cost a worker, a row or a heartbeat: a failure (a metrics
@@ -388,15 +387,15 @@ class Metrics:
                 m.child(m.fallbacks, before, after).inc()
 
     def breakers(self, snapshot: dict) -> None:
-        """Breaker states as this worker sees them (only changes are written)."""
+        """Breaker states as this worker sees them (only changes are written); from the
+        heartbeat thread only."""
         self._safely("breaker states", lambda: self._breaker_states(snapshot))
 
     def _breaker_states(self, snapshot: dict) -> None:
-        with self._breaker_lock:
-            changed = {name: BREAKER_STATES.get(state.get("state"), 0)
-                       for name, state in snapshot.items()}
-            changed = {n: v for n, v in changed.items() if self._breakers.get(n) != v}
-            self._breakers.update(changed)
+        changed = {name: BREAKER_STATES.get(state.get("state"), 0)
+                   for name, state in snapshot.items()}
+        changed = {n: v for n, v in changed.items() if self._breakers.get(n) != v}
+        self._breakers.update(changed)
         for name, value in changed.items():
             _metrics().child(_metrics().breaker, self._deployment(name)).set(value)
 

@@ -488,7 +488,7 @@ class Tracker:
             log.warning("old usage rows could not be deleted (%s); retention tries again later",
                         fault.kind)
             deleted = 0
-        self._counts["pruned"] += deleted
+        self._count("pruned", deleted)
         self._next_prune = time.monotonic() + (PRUNE_PAUSE if deleted == PRUNE_BATCH
                                                else PRUNE_EVERY)
 
@@ -707,8 +707,16 @@ class Tracker:
     def _count(self, name: str, n: int) -> None:
         with self._cond:
             self._counts[name] += n
+            self._cond.notify_all()  # for wait_for_count
         if self._on_count is not None:
             self._on_count(name, n)
+
+    def wait_for_count(self, name: str, at_least: int, timeout: float) -> bool:
+        """Wait until one of the writer's counters (`stats()`' names: written, pruned, ...)
+        reaches `at_least`; False after `timeout`.  Background work such as retention has
+        no row to flush for: a test or an embedding application waits on it here."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._counts[name] >= at_least, timeout)
 
     def queued(self) -> int:
         """Rows waiting for the writer (the batch being retried included)."""
@@ -757,6 +765,13 @@ class NullTracker:
 
     def close(self, timeout: float = 10.0) -> None:
         pass
+
+    def wait_for_count(self, name: str, at_least: int, timeout: float) -> bool:
+        """Wait until one of the writer's counters (`stats()`' names: written, pruned, ...)
+        reaches `at_least`; False after `timeout`.  Background work such as retention has
+        no row to flush for: a test or an embedding application waits on it here."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._counts[name] >= at_least, timeout)
 
     def queued(self) -> int:
         return 0

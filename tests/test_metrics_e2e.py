@@ -6,6 +6,9 @@ rows (prometheus_client's multiprocess mode)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -440,3 +443,43 @@ def test_the_queue_depth_counts_the_batch_the_writer_retries(tmp_path):
             blocker.execute("ROLLBACK")
             blocker.close()
         tracker.close(timeout=5)
+
+
+def test_a_scrape_forgets_the_live_gauges_of_a_worker_that_is_gone(tmp_path):
+    """Without the master's child_exit hook (an old copy of deploy/gunicorn.conf.py), a
+    killed worker's live streams would count for ever: the scrape drops the live gauges of
+    processes that no longer exist, and keeps its counters."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    worker = ("from proxy.metrics import Metrics; m = Metrics(); m.start(); "
+              "m.worker_state(live=7, keepalives=3, queued=0)")
+    subprocess.run([sys.executable, "-c", worker], env=env, check=True, timeout=30)  # then gone
+    scrape_now = ("import sys; from proxy.metrics import exposition; "
+                  "sys.stdout.write(exposition().decode())")
+    shown = subprocess.run([sys.executable, "-c", scrape_now], env=env, check=True, timeout=30,
+                           capture_output=True, text=True).stdout
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(shown) for s in family.samples}
+    assert value(samples, "llm_proxy_live_streams") == 0
+    assert value(samples, "llm_proxy_keepalives_total") == 3  # a counter stays
+
+
+def test_the_cost_comment_setting_spares_clients_of_a_provider_without_comments(fake, tmp_path):
+    """`stream.cost_comment = true` ends streams with a comment, except where the provider
+    says its clients cannot parse comments (`keepalive = false`); a request that asks for
+    it still gets it."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[stream]\ncost_comment = true\n\n[providers.anthropic]\n'
+                      f'base_url = "{fake.url}"\nkeepalive = false\n')
+    server = ProxyProcess(fake.url, tmp_path, LLM_PROXY_CONFIG=str(config)).start()
+    try:
+        bodies = []
+        for asked in ({}, {"X-LLM-Proxy-Cost-Comment": "1"}):
+            fake.enqueue(lambda request: default_script(request))
+            r = RawResponse(server.url, "/v1/messages", message(),
+                            headers={"anthropic-version": "2023-06-01", "x-api-key": "sk-test",
+                                     **asked}).read_head()
+            bodies.append(r.read_all())
+        assert b"llm-proxy-usage" not in bodies[0]
+        assert b": llm-proxy-usage {" in bodies[1]
+    finally:
+        server.stop()

@@ -188,10 +188,7 @@ def test_rows_queued_while_the_server_is_down_spill_and_arrive_once(own_server, 
         own_server.stop("immediate")
         for i in range(50):
             tracker.record(UsageRecord(request_id=f"req_down_{i}", started_at=time.time()))
-        deadline = time.monotonic() + 10
-        while tracker.stats()["spilled"] < 50:
-            assert time.monotonic() < deadline, tracker.stats()
-            time.sleep(0.05)
+        assert tracker.wait_for_count("spilled", 50, 10), tracker.stats()
         own_server.start()
         reader = open_store(url)
         deadline = time.monotonic() + 20
@@ -294,10 +291,7 @@ def test_retention_deletes_old_raw_rows_in_small_batches_and_reports_keep_them(u
     try:
         tracker.record(UsageRecord(request_id="req_new", started_at=time.time(), input_tokens=1))
         assert tracker.flush(5)
-        deadline = time.monotonic() + 10
-        while tracker.stats()["pruned"] < 8:
-            assert time.monotonic() < deadline, tracker.stats()
-            time.sleep(0.05)
+        assert tracker.wait_for_count("pruned", 8, 10), tracker.stats()
     finally:
         tracker.close(5)
     assert [r["request_id"] for r in open_store(url).rows()] == ["req_new"]
@@ -514,10 +508,7 @@ def test_retention_days_are_days(url, tmp_path):
                       spill_dir=str(tmp_path / "spill"))
     tracker.start()
     try:
-        deadline = time.monotonic() + 10
-        while tracker.stats()["pruned"] < 1:
-            assert time.monotonic() < deadline, tracker.stats()
-            time.sleep(0.05)
+        assert tracker.wait_for_count("pruned", 1, 10), tracker.stats()
     finally:
         tracker.close(5)
     assert [r["request_id"] for r in open_store(url).rows()] == ["req_2_days"]

@@ -105,7 +105,7 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
             if bridge is not None:  # read whole and rewritten, or this try fails
                 taken.append(TranslatedBody.read(resp, bridge, record, attempt.deployment.name))
             else:  # an unreadable body fails this try, before any header goes out
-                held[:] = read_answer(resp, deps.budget, exchange)
+                held[:] = read_answer(resp, deps.budget)
                 taken.append(Answer(resp, attempt.deployment.name))
         except ProxyError as err:
             resp.close()
@@ -123,17 +123,17 @@ def serve_plain(deps: RelayDeps, preq: ProxyRequest, record: RequestRecord,
     return render_refusal(preq, record, outcome, start_response)
 
 
-def read_answer(resp: UpstreamResponse, budget: MemoryBudget | None,
-                exchange: Exchange) -> list[Reservation]:
+def read_answer(resp: UpstreamResponse, budget: MemoryBudget | None) -> list[Reservation]:
     """Read a JSON answer whole when the worker's memory budget has room for it (so its
     cost can go out in the headers), else only its start; the memory it holds, if any.
-    Raises the ProxyError that fails the try."""
+    Raises the ProxyError that fails the try.  (A plain request has no first-token
+    deadline: reading its body whole is no race against one.)"""
     reservation = budget.reserve(WHOLE_ANSWER_LIMIT) if budget is not None else None
     if budget is not None and reservation is None:
         resp.prefetch()  # a worker short of memory streams it through, without the headers
         return []
     try:
-        resp.prefetch_answer(WHOLE_ANSWER_LIMIT, on_start=exchange.content_arrived)
+        resp.prefetch_answer(WHOLE_ANSWER_LIMIT)
     except BaseException:
         if reservation is not None:
             reservation.release()

@@ -14,7 +14,7 @@ import re
 import socket
 import threading
 import urllib.request
-from typing import Callable, Iterator
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import requests
@@ -226,20 +226,17 @@ class UpstreamResponse:
             if size >= enough or not self._has_more_now():
                 break
 
-    def prefetch_answer(self, limit: int, on_start: Callable[[], None] | None = None) -> None:
+    def prefetch_answer(self, limit: int) -> None:
         """A successful JSON answer of at most `limit` decoded bytes is read whole now (its
         usage, and so its cost, is then known before the client's headers go out, and a
         body cut short fails the try instead of the client's answer); anything else only
-        has its start read (`prefetch`).  `whole` says which.  `on_start` is told when the
-        first bytes are in (the answer has begun: no more time-to-answer limit)."""
+        has its start read (`prefetch`).  `whole` says which."""
         if not (self.is_json and 200 <= self.status < 300) or self._pieces is not None:
             self.prefetch()
             return
         self._pieces = self._decode()
         size = 0
         for piece in self._pieces:
-            if not size and on_start is not None:
-                on_start()
             self._prefetched.append(piece)
             size += len(piece)
             if size > limit:
