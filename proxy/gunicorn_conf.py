@@ -156,9 +156,24 @@ def _stop(message: str) -> None:
 
 
 def child_exit(server, worker):
-    """In the master, after a worker exited (or was killed): its live gauges stop counting."""
+    """In the master, after a worker exited (or was killed): its live gauges stop counting,
+    and the usage rows it had queued and not stored, if it was killed, are told."""
     from proxy.metrics import forget_worker
     forget_worker(worker.pid)
+    _report_lost_rows(server)
+
+
+def _report_lost_rows(server) -> None:
+    """The next worker would tell too (see proxy/unwritten.py); the master tells at once."""
+    from proxy.config import ConfigError, load_config
+    from proxy.unwritten import directory_for, report_dead
+
+    try:
+        config = load_config()
+        if config.enabled:
+            report_dead(directory_for(config.spill_path))
+    except (ConfigError, OSError) as err:
+        server.log.warning("llm-proxy: could not count a dead worker's unstored rows: %s", err)
 
 
 def on_exit(server):

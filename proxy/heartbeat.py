@@ -9,11 +9,14 @@ period with a terminal error.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import select
 import socket
 import threading
 import time
+from functools import partial
 from typing import Callable, Iterable
 
 from .errors import ClientGone, ProxyError
@@ -69,6 +72,58 @@ def clients_hung_up(sockets: Iterable[socket.socket]) -> set[socket.socket]:
     return gone
 
 
+class ClientWatch:
+    """The client sockets of the live exchanges, registered once in one `poll` object, so
+    a probe of thousands of silent streams is one system call that reports only the
+    clients that left (`clients_hung_up` builds its poll set anew, for one-off checks).
+
+    Sockets are known by descriptor; a socket closed under us is reported as POLLNVAL, or,
+    once its descriptor serves another socket, found out by `fileno()`."""
+
+    def __init__(self) -> None:
+        self._poller = select.poll()
+        self._by_fd: dict[int, Exchange] = {}
+
+    def add(self, exchange: "Exchange") -> None:
+        sock = exchange.client_socket
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return
+        try:
+            self._poller.register(fd, select.POLLIN | _POLL_GONE)
+        except (OSError, ValueError):
+            return
+        self._by_fd[fd] = exchange
+        exchange.watched_fd = fd
+
+    def remove(self, exchange: "Exchange") -> None:
+        fd = exchange.watched_fd
+        if fd is None:
+            return
+        exchange.watched_fd = None
+        if self._by_fd.get(fd) is exchange:
+            del self._by_fd[fd]
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, OSError, ValueError):
+                pass
+
+    def gone(self) -> list["Exchange"]:
+        """The exchanges whose client has left (or whose socket was closed under us)."""
+        if not self._by_fd:
+            return []
+        left = []
+        for fd, events in self._poller.poll(0):
+            exchange = self._by_fd.get(fd)
+            if exchange is None:
+                continue
+            sock = exchange.client_socket
+            if sock is None or sock.fileno() != fd or events & _POLL_GONE \
+                    or (not _RDHUP and client_has_hung_up(sock)):
+                left.append(exchange)
+        return left
+
+
 class Exchange:
     """One client request and its upstream attempts, as seen by the heartbeat thread."""
 
@@ -84,6 +139,10 @@ class Exchange:
         self._deadline: float | None = None
         self.deadline_hit = False
         self._end_at: tuple[float, Callable[[], None]] | None = None
+        self._commit_at: tuple[float, Callable[[], None]] | None = None
+        self.visit_by: Callable[[float], None] | None = None  # set by the heartbeat
+        self.watched_fd: int | None = None  # its client socket, in the heartbeat's ClientWatch
+        self.serial = 0  # set by the heartbeat: its entries in the visit queue
 
     def new_attempt(self, deadline: float | None) -> AbortHandle:
         """A fresh handle for the next upstream try; `deadline` bounds its wait for content."""
@@ -93,7 +152,26 @@ class Exchange:
             self.deadline_hit = False
             if self.end_error is not None:
                 self.handle.abort()
-            return self.handle
+            handle = self.handle
+        self._visit_by(deadline)
+        return handle
+
+    def _visit_by(self, when: float | None) -> None:
+        """The heartbeat must look at this exchange by `when` (a new deadline)."""
+        visit_by = self.visit_by
+        if when is not None and visit_by is not None:
+            visit_by(when)
+
+    def next_visit(self, now: float, interval: float) -> float:
+        """When the heartbeat must look at this exchange next: its earliest deadline, or
+        when its writer will have been idle for `interval`; at the latest in `interval`."""
+        with self._lock:
+            times = [t for t in (self._deadline, self._end_at and self._end_at[0],
+                                 self._commit_at and self._commit_at[0]) if t]
+        writer = self.writer
+        if writer is not None and writer.keepalive and not writer.closed:
+            times.append(writer.last_write + interval)
+        return min(times, default=now + interval)
 
     def content_arrived(self) -> None:
         with self._lock:
@@ -104,11 +182,23 @@ class Exchange:
         first (None cancels): an upstream call whose clients all left waits for a retry."""
         with self._lock:
             self._end_at = None if when is None else (when, expire)
+        self._visit_by(when)
+
+    def commit_at(self, when: float, commit: Callable[[], None]) -> None:
+        """Call `commit()` from the heartbeat at `when`: a stream the server thread reads
+        itself gets its status line from here when no deployment answered in time."""
+        with self._lock:
+            self._commit_at = (when, commit)
+        self._visit_by(when)
 
     def check_deadline(self, now: float) -> None:
-        """Called by the heartbeat: a try that is silent past its deadline is cut off; an
-        exchange past its `end_at` ends."""
+        """Called by the heartbeat: a stream past its commit time is committed, a try that
+        is silent past its deadline is cut off; an exchange past its `end_at` ends."""
         with self._lock:
+            committing = self._commit_at if self._commit_at is not None \
+                and now >= self._commit_at[0] else None
+            if committing is not None:
+                self._commit_at = None
             ending = self._end_at if self._end_at is not None and now >= self._end_at[0] else None
             if ending is not None:
                 self._end_at = None
@@ -118,6 +208,8 @@ class Exchange:
                 self._deadline = None
                 self.deadline_hit = True
                 handle = self.handle
+        if committing is not None:
+            committing[1]()
         if ending is not None:
             ending[1]()
         elif handle is not None:
@@ -154,6 +246,11 @@ class Heartbeat:
         self._after_pass = after_pass
         self.tick = max(0.001, min(probe_interval, heartbeat_interval / 4))
         self._live: set[Exchange] = set()
+        # (when, serial, exchange): the next time each exchange needs a look (a deadline, a
+        # keepalive due); an exchange is visited when its time comes, never on every pass.
+        self._due: list[tuple[float, int, Exchange]] = []
+        self._serials = itertools.count(1)
+        self._watch = ClientWatch()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -163,16 +260,47 @@ class Heartbeat:
         self._stopped = False
 
     def register(self, exchange: Exchange) -> None:
+        now = time.monotonic()
         with self._lock:
             self._live.add(exchange)
+            self._watch.add(exchange)
+            exchange.serial = next(self._serials)
+            exchange.visit_by = partial(self._visit_by, exchange)
+            heapq.heappush(self._due, (exchange.next_visit(now, self.heartbeat_interval),
+                                       exchange.serial, exchange))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="llm-proxy-heartbeat",
                                                 daemon=True)
                 self._thread.start()
 
     def unregister(self, exchange: Exchange) -> None:
+        """The exchange is over (its entries in the visit queue are dropped as they come)."""
         with self._lock:
             self._live.discard(exchange)
+            self._watch.remove(exchange)
+            exchange.visit_by = None
+
+    def _forget(self, exchanges: list[Exchange]) -> None:
+        with self._lock:
+            for exchange in exchanges:
+                self._live.discard(exchange)
+                self._watch.remove(exchange)
+                exchange.visit_by = None
+            if not self._live:
+                self._due.clear()
+
+    def watch_client(self, exchange: Exchange, sock) -> None:
+        """The exchange has a client socket from now on (probed like any other)."""
+        with self._lock:
+            self._watch.remove(exchange)
+            exchange.client_socket = sock
+            if exchange in self._live:
+                self._watch.add(exchange)
+
+    def _visit_by(self, exchange: Exchange, when: float) -> None:
+        with self._lock:
+            if exchange in self._live:
+                heapq.heappush(self._due, (when, exchange.serial, exchange))
 
     def live_count(self) -> int:
         with self._lock:
@@ -188,9 +316,8 @@ class Heartbeat:
     def end_now(self, err: ProxyError) -> int:
         """End every live exchange with `err` at once (a proxy closed without a grace);
         returns how many there were."""
-        with self._lock:
-            live = list(self._live)
-            self._live.clear()
+        live = self._snapshot()
+        self._forget(live)
         for exchange in live:
             exchange.end(err, abort=False)
         for exchange in live:
@@ -231,17 +358,40 @@ class Heartbeat:
             return list(self._live)
 
     def _visit_each(self, live: list[Exchange], now: float) -> int:
-        """Probe, check deadlines, keep alive; how many keepalives went out."""
-        gone = clients_hung_up(e.client_socket for e in live if e.client_socket is not None)
+        """Probe every client, then visit the exchanges whose time has come: deadlines,
+        commits and keepalives; how many keepalives went out."""
+        with self._lock:
+            gone = self._watch.gone()
+            due = self._take_due(now)
+        for exchange in gone:
+            self._end(exchange, ClientGone("the client closed the connection"))
         sent = 0
-        for exchange in live:
-            if exchange.client_socket in gone:
-                self._end(exchange, ClientGone("the client closed the connection"))
-                continue
+        for exchange in due:
             exchange.check_deadline(now)
             if exchange.writer is not None:
                 sent += exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+        self._schedule(due, now)
         return sent
+
+    def _take_due(self, now: float) -> list[Exchange]:
+        """Under the lock: the live exchanges whose time has come, each once."""
+        due: dict[int, Exchange] = {}
+        heap = self._due
+        while heap and heap[0][0] <= now:
+            _, serial, exchange = heapq.heappop(heap)
+            if exchange in self._live:
+                due[serial] = exchange
+        return list(due.values())
+
+    def _schedule(self, visited: list[Exchange], now: float) -> None:
+        """The next visit of each exchange just visited (a tick from now at the earliest:
+        a keepalive that could not go out is tried again next pass, not in a loop)."""
+        soonest = now + self.tick
+        times = [max(e.next_visit(now, self.heartbeat_interval), soonest) for e in visited]
+        with self._lock:
+            for exchange, when in zip(visited, times):
+                if exchange in self._live:
+                    heapq.heappush(self._due, (when, exchange.serial, exchange))
 
     def _shutdown_due(self, now: float, live: int) -> bool:
         """Has the shutdown grace run out?  (Says once, from this thread, that it started:
@@ -262,8 +412,7 @@ class Heartbeat:
         assert self._shutdown_error is not None and self.shutdown_deadline is not None
         for exchange in exchanges:
             exchange.end(self._shutdown_error(), abort=False)
-        with self._lock:
-            self._live.difference_update(exchanges)
+        self._forget(exchanges)
         for exchange in exchanges:
             exchange.abort_upstream()
         if exchanges:

@@ -42,6 +42,8 @@ from .store import RowRejected, StoreFault, open_store
 from .store import default_spill_dir as store_spill_dir
 from .store.postgres import redacted_url
 from .text import loggable, storable
+from .unwritten import UnwrittenCount, report_dead
+from .unwritten import directory_for as unwritten_directory
 from .usage import DEFAULT_TEXT_LIMIT, RECORD_FIELDS, TEXT_LIMITS, UsageRecord
 
 try:  # POSIX only; elsewhere spill files are guarded within one process.
@@ -328,6 +330,7 @@ class Tracker:
         # that order, so "every row queued before flush() is done" is one comparison.
         self._enqueued = 0
         self._done = 0
+        self._unwritten: UnwrittenCount | None = None  # the two, where a killed worker leaves them
         self._failed_ranges: list[tuple[int, int]] = []
         self._counts = dict.fromkeys(
             ("written", "batches", "retries", "spilled", "replayed", "rejected", "dropped",
@@ -347,6 +350,9 @@ class Tracker:
                 self.store.open()
             except StoreFault as fault:
                 self._note_fault(fault)
+            counts = unwritten_directory(self.spill.path)
+            report_dead(counts)  # rows a killed worker (of this database) lost
+            self._unwritten = UnwrittenCount(counts)
             self._thread = threading.Thread(target=self._run, name="usage-tracker", daemon=True)
             self._thread.start()
 
@@ -371,6 +377,8 @@ class Tracker:
                 # Safe even if the writer commits them after all: replays skip stored ids.
                 self._spill_rows(list(self._held), "writer stuck at shutdown")
         self._spill_rows(self._take_all(count=True), "tracker closed before they were stored")
+        if self._unwritten is not None:
+            self._unwritten.remove()
         log.info("usage writer stopped: %s", self.stats())
 
     # -- request side ---------------------------------------------------------------------------
@@ -389,6 +397,8 @@ class Tracker:
             if not self._closed and len(self._rows) < self.queue_max:
                 self._rows.append(row)
                 self._enqueued += 1
+                if self._unwritten is not None:
+                    self._unwritten.set(self._enqueued, self._done)
                 queued = len(self._rows)
                 if queued == 1 or queued >= self.batch_size:
                     self._cond.notify_all()
@@ -632,6 +642,8 @@ class Tracker:
         """Called with self._cond held."""
         first = self._done + 1
         self._done += count
+        if self._unwritten is not None:
+            self._unwritten.set(self._enqueued, self._done)
         if not ok:
             self._failed_ranges = self._failed_ranges[-99:] + [(first, self._done)]
         self._cond.notify_all()

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -91,8 +92,12 @@ def loaded(driver, query: str, timeout: float = 15.0) -> None:
         lambda d: d.execute_script("return document.body.dataset.loaded") == query)
 
 
-def tile(driver, name: str) -> str:
-    return driver.find_element(By.CSS_SELECTOR, f'.tile[data-name="{name}"] .value').text
+def tile(driver, name: str) -> str | None:
+    """The tile's value; None while the page redraws it (the element found was replaced)."""
+    try:
+        return driver.find_element(By.CSS_SELECTOR, f'.tile[data-name="{name}"] .value').text
+    except StaleElementReferenceException:
+        return None
 
 
 def console_errors(driver) -> list[dict]:

@@ -162,7 +162,11 @@ def test_the_grace_running_out_during_a_pass_ends_every_stream_in_that_pass():
     heartbeat = Heartbeat(heartbeat_interval=60, probe_interval=60)
     ended: list = []
     others = [Exchange(None, LockedWriter(), on_end=ended.append) for _ in range(20)]
-    heartbeat._live.update([_GraceRunsOutHere(heartbeat), *others])  # no thread: one pass by hand
+    heartbeat._thread = threading.current_thread()  # no thread of its own: one pass by hand
+    slow = _GraceRunsOutHere(heartbeat)
+    for exchange in (slow, *others):
+        heartbeat.register(exchange)
+    slow.new_attempt(time.monotonic())  # due in this pass
     heartbeat.begin_shutdown(60, lambda: ShuttingDown("the proxy is shutting down"))
     heartbeat.visit_all(time.monotonic())
     assert len(ended) == 20 and all(isinstance(err, ShuttingDown) for err in ended)

@@ -162,6 +162,7 @@ class Admission:
             payload=payload if keeps_payload else None, headers=headers, model=facts.model,
             stream=facts.stream, strip_usage_chunk=facts.strip_usage_chunk,
             keepalive=self._keepalive(route), client_socket=client_socket(request.environ),
+            writes_directly=writes_directly(request.environ),
             redactor=opened.redactor, estimate_locally=estimate, stitch=stitch, dedup=dedup,
             cost_comment=self._wants_cost_comment(request.headers, route))
         hold = self.deps.gate.reserve(opened.key, preq, payload,
@@ -292,4 +293,17 @@ def path_and_query(request: Request) -> str:
 
 def client_socket(environ):
     return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+
+
+# Servers whose WSGI `write` callable is a plain write to the client's socket, which the
+# heartbeat may call between two of the stream's own writes (under the writer's lock).
+DIRECT_WRITE_SERVERS = ("gunicorn.socket", "werkzeug.socket")
+QUEUE_WRITES = "llm_proxy.queue_writes"  # an environ key that asks for the queued writer
+
+
+def writes_directly(environ) -> bool:
+    """May a stream be written through the server's `write` callable from the heartbeat
+    too?  Only for servers known to allow it; any other server (and a middleware that
+    sets `llm_proxy.queue_writes`) gets the queued writer and a stream thread."""
+    return not environ.get(QUEUE_WRITES) and any(key in environ for key in DIRECT_WRITE_SERVERS)
 

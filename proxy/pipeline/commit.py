@@ -8,6 +8,7 @@ Every transition happens under one lock here:
     WAITING ──answer_with()─────> ANSWERING   a deployment answered: its headers go out
        │  └──refuse(outcome)────> REFUSED     no answer before any header: its own status
        └─────wait() times out───> COMMITTED   200 text/event-stream before any answer
+             (or commit_if_waiting)
 
 Once ANSWERING or COMMITTED the response is a stream: every later failure is one
 terminal event in the client's protocol.  REFUSED is an ordinary error response.
@@ -63,20 +64,24 @@ class CommitRule:
         callbacks, self._on_settled = self._on_settled, []
         return callbacks
 
-    # -- server thread -------------------------------------------------------------
+    # -- server thread (or, for a stream the server thread reads itself, the heartbeat) --
     def wait(self, delay: float) -> Phase:
         """The phase the response starts in: decided by the stream thread within `delay`,
         or COMMITTED (so keepalives can flow while the deployments take their time)."""
         self._decided.wait(delay)
-        callbacks = []
+        self.commit_if_waiting()
+        return self.phase
+
+    def commit_if_waiting(self) -> bool:
+        """WAITING becomes COMMITTED: True when this call made it so."""
         with self._lock:
-            if self.phase is Phase.WAITING:
-                self.phase = Phase.COMMITTED
-                callbacks = self._settled()
-            phase = self.phase
+            if self.phase is not Phase.WAITING:
+                return False
+            self.phase = Phase.COMMITTED
+            callbacks = self._settled()
         for callback in callbacks:
             callback()
-        return phase
+        return True
 
     # -- stream thread ---------------------------------------------------------------
     def answer_with(self, response: UpstreamResponse, deployment: str,

@@ -31,7 +31,7 @@ from ..limits import MemoryBudget, Reservation, TooComplex, parse_upstream_json
 from ..routing import Attempt
 from ..sse import Event, EventTooLarge, SSEFramer
 from ..upstream import UpstreamResponse, shutdown_quietly
-from ..writer import LockedWriter
+from ..writer import DirectWriter, LockedWriter
 from .attempt import Outcome, TryDeps, TryLoop
 from .commit import Answer, CommitRule, Phase
 from .fanout import LiveCall, LiveCalls, Member
@@ -60,6 +60,10 @@ def is_continuable(failure: ProxyError) -> bool:
 log = logging.getLogger("proxy.relay")
 
 TRANSLATED_BODY_LIMIT = 16 * 1024 * 1024  # a JSON answer to translate is read whole
+# After an answer's end, a stream read by the server thread reads what follows (the chunked
+# body's last chunk) for this long and this much at most, so its connection can be reused.
+DRAIN_AFTER_END = 0.02
+DRAIN_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -359,6 +363,7 @@ class TryStream:
         self.content_seen = False
         self.last_event_sent = False  # the last event framed went to the client
         self.continuing = False  # it continues an answer: its events are rewritten (stitched)
+        self.drained: int | None = None  # bytes read after the client's body closed
 
     def tail(self, final: bool) -> bytes | None:
         """What completes the last event on the wire (see `SSEFramer.settle`), or None while
@@ -408,13 +413,15 @@ class StreamRelay:
         ticket = preq.dedup
         self.pending = ticket.pending if ticket is not None else None  # kept if it completes
         self.live: LiveCall | None = None
+        self.writer: LockedWriter | DirectWriter | LiveCall
         if ticket is not None and ticket.shares:
             self._share(ticket)
-        else:
-            self.writer = LockedWriter(keepalive=preq.keepalive, redactor=preq.redactor)
-            self.exchange = Exchange(preq.client_socket, self.writer,
-                                     on_end=self._ended_from_outside)
-            self.client = self.writer
+        # else the writer is chosen in `respond`, where the server's `write` is known
+
+    def _own_writer(self, writer: LockedWriter | DirectWriter) -> None:
+        """A stream of one client: the writer is the client's own."""
+        self.writer = self.client = writer
+        self.exchange = Exchange(self.preq.client_socket, writer, on_end=self._ended_from_outside)
 
     def _share(self, ticket) -> None:
         """The upstream call is shared (README: "Never pay twice"): the stream thread writes
@@ -434,6 +441,10 @@ class StreamRelay:
 
     # -- server thread -------------------------------------------------------------
     def respond(self, start_response: StartResponse) -> Iterable[bytes]:
+        if self.live is None and self.preq.writes_directly:
+            return self._respond_here(start_response)
+        if self.live is None:
+            self._own_writer(LockedWriter(keepalive=self.preq.keepalive, redactor=self.preq.redactor))
         self.deps.heartbeat.register(self.exchange)
         try:
             self.deps.stream_threads.submit(self._run)
@@ -455,16 +466,53 @@ class StreamRelay:
             self.record.keep_answer(None, None)  # its events were not recorded: not kept
             if self.live is not None:  # a JSON body is read once: nobody else gets it
                 self.live.close()
-                self.exchange.client_socket = self.preq.client_socket  # probed from now on
+                self.deps.heartbeat.watch_client(self.exchange, self.preq.client_socket)
         if answer.response.is_event_stream:
-            # A translated answer's headers are the proxy's own: the upstream's describe
-            # another API.
-            headers = [SSE_CONTENT_TYPE] if answer.translated else \
-                self.preq.redactor.headers(answer.response.headers)
-            start_response("200 OK", stream_headers(headers, self.preq.request_id, answer.deployment))
+            start_response("200 OK", self._answer_headers(answer))
             return self._frames()
         return PassThrough(self.deps.heartbeat, self.preq, self.record, self.exchange,
                            answer).respond(start_response)
+
+    def _respond_here(self, start_response: StartResponse) -> Iterator[bytes]:
+        """The stream read and written by this (the server's) thread: no stream thread and
+        no hand-off per event.  The heartbeat sends the status line if no deployment
+        answers within `commit_delay`, and keepalives through the same writer."""
+        self._own_writer(DirectWriter(start_response, self.preq.client_socket,
+                                      keepalive=self.preq.keepalive, redactor=self.preq.redactor,
+                                      on_client_gone=self._client_gone_while_writing))
+        self.exchange.commit_at(time.monotonic() + self.deps.commit_delay, self._commit_by_delay)
+        self.deps.heartbeat.register(self.exchange)
+        return self._here(start_response)
+
+    def _here(self, start_response: StartResponse) -> Iterator[bytes]:
+        """The WSGI body of a stream read here: all of it is written through the writer,
+        except an answer that is not a stream (a refusal, a JSON body), yielded as usual."""
+        try:
+            self._run()
+            phase = self.commit.phase
+            if phase is Phase.REFUSED:
+                self.deps.heartbeat.unregister(self.exchange)
+                yield from render_refusal(self.preq, self.record, self.commit.refusal, start_response)
+            elif phase is Phase.ANSWERING and not self.commit.answer.response.is_event_stream:
+                self.record.keep_answer(None, None)  # its events were not recorded: not kept
+                yield from PassThrough(self.deps.heartbeat, self.preq, self.record, self.exchange,
+                                       self.commit.answer).respond(start_response)
+        finally:
+            self.writer.finish()  # a terminal error another thread left goes out here
+            if not self.writer.opened and self.commit.phase is Phase.COMMITTED:
+                # Committed, but the stream ended before the status line went out.
+                self.writer.open("200 OK", committed_stream_headers(self.preq.request_id))
+                self.writer.finish()
+
+    def _commit_by_delay(self) -> None:
+        """From the heartbeat: no deployment answered within `commit_delay`, so the client
+        gets `200 text/event-stream` now and keepalives from here on."""
+        if self.commit.commit_if_waiting():
+            self.writer.open("200 OK", committed_stream_headers(self.preq.request_id))
+            self.writer.send_head(wait=False)
+
+    def _client_gone_while_writing(self) -> None:
+        self.exchange.end(ClientGone("the client went away while the stream was written"))
 
     def _frames(self) -> Iterator[bytes]:
         """The WSGI body: one yield per frame (b"" first makes gunicorn send the headers now)."""
@@ -544,7 +592,20 @@ class StreamRelay:
         return current
 
     def _answer(self, resp: UpstreamResponse, attempt: Attempt, translated: bool = False) -> bool:
-        return self.commit.answer_with(resp, attempt.deployment.name, translated)
+        answered = self.commit.answer_with(resp, attempt.deployment.name, translated)
+        if answered and isinstance(self.writer, DirectWriter) and resp.is_event_stream \
+                and not self.writer.opened and self.commit.phase is Phase.ANSWERING:
+            # This thread answers: the status line and headers go out now.
+            self.writer.open("200 OK", self._answer_headers(self.commit.answer))
+            self.writer.send_head()
+        return answered
+
+    def _answer_headers(self, answer: Answer) -> list[tuple[str, str]]:
+        """A translated answer's headers are the proxy's own: the upstream's describe
+        another API."""
+        headers = [SSE_CONTENT_TYPE] if answer.translated else \
+            self.preq.redactor.headers(answer.response.headers)
+        return stream_headers(headers, self.preq.request_id, answer.deployment)
 
     # -- relaying one deployment's event stream ---------------------------------------------
     def _pump(self, current: TryStream) -> Outcome:
@@ -559,7 +620,7 @@ class StreamRelay:
                     timing.relayed(time.perf_counter() - began)
                 if self._protocol_end is not None and not self.writer.closed:
                     self._end_body_once_settled(current)
-                if self.writer.closed and self._protocol_end is None:
+                if self.writer.closed and self._after_the_end(current, len(chunk)):
                     break
         except ProxyError as err:
             failure = err
@@ -570,6 +631,22 @@ class StreamRelay:
             return Outcome.failed(failure or UpstreamBroken(
                 "the upstream ended the stream before any content"))
         return self._conclude(current, failure)
+
+    def _after_the_end(self, current: TryStream, read: int) -> bool:
+        """The client's body is closed: stop reading now?  A stream thread reads the rest
+        of an ended answer (its connection then goes back to the pool), a broken one never.
+        A server thread that reads its stream itself must end the client's body first, so
+        it reads on only for what comes at once (the last chunk, usually) and a little of it."""
+        if self._protocol_end is None:
+            return True
+        if not isinstance(self.writer, DirectWriter):
+            return False
+        if current.drained is None:
+            current.drained = 0
+            current.resp.handle.wait_at_most(DRAIN_AFTER_END)
+        else:
+            current.drained += read
+        return current.drained > DRAIN_LIMIT
 
     def _forward(self, event: Event, current: TryStream) -> None:
         current.last_event_sent = False

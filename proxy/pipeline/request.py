@@ -31,6 +31,9 @@ class ProxyRequest:
     strip_usage_chunk: bool = False  # the usage chunk the proxy asked for goes to nobody
     keepalive: bool = True  # keepalive comments may go to this client (the route allows)
     client_socket: socket.socket | None = None
+    # The server's WSGI `write` may be called from any thread (see writer.DirectWriter):
+    # a stream is then read and written by the server thread itself.
+    writes_directly: bool = False
     redactor: Redactor = field(default_factory=Redactor)  # masks credentials in what is relayed
     estimate_locally: bool = False  # count_tokens the proxy answers itself (see admit)
     stitch: Stitch | None = None  # splices a continuation in, if this answer may be continued

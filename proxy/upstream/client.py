@@ -103,6 +103,17 @@ class AbortHandle:
                 self._conn = None
             conn._abort_owner = None  # type: ignore[attr-defined]
 
+    def wait_at_most(self, seconds: float) -> None:
+        """From now on each read of this exchange waits `seconds` at most (urllib3 sets
+        the next request's own timeout on a pooled connection)."""
+        with self._lock:
+            sock = getattr(self._conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.settimeout(seconds)
+                except OSError:
+                    pass
+
     def abort(self) -> None:
         """Shut the upstream socket down; a thread blocked reading it returns at once."""
         with self._lock:

@@ -1,0 +1,115 @@
+"""Rows a worker queued but had not stored, counted where they outlive the worker.
+
+A worker killed outright (OOM, SIGKILL) loses the usage rows in its queue: at most what
+the writer's flush interval lets gather (see tracker.UsageTracker).  So that the operator
+learns how many, each worker keeps two counters in a 16-byte file, `unwritten-<pid>.count`:
+rows queued and rows done (stored, spilled or dropped, each of which is counted or logged
+by itself).  The files live beside the spill directory, in `<spill>-workers` (the spill
+directory holds rows and nothing else).  A file is mapped into memory, so keeping it costs
+one store per row and no system call.  A worker that stops cleanly removes its file; the
+master (gunicorn's `child_exit`) or else the next worker to start claims the files of dead
+processes and logs what they lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+
+log = logging.getLogger("proxy.tracker")
+
+_LAYOUT = struct.Struct("<QQ")  # rows queued, rows done
+_NAME = re.compile(r"^unwritten-(\d+)\.count$")
+
+
+def directory_for(spill_path: str) -> str:
+    """Where the counters of the workers that write to one database live."""
+    return spill_path.rstrip("/\\") + "-workers"
+
+
+class UnwrittenCount:
+    """This process's counters, in its own file; every method is best effort (a full or
+    read-only disk must never cost a row)."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, f"unwritten-{os.getpid()}.count")
+        self._map: mmap.mmap | None = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, _LAYOUT.size)
+                self._map = mmap.mmap(fd, _LAYOUT.size)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            log.warning("rows lost by a killed worker will not be counted: %s: %s",
+                        self.path, exc.strerror if isinstance(exc, OSError) else exc)
+
+    def set(self, queued: int, done: int) -> None:
+        if self._map is not None:
+            _LAYOUT.pack_into(self._map, 0, queued, done)
+
+    def remove(self) -> None:
+        """A clean stop: nothing was lost."""
+        if self._map is None:
+            return
+        try:
+            self._map.close()
+            os.unlink(self.path)
+        except (OSError, ValueError):
+            pass
+        self._map = None
+
+
+def claim_dead(directory: str) -> list[tuple[int, int]]:
+    """The (pid, rows lost) of processes that died with rows queued, each reported once (a
+    file is claimed by removing it, so two workers starting together never both report it).
+    Files of live processes stay."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    lost = []
+    for name in names:
+        match = _NAME.match(name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_LAYOUT.size)
+            os.unlink(path)
+        except OSError:
+            continue  # another worker claimed it first
+        queued, done = _LAYOUT.unpack(data) if len(data) == _LAYOUT.size else (0, 0)
+        if queued > done:
+            lost.append((pid, queued - done))
+    return lost
+
+
+def report_dead(directory: str) -> int:
+    """Log the rows each dead worker lost; how many in all."""
+    total = 0
+    for pid, count in claim_dead(directory):
+        total += count
+        log.error("worker %d ended without storing %d usage rows it had queued (it was "
+                  "killed: out of memory, SIGKILL, or a crash); those requests have no row",
+                  pid, count)
+    return total
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process holds that pid now
+    return True

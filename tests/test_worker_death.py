@@ -1,0 +1,88 @@
+"""A worker killed outright (OOM, SIGKILL): what it loses is bounded, told, and its streams
+end for their clients as cut connections (which the SDKs retry)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from support.builders import anthropic_stream
+from support.processes import ProxyProcess, http_get
+from support.rawhttp import RawResponse
+from support.steps import Send, Status, WaitFor, json_reply
+
+pytestmark = pytest.mark.timeout(90)
+
+HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "sk-test"}
+ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+          "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+          "usage": {"input_tokens": 3, "output_tokens": 2}}
+
+
+def body(stream: bool) -> dict:
+    return {"model": "claude-sonnet-5", "max_tokens": 16, "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]}
+
+
+def wait_for(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_is_told_with_the_rows_it_lost_and_its_stream_ends_cut(fake, tmp_path):
+    proxy = ProxyProcess(fake.url, tmp_path, LLM_PROXY_SPILL_AFTER="60").start()
+    locker = sqlite3.connect(proxy.db_path, timeout=10, isolation_level=None)
+    release = threading.Event()
+    try:
+        worker = http_get(proxy.proxy_url + "/health").json()["pid"]
+        locker.execute("BEGIN EXCLUSIVE")  # the writer cannot store: rows stay queued
+        for _ in range(3):
+            fake.enqueue(json_reply(ANSWER))
+            answer = RawResponse(proxy.url, "/v1/messages", body(False), headers=HEADERS).read_head()
+            assert answer.status == 200
+            answer.read_all()
+        events = anthropic_stream()
+        fake.enqueue([Status(200, headers={"Content-Type": "text/event-stream"}),
+                      Send(b"".join(events[:3])), WaitFor(release, 60)])
+        stream = RawResponse(proxy.url, "/v1/messages", body(True), headers=HEADERS, timeout=20)
+        stream.read_until(lambda b: b"content_block_start" in b, "the stream's first events")
+
+        os.kill(worker, signal.SIGKILL)
+        stream.read_all()
+        assert stream.eof_early and not stream.complete  # a cut connection, not an ending
+        wait_for(lambda: f"worker {worker} ended without storing 3 usage rows" in proxy.log(),
+                 "line telling the rows the killed worker lost")
+        locker.execute("ROLLBACK")
+        wait_for(lambda: http_get(proxy.proxy_url + "/health").json()["pid"] != worker,
+                 "new worker")
+        proxy.flush()
+        assert proxy.rows() == []  # the three told were indeed lost: none came later
+        assert proxy.log().count("ended without storing") == 1  # told once, master or worker
+    finally:
+        release.set()
+        locker.close()
+        proxy.stop()
+
+
+def test_a_worker_that_stops_cleanly_leaves_nothing_to_tell(fake, tmp_path):
+    proxy = ProxyProcess(fake.url, tmp_path).start()
+    try:
+        fake.enqueue(json_reply(ANSWER))
+        answer = RawResponse(proxy.url, "/v1/messages", body(False), headers=HEADERS).read_head()
+        answer.read_all()
+        spill = os.path.join(os.path.dirname(proxy.db_path))
+        proxy.flush()
+    finally:
+        proxy.stop()
+    assert "ended without storing" not in proxy.log()
+    leftovers = [name for _, _, files in os.walk(spill) for name in files
+                 if name.startswith("unwritten-")]
+    assert leftovers == []
