@@ -20,6 +20,7 @@ from functools import partial
 from typing import Callable, Iterable
 
 from .errors import ClientGone, ProxyError
+from .flag import Flag
 from .upstream import AbortHandle
 from .writer import LockedWriter
 
@@ -135,7 +136,7 @@ class Exchange:
         self._on_end = on_end
         self._lock = threading.Lock()
         self.end_error: ProxyError | None = None
-        self.ended = threading.Event()  # lets a backoff wait end early
+        self.ended = Flag()  # lets a backoff wait end early
         self._deadline: float | None = None
         self.deadline_hit = False
         self._end_at: tuple[float, Callable[[], None]] | None = None

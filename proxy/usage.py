@@ -62,7 +62,7 @@ class Usage:
                     self.cache_write_tokens))
 
 
-@dataclass
+@dataclass(slots=True)
 class UsageRecord:
     """One row per request, whatever happened to it (design.md §4).
 

@@ -211,6 +211,7 @@ class ProxyWorker(ThreadWorker):
     """gthread with whole-request reading, JSON errors with rows, and a careful exit."""
 
     def __init__(self, *args, **kwargs) -> None:
+        self._in_threads = 0  # requests handed to the thread pool and not finished
         super().__init__(*args, **kwargs)
         self._reading: collections.deque = collections.deque()  # (deadline, generation, conn)
         self._reading_count = 0
@@ -224,6 +225,24 @@ class ProxyWorker(ThreadWorker):
         self.client_timeout = 30.0
         self.max_body = 32 * 1024 * 1024
         self.read_budget = 1024 * 1024 * 1024
+
+    # gthread stops accepting at `worker_connections` connections, idle kept-alive ones
+    # included, so with a slack for those a worker full of streams took a few more that no
+    # thread was free for (measured: 8 of 2,000 streams got their first byte only when
+    # others ended).  Here a worker whose every thread has a request accepts no more: the
+    # other workers take the new connections.
+    @property
+    def worker_connections(self) -> int:
+        return 0 if self._in_threads >= self.cfg.threads else self._worker_connections
+
+    @worker_connections.setter
+    def worker_connections(self, value: int) -> None:
+        self._worker_connections = value
+
+    def enqueue_req(self, conn) -> None:
+        super().enqueue_req(conn)
+        # Counted after the submit: its `finish_request` runs on this (the loop's) thread.
+        self._in_threads += 1
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -313,6 +332,7 @@ class ProxyWorker(ThreadWorker):
         """As gthread, except that a request pipelined behind the last one is read here
         (gthread would hand it to a thread, where an unfinished one would block it)."""
         self._heads.pop(conn.sock, None)
+        self._in_threads -= 1
         if isinstance(conn, ProxyConn):
             self._buffered -= conn.held  # the request is answered: its bytes are let go
             conn.held = 0

@@ -16,7 +16,6 @@ import threading
 import time
 
 import pytest
-import requests
 import urllib3
 
 import proxy.tracker as tracker_module
@@ -705,10 +704,7 @@ def json_answer() -> UpstreamResponse:
     """An upstream's 200 JSON answer to a streaming request (its body is never read here)."""
     raw = urllib3.HTTPResponse(body=io.BytesIO(b"{}"), headers={"Content-Type": "application/json"},
                                status=200, preload_content=False)
-    resp = requests.Response()
-    resp.raw, resp.status_code = raw, 200
-    resp.headers = requests.structures.CaseInsensitiveDict(raw.headers)
-    return UpstreamResponse(resp, AbortHandle(), 1 << 20, 100)
+    return UpstreamResponse(raw, AbortHandle(), 1 << 20, 100)
 
 
 def test_a_streaming_duplicate_of_a_call_answered_with_a_json_body_makes_its_own_call(heartbeat,

@@ -190,3 +190,21 @@ def test_after_an_id_field_the_keepalive_has_no_blank_line():
     writer.write_event(b"id: 1\ndata: x\n\n", has_id=True)
     assert writer.write_keepalive_if_idle(writer.last_write + 1, 0.05)
     assert bytes(wire.out).endswith(b"\n\n" + KEEPALIVE_AFTER_ID)
+
+
+def test_a_flag_wakes_its_waiter_whichever_comes_first():
+    """`Flag` (an Event that makes its Condition only for a waiter) loses no wake-up."""
+    from proxy.flag import Flag
+
+    flag = Flag()
+    assert not flag.is_set() and not flag.wait(0.01)
+    flag.set()
+    assert flag.is_set() and flag.wait(0) and flag.wait(None)
+    for _ in range(200):  # a waiter and a setter racing
+        flag = Flag()
+        woke = []
+        waiter = threading.Thread(target=lambda f=flag: woke.append(f.wait(5)))
+        waiter.start()
+        flag.set()
+        waiter.join(6)
+        assert woke == [True]

@@ -20,6 +20,7 @@ import enum
 import threading
 from dataclasses import dataclass
 
+from ..flag import Flag
 from ..upstream import UpstreamResponse
 from .attempt import Outcome
 
@@ -44,7 +45,7 @@ class Answer:
 class CommitRule:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._decided = threading.Event()
+        self._decided = Flag()
         self.phase = Phase.WAITING
         self.answer: Answer | None = None
         self.refusal: Outcome | None = None

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from ..errors import ProxyError
+from ..flag import Flag
 from ..formats import Format, UsageParser
 from ..limits import Reservation, parse_upstream_json
 from ..metrics import Metrics, StreamTiming
@@ -59,7 +60,7 @@ class RequestRecord:
         self._t0 = time.monotonic()
         self._lock = threading.Lock()
         self._finished = False
-        self._written = threading.Event()
+        self._written = Flag()
         self._usage_format: Format | None = None  # None: this endpoint bills nothing
         self._parser: UsageParser | None = None
         self._body = bytearray()

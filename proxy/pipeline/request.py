@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .dedup import DedupTicket
 
 
-@dataclass
+@dataclass(slots=True)
 class ProxyRequest:
     request_id: str
     endpoint: str

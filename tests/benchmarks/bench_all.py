@@ -43,6 +43,11 @@ from _common import (  # noqa: E402
 
 from support.nginx import NGINX, NginxProcess  # noqa: E402
 
+from proxy import gunicorn_conf  # noqa: E402
+
+# `llm-proxy serve`'s own defaults (LLM_PROXY_WORKERS / LLM_PROXY_THREADS change them)
+DEFAULT_WORKERS, DEFAULT_THREADS = gunicorn_conf.workers, gunicorn_conf.threads
+
 HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "sk-bench"}
 ANSWER = {"id": "msg_static", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
           "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
@@ -187,12 +192,13 @@ def bench_throughput(tmp: Path, seconds: float) -> dict:
     (floor_dir / "floor_app.py").write_text(FLOOR_APP)
     servers = []
     try:
-        floor = ProxyProcess(static.url, floor_dir, workers=2, threads=256,
+        floor = ProxyProcess(static.url, floor_dir, workers=DEFAULT_WORKERS, threads=DEFAULT_THREADS,
                              app="floor_app:application", pythonpath=(str(floor_dir),)).start()
         servers.append(floor)
         proxy_dir = tmp / "proxy"
         proxy_dir.mkdir()
-        proxy = ProxyProcess(static.url, proxy_dir, workers=2, threads=256).start()
+        proxy = ProxyProcess(static.url, proxy_dir, workers=DEFAULT_WORKERS,
+                             threads=DEFAULT_THREADS).start()
         servers.append(proxy)
         nginx_dir = tmp / "nginx-throughput"
         nginx_dir.mkdir()
@@ -266,8 +272,7 @@ def main() -> int:
             heartbeat = 1.0 if args.quick else 15.0
             summary["streams"] = bench_relay.bench_silent_streams(
                 fake, tmp / "streams", n, silent, heartbeat,
-                int(os.environ.get("LLM_PROXY_WORKERS", "2")),
-                int(os.environ.get("LLM_PROXY_THREADS", "256")))
+                DEFAULT_WORKERS, DEFAULT_THREADS)
             summary["streams"].update(n=n, heartbeat=heartbeat)
     finally:
         fake.stop()
