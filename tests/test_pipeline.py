@@ -381,8 +381,10 @@ DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index
 STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
-def relay_through(upstream: StubUpstream, *names: str, breakers=None):
-    """Runs one streaming request through StreamRelay; (status, body, row)."""
+def relay_through(upstream: StubUpstream, *names: str, breakers=None, writes=None):
+    """Runs one streaming request through StreamRelay; (status, body, row).  With `writes`
+    (a list), the stream is read and written by this thread (as under gunicorn): each write
+    the server's `write` callable gets is appended to it with the rows queued by then."""
     from concurrent.futures import ThreadPoolExecutor
 
     from proxy.heartbeat import Heartbeat
@@ -391,13 +393,20 @@ def relay_through(upstream: StubUpstream, *names: str, breakers=None):
     loop, record = tries(upstream, *names, breakers=breakers)
     sink = record._sink
     loop.preq.stream = True
+    loop.preq.writes_directly = writes is not None
     record.admitted(stream=True, usage_format=formats.ANTHROPIC)
     pool = ThreadPoolExecutor(2)
     deps = RelayDeps(loop.deps, Heartbeat(60.0, 60.0), pool, commit_delay=5.0,
                      max_event_bytes=1 << 20)
     started = []
-    body = b"".join(StreamRelay(deps, loop.preq, record).respond(
-        lambda status, headers: started.append(status)))
+
+    def start_response(status, headers):
+        started.append(status)
+        return lambda data: writes.append((data, len(sink.rows)))
+
+    body = b"".join(StreamRelay(deps, loop.preq, record).respond(start_response))
+    if writes is not None:
+        body += b"".join(data for data, _ in writes)
     pool.shutdown(wait=True)
     return started[0], body, sink.rows[0]
 
@@ -407,6 +416,24 @@ def test_a_stream_passes_through_event_for_event():
     assert (status, body) == ("200 OK", START + DELTA + STOP)
     assert (row.end_reason, row.status, row.deployment, row.bytes_out) == (
         "complete", 200, "a", len(body))
+
+
+def test_a_stream_read_by_the_server_thread_is_written_through_its_write_callable():
+    writes: list = []
+    status, body, row = relay_through(
+        StubUpstream(StubStream(START, DELTA[:20], DELTA[20:], STOP)), "a", writes=writes)
+    assert (status, body) == ("200 OK", START + DELTA + STOP)
+    assert [data for data, _ in writes] == [b"", START, DELTA, STOP]  # headers, then each event
+    assert (row.end_reason, row.bytes_out) == ("complete", len(body))
+
+
+def test_the_row_is_queued_before_the_streams_end_is_written():
+    """A client that has seen `message_stop` can flush and find its row: the thread that
+    writes the end records the row first."""
+    writes: list = []
+    relay_through(StubUpstream(StubStream(START, DELTA, STOP)), "a", writes=writes)
+    assert [queued for data, queued in writes if data == STOP] == [1]
+    assert [queued for data, queued in writes if data == DELTA] == [0]
 
 
 def test_a_deployment_that_breaks_before_content_is_left_without_the_client_seeing_it():

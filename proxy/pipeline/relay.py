@@ -679,11 +679,13 @@ class StreamRelay:
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
         frames = self._stitched(current.client_frames(event, payload, kind, self.view), current,
                                 event, payload)
+        if ends:
+            self._record_end(kind, payload, current, frames)
         if not self._write(frames, self._keeps_id(event, current), last=ends):
             return
         current.last_event_sent = True
         if ends:
-            self._end_by_protocol(kind, payload, current)
+            self._end_body_once_settled(current)
 
     @staticmethod
     def _keeps_id(event: Event, current: TryStream) -> bool:
@@ -767,16 +769,19 @@ class StreamRelay:
                 self._write(self._stitched(frames, current, event, payload),
                             self._keeps_id(event, current))
 
-    def _end_by_protocol(self, kind: EventKind, payload: object, current: TryStream) -> None:
-        """The upstream finished (or failed) in its own words: record it, then end the body,
-        so a client that has seen the end can rely on the row being queued."""
+    def _record_end(self, kind: EventKind, payload: object, current: TryStream,
+                    last_frames: list[bytes]) -> None:
+        """The upstream finished (or failed) in its own words: record it before its last
+        frames go out, so a client that has seen the end can rely on the row being queued
+        (the thread that writes them may be the one that records)."""
         self._protocol_end = kind
+        if self.writer.closed:
+            return  # the client is gone: its row says so (see _end_with_error)
+        sent = self.writer.bytes_out + sum(len(frame) for frame in last_frames)
         if kind is EventKind.DONE:
-            self.record.complete(200, self.writer.bytes_out)
+            self.record.complete(200, sent)
         else:
-            self.record.upstream_error(200, current.view.format.event_error_message(payload),
-                                       self.writer.bytes_out)
-        self._end_body_once_settled(current)
+            self.record.upstream_error(200, current.view.format.event_error_message(payload), sent)
 
     def _tell_cost(self) -> None:
         """The opt-in comment with the stream's cost, once its row is finished and the last
@@ -805,7 +810,7 @@ class StreamRelay:
             # `data: [DONE]` (some OpenAI-compatible servers): the answer is whole.
             failure = self._finish_translation(current)
             if failure is None:
-                self._end_by_protocol(EventKind.DONE, None, current)
+                self._end_body_once_settled(current)
         if self._protocol_end is not None:
             tail = current.tail(final=True)
             if tail:
@@ -866,14 +871,17 @@ class StreamRelay:
 
     def _finish_translation(self, current: TryStream) -> ProxyError | None:
         """The translated answer's own end (its stop reason, usage and end marker), for an
-        upstream that ended without its end marker; or why it cannot be ended."""
+        upstream that ended without its end marker; or why it cannot be ended.  The answer
+        is recorded as complete before its last frames go out."""
         if current.translator is None:
+            self._record_end(EventKind.DONE, None, current, [])
             return None
         try:
-            frames = current.translator.finish()
+            frames = self._stitched(current.translator.finish(), current)
         except ProxyError as err:  # an unknown stop reason, say
             return err
-        self._write(self._stitched(frames, current), last=True)
+        self._record_end(EventKind.DONE, None, current, frames)
+        self._write(frames, last=True)
         return None
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:

@@ -247,6 +247,10 @@ class RawClient:
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' \
               b'"delta":{"type":"text_delta","text":"tok "},'
 STAMP_RE = re.compile(rb'"seq":(\d+),"t":(\d+)\}')
+# The stamp inside the delta's text: it survives a translation into another API's events.
+TEXT_STAMP_RE = re.compile(rb'@(\d+):(\d+)@')
+_TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' \
+                   b'"delta":{"type":"text_delta","text":"'
 
 
 class TimedDelta:
@@ -258,6 +262,17 @@ class TimedDelta:
     def run(self, ex) -> None:
         ex.ensure_status()
         ex.send_body(_DELTA_HEAD + b'"seq":%d,"t":%d}\n\n' % (self.seq, time.perf_counter_ns()))
+
+
+class TimedTextDelta:
+    """An Anthropic text delta whose text carries the send time (`@seq:perf_counter_ns@`)."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def run(self, ex) -> None:
+        ex.ensure_status()
+        ex.send_body(_TEXT_DELTA_HEAD + b'tok @%d:%d@"}}\n\n' % (self.seq, time.perf_counter_ns()))
 
 
 class WaitForPipe:

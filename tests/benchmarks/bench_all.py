@@ -55,6 +55,14 @@ ANSWER = {"id": "msg_static", "type": "message", "role": "assistant", "model": "
           "usage": {"input_tokens": 25, "output_tokens": 15, "cache_read_input_tokens": 10,
                     "cache_creation_input_tokens": 5}}
 
+# A route whose clients speak OpenAI chat and whose deployment is Anthropic's API: each
+# event is translated on its way.
+TRANSLATED_MODEL = "gpt-on-claude"
+TRANSLATED_ROUTE = f"""
+[routes."{TRANSLATED_MODEL}"]
+deployments = [{{ provider = "anthropic", model = "claude-bench" }}]
+"""
+
 FLOOR_APP = '''
 def application(environ, start_response):
     """gunicorn's floor: the smallest answer a WSGI app can give."""
@@ -246,7 +254,9 @@ def main() -> int:
     tmp = Path(tmp_dir.name)
     summary: dict[str, object] = {}
     try:
+        (tmp / "routes.toml").write_text(TRANSLATED_ROUTE)
         proxy = ProxyProcess(fake.url, tmp, workers=2, threads=32,
+                             LLM_PROXY_CONFIG=str(tmp / "routes.toml"),
                              LLM_PROXY_HEARTBEAT_INTERVAL="15", LLM_PROXY_IDLE_TIMEOUT="60").start()
         (tmp / "nginx").mkdir()
         nginx = NginxProcess(tmp / "nginx", f"127.0.0.1:{fake.port}").start()
@@ -254,6 +264,8 @@ def main() -> int:
             if "event" not in skip:
                 summary["event_proxy"] = bench_relay.bench_event_latency(
                     fake, proxy, events, 0.003, streams)
+                summary["event_translated"] = bench_relay.bench_event_latency(
+                    fake, proxy, events, 0.003, streams, translated_model=TRANSLATED_MODEL)
                 summary["event_nginx"] = bench_relay.bench_event_latency(
                     fake, nginx, events, 0.003, streams)
             if "request" not in skip:
@@ -288,6 +300,10 @@ def print_goals(summary: dict) -> None:
         proxy, nginx = summary["event_proxy"], summary["event_nginx"]
         rows.append(["per event, added p50 ms", "<= 0.12", proxy["added_p50"], nginx["added_p50"]])
         rows.append(["per event, added p99 ms", "<= 0.5", proxy["added_p99"], nginx["added_p99"]])
+    if "event_translated" in summary:
+        translated = summary["event_translated"]
+        rows.append(["per event translated, added p50 ms", "<= 0.12", translated["added_p50"], ""])
+        rows.append(["per event translated, added p99 ms", "<= 0.5", translated["added_p99"], ""])
     if "request" in summary:
         rows.append(["per request, added p50 ms (kept alive)", "<= 0.8",
                      summary["request"]["proxy"], summary["request"]["nginx"]])
