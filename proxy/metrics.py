@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from .host import process_alive
 from .usage import DEDUP_REASONS, UsageRecord
 
 log = logging.getLogger("proxy.metrics")
@@ -116,18 +117,8 @@ def _forget_dead_workers(path: str) -> None:
     files = glob.glob(os.path.join(path, "gauge_live*_*.db"))
     pids = {name.rsplit("_", 1)[-1][:-3] for name in files}
     for pid in pids:
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             multiprocess.mark_process_dead(int(pid), path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import os
 import re
 import struct
 
+from .host import process_alive
+
 log = logging.getLogger("proxy.tracker")
 
 _LAYOUT = struct.Struct("<QQ")  # rows queued, rows done
@@ -79,7 +81,7 @@ def claim_dead(directory: str) -> list[tuple[int, int]]:
         if match is None:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         path = os.path.join(directory, name)
         try:
@@ -104,12 +106,3 @@ def report_dead(directory: str) -> int:
                   pid, count)
     return total
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process holds that pid now
-    return True

@@ -34,23 +34,16 @@ _END = object()  # sentinel: no more frames
 MAX_BUFFERED = 4 * 1024 * 1024
 
 
-class LockedWriter:
-    """The only path to the client for one response: whole frames, in order, under a lock."""
+class _Writer:
+    """What both writers keep of their stream, and what the relay and the heartbeat read."""
 
-    def __init__(self, keepalive: bool = True, max_buffered: int = MAX_BUFFERED,
-                 redactor: Redactor | None = None) -> None:
+    def __init__(self, keepalive: bool, redactor: Redactor | None) -> None:
         # Every frame passes here, so echoed keys are masked here (masks keep lengths).
         self._redactor = redactor if redactor else None
-        lock = threading.Lock()
-        self._cond = threading.Condition(lock)  # frames are waiting for the server thread
-        self._space = threading.Condition(lock)  # room for the stream thread to queue more
-        self._frames: collections.deque = collections.deque()
-        self._queued = 0
-        self.max_buffered = max_buffered
         self._closed = False
         self._ended = False  # the protocol's end went out: only its split-CRLF LF may follow
         self.keepalive = keepalive
-        self.saw_id = False
+        self.saw_id = False  # an upstream `id:` field went out (see KEEPALIVE_AFTER_ID)
         self.last_write = time.monotonic()
         self.bytes_out = 0
         self.keepalives_sent = 0
@@ -58,6 +51,20 @@ class LockedWriter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class LockedWriter(_Writer):
+    """The only path to the client for one response: whole frames, in order, under a lock."""
+
+    def __init__(self, keepalive: bool = True, max_buffered: int = MAX_BUFFERED,
+                 redactor: Redactor | None = None) -> None:
+        super().__init__(keepalive, redactor)
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # frames are waiting for the server thread
+        self._space = threading.Condition(lock)  # room for the stream thread to queue more
+        self._frames: collections.deque = collections.deque()
+        self._queued = 0
+        self.max_buffered = max_buffered
 
     def write_event(self, frame: bytes, has_id: bool = False, last: bool = False) -> bool:
         """Queue one complete event (waiting while a slow client has too much queued);
@@ -136,7 +143,7 @@ class LockedWriter:
 Sink = Callable[[bytes], object]  # the server's WSGI `write` callable
 
 
-class DirectWriter:
+class DirectWriter(_Writer):
     """The only path to the client for one response, written on the calling thread.
 
     The stream's own thread (the server thread, which reads the upstream) writes events,
@@ -153,7 +160,7 @@ class DirectWriter:
     def __init__(self, start_response, client_socket=None, keepalive: bool = True,
                  redactor: Redactor | None = None,
                  on_client_gone: Callable[[], None] | None = None) -> None:
-        self._redactor = redactor if redactor else None
+        super().__init__(keepalive, redactor)
         self._start_response = start_response
         self._socket = client_socket
         self._on_client_gone = on_client_gone
@@ -161,21 +168,10 @@ class DirectWriter:
         self._state = threading.Lock()
         self._sink: Sink | None = None  # set once the status line is decided (`open`)
         self._waiting: list[bytes] = []  # frames written before `open` (none, in practice)
-        self._closed = False
-        self._ended = False
         self._final: bytes | None = None  # a last frame left by another thread for `finish`
         self._broken = False  # a write failed: the client is gone
         self._told_gone = False
         self._owner = threading.get_ident()  # the stream's own thread
-        self.keepalive = keepalive
-        self.saw_id = False
-        self.last_write = time.monotonic()
-        self.bytes_out = 0
-        self.keepalives_sent = 0
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def opened(self) -> bool:
