@@ -164,15 +164,16 @@ def child_exit(server, worker):
 
 
 def _report_lost_rows(server) -> None:
-    """The next worker would tell too (see proxy/unwritten.py); the master tells at once."""
-    from proxy.config import ConfigError, load_config
-    from proxy.unwritten import directory_for, report_dead
-
+    """The next worker would tell too (see proxy/unwritten.py); the master tells at once.
+    Nothing here may raise: this runs in the master's loop, which a raise would stop."""
     try:
+        from proxy.config import load_config
+        from proxy.unwritten import directory_for, report_dead
+
         config = load_config()
         if config.enabled:
-            report_dead(directory_for(config.spill_path))
-    except (ConfigError, OSError) as err:
+            report_dead(directory_for(config.spill_path), server.log.error)
+    except Exception as err:
         server.log.warning("llm-proxy: could not count a dead worker's unstored rows: %s", err)
 
 

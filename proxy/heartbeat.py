@@ -12,6 +12,7 @@ import errno
 import heapq
 import itertools
 import logging
+import math
 import select
 import socket
 import threading
@@ -144,6 +145,7 @@ class Exchange:
         self.visit_by: Callable[[float], None] | None = None  # set by the heartbeat
         self.watched_fd: int | None = None  # its client socket, in the heartbeat's ClientWatch
         self.serial = 0  # set by the heartbeat: its entries in the visit queue
+        self.next_at = math.inf  # when its one pending visit is due (the heartbeat's lock)
 
     def new_attempt(self, deadline: float | None) -> AbortHandle:
         """A fresh handle for the next upstream try; `deadline` bounds its wait for content."""
@@ -246,10 +248,11 @@ class Heartbeat:
         # Told (live exchanges, keepalives sent) after each pass: metrics, off the hot path.
         self._after_pass = after_pass
         self.tick = max(0.001, min(probe_interval, heartbeat_interval / 4))
-        self._live: set[Exchange] = set()
-        # (when, serial, exchange): the next time each exchange needs a look (a deadline, a
+        self._live: dict[int, Exchange] = {}  # by serial
+        # (when, serial): the next time each exchange needs a look (a deadline, a commit, a
         # keepalive due); an exchange is visited when its time comes, never on every pass.
-        self._due: list[tuple[float, int, Exchange]] = []
+        # Entries hold no exchange: a stream that ended is not kept alive by the queue.
+        self._due: list[tuple[float, int]] = []
         self._serials = itertools.count(1)
         self._watch = ClientWatch()
         self._lock = threading.Lock()
@@ -261,30 +264,28 @@ class Heartbeat:
         self._stopped = False
 
     def register(self, exchange: Exchange) -> None:
-        now = time.monotonic()
+        when = exchange.next_visit(time.monotonic(), self.heartbeat_interval)
         with self._lock:
-            self._live.add(exchange)
-            self._watch.add(exchange)
             exchange.serial = next(self._serials)
+            self._live[exchange.serial] = exchange
+            self._watch.add(exchange)
             exchange.visit_by = partial(self._visit_by, exchange)
-            heapq.heappush(self._due, (exchange.next_visit(now, self.heartbeat_interval),
-                                       exchange.serial, exchange))
+            exchange.next_at = math.inf
+            self._queue(exchange, when)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="llm-proxy-heartbeat",
                                                 daemon=True)
                 self._thread.start()
 
     def unregister(self, exchange: Exchange) -> None:
-        """The exchange is over (its entries in the visit queue are dropped as they come)."""
-        with self._lock:
-            self._live.discard(exchange)
-            self._watch.remove(exchange)
-            exchange.visit_by = None
+        """The exchange is over: no more visits (its entry in the queue is skipped)."""
+        self._forget([exchange])
 
     def _forget(self, exchanges: list[Exchange]) -> None:
         with self._lock:
             for exchange in exchanges:
-                self._live.discard(exchange)
+                if self._live.get(exchange.serial) is exchange:
+                    del self._live[exchange.serial]
                 self._watch.remove(exchange)
                 exchange.visit_by = None
             if not self._live:
@@ -295,13 +296,21 @@ class Heartbeat:
         with self._lock:
             self._watch.remove(exchange)
             exchange.client_socket = sock
-            if exchange in self._live:
+            if self._live.get(exchange.serial) is exchange:
                 self._watch.add(exchange)
 
     def _visit_by(self, exchange: Exchange, when: float) -> None:
+        """A new deadline of the exchange: a visit by then, if none is due sooner."""
         with self._lock:
-            if exchange in self._live:
-                heapq.heappush(self._due, (when, exchange.serial, exchange))
+            if self._live.get(exchange.serial) is exchange:
+                self._queue(exchange, when)
+
+    def _queue(self, exchange: Exchange, when: float) -> None:
+        """Under the lock: one pending visit per exchange, the soonest (a later entry left
+        in the queue no longer matches `next_at` and is skipped)."""
+        if when < exchange.next_at:
+            exchange.next_at = when
+            heapq.heappush(self._due, (when, exchange.serial))
 
     def live_count(self) -> int:
         with self._lock:
@@ -343,56 +352,77 @@ class Heartbeat:
     def visit_all(self, now: float) -> None:
         """One pass: probe clients, cut silent tries past their deadline and keep idle
         streams alive; once the shutdown grace is over, end every stream instead."""
-        live = self._snapshot()
-        if not self._shutdown_due(now, len(live)):
-            sent = self._visit_each(live, now)
+        live = self.live_count()
+        if not self._shutdown_due(now, live):
+            sent = self._visit_due(now)
             if self._after_pass is not None:
-                self._after_pass(len(live), sent)
+                self._after_pass(live, sent)
             # Checked again: on a loaded machine a pass takes a while, and the grace does
             # not wait for the next one.
-            if not self._shutdown_due(time.monotonic(), len(live)):
+            if not self._shutdown_due(time.monotonic(), live):
                 return
         self._end_all(self._snapshot())
 
     def _snapshot(self) -> list[Exchange]:
         with self._lock:
-            return list(self._live)
+            return list(self._live.values())
 
-    def _visit_each(self, live: list[Exchange], now: float) -> int:
+    def _visit_due(self, now: float) -> int:
         """Probe every client, then visit the exchanges whose time has come: deadlines,
-        commits and keepalives; how many keepalives went out."""
+        commits and keepalives; how many keepalives went out.  Whatever one exchange
+        raises costs only its own visit: every exchange of the pass is queued again."""
         with self._lock:
             gone = self._watch.gone()
             due = self._take_due(now)
         for exchange in gone:
             self._end(exchange, ClientGone("the client closed the connection"))
         sent = 0
-        for exchange in due:
-            exchange.check_deadline(now)
-            if exchange.writer is not None:
-                sent += exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
-        self._schedule(due, now)
+        try:
+            for exchange in due:
+                sent += self._visit(exchange, now)
+        finally:
+            self._schedule(due, now)
         return sent
+
+    def _visit(self, exchange: Exchange, now: float) -> bool:
+        try:
+            exchange.check_deadline(now)
+            return exchange.writer is not None and \
+                exchange.writer.write_keepalive_if_idle(now, self.heartbeat_interval)
+        except Exception:
+            log.exception("heartbeat visit of a stream failed")
+            return False
 
     def _take_due(self, now: float) -> list[Exchange]:
         """Under the lock: the live exchanges whose time has come, each once."""
-        due: dict[int, Exchange] = {}
+        due = []
         heap = self._due
         while heap and heap[0][0] <= now:
-            _, serial, exchange = heapq.heappop(heap)
-            if exchange in self._live:
-                due[serial] = exchange
-        return list(due.values())
+            when, serial = heapq.heappop(heap)
+            exchange = self._live.get(serial)
+            if exchange is not None and exchange.next_at == when:
+                exchange.next_at = math.inf  # visited now; `_schedule` queues the next
+                due.append(exchange)
+        if len(heap) > 2 * len(self._live) + 1024:  # mostly ended streams' entries
+            self._due = [(e.next_at, serial) for serial, e in self._live.items()
+                         if e.next_at < math.inf]
+            heapq.heapify(self._due)
+        return due
 
     def _schedule(self, visited: list[Exchange], now: float) -> None:
         """The next visit of each exchange just visited (a tick from now at the earliest:
         a keepalive that could not go out is tried again next pass, not in a loop)."""
         soonest = now + self.tick
-        times = [max(e.next_visit(now, self.heartbeat_interval), soonest) for e in visited]
+        times = []
+        for exchange in visited:
+            try:
+                times.append(max(exchange.next_visit(now, self.heartbeat_interval), soonest))
+            except Exception:  # never left without a visit
+                times.append(now + self.heartbeat_interval)
         with self._lock:
             for exchange, when in zip(visited, times):
-                if exchange in self._live:
-                    heapq.heappush(self._due, (when, exchange.serial, exchange))
+                if self._live.get(exchange.serial) is exchange:
+                    self._queue(exchange, when)
 
     def _shutdown_due(self, now: float, live: int) -> bool:
         """Has the shutdown grace run out?  (Says once, from this thread, that it started:

@@ -1,10 +1,11 @@
 """Rows a worker queued but had not stored, counted where they outlive the worker.
 
-A worker killed outright (OOM, SIGKILL) loses the usage rows in its queue: at most what
-the writer's flush interval lets gather (see tracker.UsageTracker).  So that the operator
-learns how many, each worker keeps two counters in a 16-byte file, `unwritten-<pid>.count`:
-rows queued and rows done (stored, spilled or dropped, each of which is counted or logged
-by itself).  The files live beside the spill directory, in `<spill>-workers` (the spill
+A worker killed outright (OOM, SIGKILL) loses the usage rows in its queue: while the
+database takes writes, at most what gathers in the writer's flush interval (see
+tracker.Tracker); while it refuses them, what waits in memory until `spill_after` moves it
+to disk.  So that the operator learns how many, each worker keeps two counters in a 16-byte
+file, `unwritten-<host>-<pid>.count`: rows queued and rows done (stored, spilled or
+dropped, each of which is counted or logged by itself).  The files live beside the spill directory, in `<spill>-workers` (the spill
 directory holds rows and nothing else).  A file is mapped into memory, so keeping it costs
 one store per row and no system call.  A worker that stops cleanly removes its file; the
 master (gunicorn's `child_exit`) or else the next worker to start claims the files of dead
@@ -17,14 +18,23 @@ import logging
 import mmap
 import os
 import re
+import socket
 import struct
+from typing import Callable
 
 from .host import process_alive
 
 log = logging.getLogger("proxy.tracker")
 
 _LAYOUT = struct.Struct("<QQ")  # rows queued, rows done
-_NAME = re.compile(r"^unwritten-(\d+)\.count$")
+_NAME = re.compile(r"^unwritten-(.+)-(\d+)\.count$")
+MAX_PID = 1 << 22  # Linux's highest
+
+
+def _host() -> str:
+    """This host's name as a file name can hold it: a spill directory on shared storage
+    must never make one host's live workers look dead to another."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
 
 
 def directory_for(spill_path: str) -> str:
@@ -37,7 +47,7 @@ class UnwrittenCount:
     read-only disk must never cost a row)."""
 
     def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, f"unwritten-{os.getpid()}.count")
+        self.path = os.path.join(directory, f"unwritten-{_host()}-{os.getpid()}.count")
         self._map: mmap.mmap | None = None
         try:
             os.makedirs(directory, exist_ok=True)
@@ -68,20 +78,21 @@ class UnwrittenCount:
 
 
 def claim_dead(directory: str) -> list[tuple[int, int]]:
-    """The (pid, rows lost) of processes that died with rows queued, each reported once (a
-    file is claimed by removing it, so two workers starting together never both report it).
-    Files of live processes stay."""
+    """The (pid, rows lost) of this host's processes that died with rows queued, each
+    reported once (a file is claimed by removing it, so two workers starting together never
+    both report it).  Files of live processes stay.  A worker calls this before it makes its
+    own file, so a file with its pid is a dead predecessor's."""
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    lost = []
+    host, lost = _host(), []
     for name in names:
         match = _NAME.match(name)
-        if match is None:
+        if match is None or match.group(1) != host:
             continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or process_alive(pid):
+        pid = int(match.group(2))
+        if not 0 < pid < MAX_PID or (pid != os.getpid() and process_alive(pid)):
             continue
         path = os.path.join(directory, name)
         try:
@@ -96,13 +107,12 @@ def claim_dead(directory: str) -> list[tuple[int, int]]:
     return lost
 
 
-def report_dead(directory: str) -> int:
-    """Log the rows each dead worker lost; how many in all."""
+def report_dead(directory: str, error: Callable[..., None] = log.error) -> int:
+    """Log the rows each dead worker lost (with `error`: the master has its own logger);
+    how many in all."""
     total = 0
     for pid, count in claim_dead(directory):
         total += count
-        log.error("worker %d ended without storing %d usage rows it had queued (it was "
-                  "killed: out of memory, SIGKILL, or a crash); those requests have no row",
-                  pid, count)
+        error("worker %d ended without storing %d usage rows it had queued (it was killed: "
+              "out of memory, SIGKILL, or a crash); those requests have no row", pid, count)
     return total
-

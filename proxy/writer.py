@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import select
 import threading
 import time
 from typing import Callable, Iterator
 
 from .redact import Redactor
+
+log = logging.getLogger("proxy.writer")
 
 KEEPALIVE = b": keepalive\n\n"
 # After an upstream `id:` field, the blank line of a comment would dispatch an empty event
@@ -141,6 +144,7 @@ class LockedWriter(_Writer):
 
 
 Sink = Callable[[bytes], object]  # the server's WSGI `write` callable
+Head = tuple[str, list[tuple[str, str]]]  # a status line and its headers
 
 
 class DirectWriter(_Writer):
@@ -153,21 +157,25 @@ class DirectWriter(_Writer):
     from another thread only marks the writer closed and leaves the last frame to the
     stream's thread (`finish`), which is woken by the abort of its upstream read.
 
+    The status line is decided once: by `open` (a deployment answered), or else by `head`,
+    asked whenever something is to be sent before that (a stream committed before any
+    deployment answered).
+
     Two locks: `_io` is held for as long as bytes go out (so no keepalive lands inside an
     event), `_state` only for a few assignments (so a close from another thread never
     waits behind a slow client)."""
 
-    def __init__(self, start_response, client_socket=None, keepalive: bool = True,
-                 redactor: Redactor | None = None,
+    def __init__(self, start_response, head: Callable[[], Head | None] = lambda: None,
+                 client_socket=None, keepalive: bool = True, redactor: Redactor | None = None,
                  on_client_gone: Callable[[], None] | None = None) -> None:
         super().__init__(keepalive, redactor)
         self._start_response = start_response
+        self._head = head
         self._socket = client_socket
         self._on_client_gone = on_client_gone
         self._io = threading.Lock()
         self._state = threading.Lock()
-        self._sink: Sink | None = None  # set once the status line is decided (`open`)
-        self._waiting: list[bytes] = []  # frames written before `open` (none, in practice)
+        self._sink: Sink | None = None  # set once the status line is decided
         self._final: bytes | None = None  # a last frame left by another thread for `finish`
         self._broken = False  # a write failed: the client is gone
         self._told_gone = False
@@ -178,17 +186,13 @@ class DirectWriter(_Writer):
         return self._sink is not None
 
     def open(self, status: str, headers: list[tuple[str, str]]) -> bool:
-        """Decide the status line and headers (only the first call counts); they go out
+        """Decide the status line and headers (only the first decision counts); they go out
         with the first write.  True when this call decided them."""
         with self._io:
             if self._sink is not None:
                 return False
             self._sink = self._start_response(status, headers)
-            waiting, self._waiting = self._waiting, []
-            for frame in waiting:
-                self._send(frame)
-        self._tell_if_gone()
-        return True
+            return True
 
     def send_head(self, wait: bool = True) -> None:
         """Put the status line and headers on the wire now (an empty write does that).
@@ -197,7 +201,7 @@ class DirectWriter(_Writer):
         if not self._io.acquire(blocking=wait):
             return
         try:
-            if self._sink is not None and (wait or _has_room(self._socket)):
+            if self._opened_now() and (wait or _has_room(self._socket)):
                 self._send(b"", count=False)
         finally:
             self._io.release()
@@ -213,12 +217,19 @@ class DirectWriter(_Writer):
                     return False
                 self.saw_id = self.saw_id or has_id
                 self._ended = self._ended or last
-            if self._sink is None:  # the status line is not decided yet
-                self._waiting.append(frame)
-                return True
+            if not self._opened_now():
+                raise RuntimeError("an event before the stream's status line was decided")
             sent = self._send(frame)
         self._tell_if_gone()
         return sent
+
+    def _opened_now(self) -> bool:
+        """Under `_io`: is the status line decided (asking `head` if it was not)?"""
+        if self._sink is None:
+            decided = self._head()
+            if decided is not None:
+                self._sink = self._start_response(*decided)
+        return self._sink is not None
 
     def write_keepalive_if_idle(self, now: float, interval: float) -> bool:
         """From the heartbeat: a keepalive if nothing went out for `interval` seconds, the
@@ -228,7 +239,8 @@ class DirectWriter(_Writer):
         if not self._io.acquire(blocking=False):
             return False  # an event is being written: the stream is not idle
         try:
-            if self._closed or self._ended or self._sink is None or not _has_room(self._socket):
+            if self._closed or self._ended or not _has_room(self._socket) \
+                    or not self._opened_now():
                 return False
             sent = self._send(KEEPALIVE_AFTER_ID if self.saw_id else KEEPALIVE)
             self.keepalives_sent += sent
@@ -258,7 +270,7 @@ class DirectWriter(_Writer):
         with self._state:
             self._closed = True
         with self._io:
-            if self._final is not None and self._sink is not None:
+            if self._final is not None and self._opened_now():
                 frame, self._final = self._final, None
                 self._send(frame)
         self._tell_if_gone()
@@ -269,7 +281,9 @@ class DirectWriter(_Writer):
             return False
         try:
             self._sink(frame)
-        except OSError:
+        except Exception as exc:
+            if not isinstance(exc, OSError):  # the server's own error for a stream it dropped
+                log.warning("the server's write failed (%s); the stream ends", type(exc).__name__)
             with self._state:
                 self._broken = True
                 self._closed = True

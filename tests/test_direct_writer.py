@@ -115,16 +115,22 @@ def test_no_keepalive_into_a_client_socket_without_room():
         ours.close()
 
 
-def test_frames_written_before_the_status_line_go_out_first_and_no_keepalive_before_it():
+def test_the_status_line_comes_from_open_or_else_from_head_once_decided():
+    """No keepalive and no event before the status line is decided; a stream committed
+    before any deployment answered gets its head from `head`, asked when bytes are due."""
     wire = Wire()
-    writer = DirectWriter(wire.start_response)
+    decided = []
+    writer = DirectWriter(wire.start_response, head=lambda: decided[0] if decided else None)
     assert not writer.write_keepalive_if_idle(time.monotonic() + 3600, 0.01)
-    assert writer.write_event(b"data: 1\n\n")
+    with pytest.raises(RuntimeError):
+        writer.write_event(b"data: 1\n\n")
     assert wire.status is None and wire.out == b""
-    assert writer.open("200 OK", [("A", "b")])
+    decided.append(("200 OK", [("A", "b")]))
+    assert writer.write_keepalive_if_idle(time.monotonic() + 3600, 0.01)
+    assert wire.status == "200 OK" and bytes(wire.out) == KEEPALIVE
     assert not writer.open("500 Oops", [])  # the first decision stands
     assert writer.write_event(b"data: 2\n\n")
-    assert wire.status == "200 OK" and bytes(wire.out) == b"data: 1\n\ndata: 2\n\n"
+    assert wire.status == "200 OK" and bytes(wire.out) == KEEPALIVE + b"data: 2\n\n"
 
 
 def test_a_close_from_another_thread_leaves_the_last_frame_to_the_streams_thread():
@@ -208,3 +214,17 @@ def test_a_flag_wakes_its_waiter_whichever_comes_first():
         flag.set()
         waiter.join(6)
         assert woke == [True]
+
+
+def test_a_terminal_error_left_before_the_status_line_goes_out_with_it():
+    """Committed by the heartbeat, ended by a shutdown before any byte went out: the
+    stream's thread, finishing, sends the committed head and the terminal error."""
+    wire = Wire()
+    committed = []
+    writer = DirectWriter(wire.start_response, head=lambda: committed[0] if committed else None)
+    closer = threading.Thread(target=writer.close, args=(b"event: error\ndata: {}\n\n",))
+    closer.start()
+    closer.join()
+    committed.append(("200 OK", []))
+    writer.finish()
+    assert wire.status == "200 OK" and bytes(wire.out) == b"event: error\ndata: {}\n\n"

@@ -381,7 +381,8 @@ DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index
 STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
-def relay_through(upstream: StubUpstream, *names: str, breakers=None, writes=None):
+def relay_through(upstream: StubUpstream, *names: str, breakers=None, writes=None,
+                  refuse=None):
     """Runs one streaming request through StreamRelay; (status, body, row).  With `writes`
     (a list), the stream is read and written by this thread (as under gunicorn): each write
     the server's `write` callable gets is appended to it with the rows queued by then."""
@@ -400,9 +401,14 @@ def relay_through(upstream: StubUpstream, *names: str, breakers=None, writes=Non
                      max_event_bytes=1 << 20)
     started = []
 
+    def write(data: bytes) -> None:
+        if refuse is not None and data == refuse:
+            raise BrokenPipeError("the client left")
+        writes.append((data, len(sink.rows)))
+
     def start_response(status, headers):
         started.append(status)
-        return lambda data: writes.append((data, len(sink.rows)))
+        return write
 
     body = b"".join(StreamRelay(deps, loop.preq, record).respond(start_response))
     if writes is not None:
@@ -434,6 +440,16 @@ def test_the_row_is_queued_before_the_streams_end_is_written():
     relay_through(StubUpstream(StubStream(START, DELTA, STOP)), "a", writes=writes)
     assert [queued for data, queued in writes if data == STOP] == [1]
     assert [queued for data, queued in writes if data == DELTA] == [0]
+
+
+def test_a_client_that_leaves_just_before_the_end_still_gets_its_row():
+    """The end arrives in the same read as an event the client no longer takes: the row
+    says the client left (and it is written at all)."""
+    writes: list = []
+    status, body, row = relay_through(StubUpstream(StubStream(START, DELTA + STOP)), "a",
+                                      writes=writes, refuse=DELTA)
+    assert body == START and STOP not in body
+    assert (row.end_reason, row.status) == ("client_gone", 499)
 
 
 def test_a_deployment_that_breaks_before_content_is_left_without_the_client_seeing_it():

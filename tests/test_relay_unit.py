@@ -264,3 +264,73 @@ def test_a_try_that_starts_after_the_exchange_ended_is_aborted_from_the_start():
     assert exchange.end(ClientGone("the client left"))
     assert first.aborted
     assert exchange.new_attempt(None).aborted
+
+
+class _Raising(Exchange):
+    def __init__(self) -> None:
+        super().__init__(None, None, on_end=lambda err: None)
+
+    def check_deadline(self, now: float) -> None:
+        raise RuntimeError("a bug in one stream")
+
+
+class _Counted(Exchange):
+    def __init__(self) -> None:
+        super().__init__(None, None, on_end=lambda err: None)
+        self.visits = 0
+
+    def check_deadline(self, now: float) -> None:
+        self.visits += 1
+        super().check_deadline(now)
+
+
+def hand_driven_heartbeat(interval: float = 1.0) -> Heartbeat:
+    heartbeat = Heartbeat(heartbeat_interval=interval, probe_interval=0.01)
+    heartbeat._thread = threading.current_thread()  # no thread of its own: passes by hand
+    return heartbeat
+
+
+def test_a_visit_that_raises_costs_no_other_stream_its_visits():
+    heartbeat = hand_driven_heartbeat()
+    bad, good = _Raising(), _Counted()
+    for exchange in (bad, good):
+        heartbeat.register(exchange)
+        exchange.new_attempt(time.monotonic())  # both due now
+    now = time.monotonic() + 0.01
+    heartbeat.visit_all(now)
+    assert good.visits == 1
+    heartbeat.visit_all(now + 2)  # both queued again, the one that raised included
+    assert good.visits == 2 and bad.next_at < float("inf")
+
+
+def test_an_exchange_is_visited_when_a_new_deadline_comes_not_every_pass():
+    heartbeat = hand_driven_heartbeat(interval=10.0)
+    exchange = _Counted()
+    heartbeat.register(exchange)
+    start = time.monotonic()
+    for step in range(1, 20):
+        heartbeat.visit_all(start + step * 0.1)
+    assert exchange.visits == 0  # nothing due for 10 s
+    handle = exchange.new_attempt(start + 2.5)
+    heartbeat.visit_all(start + 2.4)
+    assert exchange.visits == 0 and not handle.aborted
+    heartbeat.visit_all(start + 2.6)
+    assert exchange.visits == 1 and handle.aborted  # cut at its deadline
+    heartbeat.visit_all(start + 2.7)
+    assert exchange.visits == 1  # one pending visit, not one per deadline ever set
+
+
+def test_an_exchange_that_ended_is_not_kept_alive_by_the_visit_queue():
+    import gc
+    import weakref
+
+    heartbeat = hand_driven_heartbeat(interval=60.0)
+    exchange = _Counted()
+    heartbeat.register(exchange)
+    exchange.new_attempt(time.monotonic() + 30)
+    gone = weakref.ref(exchange)
+    heartbeat.unregister(exchange)
+    del exchange
+    gc.collect()
+    assert gone() is None
+    assert heartbeat.live_count() == 0

@@ -123,3 +123,34 @@ def test_hop_by_hop_headers_and_the_ones_connection_names_are_removed():
     kept = remove_hop_by_hop_headers([("Connection", "close, x-secret"), ("X-Secret", "1"),
                                       ("Upgrade", "h2c"), ("request-id", "r1")])
     assert kept == [("request-id", "r1")]
+
+
+def test_credentials_in_a_deployments_url_are_sent_as_basic_auth(fake):
+    import base64
+
+    fake.enqueue(json_reply({}))
+    host = fake.url.split("://", 1)[1]
+    send(f"http://user:p%40ss@{host}").read_limited()
+    sent = fake.wait_for_requests(1)[0]
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+
+
+def test_a_failed_tls_handshake_is_a_502_that_says_so():
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer_in_plain_http():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer_in_plain_http, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(UpstreamUnreachable) as caught:
+            send(f"https://127.0.0.1:{server.getsockname()[1]}")
+    finally:
+        thread.join(5)
+        server.close()
+    assert "TLS with the upstream 127.0.0.1" in caught.value.message

@@ -86,3 +86,24 @@ def test_a_worker_that_stops_cleanly_leaves_nothing_to_tell(fake, tmp_path):
     leftovers = [name for _, _, files in os.walk(spill) for name in files
                  if name.startswith("unwritten-")]
     assert leftovers == []
+
+
+def test_only_this_hosts_dead_workers_are_claimed_and_odd_names_are_left(tmp_path):
+    """A spill directory on shared storage: another host's files are not ours to judge; a
+    name that is no pid (or an impossible one) is skipped, never a crash of the master."""
+    from proxy import unwritten
+
+    host = unwritten._host()
+    dead = 4_000_000  # below Linux's highest pid, and not running here
+    layout = unwritten._LAYOUT
+    for name, counts in [(f"unwritten-{host}-{dead}.count", (7, 2)),
+                         (f"unwritten-elsewhere-{dead}.count", (9, 0)),
+                         (f"unwritten-{host}-99999999999999999999.count", (5, 0)),
+                         (f"unwritten-{host}-{os.getpid()}.count", (4, 1))]:
+        (tmp_path / name).write_bytes(layout.pack(*counts))
+    told = []
+    total = unwritten.report_dead(str(tmp_path), lambda msg, *args: told.append(msg % args))
+    assert total == 5 + 3  # the dead one, and this process's predecessor with the same pid
+    assert sorted(name.name for name in tmp_path.iterdir()) == [
+        f"unwritten-elsewhere-{dead}.count", f"unwritten-{host}-99999999999999999999.count"]
+    assert any(f"worker {dead} ended without storing 5 usage rows" in line for line in told)

@@ -303,7 +303,10 @@ QUEUE_WRITES = "llm_proxy.queue_writes"  # an environ key that asks for the queu
 
 def writes_directly(environ) -> bool:
     """May a stream be written through the server's `write` callable from the heartbeat
-    too?  Only for servers known to allow it; any other server (and a middleware that
-    sets `llm_proxy.queue_writes`) gets the queued writer and a stream thread."""
-    return not environ.get(QUEUE_WRITES) and any(key in environ for key in DIRECT_WRITE_SERVERS)
-
+    too?  Only for servers known to allow it, over HTTP/1 (an HTTP/2 write may wait for
+    the peer's flow control); any other server, and a middleware that sets
+    `llm_proxy.queue_writes` (one that rewrites bodies, say), gets the queued writer and a
+    stream thread."""
+    return (not environ.get(QUEUE_WRITES)
+            and environ.get("SERVER_PROTOCOL") in ("HTTP/1.0", "HTTP/1.1")
+            and any(key in environ for key in DIRECT_WRITE_SERVERS))

@@ -61,7 +61,8 @@ log = logging.getLogger("proxy.relay")
 
 TRANSLATED_BODY_LIMIT = 16 * 1024 * 1024  # a JSON answer to translate is read whole
 # After an answer's end, a stream read by the server thread reads what follows (the chunked
-# body's last chunk) for this long and this much at most, so its connection can be reused.
+# body's last chunk) for this long in all and this much at most, so its connection can be
+# reused without holding the client's end of the body back.
 DRAIN_AFTER_END = 0.02
 DRAIN_LIMIT = 64 * 1024
 
@@ -364,6 +365,7 @@ class TryStream:
         self.last_event_sent = False  # the last event framed went to the client
         self.continuing = False  # it continues an answer: its events are rewritten (stitched)
         self.drained: int | None = None  # bytes read after the client's body closed
+        self.drain_until = 0.0  # ... and until when (monotonic)
 
     def tail(self, final: bool) -> bytes | None:
         """What completes the last event on the wire (see `SSEFramer.settle`), or None while
@@ -477,7 +479,7 @@ class StreamRelay:
         """The stream read and written by this (the server's) thread: no stream thread and
         no hand-off per event.  The heartbeat sends the status line if no deployment
         answers within `commit_delay`, and keepalives through the same writer."""
-        self._own_writer(DirectWriter(start_response, self.preq.client_socket,
+        self._own_writer(DirectWriter(start_response, self._committed_head, self.preq.client_socket,
                                       keepalive=self.preq.keepalive, redactor=self.preq.redactor,
                                       on_client_gone=self._client_gone_while_writing))
         self.exchange.commit_at(time.monotonic() + self.deps.commit_delay, self._commit_by_delay)
@@ -499,19 +501,23 @@ class StreamRelay:
                                        self.commit.answer).respond(start_response)
         finally:
             self.writer.finish()  # a terminal error another thread left goes out here
-            if not self.writer.opened and self.commit.phase is Phase.COMMITTED:
-                # Committed, but the stream ended before the status line went out.
-                self.writer.open("200 OK", committed_stream_headers(self.preq.request_id))
-                self.writer.finish()
+
+    def _committed_head(self) -> tuple[str, list[tuple[str, str]]] | None:
+        """The status line and headers of a stream committed before any deployment
+        answered; None while it is not (the writer asks when it has something to send)."""
+        if self.commit.phase is not Phase.COMMITTED:
+            return None
+        return "200 OK", committed_stream_headers(self.preq.request_id)
 
     def _commit_by_delay(self) -> None:
         """From the heartbeat: no deployment answered within `commit_delay`, so the client
-        gets `200 text/event-stream` now and keepalives from here on."""
+        gets `200 text/event-stream` now (unless the stream's thread is writing: then with
+        its write) and keepalives from here on."""
         if self.commit.commit_if_waiting():
-            self.writer.open("200 OK", committed_stream_headers(self.preq.request_id))
             self.writer.send_head(wait=False)
 
     def _client_gone_while_writing(self) -> None:
+        """A write found the client gone: the exchange ends (its upstream is shut)."""
         self.exchange.end(ClientGone("the client went away while the stream was written"))
 
     def _frames(self) -> Iterator[bytes]:
@@ -643,10 +649,11 @@ class StreamRelay:
             return False
         if current.drained is None:
             current.drained = 0
+            current.drain_until = time.monotonic() + DRAIN_AFTER_END
             current.resp.handle.wait_at_most(DRAIN_AFTER_END)
         else:
             current.drained += read
-        return current.drained > DRAIN_LIMIT
+        return current.drained > DRAIN_LIMIT or time.monotonic() > current.drain_until
 
     def _forward(self, event: Event, current: TryStream) -> None:
         current.last_event_sent = False
@@ -680,8 +687,9 @@ class StreamRelay:
         frames = self._stitched(current.client_frames(event, payload, kind, self.view), current,
                                 event, payload)
         if ends:
+            self._remember(frames)  # the answer kept for replay is whole when the row is
             self._record_end(kind, payload, current, frames)
-        if not self._write(frames, self._keeps_id(event, current), last=ends):
+        if not self._write(frames, self._keeps_id(event, current), last=ends, remember=not ends):
             return
         current.last_event_sent = True
         if ends:
@@ -749,11 +757,17 @@ class StreamRelay:
         if self.live is not None:
             self.live.add_hidden(event.raw)
 
-    def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False) -> bool:
-        """One write per client event; False once the writer is closed."""
+    def _remember(self, frames: list[bytes]) -> None:
+        """The client's frames, for the answer kept for replay (dedup)."""
         if self.pending is not None:
             for frame in frames:
                 self.pending.add(frame)
+
+    def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False,
+               remember: bool = True) -> bool:
+        """One write per client event; False once the writer is closed."""
+        if remember:
+            self._remember(frames)
         for number, frame in enumerate(frames, 1):
             if not self.writer.write_event(frame, has_id, last=last and number == len(frames)):
                 return False
@@ -773,10 +787,11 @@ class StreamRelay:
                     last_frames: list[bytes]) -> None:
         """The upstream finished (or failed) in its own words: record it before its last
         frames go out, so a client that has seen the end can rely on the row being queued
-        (the thread that writes them may be the one that records)."""
-        self._protocol_end = kind
+        (the thread that writes them may be the one that records).  A client already gone
+        gets no end: its row says it left (see _end_with_error)."""
         if self.writer.closed:
-            return  # the client is gone: its row says so (see _end_with_error)
+            return
+        self._protocol_end = kind
         sent = self.writer.bytes_out + sum(len(frame) for frame in last_frames)
         if kind is EventKind.DONE:
             self.record.complete(200, sent)
@@ -880,8 +895,9 @@ class StreamRelay:
             frames = self._stitched(current.translator.finish(), current)
         except ProxyError as err:  # an unknown stop reason, say
             return err
+        self._remember(frames)
         self._record_end(EventKind.DONE, None, current, frames)
-        self._write(frames, last=True)
+        self._write(frames, last=True, remember=False)
         return None
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:

@@ -16,7 +16,7 @@ import socket
 import threading
 import urllib.request
 from typing import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 import urllib3
@@ -354,6 +354,9 @@ def _translate(exc: BaseException, doing: str, url: str | None = None) -> ProxyE
     where = _host_of(url)
     if _caused_by(exc, urllib3.exceptions.NameResolutionError):
         return UpstreamUnreachable(f"the upstream host {where} could not be resolved (DNS)")
+    if _caused_by(exc, urllib3.exceptions.SSLError):
+        return UpstreamUnreachable(f"TLS with the upstream {where} failed: "
+                                   f"{loggable(_root_cause(exc), 200)}")
     if _caused_by(exc, ConnectionRefusedError):
         return UpstreamUnreachable(f"the upstream {where} refused the connection")
     if _caused_by(exc, urllib3.exceptions.NewConnectionError):
@@ -427,6 +430,12 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
     return False
 
 
+def _basic_auth(parts) -> dict[str, str]:
+    """The Authorization header of credentials written in a deployment's URL."""
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    return {"Authorization": urllib3.util.make_headers(basic_auth=f"{user}:{password}")["authorization"]}
+
+
 class UpstreamClient:
     """Upstream calls through urllib3's connection pools, the layer below `requests`.
 
@@ -448,7 +457,9 @@ class UpstreamClient:
         session.trust_env = bool(urllib.request.getproxies())
         session.headers.clear()
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        adapter = _TrackingAdapter(pool_connections=16, pool_maxsize=pool_size, max_retries=0)
+        # One pool per upstream origin, kept: many more than any configuration names, so
+        # the pool manager never closes one that requests are using.
+        adapter = _TrackingAdapter(pool_connections=256, pool_maxsize=pool_size, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         self.session = session
@@ -492,11 +503,14 @@ class UpstreamClient:
 
     def _send(self, method: str, url: str, headers: dict, body: bytes | None,
               timeout: tuple[float, float]) -> urllib3.BaseHTTPResponse:
+        """The request on a pooled connection; its response with the body unread."""
         if self.session.trust_env:  # proxies from the environment: let requests resolve them
             return self.session.request(method, url, headers=headers, data=body, stream=True,
                                         timeout=timeout, allow_redirects=False).raw
         parts = urlsplit(url)
         target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        if parts.username is not None and not any(k.lower() == "authorization" for k in headers):
+            headers = {**headers, **_basic_auth(parts)}  # as requests does for a URL's user
         return self._pool(parts).urlopen(
             method, target, body=body, headers=headers, retries=self._adapter.max_retries,
             redirect=False, assert_same_host=False, preload_content=False,
