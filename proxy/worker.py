@@ -187,9 +187,9 @@ def _guarded(callback):
     """An event-loop callback for one connection: whatever it raises costs that connection,
     never the loop (which every connection of the worker depends on)."""
 
-    def run(self, conn, *args):
+    def run(self, conn, *args, **kwargs):
         try:
-            return callback(self, conn, *args)
+            return callback(self, conn, *args, **kwargs)
         except Exception:
             log.exception("request reading failed; the connection is closed")
             self._forget(conn)
@@ -326,7 +326,7 @@ class ProxyWorker(ThreadWorker):
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
         self.nr_conns -= 1
-        self._read_request(conn)
+        self._read_request(conn, readable=True)
 
     def finish_request(self, conn, fs) -> None:
         """As gthread, except that a request pipelined behind the last one is read here
@@ -351,7 +351,10 @@ class ProxyWorker(ThreadWorker):
         self._read_request(conn, conn.parser.unreader.take_buffered())
 
     @_guarded
-    def _read_request(self, conn: ProxyConn, already: bytes = b"") -> None:
+    def _read_request(self, conn: ProxyConn, already: bytes = b"", readable: bool = False) -> None:
+        """Start reading the connection's next request.  A `readable` connection (the loop
+        saw its bytes arrive) is read at once: a kept-alive client's whole request usually
+        sits in the socket already, and a round of the loop costs it ~0.05 ms."""
         conn.inbox = bytearray(already)
         conn.framing = RequestFraming(self.max_body)
         conn.deadline = time.monotonic() + self.client_timeout
@@ -366,6 +369,10 @@ class ProxyWorker(ThreadWorker):
             self._evict_oldest("the proxy has too many connections sending requests")
         if already and self._judge(conn, conn.framing.advance(conn.inbox)):
             return
+        if readable:
+            self._on_request_bytes(conn, conn.sock)
+            if not conn.reading:  # handed over, answered or closed
+                return
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_request_bytes, conn))
         conn.registered = True
 
