@@ -310,7 +310,7 @@ class Tracker:
         self.spill_after = spill_after
         self.retention = retention_days * 86400.0  # seconds; 0: keep every row
         self._next_prune = 0.0
-        self._rows: collections.deque[dict] = collections.deque()
+        self._rows: collections.deque[UsageRecord] = collections.deque()  # rows in the writer
         self._answers: collections.deque = collections.deque()  # StoredAnswers to keep
         self._answer_bytes = 0
         self._cond = threading.Condition()
@@ -386,16 +386,11 @@ class Tracker:
     def record(self, rec: UsageRecord) -> None:
         """Queue one row for storage; never raises.  Only when the queue is full (the store
         has refused rows for a while) or the tracker is closed does the caller append the
-        row to the spill file itself: one short write, the last resort before dropping."""
-        try:
-            row = to_storage_row(rec)
-        except Exception:
-            log.exception("unusable usage record dropped: %s", loggable(repr(rec), 2000))
-            self._count("dropped", 1)
-            return
+        row to the spill file itself: one short write, the last resort before dropping.
+        The record becomes a row in the writer thread (`_rows_of`), off the request's path."""
         with self._cond:
             if not self._closed and len(self._rows) < self.queue_max:
-                self._rows.append(row)
+                self._rows.append(rec)
                 self._enqueued += 1
                 if self._unwritten is not None:
                     self._unwritten.set(self._enqueued, self._done)
@@ -404,7 +399,19 @@ class Tracker:
                     self._cond.notify_all()
                 return
             reason = "tracker closed" if self._closed else "queue full"
-        self._spill_rows([row], reason)
+        self._spill_rows(self._rows_of([rec]), reason)
+
+    def _rows_of(self, records: list) -> list[dict]:
+        """Storable rows of queued records; one that cannot be stored is logged and
+        counted as dropped (it is a bug, and must never stop the others)."""
+        rows = []
+        for rec in records:
+            try:
+                rows.append(to_storage_row(rec))
+            except Exception:
+                log.exception("unusable usage record dropped: %s", loggable(repr(rec), 2000))
+                self._count("dropped", 1)
+        return rows
 
     def keep_answer(self, answer) -> None:
         """Queue a finished answer for the store, where every worker of the host finds it
@@ -529,7 +536,12 @@ class Tracker:
             if not self._in_a_hurry():
                 self._cond.wait_for(self._in_a_hurry, self.flush_interval)
             count = min(len(self._rows), self.batch_size)
-            return [self._rows.popleft() for _ in range(count)], False
+            records = [self._rows.popleft() for _ in range(count)]
+        batch = self._rows_of(records)
+        if len(batch) < len(records):  # done with too (dropped, counted and logged; a
+            with self._cond:           # record that could never be stored fails no flush)
+                self._mark_done(len(records) - len(batch), ok=True)
+        return batch, False
 
     def _keep_answers(self) -> None:
         with self._cond:
@@ -628,11 +640,11 @@ class Tracker:
 
     def _take_all(self, count: bool = False) -> list[dict]:
         with self._cond:
-            rows = list(self._rows)
+            records = list(self._rows)
             self._rows.clear()
-            if count and rows:
-                self._mark_done(len(rows), ok=False)
-        return rows
+            if count and records:
+                self._mark_done(len(records), ok=False)
+        return self._rows_of(records)
 
     def _mark_stored(self, count: int) -> None:
         self._count("written", count)
