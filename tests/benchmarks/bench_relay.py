@@ -376,7 +376,8 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
             "log": proxy.log(),
             "rss_kib_per_stream": (rss_peak - rss_idle) / max(established, 1),
             "cpu_pct_silent": 100 * (cpu_b - cpu_a) / window,
-            "max_keepalive_gap": max(intervals, default=float("nan"))}
+            # the longest silence a client saw: after the event, or between two keepalives
+            "max_keepalive_gap": max(intervals + first_gaps, default=float("nan"))}
 
 
 # ---------------------------------------------------------------------------------------------
