@@ -264,18 +264,19 @@ class Heartbeat:
         self._stopped = False
 
     def register(self, exchange: Exchange) -> None:
-        when = exchange.next_visit(time.monotonic(), self.heartbeat_interval)
+        """Visit the exchange from now on.  Its deadlines set meanwhile (from now, through
+        `visit_by`) and those it had already (`next_visit`) both count."""
         with self._lock:
             exchange.serial = next(self._serials)
             self._live[exchange.serial] = exchange
             self._watch.add(exchange)
-            exchange.visit_by = partial(self._visit_by, exchange)
             exchange.next_at = math.inf
-            self._queue(exchange, when)
+            exchange.visit_by = partial(self._visit_by, exchange)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="llm-proxy-heartbeat",
                                                 daemon=True)
                 self._thread.start()
+        self._visit_by(exchange, exchange.next_visit(time.monotonic(), self.heartbeat_interval))
 
     def unregister(self, exchange: Exchange) -> None:
         """The exchange is over: no more visits (its entry in the queue is skipped)."""
@@ -374,15 +375,21 @@ class Heartbeat:
         with self._lock:
             gone = self._watch.gone()
             due = self._take_due(now)
-        for exchange in gone:
-            self._end(exchange, ClientGone("the client closed the connection"))
         sent = 0
         try:
+            for exchange in gone:
+                self._end_quietly(exchange, ClientGone("the client closed the connection"))
             for exchange in due:
                 sent += self._visit(exchange, now)
         finally:
             self._schedule(due, now)
         return sent
+
+    def _end_quietly(self, exchange: Exchange, err: ProxyError) -> None:
+        try:
+            self._end(exchange, err)
+        except Exception:
+            log.exception("ending a stream whose client left failed")
 
     def _visit(self, exchange: Exchange, now: float) -> bool:
         try:

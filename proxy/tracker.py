@@ -92,6 +92,14 @@ def to_storage_row(rec: UsageRecord | Mapping[str, Any]) -> dict:
     return {name: _storable(name, row.get(name, _DEFAULT_ROW[name])) for name in RECORD_FIELDS}
 
 
+def _describe(rec: Any) -> str:
+    """A record for the log, whatever it is (its own repr may fail too)."""
+    try:
+        return loggable(repr(rec), 2000)
+    except Exception:
+        return object.__repr__(rec)
+
+
 def _spill_line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=True, default=str) + "\n"
 
@@ -409,7 +417,7 @@ class Tracker:
             try:
                 rows.append(to_storage_row(rec))
             except Exception:
-                log.exception("unusable usage record dropped: %s", loggable(repr(rec), 2000))
+                log.exception("unusable usage record dropped: %s", _describe(rec))
                 self._count("dropped", 1)
         return rows
 
@@ -482,10 +490,13 @@ class Tracker:
 
     def _work(self) -> bool:
         """One round: a batch, then (now and then) the spill directory; True to stop."""
-        batch, stop = self._next_batch()
+        batch, dropped, stop = self._next_batch()
         self._keep_answers()  # queued before the batch's rows: stored before them
         if batch:
-            self._store(batch)
+            self._store(batch, dropped)
+        elif dropped:
+            with self._cond:
+                self._mark_done(dropped, ok=True)
         if time.monotonic() >= self._next_spill_check:
             # Healthy: other workers may have spilled.  Degraded: the spilled rows are the
             # probe; the first chunk that commits ends the fault.
@@ -525,23 +536,21 @@ class Tracker:
             self._closing.wait(MAX_BACKOFF)
             return False
 
-    def _next_batch(self) -> tuple[list[dict], bool]:
+    def _next_batch(self) -> tuple[list[dict], int, bool]:
         """Up to batch_size rows: wait for the first, then at most flush_interval for more
         (less when a batch is full, someone is flushing, or the tracker is closing)."""
         with self._cond:
             self._cond.wait_for(lambda: self._rows or self._answers or self._closing.is_set(),
                                 _IDLE_POLL)
             if not self._rows:
-                return [], self._closing.is_set()
+                return [], 0, self._closing.is_set()
             if not self._in_a_hurry():
                 self._cond.wait_for(self._in_a_hurry, self.flush_interval)
             count = min(len(self._rows), self.batch_size)
             records = [self._rows.popleft() for _ in range(count)]
         batch = self._rows_of(records)
-        if len(batch) < len(records):  # done with too (dropped, counted and logged; a
-            with self._cond:           # record that could never be stored fails no flush)
-                self._mark_done(len(records) - len(batch), ok=True)
-        return batch, False
+        # The ones dropped (logged and counted) are done when the batch is, in queue order.
+        return batch, len(records) - len(batch), False
 
     def _keep_answers(self) -> None:
         with self._cond:
@@ -560,8 +569,8 @@ class Tracker:
     def _in_a_hurry(self) -> bool:
         return len(self._rows) >= self.batch_size or self._flushing > 0 or self._closing.is_set()
 
-    def _store(self, batch: list[dict]) -> None:
-        """Commit the batch.  While the database refuses it, hold it and retry with backoff;
+    def _store(self, batch: list[dict], dropped: int = 0) -> None:
+        """Commit the batch (`dropped`: records of it that could not become rows).  While the database refuses it, hold it and retry with backoff;
         once the fault has lasted `spill_after` (or at shutdown), it goes to the spill
         directory with everything queued behind it, and the spilled rows become the probe
         (see _run) that finds out when the database takes writes again."""
@@ -586,7 +595,7 @@ class Tracker:
             break
         with self._cond:
             self._held = []
-            self._mark_done(len(batch), ok)
+            self._mark_done(len(batch) + dropped, ok)
         if not ok:
             self._relieve_memory()  # after the held batch: rows are marked done in order
 

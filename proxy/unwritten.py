@@ -4,7 +4,7 @@ A worker killed outright (OOM, SIGKILL) loses the usage rows in its queue: while
 database takes writes, at most what gathers in the writer's flush interval (see
 tracker.Tracker); while it refuses them, what waits in memory until `spill_after` moves it
 to disk.  So that the operator learns how many, each worker keeps two counters in a 16-byte
-file, `unwritten-<host>-<pid>.count`: rows queued and rows done (stored, spilled or
+file, `unwritten-<pid>-<n>@<host>.count`: rows queued and rows done (stored, spilled or
 dropped, each of which is counted or logged by itself).  The files live beside the spill directory, in `<spill>-workers` (the spill
 directory holds rows and nothing else).  A file is mapped into memory, so keeping it costs
 one store per row and no system call.  A worker that stops cleanly removes its file; the
@@ -14,6 +14,7 @@ processes and logs what they lost.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -27,7 +28,10 @@ from .host import process_alive
 log = logging.getLogger("proxy.tracker")
 
 _LAYOUT = struct.Struct("<QQ")  # rows queued, rows done
-_NAME = re.compile(r"^unwritten-(.+)-(\d+)\.count$")
+# unwritten-<pid>-<n>@<host>.count; a name without a host is this host's (an older form)
+_NAME = re.compile(r"^unwritten-(\d+)(?:-\d+)?(?:@(.+))?\.count$")
+_OWNED: set[str] = set()  # the files of this process's trackers (an embedding may run several)
+_SERIALS = itertools.count(1)
 MAX_PID = 1 << 22  # Linux's highest
 
 
@@ -47,7 +51,8 @@ class UnwrittenCount:
     read-only disk must never cost a row)."""
 
     def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, f"unwritten-{_host()}-{os.getpid()}.count")
+        self.path = os.path.join(directory, f"unwritten-{os.getpid()}-{next(_SERIALS)}"
+                                            f"@{_host()}.count")
         self._map: mmap.mmap | None = None
         try:
             os.makedirs(directory, exist_ok=True)
@@ -57,6 +62,7 @@ class UnwrittenCount:
                 self._map = mmap.mmap(fd, _LAYOUT.size)
             finally:
                 os.close(fd)
+            _OWNED.add(self.path)
         except (OSError, ValueError) as exc:
             log.warning("rows lost by a killed worker will not be counted: %s: %s",
                         self.path, exc.strerror if isinstance(exc, OSError) else exc)
@@ -69,6 +75,7 @@ class UnwrittenCount:
         """A clean stop: nothing was lost."""
         if self._map is None:
             return
+        _OWNED.discard(self.path)
         try:
             self._map.close()
             os.unlink(self.path)
@@ -80,8 +87,8 @@ class UnwrittenCount:
 def claim_dead(directory: str) -> list[tuple[int, int]]:
     """The (pid, rows lost) of this host's processes that died with rows queued, each
     reported once (a file is claimed by removing it, so two workers starting together never
-    both report it).  Files of live processes stay.  A worker calls this before it makes its
-    own file, so a file with its pid is a dead predecessor's."""
+    both report it).  Files of live processes stay, and so do this process's own; another
+    file with this process's pid is a dead predecessor's."""
     try:
         names = os.listdir(directory)
     except OSError:
@@ -89,10 +96,12 @@ def claim_dead(directory: str) -> list[tuple[int, int]]:
     host, lost = _host(), []
     for name in names:
         match = _NAME.match(name)
-        if match is None or match.group(1) != host:
+        if match is None or (match.group(2) or host) != host:
             continue
-        pid = int(match.group(2))
+        pid = int(match.group(1))
         if not 0 < pid < MAX_PID or (pid != os.getpid() and process_alive(pid)):
+            continue
+        if os.path.join(directory, name) in _OWNED:
             continue
         path = os.path.join(directory, name)
         try:

@@ -185,6 +185,11 @@ class DirectWriter(_Writer):
     def opened(self) -> bool:
         return self._sink is not None
 
+    @property
+    def client_gone(self) -> bool:
+        """A write found the client gone (the exchange may not know it yet)."""
+        return self._broken
+
     def open(self, status: str, headers: list[tuple[str, str]]) -> bool:
         """Decide the status line and headers (only the first decision counts); they go out
         with the first write.  True when this call decided them."""
@@ -239,8 +244,8 @@ class DirectWriter(_Writer):
         if not self._io.acquire(blocking=False):
             return False  # an event is being written: the stream is not idle
         try:
-            if self._closed or self._ended or not _has_room(self._socket) \
-                    or not self._opened_now():
+            if self._closed or self._ended or not self._opened_now() \
+                    or not _has_room(self._socket):
                 return False
             sent = self._send(KEEPALIVE_AFTER_ID if self.saw_id else KEEPALIVE)
             self.keepalives_sent += sent
@@ -270,7 +275,8 @@ class DirectWriter(_Writer):
         with self._state:
             self._closed = True
         with self._io:
-            if self._final is not None and self._opened_now():
+            opened = self._opened_now()  # a committed stream's status line, whatever came
+            if self._final is not None and opened:
                 frame, self._final = self._final, None
                 self._send(frame)
         self._tell_if_gone()

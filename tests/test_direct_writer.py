@@ -228,3 +228,15 @@ def test_a_terminal_error_left_before_the_status_line_goes_out_with_it():
     committed.append(("200 OK", []))
     writer.finish()
     assert wire.status == "200 OK" and bytes(wire.out) == b"event: error\ndata: {}\n\n"
+
+
+def test_a_committed_stream_that_ends_without_a_frame_still_gets_its_status_line():
+    """Its client left before a byte went out: the server must still have a status line to
+    close the response with."""
+    wire = Wire()
+    writer = DirectWriter(wire.start_response, head=lambda: ("200 OK", []))
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    closer.join()
+    writer.finish()
+    assert wire.status == "200 OK" and wire.out == b""

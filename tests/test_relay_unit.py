@@ -334,3 +334,22 @@ def test_an_exchange_that_ended_is_not_kept_alive_by_the_visit_queue():
     gc.collect()
     assert gone() is None
     assert heartbeat.live_count() == 0
+
+
+def test_a_stream_whose_client_left_and_whose_end_fails_costs_no_other_its_visits():
+    heartbeat = hand_driven_heartbeat()
+    ours, theirs = socket.socketpair()
+    try:
+        def refuse(err):
+            raise RuntimeError("a bug while ending")
+
+        left = Exchange(ours, None, on_end=refuse)
+        other = _Counted()
+        for exchange in (left, other):
+            heartbeat.register(exchange)
+        other.new_attempt(time.monotonic())
+        theirs.close()  # the client leaves
+        heartbeat.visit_all(time.monotonic() + 0.01)
+        assert other.visits == 1 and other.next_at < float("inf")  # visited, and queued again
+    finally:
+        ours.close()

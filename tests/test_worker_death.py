@@ -96,14 +96,19 @@ def test_only_this_hosts_dead_workers_are_claimed_and_odd_names_are_left(tmp_pat
     host = unwritten._host()
     dead = 4_000_000  # below Linux's highest pid, and not running here
     layout = unwritten._LAYOUT
-    for name, counts in [(f"unwritten-{host}-{dead}.count", (7, 2)),
-                         (f"unwritten-elsewhere-{dead}.count", (9, 0)),
-                         (f"unwritten-{host}-99999999999999999999.count", (5, 0)),
-                         (f"unwritten-{host}-{os.getpid()}.count", (4, 1))]:
+    mine = unwritten.UnwrittenCount(str(tmp_path))  # a tracker of this process: never claimed
+    mine.set(3, 1)
+    for name, counts in [(f"unwritten-{dead}-1@{host}.count", (7, 2)),
+                         (f"unwritten-{dead}.count", (1, 0)),  # the older form: this host's
+                         (f"unwritten-{dead}-1@elsewhere.count", (9, 0)),
+                         (f"unwritten-99999999999999999999-1@{host}.count", (5, 0)),
+                         (f"unwritten-{os.getpid()}-999@{host}.count", (4, 1))]:
         (tmp_path / name).write_bytes(layout.pack(*counts))
     told = []
     total = unwritten.report_dead(str(tmp_path), lambda msg, *args: told.append(msg % args))
-    assert total == 5 + 3  # the dead one, and this process's predecessor with the same pid
-    assert sorted(name.name for name in tmp_path.iterdir()) == [
-        f"unwritten-elsewhere-{dead}.count", f"unwritten-{host}-99999999999999999999.count"]
+    assert total == 5 + 1 + 3  # the dead ones, and a predecessor of this process's pid
+    assert sorted(name.name for name in tmp_path.iterdir()) == sorted([
+        f"unwritten-{dead}-1@elsewhere.count", f"unwritten-99999999999999999999-1@{host}.count",
+        os.path.basename(mine.path)])
     assert any(f"worker {dead} ended without storing 5 usage rows" in line for line in told)
+    mine.remove()

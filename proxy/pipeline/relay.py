@@ -906,6 +906,8 @@ class StreamRelay:
                 self.writer.close()
                 return
             outside = self.exchange.end_error
+            if outside is None and getattr(self.writer, "client_gone", False):
+                outside = ClientGone("the client went away while the stream was written")
             if outside is not None:
                 self.writer.close()  # the terminal event, if any, went out with the end
                 if isinstance(outside, ClientGone):

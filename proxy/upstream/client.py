@@ -8,6 +8,7 @@ request is still waiting for the upstream's headers.
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.client
 import http.cookiejar
@@ -431,9 +432,11 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
 
 
 def _basic_auth(parts) -> dict[str, str]:
-    """The Authorization header of credentials written in a deployment's URL."""
+    """The Authorization header of credentials written in a deployment's URL (UTF-8, as
+    RFC 7617 allows: a name outside Latin-1 must not fail every request)."""
     user, password = unquote(parts.username or ""), unquote(parts.password or "")
-    return {"Authorization": urllib3.util.make_headers(basic_auth=f"{user}:{password}")["authorization"]}
+    token = base64.b64encode(f"{user}:{password}".encode("utf-8")).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
 
 
 class UpstreamClient:
