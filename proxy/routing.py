@@ -9,6 +9,7 @@ is skipped.  Nothing here does I/O; the handler drives the plan.
 
 from __future__ import annotations
 
+import functools
 import email.utils
 import enum
 import fnmatch
@@ -440,8 +441,10 @@ class Router:
         return AttemptPlan(route, self.breakers if route.routed else None)
 
 
+@functools.lru_cache(maxsize=64)
 def pass_through_route(provider: str) -> Route:
-    """Unrouted models: one try at the endpoint's provider; the client's SDK does the retrying."""
+    """Unrouted models: one try at the endpoint's provider; the client's SDK does the retrying.
+    (Frozen, so one per provider serves every request.)"""
     return Route("*", (Deployment(provider, provider, None),), None, RetryPolicy(max_attempts=1),
                  routed=False)
 

@@ -559,6 +559,14 @@ class ProxyWorker(ThreadWorker):
         except OSError:
             pass
 
+    def handle_request(self, req, conn):
+        """gunicorn parsed the request: the head kept for its own error answers is let go
+        (a stream holds its thread for hours; `handle_error` rebuilds a head from `req`)."""
+        self._heads.pop(conn.sock, None)
+        if isinstance(conn, ProxyConn):
+            conn.framing = None
+        return super().handle_request(req, conn)
+
     def _keepalive_after(self, conn, keepalive):
         """After the answer went out: a body the application did not read that turns out
         to be malformed only means the connection cannot be reused (gthread would answer
