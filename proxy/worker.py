@@ -61,7 +61,9 @@ LINGER_DRAIN = 65536  # bytes drained at most before the connection is closed an
 # Seconds of graceful_timeout the worker keeps for itself after its connections are done:
 # usage rows of the last streams, then the tracker's drain, before the master's SIGKILL.
 EXIT_RESERVE = 5
-SWITCH_INTERVAL = 0.0005  # every event crosses from the stream thread to the server thread
+# A thread woken by its socket (a stream's next upstream chunk, a request handed to a pool
+# thread) waits at most this long for the GIL held by another.
+SWITCH_INTERVAL = 0.0005
 
 # gunicorn's parser errors are translated here, once: the status each one means.
 _PARSER_ERRORS: tuple[tuple[type, int], ...] = (
