@@ -485,9 +485,13 @@ def test_a_stream_the_client_leaves_is_charged_what_it_cost_so_far(keyed, fake):
         answer = session.post(keyed.url + "/v1/chat/completions", stream=True, timeout=30,
                               headers={"authorization": f"Bearer {key}"},
                               json={"model": BUDGET_MODEL, "stream": True, "messages": MESSAGES})
-        first = next(answer.iter_content(None))
-        assert b"data:" in first
-        answer.close()  # the client hangs up mid-answer
+        got = b""
+        for piece in answer.iter_content(None):  # until the content has begun
+            got += piece
+            if got.count(b"data:") >= 2:
+                break
+        assert got.count(b"data:") >= 2
+        answer.close()  # the client hangs up mid-answer, having some of the output
     row = keyed.row(answer.headers[RID])
     assert row["end_reason"] == "client_gone" and row["input_tokens"] is None
     prompt_usd = -(-len(fake.requests[0].body) // 3) * 1.0 / 1e6  # the estimate, $1/M input
