@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: $LLM_PROXY_CONFIG or none)")
     serve.add_argument("--bind", help="address to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default 2)")
-    serve.add_argument("--threads", type=int, help="threads per worker = concurrent streams (default 1024)")
+    serve.add_argument("--threads", type=int, help="threads per worker = concurrent streams (default 1100)")
     usage = sub.add_parser("usage", help="usage and cost report from the usage database")
     usage.add_argument("--config", help="TOML config file (for the database path)")
     from . import report

@@ -40,7 +40,7 @@ def _shutdown_grace() -> float:
 bind = os.environ.get("LLM_PROXY_BIND", "127.0.0.1:8080")
 worker_class = "proxy.worker.ProxyWorker"
 workers = int(os.environ.get("LLM_PROXY_WORKERS", "2"))
-threads = int(os.environ.get("LLM_PROXY_THREADS", "1024"))
+threads = int(os.environ.get("LLM_PROXY_THREADS", "1100"))
 worker_connections = threads + 8
 timeout = 30
 graceful_timeout = int(os.environ.get("LLM_PROXY_GRACEFUL_TIMEOUT") or
