@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable
 
 from .errors import ClientGone, ProxyError
 from .flag import Flag
@@ -49,38 +49,18 @@ _RDHUP = getattr(select, "POLLRDHUP", 0)  # the peer's FIN; Linux only
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL | _RDHUP
 
 
-def clients_hung_up(sockets: Iterable[socket.socket]) -> set[socket.socket]:
-    """The sockets whose client has left, found with one `poll` over all of them.
-
-    Every system call hands the GIL away, and on a busy machine getting it back costs a
-    switch interval or more, so a peek per socket made one heartbeat pass over a hundred
-    streams take seconds.  POLLRDHUP (Linux) reports the client's FIN even when unread
-    bytes sit before it (a TLS close_notify alert, a pipelined request), which a peek
-    would see first; only where it does not exist are readable sockets peeked."""
-    poller = select.poll()
-    by_fd: dict[int, socket.socket] = {}
-    gone: set[socket.socket] = set()
-    for sock in sockets:
-        fd = sock.fileno()
-        if fd < 0:  # closed under us: the response is over anyway
-            gone.add(sock)
-            continue
-        poller.register(fd, select.POLLIN | _POLL_GONE)
-        by_fd[fd] = sock
-    for fd, events in poller.poll(0) if by_fd else ():
-        sock = by_fd[fd]
-        if events & _POLL_GONE or (not _RDHUP and client_has_hung_up(sock)):
-            gone.add(sock)
-    return gone
-
-
 class ClientWatch:
     """The client sockets of the live exchanges, registered once in one `poll` object, so
     a probe of thousands of silent streams is one system call that reports only the
-    clients that left (`clients_hung_up` builds its poll set anew, for one-off checks).
+    clients that left.  (Every system call hands the GIL away, and on a busy machine
+    getting it back costs a switch interval or more: a peek per socket made one heartbeat
+    pass over a hundred streams take seconds.)
 
-    Sockets are known by descriptor; a socket closed under us is reported as POLLNVAL, or,
-    once its descriptor serves another socket, found out by `fileno()`."""
+    POLLRDHUP (Linux) reports the client's FIN even when unread bytes sit before it (a TLS
+    close_notify alert, a pipelined request), which a peek would see first; only where it
+    does not exist are readable sockets peeked.  Sockets are known by descriptor; a socket
+    closed under us is reported as POLLNVAL, or, once its descriptor serves another
+    socket, found out by `fileno()`."""
 
     def __init__(self) -> None:
         self._poller = select.poll()

@@ -301,9 +301,11 @@ class DirectWriter(_Writer):
 
     def _tell_if_gone(self) -> None:
         """Once, outside the locks: a write found the client gone (the exchange ends, which
-        stops the upstream)."""
+        stops the upstream).  Every write ends here: no lock while the client is there."""
+        if not self._broken:
+            return
         with self._state:
-            if not self._broken or self._told_gone:
+            if self._told_gone:
                 return
             self._told_gone = True
         if self._on_client_gone is not None:

@@ -8,7 +8,7 @@ import threading
 import time
 
 from proxy.errors import ClientGone, ShuttingDown
-from proxy.heartbeat import Exchange, Heartbeat, client_has_hung_up, clients_hung_up
+from proxy.heartbeat import ClientWatch, Exchange, Heartbeat, client_has_hung_up
 from proxy.writer import KEEPALIVE, KEEPALIVE_AFTER_ID, LockedWriter
 
 
@@ -94,23 +94,35 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def watching(*sockets) -> ClientWatch:
+    """The heartbeat's probe over these client sockets."""
+    watch = ClientWatch()
+    for sock in sockets:
+        watch.add(Exchange(sock, None, on_end=lambda err: None))
+    return watch
+
+
+def hung_up(watch: ClientWatch) -> set:
+    return {exchange.client_socket for exchange in watch.gone()}
+
+
 def test_one_poll_finds_the_clients_that_left_among_many():
     pairs = [tcp_pair() for _ in range(6)]
     try:
         (quiet, _), (talking, t_peer), (left, l_peer), (rst, r_peer), (closed, _), \
             (said_then_left, s_peer) = pairs
+        watch = watching(quiet, talking, left, rst, closed, said_then_left)
         t_peer.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
         l_peer.close()
         reset(r_peer)
-        closed.close()
+        closed.close()  # closed under the watch
         s_peer.sendall(b"GET / HTTP/1.1\r\n")  # bytes before the FIN: a peek sees them first
         s_peer.close()
         for sock in (talking, left, rst, said_then_left):
             assert wait_readable(sock)
-        everyone = [quiet, talking, left, rst, closed, said_then_left]
-        assert clients_hung_up(everyone) == {left, rst, closed, said_then_left}
+        assert hung_up(watch) == {left, rst, closed, said_then_left}
         assert talking.recv(100) == b"GET / HTTP/1.1\r\n"  # looked at, not consumed
-        assert clients_hung_up([]) == set()
+        assert hung_up(watching()) == set()
     finally:
         for a, b in pairs:
             a.close()
@@ -130,13 +142,14 @@ def test_the_probe_reads_below_tls_so_a_tls_client_that_sends_is_not_taken_for_g
     handshake.join(10)
     [server] = accepted
     try:
-        assert clients_hung_up([server]) == set()
+        watch = watching(server)
+        assert hung_up(watch) == set()
         client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # a pipelined request: readable, not gone
         assert wait_readable(server) and not client_has_hung_up(server)
-        assert clients_hung_up([server]) == set()
+        assert hung_up(watch) == set()
         assert server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"  # the TLS record was left intact
         client.close()
-        assert wait_readable(server) and clients_hung_up([server]) == {server}
+        assert wait_readable(server) and hung_up(watch) == {server}
     finally:
         server.close()
         client.close()

@@ -543,3 +543,10 @@ def test_a_spill_directory_that_refuses_a_rename_does_not_stop_the_writer(db_pat
     assert sorted(r["request_id"] for r in stored(db_path)) == [f"req-{i}" for i in range(1, 6)]
     remount(small_fs, "rw")  # once it can, the writer replays what waited there
     wait_for(lambda: len(stored(db_path)) == 6, "the spilled row replayed", timeout=15)
+
+
+def test_the_tracker_that_is_off_has_nothing_to_wait_for():
+    from proxy.tracker import NullTracker
+
+    assert NullTracker().wait_for_count("written", 1, timeout=0) is False
+    assert NullTracker().wait_for_count("written", 0, timeout=0) is True

@@ -245,15 +245,8 @@ class UpstreamResponse:
         """Read the start of the body now (at least one piece, up to `enough` decoded bytes
         of what has already arrived), so that a body that cannot be read or decoded (a gzip
         bomb, a cut) fails the try before anything is sent to the client."""
-        if self._pieces is not None:
-            return
-        self._pieces = self._decode()
-        size = 0
-        for piece in self._pieces:
-            self._prefetched.append(piece)
-            size += len(piece)
-            if size >= enough or not self._has_more_now():
-                break
+        if self._pieces is None:
+            self._read_ahead(lambda size: size >= enough or not self._has_more_now())
 
     def prefetch_answer(self, limit: int) -> None:
         """A successful JSON answer of at most `limit` decoded bytes is read whole now (its
@@ -263,14 +256,19 @@ class UpstreamResponse:
         if not (self.is_json and 200 <= self.status < 300) or self._pieces is not None:
             self.prefetch()
             return
+        self.whole = not self._read_ahead(lambda size: size > limit)
+
+    def _read_ahead(self, enough) -> bool:
+        """Decoded pieces into the prefetch until `enough(bytes so far)`: True when it said
+        so, False when the body ended first."""
         self._pieces = self._decode()
         size = 0
         for piece in self._pieces:
             self._prefetched.append(piece)
             size += len(piece)
-            if size > limit:
-                return
-        self.whole = True
+            if enough(size):
+                return True
+        return False
 
     @property
     def whole_body(self) -> bytes:

@@ -254,25 +254,17 @@ _TEXT_DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_de
 
 
 class TimedDelta:
-    """An Anthropic text delta whose payload carries the send time (perf_counter_ns)."""
+    """An Anthropic text delta that carries its send time (perf_counter_ns): in the payload,
+    or, `in_text`, inside its text (`@seq:t@`), where it survives a translation."""
 
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-
-    def run(self, ex) -> None:
-        ex.ensure_status()
-        ex.send_body(_DELTA_HEAD + b'"seq":%d,"t":%d}\n\n' % (self.seq, time.perf_counter_ns()))
-
-
-class TimedTextDelta:
-    """An Anthropic text delta whose text carries the send time (`@seq:perf_counter_ns@`)."""
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
+    def __init__(self, seq: int, in_text: bool = False) -> None:
+        self.seq, self.in_text = seq, in_text
 
     def run(self, ex) -> None:
         ex.ensure_status()
-        ex.send_body(_TEXT_DELTA_HEAD + b'tok @%d:%d@"}}\n\n' % (self.seq, time.perf_counter_ns()))
+        now = time.perf_counter_ns()
+        ex.send_body(_TEXT_DELTA_HEAD + b'tok @%d:%d@"}}\n\n' % (self.seq, now) if self.in_text
+                     else _DELTA_HEAD + b'"seq":%d,"t":%d}\n\n' % (self.seq, now))
 
 
 class WaitForPipe:

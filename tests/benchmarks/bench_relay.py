@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     ANTHROPIC_BODY, BLOCK_START, BLOCK_STOP, FIRST_DELTA, MESSAGE_DELTA, MESSAGE_START,
     MESSAGE_STOP, SSE_HEADERS, STAMP_RE, BENCH_HEADERS, End, FakeUpstream, ProxyProcess, RawClient,
-    ResponseParser, Send, Sleep, Splitter, Status, TEXT_STAMP_RE, TimedDelta, TimedTextDelta,
+    ResponseParser, Send, Sleep, Splitter, Status, TEXT_STAMP_RE, TimedDelta,
     WaitForPipe, build_request,
     cpu_seconds, machine_load, is_comment, mean, percentile, print_table, process_tree, raise_nofile, ratio,
     rss_kb, thread_count,
@@ -53,11 +53,10 @@ def bench_event_latency(fake: FakeUpstream, proxy: ProxyProcess, events: int, ga
     """Pass-through: the same Anthropic request to the fake and through the proxy.
     With `translated_model` (a route of the proxy to an Anthropic deployment), the proxied
     client speaks OpenAI chat instead: each event is translated on the way."""
-    step = TimedTextDelta if translated_model else TimedDelta
     stamp = TEXT_STAMP_RE if translated_model else STAMP_RE
     script = [Status(200, headers=SSE_HEADERS), Send(MESSAGE_START), Send(BLOCK_START)]
     for i in range(events):
-        script += [Sleep(gap), step(i)]
+        script += [Sleep(gap), TimedDelta(i, in_text=translated_model is not None)]
     script += [Send(BLOCK_STOP), Send(MESSAGE_DELTA), Send(MESSAGE_STOP), End()]
     fake.named["timed"] = script
     body = dict(ANTHROPIC_BODY, stream=True)
