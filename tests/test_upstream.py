@@ -1,6 +1,7 @@
 """The upstream client: error translation and header rules, over loopback to the scripted
 fake upstream (a closed port for a refused connection)."""
 
+import http.client
 import socket
 
 import pytest
@@ -154,3 +155,102 @@ def test_a_failed_tls_handshake_is_a_502_that_says_so():
         thread.join(5)
         server.close()
     assert "TLS with the upstream 127.0.0.1" in caught.value.message
+
+
+# -- the response head: parsed without the email package, read as http.client reads it --
+HEADS = {
+    "plain": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+             b"request-id: req_1\r\nX-Trailing:  spaced value \t\r\n\r\n{}",
+    "repeated names": b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n"
+                      b"Content-Length: 0\r\n\r\n",
+    "chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "chunked and a length": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                            b"Content-Length: 99\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    "coded then chunked: read to the close": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
+                                             b"\r\n2\r\nhi\r\n0\r\n\r\n",
+    "no length: read to the close": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil close",
+    "connection close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nabc",
+    "http/1.0": b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    "http/1.0 kept alive": b"HTTP/1.0 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 3\r\n\r\nabc",
+    "no content": b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+    "not modified": b"HTTP/1.1 304 Not Modified\r\n\r\n",
+    "interim answers first": b"HTTP/1.1 100 Continue\r\nX-Interim: 1\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+                             b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+    "negative length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\nConnection: close\r\n\r\nbody",
+    "bad length": b"HTTP/1.1 200 OK\r\nContent-Length: 12x\r\nConnection: close\r\n\r\nbody",
+    "bare LF lines": b"HTTP/1.1 200 OK\nContent-Length: 2\nX-A: b\n\nok",
+    "no reason": b"HTTP/1.1 429\r\nRetry-After: 3\r\nContent-Length: 0\r\n\r\n",
+    # Not plain: the email package reads these, defects and all.
+    "folded line": b"HTTP/1.1 200 OK\r\nX-Folded: first\r\n  second\r\nContent-Length: 0\r\n\r\n",
+    "non-ascii value": "HTTP/1.1 200 OK\r\nX-Name: caf\u00e9 \u00c5\r\nContent-Length: 0\r\n\r\n".encode(),
+    "line without a colon": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nnot a header\r\nX-After: 1\r\n\r\n",
+    "space before the colon": b"HTTP/1.1 200 OK\r\nX-Bad : 1\r\nContent-Length: 0\r\n\r\n",
+    "bare CR inside": b"HTTP/1.1 200 OK\r\nX-A: one\rtwo\r\nContent-Length: 0\r\n\r\n",
+    "control byte": b"HTTP/1.1 200 OK\r\nX-A: bell\x07\r\nContent-Length: 0\r\n\r\n",
+    "empty value": b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:   \r\nContent-Length: 0\r\n\r\n",
+    # Refused alike.
+    "99 headers": b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * 98 + b"Content-Length: 0\r\n\r\n",
+    "100 headers: too many": b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * 99 + b"Content-Length: 0\r\n\r\n",
+    "header line too long": b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n",
+    "unknown protocol": b"HTTP/2.0 200 OK\r\n\r\n",
+    "bad status line": b"HTTX/1.1 200 OK\r\n\r\n",
+}
+
+
+def _read_with(response_class, raw: bytes, method: str = "GET"):
+    """What an http.client response class makes of `raw`: its head, its framing and its
+    body, or the exception it raises."""
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(raw)
+        theirs.shutdown(socket.SHUT_WR)
+        response = response_class(ours, method=method)
+        try:
+            response.begin()
+            framing = (response.status, response.reason, response.version, response.chunked,
+                       response.length, response.will_close)
+            head = (list(response.msg.items()), [type(d) for d in response.msg.defects],
+                    response.msg.get_payload() or None, response.msg.get_all("set-cookie"))
+            return framing, head, response.read()
+        except Exception as exc:  # noqa: BLE001 - the comparison is the test
+            return type(exc), str(exc)[:80]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("name", HEADS)
+def test_a_response_head_is_read_as_http_client_reads_it(name):
+    """The lean response and http.client's own agree on every head: status, reason,
+    version, every header (name, value, order, repeats), defects, how the body is framed
+    and the body itself, or the error they raise."""
+    from proxy.upstream.client import _LeanResponse
+
+    assert _read_with(_LeanResponse, HEADS[name]) == _read_with(http.client.HTTPResponse, HEADS[name])
+
+
+@pytest.mark.timeout(10)
+def test_a_head_request_has_no_body_whatever_its_length_says():
+    from proxy.upstream.client import _LeanResponse
+
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    ours = _read_with(_LeanResponse, raw, method="HEAD")
+    assert ours == _read_with(http.client.HTTPResponse, raw, method="HEAD")
+    assert ours[0][4] == 0
+
+
+@pytest.mark.timeout(10)
+def test_plain_heads_do_not_go_through_the_email_package(monkeypatch):
+    """The point of the lean head: the common case never builds an email parser."""
+    import email.parser
+
+    from proxy.upstream.head import parse_header_lines
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the email package parsed a plain head")
+
+    monkeypatch.setattr(email.parser, "Parser", refuse)
+    message = parse_header_lines([b"Content-Type: application/json\r\n", b"x-request-id: 7\r\n",
+                                  b"\r\n"])
+    assert message.items() == [("Content-Type", "application/json"), ("x-request-id", "7")]

@@ -1,12 +1,18 @@
 """The proxy's gunicorn worker, piece by piece (its end-to-end behaviour is in
 test_hardening.py): the reader that feeds gunicorn what the event loop buffered."""
 
+import json
 import socket
+import threading
 import time
 
 import pytest
 
 from proxy.worker import PrebufferedUnreader
+
+from support.builders import anthropic_message
+from support.rawhttp import RawConnection, RawResponse, build_request, parse_response
+from support.steps import WaitFor, json_reply
 
 
 @pytest.fixture
@@ -85,3 +91,106 @@ def test_clients_that_do_not_close_never_stall_the_worker(start_proxy):
     finally:
         for sock in lingering:
             sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A kept-alive connection's next request, read by the thread that answered the last one
+
+MESSAGE = {"model": "claude-sonnet-5", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "Hello"}]}
+
+
+def _answer_held_until(fake, released: threading.Event) -> None:
+    """The first upstream answer waits for `released`; later ones come at once."""
+    fake.enqueue([WaitFor(released, 20), *json_reply(anthropic_message())],
+                 json_reply(anthropic_message()))
+
+
+def _head_of_next(conn: RawConnection, body: bytes, expect_continue: bool = False) -> bytes:
+    extra = [("Expect", "100-continue")] if expect_continue else []
+    whole = build_request("POST", "/v1/messages", conn.netloc, body,
+                          [("x-api-key", "sk-next"), ("anthropic-version", "2023-06-01"), *extra])
+    return whole[:len(whole) - len(body)]
+
+
+@pytest.mark.timeout(60)
+def test_a_next_request_begun_before_the_answer_waits_for_its_100_continue(start_proxy, fake):
+    """The head of the next request is in the socket before the last answer goes out, so
+    the answering thread finds it at once, but not its body: the event loop takes it over
+    and sends `100 Continue` (the client sends nothing more until then), then the body is
+    read and the request answered."""
+    released = threading.Event()
+    _answer_held_until(fake, released)
+    server = start_proxy(workers=1)
+    conn = RawConnection(server.url)
+    first = RawResponse(server.url, "/v1/messages", MESSAGE, conn=conn,
+                        headers={"x-api-key": "sk-first", "anthropic-version": "2023-06-01"})
+    fake.wait_for_requests(1)
+    body = json.dumps(MESSAGE).encode()
+    conn.sock.sendall(_head_of_next(conn, body, expect_continue=True))
+    released.set()
+    first.read_all()
+    assert first.status == 200
+    assert _read_through(conn, b"\r\n\r\n") == CONTINUE  # nothing else before the body
+    conn.sock.sendall(body)
+    # gunicorn sends one more 100 when it takes the request (1xx answers may repeat).
+    second = parse_response(_read_through(conn, b'"output_tokens"', b"}}"))
+    assert second.status == 200, second.body
+    assert fake.wait_for_requests(2)[1].json == MESSAGE
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _read_through(conn: RawConnection, *marks: bytes) -> bytes:
+    """What the connection sends up to the end of the last of `marks` (byte by byte, so
+    nothing after it is taken); interim 100s before a final answer are dropped."""
+    got = b""
+    for mark in marks:
+        while not got.endswith(mark):
+            piece = conn.sock.recv(1)
+            assert piece, f"the connection closed after {got!r}"
+            got += piece
+    while got.startswith(CONTINUE) and len(got) > len(CONTINUE):
+        got = got[len(CONTINUE):]
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_next_request_left_unfinished_after_an_answer_gets_its_408(start_proxy, fake):
+    """A head the answering thread found and gave back to the loop keeps the loop's
+    deadline: the thread never waits on it, and the client gets its 408 on time."""
+    released = threading.Event()
+    _answer_held_until(fake, released)
+    server = start_proxy(workers=1, LLM_PROXY_CLIENT_TIMEOUT="1")
+    conn = RawConnection(server.url)
+    first = RawResponse(server.url, "/v1/messages", MESSAGE, conn=conn,
+                        headers={"x-api-key": "sk-first", "anthropic-version": "2023-06-01"})
+    fake.wait_for_requests(1)
+    body = json.dumps(MESSAGE).encode()
+    conn.sock.sendall(_head_of_next(conn, body) + body[:10])
+    released.set()
+    first.read_all()
+    assert first.status == 200
+    started = time.monotonic()
+    late = RawResponse(server.url, raw=b"", conn=conn)
+    late.read_head()
+    assert late.status == 408 and time.monotonic() - started < 4
+    assert late.header("content-type") == "application/json"
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.timeout(60)
+def test_requests_sent_back_to_back_on_one_connection_are_each_answered(start_proxy, fake):
+    """Each next request arrives while the thread still waits for it (or just after):
+    either way every answer is its own, in order, and the upstream sees every body."""
+    for i in range(30):
+        fake.enqueue(json_reply(anthropic_message(text=f"answer {i}")))
+    server = start_proxy(workers=1)
+    conn = RawConnection(server.url)
+    for i in range(30):
+        r = RawResponse(server.url, "/v1/messages", dict(MESSAGE, max_tokens=i + 1), conn=conn,
+                        headers={"x-api-key": "sk-next", "anthropic-version": "2023-06-01"})
+        r.read_all()
+        assert r.status == 200 and r.json()["content"][0]["text"] == f"answer {i}"
+    assert [q.json["max_tokens"] for q in fake.requests] == list(range(1, 31))
