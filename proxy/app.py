@@ -123,6 +123,7 @@ class ProxyApp:
                         loggable(err.message))
             return error_response(fmt, err, new_request_id(), start_response)
         opened.record.failed(fmt.status_of(err), err)
+        opened.record.report()  # one left waiting for an answer that never went out
         return error_response(fmt, err, opened.request_id, start_response, opened.redactor)
 
     def refuse_unread(self, err: ProxyError, head: Head | None

@@ -422,7 +422,8 @@ def test_a_json_answer_translated_from_another_format_is_kept_as_its_client_got_
     record = new_record("req_x")
     record.keep_answer(pending, kept.append)
     body = json.dumps({"type": "message", "content": [{"type": "text", "text": SECRET}]}).encode()
-    served = TranslatedBody(body, 200, "dep-x").respond(preq, record, lambda status, headers: None)
+    served = list(TranslatedBody(body, 200, "dep-x").respond(preq, record,
+                                                            lambda status, headers: None))
     [answer] = kept
     assert answer.body == served[0] == redactor.data(body) and SECRET.encode() not in answer.body
     assert (answer.stream, answer.content_type, answer.status, answer.paid_by) \

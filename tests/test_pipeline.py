@@ -5,6 +5,7 @@ record's one writer.  (End to end, the same code runs under gunicorn in the othe
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 
 import pytest
@@ -298,6 +299,73 @@ def test_nothing_is_written_after_the_row_is_queued():
     record.complete(200, bytes_out=5)
     [row] = sink.rows
     assert (row.status, row.end_reason, row.attempts, row.deployment) == (499, "client_gone", 1, None)
+
+
+class SeenMetrics:
+    """Metrics that remember which requests they observed."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def observe_request(self, rec, timing=None, overhead=None) -> None:
+        self.seen.append(rec.request_id)
+
+
+@pytest.fixture
+def request_lines():
+    """The request log lines finalize writes (the `proxy` logger may not propagate)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("proxy.requests")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _reported_later(request_id: str, metrics: SeenMetrics, sink: Sink) -> RequestRecord:
+    record = RequestRecord(sink, PriceTable({}), request_id=request_id, endpoint="anthropic",
+                           client_key_id=None, bytes_in=2, metrics=metrics)
+    record.report_after_answer()
+    record.complete(200, bytes_out=2)
+    return record
+
+
+def test_an_answer_sent_whole_has_its_row_before_its_bytes_and_its_report_after(request_lines):
+    """The row is queued before the client can have the answer; the log line and the
+    metrics wait until the server has written the bytes and asks for more."""
+    sink, metrics = Sink(), SeenMetrics()
+    record = _reported_later("req_w", metrics, sink)
+    assert [row.request_id for row in sink.rows] == ["req_w"]
+    body = iter(record.reported_after([b"{}"]))
+    assert next(body) == b"{}"
+    assert metrics.seen == [] and request_lines == []  # the server writes the bytes first
+    assert list(body) == []
+    assert metrics.seen == ["req_w"] and len(request_lines) == 1 and "req_w" in request_lines[0]
+    record.report()
+    assert metrics.seen == ["req_w"] and len(request_lines) == 1  # once
+
+
+def test_an_answer_closed_unread_is_reported_all_the_same(request_lines):
+    sink, metrics = Sink(), SeenMetrics()
+    body = _reported_later("req_c", metrics, sink).reported_after([b"{}"])
+    body.close()
+    assert metrics.seen == ["req_c"] and len(request_lines) == 1
+
+
+def test_a_request_not_sent_whole_is_reported_when_its_row_is_queued(request_lines):
+    sink, metrics = Sink(), SeenMetrics()
+    record = RequestRecord(sink, PriceTable({}), request_id="req_n", endpoint="anthropic",
+                           client_key_id=None, bytes_in=2, metrics=metrics)
+    record.complete(200, bytes_out=2)
+    assert metrics.seen == ["req_n"] and len(request_lines) == 1
 
 
 # -- admit and the admin endpoints, in process -------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from ..errors import ProxyError
 from ..flag import Flag
@@ -61,6 +61,8 @@ class RequestRecord:
         self._lock = threading.Lock()
         self._finished = False
         self._written = Flag()
+        self._report_later = False  # log line and metrics after the answer's bytes
+        self._unreported: UsageRecord | None = None
         self._usage_format: Format | None = None  # None: this endpoint bills nothing
         self._parser: UsageParser | None = None
         self._body = bytearray()
@@ -247,13 +249,39 @@ class RequestRecord:
                 self._keep_answer(rec)
             self._sink.record(rec)
             self._written.set()
-            self._log(rec)
-            if self._metrics is not None:
-                self._metrics.observe_request(rec, self.timing, self._overhead())
+            with self._lock:
+                later, self._unreported = self._report_later, rec
+            if not later:
+                self.report()
         finally:
             self._written.set()
             if self._on_finish is not None:
                 self._on_finish(self)
+
+    def report_after_answer(self) -> None:
+        """The answer goes out whole after the row is queued: its log line and metrics
+        wait until the server has written it (see `reported_after`), which takes them off
+        the client's wait (~0.1 ms of a request)."""
+        with self._lock:
+            self._report_later = True
+
+    def reported_after(self, body: list[bytes]) -> "ReportedAfter":
+        """The answer's bytes, then its report, when the server asks for more after
+        writing them (or closes the iterable unread)."""
+        return ReportedAfter(body, self.report)
+
+    def report(self) -> None:
+        """The finished request's log line and metrics, once; never raises."""
+        with self._lock:
+            rec, self._unreported, self._report_later = self._unreported, None, False
+        if rec is None:
+            return
+        try:
+            self._log(rec)
+            if self._metrics is not None:
+                self._metrics.observe_request(rec, self.timing, self._overhead())
+        except Exception:  # noqa: BLE001 - a log line must not cost the answer
+            log.exception("request %s: its log line or metrics failed", rec.request_id)
 
     def _settle(self, rec: UsageRecord) -> None:
         try:
@@ -361,6 +389,23 @@ class RequestRecord:
             log.info("%s", line)
         else:
             log.warning("%s cause=%s", line, loggable(rec.error, 1000))
+
+
+class ReportedAfter:
+    """A WSGI body that calls `report` once its bytes are written: when the server asks
+    for more after the last piece, or closes it (WSGI servers must), read or not."""
+
+    __slots__ = ("_body", "_report")
+
+    def __init__(self, body: list[bytes], report: Callable[[], None]) -> None:
+        self._body, self._report = body, report
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._body
+        self._report()
+
+    def close(self) -> None:
+        self._report()
 
 
 def _prompt_of(usage: Usage) -> Usage:

@@ -219,8 +219,9 @@ class TranslatedBody:
         return cls(compact_json(translated), resp.status, deployment)
 
     def respond(self, preq: ProxyRequest, record: RequestRecord,
-                start_response: StartResponse) -> list[bytes]:
+                start_response: StartResponse) -> Iterable[bytes]:
         body = preq.redactor.data(self.body)
+        record.report_after_answer()
         pending = preq.dedup.pending if preq.dedup is not None else None
         if pending is not None:
             pending.status, pending.content_type = self.status, "application/json"
@@ -230,7 +231,7 @@ class TranslatedBody:
         start_response(f"{self.status} {reason_phrase(self.status)}",
                        headers + proxy_headers(preq.request_id, self.deployment)
                        + cost_headers(record.row))
-        return [body]
+        return record.reported_after([body])
 
 
 class PassThrough:
@@ -255,9 +256,11 @@ class PassThrough:
         return self._body()
 
     def _whole(self, status: str, headers: list[tuple[str, str]],
-               start_response: StartResponse) -> list[bytes]:
+               start_response: StartResponse) -> Iterable[bytes]:
         """A JSON answer read whole: its row is finished first, so its cost goes out in
-        the headers (and the row is queued before the client has the answer)."""
+        the headers (and the row is queued before the client has the answer); its log
+        line and metrics follow the answer."""
+        self.record.report_after_answer()
         try:
             body = self.preq.redactor.data(self.resp.whole_body)
             self.record.add_body_copy(body)
@@ -273,7 +276,7 @@ class PassThrough:
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(status, headers + [("Content-Length", str(len(body)))]
                        + cost_headers(self.record.row))
-        return [body]
+        return self.record.reported_after([body])
 
     def _pending(self):
         """The answer to keep for replay, if this request's is kept (see pipeline/dedup)."""
