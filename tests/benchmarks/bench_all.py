@@ -267,7 +267,7 @@ def main() -> int:
                 summary["event_translated"] = bench_relay.bench_event_latency(
                     fake, proxy, events, 0.003, streams, translated_model=TRANSLATED_MODEL)
                 summary["event_nginx"] = bench_relay.bench_event_latency(
-                    fake, nginx, events, 0.003, streams)
+                    fake, nginx, events, 0.003, streams, through="nginx (the reference)")
             if "request" not in skip:
                 summary["request"] = bench_requests(
                     {"direct": fake.url, "proxy": proxy.url, "nginx": nginx.url}, requests)
