@@ -10,11 +10,14 @@ side by side on the same (shared, noisy) machine.
    proxy and through nginx; p50 and p99.
 3. Time to first byte of a stream, proxy vs direct (bench_relay).
 4. Throughput: wrk (2 threads x 32 connections) against gunicorn's floor (a trivial WSGI
-   app under the proxy's own settings), the default proxy (2 workers, rows, metrics and
-   admission on) in front of a static upstream (nginx answering JSON), and nginx as a
-   proxy to the same upstream.
+   app under the proxy's own settings), the smallest relay the design card allows (the same
+   settings, one urllib3 call per request and nothing else), the default proxy (2 workers,
+   rows, metrics and admission on) in front of a static upstream (nginx answering JSON), and
+   nginx as a proxy to the same upstream.
 5. Concurrent silent streams with the default settings: how many a host holds, RSS per
-   stream, CPU while silent, the largest gap between keepalives (bench_relay).
+   stream, CPU while silent, the largest gap between keepalives (bench_relay); then the same
+   streams through the smallest relay the design card allows (gthread + urllib3, nothing
+   else), whose RSS per stream is the floor for the proxy's.
 
 It ends with one table of the issue's goals and where the proxy stands.  wrk comes from
 Debian (`apt-get install wrk`); nginx is the one the tests use.
@@ -70,6 +73,42 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])
     return [body]
+'''
+
+# The smallest relay of a stream the design card allows: a gthread thread reads the upstream
+# through urllib3 and writes each piece as it comes (no accounting, keepalives or checks).
+# Its RSS per silent stream is the floor the proxy's is measured against.
+FLOOR_RELAY_APP = '''
+import json
+import os
+
+import urllib3
+
+UPSTREAM = os.environ["LLM_PROXY_ANTHROPIC_BASE_URL"]
+POOL = urllib3.PoolManager(maxsize=4096)
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/health":
+        body = json.dumps({"status": "ok"}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    upstream = POOL.request(
+        "POST", UPSTREAM + environ["PATH_INFO"], body=environ["wsgi.input"].read(),
+        headers={"content-type": "application/json",
+                 "x-fake-script": environ.get("HTTP_X_FAKE_SCRIPT", "")},
+        preload_content=False, timeout=urllib3.Timeout(connect=5, read=None))
+    start_response(f"{upstream.status} OK",
+                   [("Content-Type", upstream.headers.get("content-type", "text/event-stream"))])
+
+    def relay():
+        try:
+            while piece := upstream.read1(65536):
+                yield piece
+        finally:
+            upstream.release_conn()
+    return relay()
 '''
 
 STATIC_UPSTREAM = """
@@ -198,11 +237,17 @@ def bench_throughput(tmp: Path, seconds: float) -> dict:
     floor_dir = tmp / "floor"
     floor_dir.mkdir()
     (floor_dir / "floor_app.py").write_text(FLOOR_APP)
+    (floor_dir / "floor_relay.py").write_text(FLOOR_RELAY_APP)
     servers = []
     try:
         floor = ProxyProcess(static.url, floor_dir, workers=DEFAULT_WORKERS, threads=DEFAULT_THREADS,
                              app="floor_app:application", pythonpath=(str(floor_dir),)).start()
         servers.append(floor)
+        relay_dir = tmp / "floor-relay"
+        relay_dir.mkdir()
+        relay = ProxyProcess(static.url, relay_dir, workers=DEFAULT_WORKERS, threads=DEFAULT_THREADS,
+                             app="floor_relay:application", pythonpath=(str(floor_dir),)).start()
+        servers.append(relay)
         proxy_dir = tmp / "proxy"
         proxy_dir.mkdir()
         proxy = ProxyProcess(static.url, proxy_dir, workers=DEFAULT_WORKERS,
@@ -213,6 +258,8 @@ def bench_throughput(tmp: Path, seconds: float) -> dict:
         nginx = NginxProcess(nginx_dir, f"127.0.0.1:{static.port}", worker_connections=4096).start()
         body = dict(ANTHROPIC_BODY, stream=False)
         found = {"gunicorn floor (trivial WSGI app)": wrk(floor.url, "/", seconds),
+                 "smallest relay (a urllib3 call, nothing else)":
+                     wrk(relay.url, "/v1/messages", seconds, body),
                  "proxy, default serve (2 workers)": wrk(proxy.url, "/v1/messages", seconds, body),
                  "nginx as a proxy": wrk(nginx.url, "/v1/messages", seconds, body),
                  "static upstream, direct": wrk(static.url, "/v1/messages", seconds, body)}
@@ -226,8 +273,10 @@ def bench_throughput(tmp: Path, seconds: float) -> dict:
              f"{r['non2xx']} non-2xx {r['socket_errors']}".strip()] for name, r in found.items()]
     print_table(f"4. Throughput, wrk 2 threads x 32 connections, {seconds:g} s each",
                 ["server", "req/s", "p50 ms", "/ gunicorn floor", "errors"], rows)
+    relay_rps = found["smallest relay (a urllib3 call, nothing else)"]["rps"]
     return {"proxy_vs_floor": found["proxy, default serve (2 workers)"]["rps"] / floor_rps
             if floor_rps else float("nan"),
+            "relay_vs_floor": relay_rps / floor_rps if floor_rps else float("nan"),
             "proxy_rps": found["proxy, default serve (2 workers)"]["rps"], "floor_rps": floor_rps}
 
 
@@ -286,6 +335,12 @@ def main() -> int:
                 fake, tmp / "streams", n, silent, heartbeat,
                 DEFAULT_WORKERS, DEFAULT_THREADS)
             summary["streams"].update(n=n, heartbeat=heartbeat)
+            (tmp / "streams-floor").mkdir()
+            (tmp / "streams-floor" / "floor_relay.py").write_text(FLOOR_RELAY_APP)
+            summary["streams_floor"] = bench_relay.bench_silent_streams(
+                fake, tmp / "streams-floor", n, silent, heartbeat, DEFAULT_WORKERS,
+                DEFAULT_THREADS, app="floor_relay:application",
+                pythonpath=(str(tmp / "streams-floor"),))
     finally:
         fake.stop()
         tmp_dir.cleanup()
@@ -312,12 +367,15 @@ def print_goals(summary: dict) -> None:
     if "throughput" in summary:
         t = summary["throughput"]
         rows.append(["throughput / gunicorn floor", ">= 0.60", t["proxy_vs_floor"],
-                     f"{t['proxy_rps']:.0f} vs {t['floor_rps']:.0f} req/s"])
+                     f"{t['proxy_rps']:.0f} vs {t['floor_rps']:.0f} req/s; the smallest "
+                     f"relay {t['relay_vs_floor']:.2f}"])
     if "streams" in summary:
         s = summary["streams"]
         rows.append([f"silent streams held at once, of {s['n']} (default settings)", "all",
                      s["established"], f"{s['clean']} ended cleanly in the end"])
-        rows.append(["RSS per stream KiB", "<= 48", s["rss_kib_per_stream"], ""])
+        floor = summary.get("streams_floor")
+        rows.append(["RSS per stream KiB", "<= 48", s["rss_kib_per_stream"],
+                     f"floor: the smallest relay {floor['rss_kib_per_stream']:.1f}" if floor else ""])
         rows.append(["CPU while silent, % of one core", "< 5", s["cpu_pct_silent"], ""])
         rows.append([f"largest keepalive gap s (heartbeat {s['heartbeat']:g} s)",
                      f"<= {2 * s['heartbeat']:g}", s["max_keepalive_gap"], ""])

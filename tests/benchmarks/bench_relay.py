@@ -172,7 +172,10 @@ class Stream:
 
 
 def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: float,
-                         heartbeat: float, workers: int, threads: int) -> dict:
+                         heartbeat: float, workers: int, threads: int,
+                         app: str | None = None, pythonpath: tuple[str, ...] = ()) -> dict:
+    """`app` (a module:callable on `pythonpath`) serves the streams instead of the proxy,
+    under the same gunicorn settings: a floor to compare the proxy with."""
     r_fd, w_fd = os.pipe()
     fake.named["silent"] = [
         Status(200, headers=SSE_HEADERS),
@@ -180,7 +183,8 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
         WaitForPipe(r_fd, timeout=silent + 60),
         Send(BLOCK_STOP), Send(MESSAGE_DELTA), Send(MESSAGE_STOP), End(),
     ]
-    proxy = ProxyProcess(fake.url, tmp, workers=workers, threads=threads,
+    served_by = {"app": app, "pythonpath": pythonpath} if app else {}
+    proxy = ProxyProcess(fake.url, tmp, workers=workers, threads=threads, **served_by,
                          LLM_PROXY_HEARTBEAT_INTERVAL=str(heartbeat),
                          LLM_PROXY_IDLE_TIMEOUT=str(silent + 60)).start()
     master = proxy.proc.pid
@@ -369,7 +373,7 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
          f"clients + fake upstream ({fake_threads} threads)"],
     ]
     print_table(
-        f"3. {n_streams} concurrent silent streams through one gunicorn "
+        f"3. {n_streams} concurrent silent streams through {app or 'the proxy'} under one gunicorn "
         f"({workers} workers x {threads} threads, heartbeat {heartbeat:g} s, ~{silent:.0f} s silence)",
         ["measure", "value", "notes"], rows)
     return {"established": established, "enough": enough, "clean": clean, "end_reasons": end_reasons,
