@@ -346,7 +346,8 @@ class ProxyWorker(ThreadWorker):
         and its next request comes back to a thread through the loop: two thread switches
         and a round of the loop, ~0.2 ms of a request to a busy proxy.  A client that sends
         its next request within `NEXT_REQUEST_WAIT_MS` is served by the same thread; one
-        that does not (or sends an unfinished request) goes back to the loop as before."""
+        that does not (or sends an unfinished request) goes back to the loop as before, and
+        so does every connection while other requests wait for a thread (they go first)."""
         result = super().handle(conn)
         while result is True and self._next_request_here(conn):
             result = super().handle(conn)
@@ -357,6 +358,7 @@ class ProxyWorker(ThreadWorker):
         for this thread to parse (a part of one is kept in `carry` for the loop)."""
         if (not self.alive or self.cfg.is_ssl or not isinstance(conn, ProxyConn)
                 or conn.is_http2 or conn.parser is None or _has_buffered(conn.parser.unreader)
+                or self._in_threads > self.cfg.threads  # others wait for a thread
                 or not _readable_within(conn.sock, NEXT_REQUEST_WAIT_MS)):
             return False
         try:

@@ -194,3 +194,39 @@ def test_requests_sent_back_to_back_on_one_connection_are_each_answered(start_pr
         r.read_all()
         assert r.status == 200 and r.json()["content"][0]["text"] == f"answer {i}"
     assert [q.json["max_tokens"] for q in fake.requests] == list(range(1, 31))
+
+
+@pytest.mark.timeout(60)
+def test_a_request_waiting_for_a_thread_goes_before_the_next_one_of_a_busy_connection(
+        start_proxy, fake):
+    """One thread: while it answers A, B's next request (on a kept-alive connection)
+    waits for it.  A's next request is already there when A's answer goes out, but the
+    thread takes B's first (A's goes back through the event loop): a busy connection
+    cannot keep a thread from the requests queued for one."""
+    released = threading.Event()
+    fake.enqueue(json_reply(anthropic_message()), [WaitFor(released, 20), *json_reply(anthropic_message())],
+                 json_reply(anthropic_message()), json_reply(anthropic_message()))
+    server = start_proxy(workers=1, threads=1)
+
+    def send(conn: RawConnection, tokens: int) -> RawResponse:
+        return RawResponse(server.url, "/v1/messages", dict(MESSAGE, max_tokens=tokens), conn=conn,
+                           headers={"x-api-key": "sk-next", "anthropic-version": "2023-06-01"})
+
+    a, b = RawConnection(server.url), RawConnection(server.url)
+    send(b, 1).read_all()  # B is kept alive, idle in the event loop
+    held = send(a, 2)
+    fake.wait_for_requests(2)
+    queued = send(b, 3)
+    # B's request is read by the event loop and queued for the thread; nothing outside the
+    # worker can see that happen, so the test gives it time.
+    time.sleep(0.5)
+    body = json.dumps(dict(MESSAGE, max_tokens=4)).encode()
+    a.sock.sendall(build_request("POST", "/v1/messages", a.netloc, body,
+                                 [("x-api-key", "sk-next"), ("anthropic-version", "2023-06-01")]))
+    released.set()
+    held.read_all()
+    queued.read_all()
+    following = RawResponse(server.url, raw=b"", conn=a)
+    following.read_all()
+    assert (held.status, queued.status, following.status) == (200, 200, 200)
+    assert [q.json["max_tokens"] for q in fake.requests] == [1, 2, 3, 4]
