@@ -346,8 +346,11 @@ class ProxyWorker(ThreadWorker):
         and its next request comes back to a thread through the loop: two thread switches
         and a round of the loop, ~0.2 ms of a request to a busy proxy.  A client that sends
         its next request within `NEXT_REQUEST_WAIT_MS` is served by the same thread; one
-        that does not (or sends an unfinished request) goes back to the loop as before, and
-        so does every connection while other requests wait for a thread (they go first)."""
+        that does not (or sends an unfinished request) goes back to the loop as before.
+
+        Only while the worker has a thread to spare: when every thread has a request, the
+        loop stops accepting and may hold requests queued for a thread, and those go first
+        (a client that sends request after request must not keep others out)."""
         result = super().handle(conn)
         while result is True and self._next_request_here(conn):
             result = super().handle(conn)
@@ -358,8 +361,9 @@ class ProxyWorker(ThreadWorker):
         for this thread to parse (a part of one is kept in `carry` for the loop)."""
         if (not self.alive or self.cfg.is_ssl or not isinstance(conn, ProxyConn)
                 or conn.is_http2 or conn.parser is None or _has_buffered(conn.parser.unreader)
-                or self._in_threads > self.cfg.threads  # others wait for a thread
-                or not _readable_within(conn.sock, NEXT_REQUEST_WAIT_MS)):
+                or self._threads_all_taken()
+                or not _readable_within(conn.sock, NEXT_REQUEST_WAIT_MS)
+                or self._threads_all_taken()):  # again: others may have come meanwhile
             return False
         try:
             data = conn.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
@@ -372,10 +376,22 @@ class ProxyWorker(ThreadWorker):
             conn.carry = data  # the loop reads the rest, with its deadline and budget
             return False
         # Whole: as the loop would hand it over.  Its bytes are not counted in the loop's
-        # read budget (a thread has it; the application's budget counts its parse).
+        # read budget (a thread has it; the application's budget counts its parse), and
+        # those of the request the loop read are let go now, not at the end of the run.
         self._heads[conn.sock] = framing.head
         conn.prebuffer, conn.unfinished = data, False
+        held, conn.held = conn.held, 0
+        if held:
+            self.method_queue.defer(self._let_go_of, held)
         return True
+
+    def _threads_all_taken(self) -> bool:
+        # Read from a pool thread: the loop's count, a moment old at worst.
+        return self._in_threads >= self.cfg.threads
+
+    def _let_go_of(self, nbytes: int) -> None:
+        """On the loop's thread (the read budget is the loop's): bytes no longer held."""
+        self._buffered -= nbytes
 
     def finish_request(self, conn, fs) -> None:
         """As gthread, except that a request pipelined behind the last one, or begun while
@@ -651,9 +667,9 @@ def _has_buffered(unreader) -> bool:
 
 
 def _readable_within(sock, timeout_ms: int) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
     try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         return bool(poller.poll(timeout_ms))
     except (OSError, ValueError):
         return False

@@ -368,6 +368,51 @@ def test_a_request_not_sent_whole_is_reported_when_its_row_is_queued(request_lin
     assert metrics.seen == ["req_n"] and len(request_lines) == 1
 
 
+def test_an_answer_inside_a_wrapper_that_is_closed_early_is_reported(request_lines):
+    """A WSGI middleware that iterates the body in a generator of its own and is closed
+    after the first piece: the report still comes (the inner iteration is closed too)."""
+    sink, metrics = Sink(), SeenMetrics()
+    record = _reported_later("req_g", metrics, sink)
+
+    def middleware():
+        yield from record.reported_after([b"{", b"}"])
+
+    wrapped = middleware()
+    assert next(wrapped) == b"{"
+    wrapped.close()
+    assert metrics.seen == ["req_g"] and len(request_lines) == 1
+
+
+def test_a_translated_answer_is_reported_after_its_bytes(request_lines):
+    from proxy.pipeline.relay import TranslatedBody
+
+    sink, metrics = Sink(), SeenMetrics()
+    record = RequestRecord(sink, PriceTable({}), request_id="req_x", endpoint="chat",
+                           client_key_id=None, bytes_in=2, metrics=metrics)
+    route = Route("m*", (Deployment("a", "a", None),), None, RetryPolicy())
+    preq = ProxyRequest(request_id="req_x", endpoint="chat", fmt=formats.OPENAI_CHAT, route=route,
+                        method="POST", path="/v1/chat/completions", headers=[], body=b"{}", model="m")
+    body = TranslatedBody(b'{"id":"chatcmpl-1"}', 200, "a").respond(preq, record, lambda *args: None)
+    assert [row.request_id for row in sink.rows] == ["req_x"] and metrics.seen == []
+    assert list(body) == [b'{"id":"chatcmpl-1"}']
+    assert metrics.seen == ["req_x"] and len(request_lines) == 1
+
+
+def test_a_request_that_fails_after_its_row_with_its_report_held_back_is_reported(request_lines):
+    """The app's error boundary (a bug after the row was finished for an answer sent
+    whole): the report held back for the answer comes with the error instead."""
+    from proxy.app import ProxyApp
+    from proxy.errors import ProxyError
+    from proxy.pipeline.admit import Opened
+    from proxy.redact import Redactor
+
+    sink, metrics = Sink(), SeenMetrics()
+    record = _reported_later("req_b", metrics, sink)
+    ProxyApp._refuse(formats.ANTHROPIC, ProxyError("internal error in the proxy: KeyError"),
+                     Opened("req_b", Redactor(), record), lambda *args: None)
+    assert metrics.seen == ["req_b"] and len(request_lines) == 1
+
+
 # -- admit and the admin endpoints, in process -------------------------------------------------
 @pytest.fixture
 def app(tmp_path):

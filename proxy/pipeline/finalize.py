@@ -401,8 +401,10 @@ class ReportedAfter:
         self._body, self._report = body, report
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._body
-        self._report()
+        try:
+            yield from self._body
+        finally:  # also when a wrapper that iterates it is closed early
+            self._report()
 
     def close(self) -> None:
         self._report()

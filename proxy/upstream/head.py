@@ -4,8 +4,9 @@ http.client parses a response's headers with `email.parser`, a general MIME pars
 ~35 µs of a proxied request's ~0.9 ms here, for the five or ten plain lines an LLM API
 sends.  A block whose every line is a plain `Name: value` of visible ASCII is parsed
 here into the same `HTTPMessage` with the same names and values; any other block (folded
-lines, control or non-ASCII bytes, a line without a colon) goes to `email.parser` as
-before, so every odd case keeps the standard library's reading, defects included.
+lines, control or non-ASCII bytes, a line without a colon, a multipart or message content
+type, which the email parser reads further) goes to `email.parser` as before, so every odd
+case keeps the standard library's reading, defects included.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def parse_header_lines(lines: list[bytes]) -> http.client.HTTPMessage:
                 break
             return _parsed_by_email(lines)
         message[plain[1].decode("ascii")] = plain[2].decode("ascii")
+    if message.get_content_maintype() in ("multipart", "message"):
+        return _parsed_by_email(lines)  # the email parser reads these types further
+    message.set_payload("")  # what the email parser leaves after a header block
     return message
 
 

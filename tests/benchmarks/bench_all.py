@@ -79,6 +79,7 @@ def application(environ, start_response):
 # through urllib3 and writes each piece as it comes (no accounting, keepalives or checks).
 # Its RSS per silent stream is the floor the proxy's is measured against.
 FLOOR_RELAY_APP = '''
+import http
 import json
 import os
 
@@ -99,7 +100,7 @@ def application(environ, start_response):
         headers={"content-type": "application/json",
                  "x-fake-script": environ.get("HTTP_X_FAKE_SCRIPT", "")},
         preload_content=False, timeout=urllib3.Timeout(connect=5, read=None))
-    start_response(f"{upstream.status} OK",
+    start_response(f"{upstream.status} {http.HTTPStatus(upstream.status).phrase}",
                    [("Content-Type", upstream.headers.get("content-type", "text/event-stream"))])
 
     def relay():

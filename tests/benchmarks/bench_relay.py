@@ -310,6 +310,8 @@ def bench_silent_streams(fake: FakeUpstream, tmp: Path, n_streams: int, silent: 
     os.close(w_fd)
     end_reasons: dict[str, int] = {}
     try:
+        if app:
+            raise sqlite3.Error(f"none: {app} keeps no accounts")
         conn = sqlite3.connect(proxy.db_path)
         for reason, count in conn.execute("SELECT end_reason, COUNT(*) FROM usage_records GROUP BY 1"):
             end_reasons[reason] = count
