@@ -330,9 +330,14 @@ def request_lines():
         logger.setLevel(level)
 
 
+def _observed(request_id: str, metrics: SeenMetrics, sink: Sink,
+              endpoint: str = "anthropic") -> RequestRecord:
+    return RequestRecord(sink, PriceTable({}), request_id=request_id, endpoint=endpoint,
+                         client_key_id=None, bytes_in=2, metrics=metrics)
+
+
 def _reported_later(request_id: str, metrics: SeenMetrics, sink: Sink) -> RequestRecord:
-    record = RequestRecord(sink, PriceTable({}), request_id=request_id, endpoint="anthropic",
-                           client_key_id=None, bytes_in=2, metrics=metrics)
+    record = _observed(request_id, metrics, sink)
     record.report_after_answer()
     record.complete(200, bytes_out=2)
     return record
@@ -362,8 +367,7 @@ def test_an_answer_closed_unread_is_reported_all_the_same(request_lines):
 
 def test_a_request_not_sent_whole_is_reported_when_its_row_is_queued(request_lines):
     sink, metrics = Sink(), SeenMetrics()
-    record = RequestRecord(sink, PriceTable({}), request_id="req_n", endpoint="anthropic",
-                           client_key_id=None, bytes_in=2, metrics=metrics)
+    record = _observed("req_n", metrics, sink)
     record.complete(200, bytes_out=2)
     assert metrics.seen == ["req_n"] and len(request_lines) == 1
 
@@ -387,8 +391,7 @@ def test_a_translated_answer_is_reported_after_its_bytes(request_lines):
     from proxy.pipeline.relay import TranslatedBody
 
     sink, metrics = Sink(), SeenMetrics()
-    record = RequestRecord(sink, PriceTable({}), request_id="req_x", endpoint="chat",
-                           client_key_id=None, bytes_in=2, metrics=metrics)
+    record = _observed("req_x", metrics, sink, endpoint="chat")
     route = Route("m*", (Deployment("a", "a", None),), None, RetryPolicy())
     preq = ProxyRequest(request_id="req_x", endpoint="chat", fmt=formats.OPENAI_CHAT, route=route,
                         method="POST", path="/v1/chat/completions", headers=[], body=b"{}", model="m")

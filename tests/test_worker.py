@@ -238,7 +238,7 @@ def test_a_client_sending_request_after_request_does_not_keep_new_connections_ou
     a full worker stops accepting, so were that client served on and on by its thread,
     a new connection would wait until it paused.  It is answered at once."""
     server = start_proxy(workers=1, threads=1)
-    stop, answered = threading.Event(), []
+    stop, in_full_swing, answered = threading.Event(), threading.Event(), []
 
     def busy_client() -> None:
         conn = RawConnection(server.url)
@@ -247,12 +247,13 @@ def test_a_client_sending_request_after_request_does_not_keep_new_connections_ou
             r = RawResponse(server.url, "/health", method="GET", conn=conn)
             r.read_all()
             answered.append(r.status)
+            if len(answered) == 20:
+                in_full_swing.set()
 
     busy = threading.Thread(target=busy_client)
     busy.start()
     try:
-        while len(answered) < 20:  # the busy client is in full swing
-            time.sleep(0.01)
+        assert in_full_swing.wait(20), "the busy client never got going"
         started = time.monotonic()
         newcomer = RawResponse(server.url, "/health", method="GET")
         newcomer.read_all()

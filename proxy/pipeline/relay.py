@@ -689,10 +689,10 @@ class StreamRelay:
         ends = kind in (EventKind.DONE, EventKind.UPSTREAM_ERROR)
         frames = self._stitched(current.client_frames(event, payload, kind, self.view), current,
                                 event, payload)
-        if ends:
-            self._remember(frames)  # the answer kept for replay is whole when the row is
-            self._record_end(kind, payload, current, frames)
-        if not self._write(frames, self._keeps_id(event, current), last=ends, remember=not ends):
+        has_id = self._keeps_id(event, current)
+        sent = self._write_end(frames, kind, payload, current, has_id) if ends else \
+            self._write(frames, has_id)
+        if not sent:
             return
         current.last_event_sent = True
         if ends:
@@ -766,11 +766,22 @@ class StreamRelay:
             for frame in frames:
                 self.pending.add(frame)
 
-    def _write(self, frames: list[bytes], has_id: bool = False, last: bool = False,
-               remember: bool = True) -> bool:
+    def _write(self, frames: list[bytes], has_id: bool = False) -> bool:
         """One write per client event; False once the writer is closed."""
-        if remember:
-            self._remember(frames)
+        self._remember(frames)
+        return self._send(frames, has_id)
+
+    def _write_end(self, frames: list[bytes], kind: EventKind, payload: object,
+                   current: TryStream, has_id: bool = False) -> bool:
+        """The answer's last frames: kept for replay and recorded (its row queued) before
+        they go out, so the kept answer is whole when the row is, and a client that has
+        seen the end can rely on its row."""
+        self._remember(frames)
+        self._record_end(kind, payload, current, frames)
+        return self._send(frames, has_id, last=True)
+
+    def _send(self, frames: list[bytes], has_id: bool, last: bool = False) -> bool:
+        """The frames to the writer, the last one marked when they end the answer."""
         for number, frame in enumerate(frames, 1):
             if not self.writer.write_event(frame, has_id, last=last and number == len(frames)):
                 return False
@@ -898,9 +909,7 @@ class StreamRelay:
             frames = self._stitched(current.translator.finish(), current)
         except ProxyError as err:  # an unknown stop reason, say
             return err
-        self._remember(frames)
-        self._record_end(EventKind.DONE, None, current, frames)
-        self._write(frames, last=True, remember=False)
+        self._write_end(frames, EventKind.DONE, None, current)
         return None
 
     def _end_with_error(self, failure: ProxyError, status: int) -> None:
