@@ -10,13 +10,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.builders import DEFAULT_TOTAL_INPUT, DEFAULT_USAGE, anthropic_stream, chat_stream
-from support.processes import ProxyProcess, connections_to_every_worker
+from support.processes import ProxyProcess, connections_to_every_worker, wait_for
 from support.rawhttp import RawResponse
 from support.steps import End, Send, Sleep, Status, WaitFor, default_script, json_reply
 
@@ -95,16 +94,6 @@ def silent_stream():
 def server_error():
     return json_reply({"type": "error", "error": {"type": "api_error", "message": "boom"}},
                       status=500)
-
-
-def wait_for(condition, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not seen within {timeout} s")
 
 
 def test_metrics_add_up_every_worker_of_the_host(host, fake):

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import sqlite3
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from proxy.tracker import NullTracker, Tracker
 from proxy.usage import UsageRecord
 
 from conftest import fill_filesystem, remount
+from support.processes import wait_for
 
 
 @pytest.fixture
@@ -151,15 +151,6 @@ def test_each_batch_is_one_transaction(db_path, make_tracker, monkeypatch):
 
 
 # --- failures ------------------------------------------------------------------------------------
-
-
-def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    """Poll a condition another thread brings about (the writer has no event to wait on)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def hold_write_lock(path) -> sqlite3.Connection:

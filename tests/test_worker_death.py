@@ -7,12 +7,11 @@ import os
 import signal
 import sqlite3
 import threading
-import time
 
 import pytest
 
 from support.builders import anthropic_stream
-from support.processes import ProxyProcess, http_get
+from support.processes import ProxyProcess, http_get, wait_for
 from support.rawhttp import RawResponse
 from support.steps import Send, Status, WaitFor, json_reply
 
@@ -27,14 +26,6 @@ ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claud
 def body(stream: bool) -> dict:
     return {"model": "claude-sonnet-5", "max_tokens": 16, "stream": stream,
             "messages": [{"role": "user", "content": "hi"}]}
-
-
-def wait_for(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout:g} s")
-        time.sleep(0.05)
 
 
 def test_a_killed_worker_is_told_with_the_rows_it_lost_and_its_stream_ends_cut(fake, tmp_path):
@@ -59,10 +50,10 @@ def test_a_killed_worker_is_told_with_the_rows_it_lost_and_its_stream_ends_cut(f
         stream.read_all()
         assert stream.eof_early and not stream.complete  # a cut connection, not an ending
         wait_for(lambda: f"worker {worker} ended without storing 3 usage rows" in proxy.log(),
-                 "line telling the rows the killed worker lost")
+                 "line telling the rows the killed worker lost", timeout=20)
         locker.execute("ROLLBACK")
         wait_for(lambda: http_get(proxy.proxy_url + "/health").json()["pid"] != worker,
-                 "new worker")
+                 "new worker", timeout=20)
         proxy.flush()
         assert proxy.rows() == []  # the three told were indeed lost: none came later
         assert proxy.log().count("ended without storing") == 1  # told once, master or worker

@@ -63,6 +63,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, what: str, timeout: float = 10.0, every: float = 0.02):
+    """Poll a condition another thread or process brings about (one that gives the test no
+    event to wait on: a log line, a row, a scraped value); its first truthy value."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:g} s")
+        time.sleep(every)
+    return found
+
+
 def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 20.0,
                        describe=lambda: "", verify: bool | str = True) -> None:
     """Until `GET /health` answers 200; fails at once if the server process exits."""
